@@ -1,0 +1,110 @@
+"""The batched one-copy scorer against a naive two-copy, one-sequence-at-a-time fp32 reference."""
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from titok.excess import score_pairs
+from titok.models import load_model
+from titok.sequences import encode_pair
+
+PAIRS = [
+    ("What is 2+2?", "2+2 equals 4."),
+    ("Name a color.", "Blue."),
+    ("Evaluate: not ( True ) and ( True ) is", "False"),
+    ("Write one sentence about the sea.", "The sea is vast, deep and full of life; sailors have crossed it for ages."),
+    ("Translate 'bonjour' to English.", "Hello — « bonjour » means hello. 😀"),
+    ("List three primes.", "2, 3, 5"),
+    ("What is the capital of France?", "The capital of France is Paris, a city on the Seine river known for art."),
+    ("Is righteousness a noun?", "Yes, righteousness is a noun."),
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, smollm2_model):
+    """A random, non-trivial LoRA on the real SmolLM2 (B != 0, so expert and amateur differ)."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(load_model("smollm2-135m"), config)
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expert(adapter_dir):
+    return PeftModel.from_pretrained(load_model("smollm2-135m"), adapter_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def naive_reference(adapter_dir, smollm2_tokenizer):
+    """Two separate models, one unpadded sequence at a time."""
+    amateur = load_model("smollm2-135m")
+    expert = PeftModel.from_pretrained(load_model("smollm2-135m"), adapter_dir).eval()
+    results = []
+    with torch.no_grad():
+        for query, response in PAIRS:
+            pair = encode_pair(smollm2_tokenizer, query, response)
+            ids = torch.tensor([pair.prompt_ids + pair.response_ids])
+            per_model = []
+            for model in (expert, amateur):
+                logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+                per_model.append(logprobs[-len(pair.response_ids) :].numpy())
+            results.append(per_model)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [1, 8])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_matches_naive_two_model_reference(expert, smollm2_tokenizer, naive_reference, batch_size, padding_side):
+    queries, responses = zip(*PAIRS)
+    scores = score_pairs(expert, smollm2_tokenizer, list(queries), list(responses), batch_size, padding_side)
+    for got, (ref_expert, ref_amateur) in zip(scores, naive_reference):
+        np.testing.assert_allclose(got.expert_logprobs, ref_expert, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got.amateur_logprobs, ref_amateur, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got.excess, ref_expert - ref_amateur, atol=1e-4, rtol=0)
+    all_excess = np.concatenate([s.excess for s in scores])
+    assert np.abs(all_excess).max() > 0.5, "the adapter must actually change the predictions"
+
+
+@pytest.mark.slow
+def test_only_response_tokens_are_scored(expert, smollm2_tokenizer):
+    queries, responses = zip(*PAIRS)
+    scores = score_pairs(expert, smollm2_tokenizer, list(queries), list(responses), batch_size=4)
+    for response, got in zip(responses, scores):
+        plain = smollm2_tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+        assert got.token_ids.tolist() == plain["input_ids"]  # no <|im_start|>, header or <|im_end|>
+        assert got.offsets.tolist() == [list(o) for o in plain["offset_mapping"]]
+        assert len(got.expert_logprobs) == len(got.amateur_logprobs) == len(got.token_ids)
+        assert (got.expert_logprobs <= 0).all() and (got.amateur_logprobs <= 0).all()
+
+
+def test_padding_never_leaks_into_scores(smollm2_tokenizer):
+    """A tiny model: a short sequence scores the same alone and next to a long one (both paddings)."""
+    from tests.conftest import tiny_llama
+
+    base = tiny_llama(smollm2_tokenizer)
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    short, long = PAIRS[1], PAIRS[3]
+    alone = score_pairs(model, smollm2_tokenizer, [short[0]], [short[1]], batch_size=1)[0]
+    for side in ("left", "right"):
+        together = score_pairs(model, smollm2_tokenizer, [short[0], long[0]], [short[1], long[1]], 2, side)[0]
+        np.testing.assert_allclose(together.excess, alone.excess, atol=1e-5)
+
+
+def test_expert_must_be_a_peft_model(smollm2_tokenizer):
+    from tests.conftest import tiny_llama
+
+    with pytest.raises(TypeError, match="PeftModel"):
+        score_pairs(tiny_llama(smollm2_tokenizer), smollm2_tokenizer, ["q"], ["r"])
+
+
+def test_mismatched_lengths_rejected(smollm2_tokenizer):
+    from tests.conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(smollm2_tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="2 queries but 1 responses"):
+        score_pairs(model, smollm2_tokenizer, ["a", "b"], ["c"])

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+
+from titok.models import PLAIN_CHAT_TEMPLATE, SHORT_NAMES, format_prompt, resolve_model_path
+
+
+def test_short_names_resolve_to_cached_hf_folders():
+    for name in SHORT_NAMES:
+        path = resolve_model_path(name)
+        assert Path(path).name.startswith(f"{name}-")
+        assert (Path(path) / "model.safetensors").is_file()
+    # a second resolution hits the cache and returns the same folder
+    assert resolve_model_path("smollm2-135m") == resolve_model_path("smollm2-135m")
+
+
+def test_hub_ids_and_folders_pass_through():
+    assert resolve_model_path("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+
+
+def test_missing_gguf_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "nope.gguf"))
+
+
+def test_smollm2_uses_its_own_chat_template(smollm2_tokenizer):
+    prompt = format_prompt(smollm2_tokenizer, "What is 2+2?")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert "What is 2+2?" in prompt
+    assert smollm2_tokenizer.chat_template != PLAIN_CHAT_TEMPLATE
+
+
+def test_gemma3_without_template_gets_the_plain_one(gemma3_tokenizer):
+    assert gemma3_tokenizer.chat_template == PLAIN_CHAT_TEMPLATE
+    prompt = format_prompt(gemma3_tokenizer, "What is 2+2?")
+    assert prompt == "<bos>### Question:\nWhat is 2+2?\n\n### Answer:\n"
+
+
+def test_real_models_load_and_predict(smollm2_model, smollm2_tokenizer):
+    ids = smollm2_tokenizer(format_prompt(smollm2_tokenizer, "Say hello."), return_tensors="pt").input_ids
+    logits = smollm2_model(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(smollm2_tokenizer))
+    assert not smollm2_model.training

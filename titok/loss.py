@@ -1,0 +1,87 @@
+"""Selective cross-entropy: train the target LoRA only on the tokens the filters kept.
+
+Token weights are in [0, 1]: 1/0 for a same-tokenizer keep mask, fractions after cross-tokenizer
+alignment (a target token covering a kept and a dropped source token gets 0.5).
+
+Two normalizations:
+- ``"selected_mean"`` (default): sum(w * CE) / sum(w), the mean over selected tokens. Its scale does
+  not depend on k or on how many tokens a batch happens to keep.
+- ``"rho1"``: sum(w * CE) / (k * N_response), Rho-1's and the official release's normalization; it
+  equals the selected mean when exactly a k fraction of the batch's response tokens is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from titok.sequences import collate, encode_pair
+
+__all__ = ["Normalization", "TrainingBatch", "build_training_batch", "selective_cross_entropy"]
+
+Normalization = Literal["selected_mean", "rho1"]
+
+
+def selective_cross_entropy(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    token_weights: torch.Tensor,
+    response_mask: torch.Tensor,
+    normalization: Normalization = "selected_mean",
+    k: float | None = None,
+) -> torch.Tensor:
+    """Weighted next-token CE.
+
+    logits: (B, T, V); input_ids, token_weights, response_mask: (B, T), aligned with input_ids, so
+    ``token_weights[b, t]`` weighs the prediction of ``input_ids[b, t]`` from position t - 1.
+    Positions outside ``response_mask`` never count, whatever their weight.
+    """
+    weights = (token_weights * response_mask)[:, 1:].float()
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    ce = ce.view_as(weights)
+    # where() rather than a product: a weight of 0 must cut the gradient even if CE is inf.
+    total = torch.where(weights > 0, ce * weights, torch.zeros_like(ce)).sum()
+    if normalization == "selected_mean":
+        return total / weights.sum().clamp(min=1e-8)
+    if normalization == "rho1":
+        if k is None or not 0.0 < k <= 1.0:
+            raise ValueError(f"rho1 normalization needs k in (0, 1], got {k!r}")
+        return total / (k * response_mask[:, 1:].sum()).clamp(min=1e-8)
+    raise ValueError(f"normalization must be 'selected_mean' or 'rho1', got {normalization!r}")
+
+
+@dataclass
+class TrainingBatch:
+    """(B, T) tensors for ``selective_cross_entropy``; right-padded, as training expects."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    token_weights: torch.Tensor
+
+
+def build_training_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    queries: list[str],
+    responses: list[str],
+    response_weights: list,
+    max_length: int | None = None,
+) -> TrainingBatch:
+    """Tokenize pairs for the target model; ``response_weights[i]`` has one weight per target response token."""
+    pairs = [encode_pair(tokenizer, q, r, max_length) for q, r in zip(queries, responses)]
+    batch = collate(pairs, tokenizer.pad_token_id, padding_side="right")
+    token_weights = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    for row, (pair, weights) in enumerate(zip(pairs, response_weights)):
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if len(weights) < len(pair.response_ids):
+            raise ValueError(
+                f"sample {row}: {len(weights)} token weights for {len(pair.response_ids)} response tokens; "
+                "weights must be aligned to the target tokenizer first"
+            )
+        token_weights[row, batch.response_mask[row]] = weights[: len(pair.response_ids)]
+    return TrainingBatch(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask, token_weights)

