@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
@@ -9,14 +11,20 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 from titok.models import load_model, load_tokenizer
 
 
+@functools.cache
+def real_tokenizer(name: str):
+    """Cached outside pytest's fixtures so hypothesis tests can use it (and never print its repr)."""
+    return load_tokenizer(name)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    return load_tokenizer("smollm2-135m")
+    return real_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3_tokenizer():
-    return load_tokenizer("gemma3-270m")
+    return real_tokenizer("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

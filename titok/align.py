@@ -39,7 +39,10 @@ def token_boundaries(offsets: Sequence[Sequence[int]], text_length: int) -> np.n
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     if len(offsets) == 0:
         if text_length:
-            raise AlignmentError(f"no tokens for a text of {text_length} characters")
+            raise AlignmentError(
+                f"no tokens for a text of {text_length} characters (the tokenizer drops all of them, "
+                "e.g. control characters): there is nothing to align"
+            )
         return np.zeros(1)
     if (offsets < 0).any() or (offsets[:, 0] > offsets[:, 1]).any() or (offsets[:, 1] > text_length).any():
         raise AlignmentError(f"token offsets do not fit a text of {text_length} characters: {offsets.tolist()[:8]}...")
@@ -103,7 +106,12 @@ def align_values(
     out = np.empty(len(np.asarray(target_offsets).reshape(-1, 2)), dtype=np.float64)
     for group_src, group_tgt in alignment_groups(source_offsets, target_offsets, text_length):
         weight = widths[group_src]
-        out[group_tgt] = values[group_src] @ weight / weight.sum() if weight.sum() > 0 else values[group_src].mean()
+        if len(group_src) == 1:
+            out[group_tgt] = values[group_src[0]]
+        elif weight.sum() > 0:
+            out[group_tgt] = values[group_src] @ weight / weight.sum()
+        else:
+            out[group_tgt] = values[group_src].mean()
     return out
 
 

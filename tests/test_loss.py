@@ -1,0 +1,96 @@
+import pytest
+import torch
+from peft import PeftModel
+
+from titok.loss import build_training_batch, selective_cross_entropy
+from titok.train.step import attach_fresh_lora, selective_loss, training_step
+from tests.conftest import tiny_gemma3, tiny_llama
+
+QUERIES = ["Evaluate: True and not False", "Sort the words: pear apple fig"]
+RESPONSES = ["True, because not False is True.", "apple fig pear"]
+
+
+def _batch(tokenizer, weights_fn):
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in RESPONSES]
+    return build_training_batch(tokenizer, QUERIES, RESPONSES, [weights_fn(n) for n in lengths])
+
+
+def test_hand_computed_normalizations():
+    logits = torch.zeros(1, 4, 3)  # uniform: CE = log 3 everywhere
+    input_ids = torch.tensor([[0, 1, 2, 0]])
+    response = torch.tensor([[False, True, True, True]])
+    weights = torch.tensor([[1.0, 1.0, 0.0, 0.5]])
+    ce = torch.log(torch.tensor(3.0))
+    mean = selective_cross_entropy(logits, input_ids, weights, response, "selected_mean")
+    torch.testing.assert_close(mean, ce)  # (1 + 0.5) * ce / 1.5
+    rho1 = selective_cross_entropy(logits, input_ids, weights, response, "rho1", k=0.5)
+    torch.testing.assert_close(rho1, 1.5 * ce / (0.5 * 3))
+    with pytest.raises(ValueError, match="rho1 normalization needs k"):
+        selective_cross_entropy(logits, input_ids, weights, response, "rho1")
+    with pytest.raises(ValueError, match="normalization must be"):
+        selective_cross_entropy(logits, input_ids, weights, response, "sum")
+
+
+def test_prompt_positions_never_count_even_with_weight():
+    logits = torch.randn(1, 4, 5)
+    input_ids = torch.tensor([[0, 1, 2, 3]])
+    response = torch.tensor([[False, False, True, True]])
+    base = selective_cross_entropy(logits, input_ids, torch.tensor([[0.0, 0.0, 1.0, 1.0]]), response)
+    leaky = selective_cross_entropy(logits, input_ids, torch.tensor([[1.0, 1.0, 1.0, 1.0]]), response)
+    torch.testing.assert_close(base, leaky)
+
+
+def test_unselected_tokens_get_no_gradient(smollm2_tokenizer):
+    """Labels changed at unselected positions leave loss and every LoRA gradient unchanged."""
+    model = attach_fresh_lora(tiny_llama(smollm2_tokenizer), rank=4, dropout=0.0)
+    for name, param in model.named_parameters():  # non-zero B, so A's gradient is non-zero too
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    batch = _batch(smollm2_tokenizer, lambda n: [float(i % 2) for i in range(n)])
+
+    def loss_and_grads(input_ids, labels_only_at):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        logits.retain_grad()
+        # the model sees the original inputs; only the targets at unselected positions change
+        loss = selective_cross_entropy(logits, labels_only_at, batch.token_weights, batch.response_mask)
+        model.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, logits.grad
+
+    loss_a, grads_a, logit_grad = loss_and_grads(batch.input_ids, batch.input_ids)
+    changed = batch.input_ids.clone()
+    unselected = batch.response_mask & (batch.token_weights == 0)
+    assert unselected.any()
+    changed[unselected] = (changed[unselected] + 7) % len(smollm2_tokenizer)
+    loss_b, grads_b, _ = loss_and_grads(batch.input_ids, changed)
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+    assert any(g.abs().sum() > 0 for g in grads_a.values())
+    # logits at position t predict token t+1: their gradient is zero wherever token t+1 is unselected
+    predicts_unselected = torch.zeros_like(unselected)
+    predicts_unselected[:, :-1] = unselected[:, 1:] | ~batch.response_mask[:, 1:]
+    assert logit_grad[predicts_unselected].abs().max() == 0
+    assert logit_grad[~predicts_unselected].abs().sum() > 0
+
+
+@pytest.mark.parametrize("tokenizer_name,make_model", [("smollm2_tokenizer", tiny_llama), ("gemma3_tokenizer", tiny_gemma3)])
+def test_loss_decreases_on_a_tiny_model(request, tokenizer_name, make_model):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    model = attach_fresh_lora(make_model(tokenizer), rank=8, alpha=16, dropout=0.0)
+    assert isinstance(model, PeftModel)
+    batch = _batch(tokenizer, lambda n: [1.0 if i % 3 else 0.5 for i in range(n)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = selective_loss(model, batch).item()
+    for _ in range(30):
+        training_step(model, optimizer, batch, max_grad_norm=1.0)
+    model.eval()
+    last = selective_loss(model, batch).item()
+    assert last < first - 0.5, (first, last)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_weights_must_cover_the_target_tokens(smollm2_tokenizer):
+    with pytest.raises(ValueError, match="aligned to the target tokenizer"):
+        build_training_batch(smollm2_tokenizer, QUERIES, RESPONSES, [[1.0], [1.0]])
