@@ -45,9 +45,10 @@ class Batch:
 def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (no special tokens) and each token's character span in ``text``.
 
-    Fast tokenizers report offsets directly. Slow ones get offsets by decoding growing prefixes,
-    which is only sound when decoding reproduces the text exactly; a tokenizer that normalizes
-    (lower-cases, strips accents, collapses spaces) raises ``OffsetsUnavailableError``.
+    Fast tokenizers report offsets into the original text, even when they normalize it. Pure-Python
+    tokenizers get offsets by decoding growing prefixes, which is only sound when decoding gives the
+    text back exactly; one that normalizes (lower-cases, strips accents, collapses spaces) raises
+    ``OffsetsUnavailableError``.
     """
     if tokenizer.is_fast:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
