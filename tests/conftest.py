@@ -51,3 +51,15 @@ def tiny_gemma3(tokenizer, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id, sliding_window=64,
     )
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the tests that need it (2 CPUs, like this machine and CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

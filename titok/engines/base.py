@@ -1,0 +1,31 @@
+"""The engine interface: chat-formatted generation with or without the source adapter, and
+expert/amateur log-prob scoring of (query, response) pairs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from titok.excess import TokenScores
+
+__all__ = ["GenerationParams", "InferenceEngine"]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class InferenceEngine(ABC):
+    """One base model (plus optional LoRA) loaded once per actor."""
+
+    @abstractmethod
+    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool) -> list[str]:
+        """Answer each user message (the engine applies the chat template); returns response texts."""
+
+    @abstractmethod
+    def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:
+        """Expert (with adapter) and amateur (without) log-probs of each response's tokens."""

@@ -1,0 +1,53 @@
+"""transformers engine: the embedded default, CPU or GPU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from peft import PeftModel
+
+from titok.engines.base import GenerationParams, InferenceEngine
+from titok.excess import TokenScores, score_pairs
+from titok.models import format_prompt, load_model, load_tokenizer
+
+__all__ = ["TransformersEngine"]
+
+
+class TransformersEngine(InferenceEngine):
+    def __init__(self, base: str, adapter: str | None, dtype: str = "bfloat16", max_length: int = 512,
+                 batch_size: int = 8, trust_remote_code: bool = False):
+        self.tokenizer = load_tokenizer(base, trust_remote_code)
+        model = load_model(base, getattr(torch, dtype), trust_remote_code)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        self.model = PeftModel.from_pretrained(model, adapter).eval() if adapter else model
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    def _adapter(self, use_adapter: bool):
+        if use_adapter and not isinstance(self.model, PeftModel):
+            raise ValueError("this engine has no adapter loaded")
+        return contextlib.nullcontext() if use_adapter or not isinstance(self.model, PeftModel) else self.model.disable_adapter()
+
+    @torch.no_grad()
+    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool) -> list[str]:
+        device = next(self.model.parameters()).device
+        prompts = [format_prompt(self.tokenizer, m) for m in messages]
+        outputs: list[str] = []
+        torch.manual_seed(params.seed)
+        self.tokenizer.padding_side = "left"
+        for start in range(0, len(prompts), self.batch_size):
+            enc = self.tokenizer(prompts[start : start + self.batch_size], add_special_tokens=False,
+                                 padding=True, return_tensors="pt").to(device)
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
+                if params.temperature > 0 else {"do_sample": False}
+            with self._adapter(use_adapter):
+                out = self.model.generate(**enc, max_new_tokens=params.max_new_tokens,
+                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        return [text.strip() for text in outputs]
+
+    def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:
+        return score_pairs(self.model, self.tokenizer, queries, responses, self.batch_size, "left", self.max_length)

@@ -1,0 +1,63 @@
+"""The run directory: one folder per stage, a completion marker with a fingerprint, and an event log.
+
+A stage is complete when ``<run_dir>/<stage>/_COMPLETE.json`` exists and its fingerprint (a hash of
+the config fields that shaped the stage and of the upstream fingerprint) matches. A rerun of the
+same config skips complete stages; a changed field reruns its stage and everything after it.
+``events.jsonl`` records every model load (stage, node, pid), so a test or a person can see what work
+a run really did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunDir"]
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    @staticmethod
+    def fingerprint(upstream: str, fields: Any) -> str:
+        blob = json.dumps({"upstream": upstream, "fields": fields}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def is_complete(self, stage: str, fingerprint: str) -> bool:
+        marker = self.stage_dir(stage) / "_COMPLETE.json"
+        return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+    def start(self, stage: str) -> Path:
+        """An empty folder for a stage that (re)runs; whatever an interrupted attempt left is dropped."""
+        path = self.stage_dir(stage)
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def complete(self, stage: str, fingerprint: str, **summary: Any) -> None:
+        record = {"fingerprint": fingerprint, "finished": time.time(), **summary}
+        (self.stage_dir(stage) / "_COMPLETE.json").write_text(json.dumps(record, indent=2, default=str))
+
+    def summary(self, stage: str) -> dict:
+        return json.loads((self.stage_dir(stage) / "_COMPLETE.json").read_text())
+
+    def log_event(self, **event: Any) -> None:
+        """Append one JSON line; safe across processes on one node (O_APPEND, single write)."""
+        event = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **event}
+        with open(self.root / "events.jsonl", "a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+
+    def events(self) -> list[dict]:
+        path = self.root / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -1,0 +1,32 @@
+"""Arrow tables with explicit list types, so per-token arrays land in Parquet as plain list columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from titok import columns as C
+
+__all__ = ["table"]
+
+_LIST_TYPES = {
+    C.TOKEN_IDS: pa.list_(pa.int64()),
+    C.OFFSET_STARTS: pa.list_(pa.int64()),
+    C.OFFSET_ENDS: pa.list_(pa.int64()),
+    C.EXPERT_LOGPROBS: pa.list_(pa.float32()),
+    C.AMATEUR_LOGPROBS: pa.list_(pa.float32()),
+    C.EXCESS: pa.list_(pa.float32()),
+    C.KEEP: pa.list_(pa.bool_()),
+    C.TARGET_TOKEN_IDS: pa.list_(pa.int64()),
+    C.TARGET_WEIGHTS: pa.list_(pa.float32()),
+}
+
+
+def table(columns: dict) -> pa.Table:
+    arrays = {}
+    for name, values in columns.items():
+        if name in _LIST_TYPES:
+            arrays[name] = pa.array([np.asarray(v).tolist() for v in values], type=_LIST_TYPES[name])
+        else:
+            arrays[name] = pa.array(list(values) if isinstance(values, np.ndarray) and values.dtype == object else values)
+    return pa.table(arrays)

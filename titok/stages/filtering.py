@@ -1,0 +1,127 @@
+"""The TiTok filters over a whole Ray Dataset, without collecting token data on the driver.
+
+- Top-M samples: a distributed sort on (sample_score desc, sample_id asc), then ``limit(M)``.
+- Top-k% tokens, ``per_sample``: each row on its own (``map_batches``).
+- ``per_batch``: groups of ``group_size`` samples in rank order; only the M (sample_id, score) pairs
+  come to the driver to number the ranks, then ``groupby(group).map_groups`` selects inside groups.
+- ``global``: exact, by bracketing. ``ApproximateQuantile`` (a KLL sketch) estimates the excess value
+  at the cut; two exact distributed passes then count the tokens above the bracket and fetch only
+  the tokens inside it (a few percent of all tokens), where the exact cut-off token is found with the
+  same tie-breaking as ``titok.select`` (earlier sample id, then earlier token, wins). The bracket
+  widens until it provably contains the cut. Exact rather than approximate so that the kept count is
+  exactly ``ceil(k * N)``, the same as the single-machine core.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from titok import columns as C
+from titok.select import keep_count, select_tokens, validate_k, validate_m
+
+__all__ = ["global_token_cutoff", "select_top_m", "select_tokens_distributed"]
+
+
+def select_top_m(ds, m: int):
+    """The M samples with the highest mean excess, ties to the smaller sample id."""
+    validate_m(m, ds.count())
+    return ds.sort([C.SAMPLE_SCORE, C.SAMPLE_ID], descending=[True, False]).limit(m)
+
+
+def _keep_in_batch(batch: dict, k: float, scope: str) -> dict:
+    masks = select_tokens(list(batch[C.EXCESS]), k, scope, group_size=len(batch[C.EXCESS]))
+    return {**batch, C.KEEP: _object_array(masks)}
+
+
+def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def _explode_tokens(batch: dict) -> dict:
+    lengths = [len(x) for x in batch[C.EXCESS]]
+    return {
+        C.EXCESS: np.concatenate([np.asarray(x, dtype=np.float64) for x in batch[C.EXCESS]] + [np.zeros(0)]),
+        C.SAMPLE_ID: np.repeat(np.asarray(batch[C.SAMPLE_ID], dtype=np.int64), lengths),
+        "token_index": np.concatenate([np.arange(n) for n in lengths] + [np.zeros(0, dtype=np.int64)]),
+    }
+
+
+def _rows_where(batch: dict, low: float, high: float) -> dict:
+    inside = (batch[C.EXCESS] >= low) & (batch[C.EXCESS] <= high)
+    return {name: values[inside] for name, values in batch.items()}
+
+
+def global_token_cutoff(ds, k: float, start_margin: float = 0.01) -> tuple[float, int, int] | None:
+    """The last kept token's (excess, sample_id, token_index) for global top-k%; None keeps all.
+
+    A token is kept iff (-excess, sample_id, token_index) <= (-cut_excess, cut_sample, cut_index).
+    """
+    from ray.data.aggregate import ApproximateQuantile
+    from ray.data.expressions import col
+
+    n_total = int(ds.sum(C.N_TOKENS) or 0)
+    n_keep = keep_count(n_total, k)
+    if n_keep == n_total:
+        return None
+    tokens = ds.select_columns([C.SAMPLE_ID, C.EXCESS]).map_batches(_explode_tokens, batch_format="numpy").materialize()
+    cut_quantile = 1.0 - n_keep / n_total
+    margin = start_margin
+    while True:
+        lo_q, hi_q = max(cut_quantile - margin, 0.0), min(cut_quantile + margin, 1.0)
+        if margin >= 1.0:
+            low, high = -np.inf, np.inf
+        else:
+            low, high = tokens.aggregate(ApproximateQuantile(C.EXCESS, [lo_q, hi_q]))[f"approx_quantile({C.EXCESS})"]
+        n_above = tokens.filter(expr=col(C.EXCESS) > float(high)).count() if np.isfinite(high) else 0
+        band = tokens.map_batches(_rows_where, fn_kwargs={"low": low, "high": high}, batch_format="numpy")
+        band = band.to_pandas()
+        if n_above < n_keep <= n_above + len(band):
+            break
+        margin *= 4
+    order = np.lexsort((band["token_index"], band[C.SAMPLE_ID], -band[C.EXCESS]))
+    cut = band.iloc[order[n_keep - n_above - 1]]
+    return float(cut[C.EXCESS]), int(cut[C.SAMPLE_ID]), int(cut["token_index"])
+
+
+def _keep_by_cutoff(batch: dict, cutoff: tuple[float, int, int] | None) -> dict:
+    masks = []
+    for sample_id, excess in zip(batch[C.SAMPLE_ID], batch[C.EXCESS]):
+        excess = np.asarray(excess, dtype=np.float64)
+        if cutoff is None:
+            masks.append(np.ones(len(excess), dtype=bool))
+            continue
+        cut_excess, cut_sample, cut_index = cutoff
+        before_in_tiebreak = (sample_id < cut_sample) | ((sample_id == cut_sample) & (np.arange(len(excess)) <= cut_index))
+        masks.append((excess > cut_excess) | ((excess == cut_excess) & before_in_tiebreak))
+    return {**batch, C.KEEP: _object_array(masks)}
+
+
+def select_tokens_distributed(ds, k: float, scope: str, group_size: int = 4):
+    """Add the ``keep`` column to the kept samples (see the module doc for each scope)."""
+    k = validate_k(k)
+    if scope == "per_sample":
+        return ds.map_batches(_keep_in_batch, fn_kwargs={"k": k, "scope": "per_sample"}, batch_format="numpy")
+    if scope == "per_batch":
+        ranked = ds.select_columns([C.SAMPLE_ID, C.SAMPLE_SCORE]).to_pandas()
+        ranked = ranked.sort_values([C.SAMPLE_SCORE, C.SAMPLE_ID], ascending=[False, True], kind="stable")
+        group_of = {int(sid): rank // group_size for rank, sid in enumerate(ranked[C.SAMPLE_ID])}
+        rank_of = {int(sid): rank for rank, sid in enumerate(ranked[C.SAMPLE_ID])}
+
+        def add_group(batch: dict) -> dict:
+            ids = batch[C.SAMPLE_ID]
+            return {**batch, "group": np.array([group_of[int(i)] for i in ids]), "rank": np.array([rank_of[int(i)] for i in ids])}
+
+        def keep_in_group(batch: dict) -> dict:
+            order = np.argsort(batch["rank"], kind="stable")
+            batch = {name: values[order] for name, values in batch.items()}
+            out = _keep_in_batch(batch, k, "per_batch")
+            return {name: values for name, values in out.items() if name not in ("group", "rank")}
+
+        grouped = ds.map_batches(add_group, batch_format="numpy").groupby("group")
+        return grouped.map_groups(keep_in_group, batch_format="numpy")
+    if scope == "global":
+        cutoff = global_token_cutoff(ds, k)
+        return ds.map_batches(_keep_by_cutoff, fn_kwargs={"cutoff": cutoff}, batch_format="numpy")
+    raise ValueError(f"token scope must be per_sample, per_batch or global, got {scope!r}")
