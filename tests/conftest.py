@@ -63,3 +63,42 @@ def local_ray():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """Saved tiny models over the real tokenizers, plus a non-trivial source LoRA: pipeline-sized in seconds."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    source_tok, target_tok = real_tokenizer("smollm2-135m"), real_tokenizer("gemma3-270m")
+    tiny_llama(source_tok).save_pretrained(root / "source")
+    source_tok.save_pretrained(root / "source")
+    tiny_gemma3(target_tok).save_pretrained(root / "target")
+    target_tok.save_pretrained(root / "target")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(root / "source")
+    adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(root / "source-adapter")
+    return {"source": str(root / "source"), "adapter": str(root / "source-adapter"), "target": str(root / "target")}
+
+
+def tiny_transplant_config(dirs: dict, run_dir, **overrides):
+    from titok.config import load_config
+
+    fields = {
+        "source_base": dirs["source"], "source_adapter": dirs["adapter"], "target_base": dirs["target"],
+        "task": "boolean_expressions", "run_dir": str(run_dir),
+        "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
+        "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3},
+        "labels": {"max_new_tokens": 20},
+        "filter": {"top_m": 6, "k": 0.7},
+        "train": {"workers": 2, "epochs": 1, "batch_size": 2, "lr": 1e-3},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            fields.setdefault(section, {})[leaf] = value
+        else:
+            fields[key] = value
+    return load_config(**fields)

@@ -1,23 +1,74 @@
-"""``titok`` command line."""
+"""``titok`` command line: ``transplant``, ``sft``, ``demo-excess``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from titok.config import ConfigError, describe_fields
+
+
+def _transplant(args: argparse.Namespace) -> None:
+    from titok.config import load_config
+    from titok.pipeline import format_summary, transplant
+
+    if args.help_config:
+        print("\n".join(describe_fields()))
+        return
+    if not args.config and not args.set:
+        raise ConfigError("give --config FILE.yaml (and/or --set key=value for every required field)")
+    cfg = load_config(args.config, args.set)
+    result = transplant(cfg, until=args.until)
+    print(format_summary(result))
+
+
+def _sft(args: argparse.Namespace) -> None:
+    from titok.config import TrainConfig, apply_overrides
+    from titok.sft import SFT_DEFAULTS, train_source_adapter
+
+    try:
+        train = TrainConfig.model_validate(apply_overrides({**SFT_DEFAULTS}, args.set))
+    except Exception as err:
+        raise ConfigError(f"invalid sft training config: {err}") from None
+    path = train_source_adapter(args.base, args.task, args.out, train, args.seed, args.n_train)
+    print(f"source adapter: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="titok", description="Transplant LoRA adapters between LLM backbones.")
+    parser = argparse.ArgumentParser(prog="titok", description="Transplant LoRA adapters between LLM backbones (TiTok).")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show which response tokens it makes likelier"
-    )
+
+    tp = commands.add_parser("transplant", help="move a source LoRA onto a target base model",
+                             description="Run or resume a transplant: queries -> labels -> scores -> filter -> align -> "
+                                         "train -> export. Stages already complete in run_dir are reused.")
+    tp.add_argument("--config", help="transplant YAML (see configs/demo.yaml)")
+    tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, dotted (filter.top_m=64, train.deepspeed_stage=3); repeatable")
+    tp.add_argument("--until", help="stop after this stage (queries, labels, scores, filter, align, train, export)")
+    tp.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    tp.set_defaults(run=_transplant)
+
+    sft = commands.add_parser("sft", help="train a source LoRA on a task's training examples")
+    sft.add_argument("--base", default="smollm2-135m", help="base model (short name, .gguf, HF folder or hub id)")
+    sft.add_argument("--task", default="boolean_expressions", help="built-in task or BBH-format JSON file")
+    sft.add_argument("--out", required=True, help="folder for the PEFT adapter")
+    sft.add_argument("--seed", type=int, default=0, help="seed for the task split and training")
+    sft.add_argument("--n-train", type=int, default=256, help="training examples to use")
+    sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a training field (epochs=1, lr=5e-4, workers=2, deepspeed_stage=3, lora.rank=16)")
+    sft.set_defaults(run=_sft)
+
+    demo = commands.add_parser("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
     demo.add_argument("--out", default="runs/demo-excess", help="where the demo adapter is kept (reused on rerun)")
     demo.add_argument("--steps", type=int, default=40, help="LoRA training steps")
-    args = parser.parse_args(argv)
-    if args.command == "demo-excess":
-        from titok.demo import run_excess_demo
+    demo.set_defaults(run=lambda a: __import__("titok.demo", fromlist=["run_excess_demo"]).run_excess_demo(a.out, steps=a.steps))
 
-        run_excess_demo(args.out, steps=args.steps)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ConfigError as err:
+        print(f"titok: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""The transplant, as named stages on Ray: queries -> labels -> scores -> filter -> align -> train -> export.
+
+    titok transplant --config configs/demo.yaml
+
+Every stage writes Parquet (or the adapter) under ``run_dir/<stage>/`` and a completion marker; a
+rerun of the same config reads complete stages back instead of recomputing them, so a run killed
+after any stage resumes from there.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from titok import columns as C
+from titok.config import ConfigError, TransplantConfig, validate_inputs
+from titok.export import export_adapter
+from titok.queries import DiversityFilter, build_query_prompt
+from titok.runstate import RunDir
+from titok.stages.alignment import AlignToTarget
+from titok.stages.filtering import select_tokens_distributed, select_top_m
+from titok.stages.inference import LabelResponses, ScoreExcess, WriteQueries
+from titok.tasks import load_task
+from titok.train.ray_train import run_training
+
+__all__ = ["STAGES", "transplant"]
+
+STAGES = ("queries", "labels", "scores", "filter", "align", "train", "export")
+
+
+def _engine_kwargs(cfg: TransplantConfig, adapter: str | None) -> dict:
+    e = cfg.engine
+    return {"name": e.name, "base": cfg.source_base, "adapter": adapter, "dtype": e.dtype, "max_length": e.max_length,
+            "batch_size": e.batch_size, "trust_remote_code": cfg.trust_remote_code, "vllm_score_tolerance": e.vllm_score_tolerance}
+
+
+def _actor_pool(cfg: TransplantConfig) -> dict:
+    """map_batches arguments for a fixed-size pool of model-holding actors."""
+    return {"concurrency": cfg.engine.actors, "batch_size": cfg.engine.batch_size, "num_cpus": 1,
+            "num_gpus": cfg.engine.gpus_per_actor}
+
+
+def write_queries(cfg: TransplantConfig, run: RunDir):
+    """Rounds of few-shot query writing on an actor pool; the ROUGE-L filter runs over the whole pool."""
+    import ray
+
+    task = load_task(cfg.task, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    diversity = DiversityFilter([e["input"] for e in task.seed_examples], cfg.queries.rouge_l_max)
+    params = {"max_new_tokens": cfg.queries.max_new_tokens, "temperature": cfg.queries.temperature,
+              "top_p": cfg.queries.top_p, "seed": cfg.seed}
+    written = 0
+    for round_index in range(cfg.queries.max_rounds):
+        missing = cfg.pool_size - len(diversity.kept)
+        n_prompts = max(int(np.ceil(missing * cfg.queries.oversample)), cfg.engine.actors)
+        prompts = [{C.SAMPLE_ID: written + i, C.MESSAGE: build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng)}
+                   for i in range(n_prompts)]
+        written += n_prompts
+        generated = ray.data.from_items(prompts).map_batches(
+            WriteQueries, fn_constructor_kwargs={"run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter),
+                                                 "params": params}, **_actor_pool(cfg)
+        ).take_all()
+        for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
+            if len(diversity.kept) < cfg.pool_size:
+                diversity.offer(row[C.QUERY])
+        print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of {written} written", flush=True)
+        if len(diversity.kept) >= cfg.pool_size:
+            break
+    else:
+        raise RuntimeError(
+            f"only {len(diversity.kept)} of {cfg.pool_size} queries passed the ROUGE-L < {cfg.queries.rouge_l_max} filter "
+            f"in {cfg.queries.max_rounds} rounds; raise queries.max_rounds or queries.rouge_l_max, or lower filter.top_m"
+        )
+    return ray.data.from_items([{C.SAMPLE_ID: i, C.QUERY: q} for i, q in enumerate(diversity.kept)])
+
+
+def _run_stage(run: RunDir, name: str, upstream: str, fields, compute, timings: dict):
+    """Read a complete stage back, or compute it, persist it as Parquet and mark it complete."""
+    import ray
+
+    fingerprint = run.fingerprint(upstream, fields)
+    out = run.stage_dir(name)
+    if run.is_complete(name, fingerprint):
+        timings[name] = {"status": "cached", **run.summary(name)}
+        print(f"[{name}] complete in {out}, reusing it", flush=True)
+        return ray.data.read_parquet(str(out)), fingerprint
+    print(f"[{name}] running", flush=True)
+    started = time.perf_counter()
+    run.start(name)
+    compute().write_parquet(str(out))
+    ds = ray.data.read_parquet(str(out))
+    seconds = round(time.perf_counter() - started, 1)
+    run.complete(name, fingerprint, rows=ds.count(), seconds=seconds)
+    timings[name] = {"status": "ran", **run.summary(name)}
+    return ds, fingerprint
+
+
+def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
+    """Run (or resume) a transplant; returns per-stage status/timings and the adapter path."""
+    import ray
+
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until must be one of {STAGES}, got {until!r}")
+    validate_inputs(cfg)
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts a local Ray
+    run = RunDir(cfg.run_dir)
+    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    timings: dict = {}
+    stop = STAGES.index(until) if until else len(STAGES) - 1
+    engine = cfg.engine.model_dump(exclude={"actors", "gpus_per_actor"})
+    base = {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed}
+
+    queries, fp = _run_stage(run, "queries", "", {**base, "queries": cfg.queries.model_dump(), "engine": engine,
+                                                  "pool": cfg.pool_size}, lambda: write_queries(cfg, run), timings)
+    if stop >= 1:
+        labels, fp = _run_stage(run, "labels", fp, {"adapter": cfg.source_adapter, "labels": cfg.labels.model_dump()},
+                                lambda: queries.map_batches(
+                                    LabelResponses, fn_constructor_kwargs={
+                                        "run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter),
+                                        "params": {"max_new_tokens": cfg.labels.max_new_tokens,
+                                                   "temperature": cfg.labels.temperature, "seed": cfg.seed}},
+                                    **_actor_pool(cfg)), timings)
+    if stop >= 2:
+        scores, fp = _run_stage(run, "scores", fp, {"max_length": cfg.engine.max_length},
+                                lambda: labels.map_batches(
+                                    ScoreExcess, fn_constructor_kwargs={
+                                        "run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter)},
+                                    **_actor_pool(cfg)), timings)
+    if stop >= 3:
+        f = cfg.filter
+        kept, fp = _run_stage(run, "filter", fp, f.model_dump(),
+                              lambda: select_tokens_distributed(select_top_m(scores, f.top_m), f.k, f.token_scope, f.group_size),
+                              timings)
+    if stop >= 4:
+        aligned, fp = _run_stage(run, "align", fp, {"target_base": cfg.target_base},
+                                 lambda: kept.map_batches(
+                                     AlignToTarget, fn_constructor_kwargs={"target_base": cfg.target_base,
+                                                                           "trust_remote_code": cfg.trust_remote_code},
+                                     concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=1), timings)
+    result = {"run_dir": str(run.root), "stages": timings}
+    if stop >= 5:
+        fp = run.fingerprint(fp, cfg.train.model_dump())
+        train_dir = run.stage_dir("train")
+        if run.is_complete("train", fp):
+            timings["train"] = {"status": "cached", **run.summary("train")}
+        else:
+            started = time.perf_counter()
+            run.start("train")
+            train_rows = aligned.filter(lambda row: float(np.sum(row[C.TARGET_WEIGHTS])) > 0)
+            config = {"train": cfg.train.model_dump(), "target_base": cfg.target_base, "seed": cfg.seed,
+                      "run_dir": str(run.root), "max_length": cfg.engine.max_length, "k": cfg.filter.k,
+                      "trust_remote_code": cfg.trust_remote_code}
+            fit = run_training(train_rows.select_columns([C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]), config,
+                               storage_path=str(train_dir / "ray"))
+            if fit.error:
+                raise fit.error
+            fit.checkpoint.to_directory(str(train_dir / "adapter"))
+            run.complete("train", fp, seconds=round(time.perf_counter() - started, 1), rows=train_rows.count(),
+                         metrics={k: v for k, v in (fit.metrics or {}).items() if isinstance(v, (int, float, str))})
+            timings["train"] = {"status": "ran", **run.summary("train")}
+    if stop >= 6:
+        summary = run.summary("train")
+        card = {"source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
+                "task": cfg.task, "top_m": cfg.filter.top_m, "k": cfg.filter.k, "token_scope": cfg.filter.token_scope,
+                "pool_size": cfg.pool_size, "deepspeed_stage": cfg.train.deepspeed_stage, "workers": cfg.train.workers,
+                "train_metrics": summary.get("metrics", {}), "train_rows": summary.get("rows")}
+        adapter = export_adapter(run.stage_dir("train") / "adapter", run.root / "adapter", cfg.target_base, card)
+        timings["export"] = {"status": "ran"}
+        result["adapter"] = str(adapter)
+    return result
+
+
+def format_summary(result: dict) -> str:
+    lines = [f"{'stage':8s} {'status':7s} {'rows':>6s} {'seconds':>8s}"]
+    for name, info in result["stages"].items():
+        lines.append(f"{name:8s} {info['status']:7s} {str(info.get('rows', '')):>6s} {str(info.get('seconds', '')):>8s}")
+    lines.append(f"run dir: {result['run_dir']}")
+    if "adapter" in result:
+        lines.append(f"adapter: {result['adapter']}  (load with peft.PeftModel.from_pretrained)")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Train a source LoRA on a task's training examples (the expert to transplant), on Ray Train with
+the same DeepSpeed training stage as the transplant (every response token weighted 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from titok import columns as C
+from titok.config import TrainConfig
+from titok.export import export_adapter
+from titok.models import load_tokenizer
+from titok.runstate import RunDir
+from titok.sequences import encode_response
+from titok.tasks import load_task, reference_response
+from titok.train.ray_train import run_training
+
+__all__ = ["SFT_DEFAULTS", "train_source_adapter"]
+
+# A source expert should learn its task quickly: a larger rank, all attention projections, higher lr.
+SFT_DEFAULTS = {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                "lr": 1e-3, "epochs": 2, "max_grad_norm": 1.0}
+
+
+def train_source_adapter(base: str, task: str, out_dir: str | Path, train: TrainConfig, seed: int = 0,
+                         n_train: int = 256, max_length: int = 512, trust_remote_code: bool = False) -> Path:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    examples = load_task(task, seed=seed, n_train=n_train).train_examples
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    rows = []
+    for example in examples:
+        response = reference_response(example)
+        n_tokens = len(encode_response(tokenizer, response)[0])
+        rows.append({C.QUERY: example["input"], C.RESPONSE: response, C.TARGET_WEIGHTS: np.ones(n_tokens, dtype=np.float32)})
+    out_dir = Path(out_dir).resolve()
+    run = RunDir(out_dir.parent / f"{out_dir.name}-sft")
+    config = {"train": train.model_dump(), "target_base": base, "seed": seed, "run_dir": str(run.root),
+              "max_length": max_length, "k": 1.0, "trust_remote_code": trust_remote_code}
+    fit = run_training(ray.data.from_items(rows), config, storage_path=str(run.root / "ray"))
+    if fit.error:
+        raise fit.error
+    checkpoint = run.root / "checkpoint"
+    fit.checkpoint.to_directory(str(checkpoint))
+    card = {"kind": "source adapter (titok sft)", "base": base, "task": task, "train_examples": len(rows),
+            "metrics": {k: v for k, v in (fit.metrics or {}).items() if isinstance(v, (int, float))}}
+    return export_adapter(checkpoint, out_dir, base, card)
