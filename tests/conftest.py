@@ -53,16 +53,15 @@ def tiny_gemma3(tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def local_ray():
-    """One local Ray for the tests that need it (2 CPUs, like this machine and CI)."""
+    """The local Ray the tests share (2 CPUs, like this machine and CI); started on first use."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -186,7 +186,10 @@ def validate_inputs(cfg: TransplantConfig) -> None:
         resolved = resolve_model_path(spec)
         if Path(resolved).exists() and not (Path(resolved) / "config.json").is_file():
             raise ConfigError(f"{field}: {resolved} has no config.json (not a model folder)")
-    task = load_task(cfg.task)
+    try:
+        task = load_task(cfg.task, seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"task: {err}") from None
     if len(task.seed_examples) < cfg.queries.few_shot:
         raise ConfigError(
             f"queries.few_shot={cfg.queries.few_shot} but task {cfg.task!r} has only {len(task.seed_examples)} seed examples"

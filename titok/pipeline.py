@@ -39,9 +39,9 @@ def _engine_kwargs(cfg: TransplantConfig, adapter: str | None) -> dict:
 
 
 def _actor_pool(cfg: TransplantConfig) -> dict:
-    """map_batches arguments for a fixed-size pool of model-holding actors."""
+    """map_batches arguments for a fixed-size pool of model-holding actors, spread over the nodes."""
     return {"concurrency": cfg.engine.actors, "batch_size": cfg.engine.batch_size, "num_cpus": 1,
-            "num_gpus": cfg.engine.gpus_per_actor}
+            "num_gpus": cfg.engine.gpus_per_actor, "scheduling_strategy": "SPREAD"}
 
 
 def write_queries(cfg: TransplantConfig, run: RunDir):

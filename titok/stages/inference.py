@@ -25,7 +25,8 @@ class _EngineUDF:
 
         self.engine = build_engine(**engine)
         self.params = GenerationParams(**params) if params else None
-        RunDir(run_dir).log_event(event="model_load", stage=self.stage, node_id=ray.get_runtime_context().get_node_id())
+        self.run = RunDir(run_dir)
+        self.run.log_event(event="model_load", stage=self.stage, node_id=ray.get_runtime_context().get_node_id())
 
     def _check(self, batch: dict) -> None:
         missing = [c for c in self.required_columns if c not in batch]
@@ -68,6 +69,10 @@ class ScoreExcess(_EngineUDF):
     def __call__(self, batch: dict) -> dict:
         self._check(batch)
         scored = self.engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]))
+        backend = getattr(self.engine, "scoring_backend", None)
+        if backend and not getattr(self, "_backend_logged", False):  # vLLM's calibration verdict
+            self.run.log_event(event="scoring_backend", stage=self.stage, backend=backend)
+            self._backend_logged = True
         excess = [s.excess for s in scored]
         return table(
             {

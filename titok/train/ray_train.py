@@ -96,6 +96,8 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             losses.append(loss.item())
             step += 1
+            if rank == 0 and (step % max(1, total_steps // 10) == 0 or step == total_steps):
+                print(f"  train step {step}/{total_steps}  loss {losses[-1]:.4f}", flush=True)
         metrics = {"epoch": epoch, "step": step, "loss": float(sum(losses[-steps_per_epoch:]) / max(len(losses[-steps_per_epoch:]), 1))}
         state = _lora_state_dict(engine, model, train["deepspeed_stage"])
         is_last = epoch == train["epochs"] - 1

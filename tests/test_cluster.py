@@ -1,0 +1,88 @@
+"""titok on a real Ray cluster: `ray job submit` to a token-authenticated head, and a simulated
+two-node cluster where a stage's actors land on both nodes."""
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from titok.pipeline import transplant
+from titok.runstate import RunDir
+from tests.conftest import tiny_transplant_config
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shutdown_in_process_ray():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path):
+    _shutdown_in_process_ray()  # `ray stop` below must not pull the rug from under another test's Ray
+    run_dir = tmp_path / "run"
+    cfg = tiny_transplant_config(tiny_model_dirs, run_dir, filter__top_m=4, queries__pool_size=8)
+    config_path = tmp_path / "transplant.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump()))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    address = f"http://127.0.0.1:{dashboard_port}"
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        wrong_token = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+        refused = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
+                                 env=wrong_token, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
+
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--submission-id", "titok-test", "--working-dir", str(REPO),
+             "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"), "--",
+             "python", "ray_jobs/transplant.py", "--config", str(config_path)],
+            env=env, capture_output=True, text=True, timeout=1200,
+        )
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        status = subprocess.run([RAY, "job", "status", "--address", address, "titok-test"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert "adapter:" in submitted.stdout
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_stage_actors_spread_over_two_nodes(tiny_model_dirs, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    _shutdown_in_process_ray()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", engine__actors=2, engine__batch_size=2)
+        transplant(cfg, until="labels")
+        label_nodes = {e["node_id"] for e in RunDir(tmp_path / "run").events() if e["stage"] == "labels"}
+        assert len(label_nodes) == 2
+        assert label_nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from titok.config import ConfigError, describe_fields, load_config, validate_inputs
+from titok.cli import main
+
+BASE = {"source_base": "smollm2-135m", "source_adapter": "x", "target_base": "gemma3-270m", "task": "boolean_expressions"}
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("source_base: a\nsource_adapter: b\ntarget_base: c\ntask: boolean_expressions\nfilter:\n  top_m: 8\n")
+    cfg = load_config(path, ["filter.k=0.5", "train.lora.target_modules=[q_proj, k_proj]", "train.deepspeed_stage=3"])
+    assert (cfg.filter.top_m, cfg.filter.k, cfg.train.deepspeed_stage) == (8, 0.5, 3)
+    assert cfg.train.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.pool_size == 16  # 2 x M by default
+
+
+@pytest.mark.parametrize("override,field", [
+    ("filter.k=1.5", "filter.k"), ("filter.k=0", "filter.k"), ("engine.name=tensorrt", "engine.name"),
+    ("filter.top_m=0", "filter.top_m"), ("train.deepspeed_stage=1", "train.deepspeed_stage"),
+    ("filter.typo=1", "filter.typo"), ("train.workers=two", "train.workers"),
+])
+def test_bad_values_name_their_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override], **BASE)
+
+
+def test_m_larger_than_pool_is_rejected():
+    with pytest.raises(ConfigError, match="filter.top_m=10 is larger than queries.pool_size=5"):
+        load_config(None, ["filter.top_m=10", "queries.pool_size=5"], **BASE)
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ConfigError, match="target_base"):
+        load_config(None, [], source_base="a", source_adapter="b", task="t")
+
+
+def test_adapter_checks_run_before_any_model_loads(tmp_path, tiny_model_dirs):
+    cfg = load_config(None, [], **{**BASE, "source_adapter": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="no adapter_config.json"):
+        validate_inputs(cfg)
+    (tmp_path / "weightless").mkdir()
+    (tmp_path / "weightless" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no adapter_model.safetensors"):
+        validate_inputs(load_config(None, [], **{**BASE, "source_adapter": str(tmp_path / "weightless")}))
+    # the tiny adapter was trained on the tiny source model, not on SmolLM2-135M
+    with pytest.raises(ConfigError, match="was trained on"):
+        validate_inputs(load_config(None, [], **{**BASE, "source_adapter": tiny_model_dirs["adapter"]}))
+    ok = load_config(None, [], source_base=tiny_model_dirs["source"], source_adapter=tiny_model_dirs["adapter"],
+                     target_base=tiny_model_dirs["target"], task="boolean_expressions")
+    validate_inputs(ok)
+    with pytest.raises(ConfigError, match="neither a built-in task"):
+        validate_inputs(ok.model_copy(update={"task": str(tmp_path / "nope.json")}))
+
+
+def test_every_field_is_described():
+    lines = describe_fields()
+    assert any(line.startswith("filter.k (float, 0.7)") for line in lines)
+    assert all(not line.endswith("None") for line in lines)
+
+
+def test_cli_reports_config_errors_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transplant", "--set", "filter.k=2"])
+    assert exit_info.value.code == 2
+    assert "filter.k" in capsys.readouterr().err

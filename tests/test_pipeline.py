@@ -1,0 +1,149 @@
+"""End to end on local Ray with tiny models over the real SmolLM2 and Gemma-3 tokenizers: a run
+killed after the scores stage, its resume, and a rerun that does no model work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from rouge_score import rouge_scorer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from titok import columns as C
+from titok.models import load_tokenizer
+from titok.pipeline import transplant
+from titok.runstate import RunDir
+from titok.select import keep_count
+from titok.sequences import encode_response
+from titok.tasks import load_task
+from tests.conftest import tiny_transplant_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stage(run_dir: Path, name: str) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / name).sort_values(C.SAMPLE_ID).reset_index(drop=True)
+
+
+def _run_until_killed_after_scores(config_path: Path, run_dir: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "titok.cli", "transplant", "--config", str(config_path)],
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    try:
+        deadline = time.time() + 600
+        while not (run_dir / "scores" / "_COMPLETE.json").is_file():
+            assert process.poll() is None, "the run ended before its scores stage completed"
+            assert time.time() < deadline, "scores stage did not complete in 10 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "train" / "_COMPLETE.json").exists()
+
+
+@pytest.mark.slow
+def test_transplant_killed_after_scores_resumes_and_reruns_without_model_work(tiny_model_dirs, tmp_path, local_ray):
+    run_dir = tmp_path / "run"
+    cfg = tiny_transplant_config(tiny_model_dirs, run_dir)
+    config_path = tmp_path / "transplant.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump()))
+
+    _run_until_killed_after_scores(config_path, run_dir)
+    loads_before_resume = RunDir(run_dir).events()
+
+    result = transplant(cfg)
+    status = {name: info["status"] for name, info in result["stages"].items()}
+    assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "filter": "ran",
+                      "align": "ran", "train": "ran", "export": "ran"}
+    new_loads = RunDir(run_dir).events()[len(loads_before_resume):]
+    assert {e["stage"] for e in new_loads} == {"train"}  # nothing before the cut ran again
+    assert len(new_loads) == 2  # one per DeepSpeed worker
+
+    # --- every stage's content ---
+    task = load_task("boolean_expressions", seed=cfg.seed)
+    queries = _stage(run_dir, "queries")
+    assert len(queries) == cfg.pool_size == 12 and queries[C.SAMPLE_ID].is_unique
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    texts = list(queries[C.QUERY])
+    seeds = [e["input"] for e in task.seed_examples]
+    for i, text in enumerate(texts):
+        assert text.strip()
+        for other in texts[:i] + seeds:
+            assert scorer.score(other, text)["rougeL"].fmeasure < 0.7
+
+    labels = _stage(run_dir, "labels")
+    assert list(labels[C.SAMPLE_ID]) == list(queries[C.SAMPLE_ID]) and labels[C.RESPONSE].map(type).eq(str).all()
+
+    scores = _stage(run_dir, "scores")
+    source_tok = load_tokenizer(tiny_model_dirs["source"])
+    for _, row in scores.iterrows():
+        ids, offsets = encode_response(source_tok, row[C.RESPONSE])
+        assert list(row[C.TOKEN_IDS]) == ids and row[C.N_TOKENS] == len(ids)
+        assert list(row[C.OFFSET_ENDS]) == [end for _, end in offsets]
+        np.testing.assert_allclose(row[C.EXCESS], np.asarray(row[C.EXPERT_LOGPROBS]) - np.asarray(row[C.AMATEUR_LOGPROBS]), atol=1e-6)
+        if len(ids):
+            assert row[C.SAMPLE_SCORE] == pytest.approx(float(np.mean(row[C.EXCESS])))
+
+    kept = _stage(run_dir, "filter")
+    assert len(kept) == cfg.filter.top_m
+    best = scores.sort_values([C.SAMPLE_SCORE, C.SAMPLE_ID], ascending=[False, True]).head(cfg.filter.top_m)
+    assert set(kept[C.SAMPLE_ID]) == set(best[C.SAMPLE_ID])
+    assert kept[C.SAMPLE_SCORE].min() >= scores.loc[~scores[C.SAMPLE_ID].isin(kept[C.SAMPLE_ID]), C.SAMPLE_SCORE].max()
+    for _, row in kept.iterrows():
+        keep = np.asarray(row[C.KEEP], dtype=bool)
+        assert keep.sum() == keep_count(row[C.N_TOKENS], cfg.filter.k)
+        excess = np.asarray(row[C.EXCESS])
+        if keep.any() and (~keep).any():
+            assert excess[keep].min() >= excess[~keep].max()
+
+    aligned = _stage(run_dir, "align")
+    target_tok = load_tokenizer(tiny_model_dirs["target"])
+    for _, row in aligned.iterrows():
+        weights = np.asarray(row[C.TARGET_WEIGHTS])
+        assert len(weights) == len(encode_response(target_tok, row[C.RESPONSE])[0]) == len(row[C.TARGET_TOKEN_IDS])
+        assert ((weights >= 0) & (weights <= 1)).all()
+
+    train = RunDir(run_dir).summary("train")
+    assert np.isfinite(train["metrics"]["loss"]) and np.isfinite(train["metrics"]["first_loss"])
+
+    adapter = Path(result["adapter"])
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "titok.json"]
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == tiny_model_dirs["target"]
+    target = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["target"]), adapter)
+    lora_b = [v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # trained away from the zero init
+    ids = target_tok("True and False is", return_tensors="pt").input_ids
+    assert torch.isfinite(target(ids).logits).all()
+    card = json.loads((adapter / "titok.json").read_text())
+    assert card["top_m"] == cfg.filter.top_m and card["k"] == cfg.filter.k
+
+    # --- a rerun of the finished run does no model work ---
+    events_before, adapter_mtime = len(RunDir(run_dir).events()), (adapter / "adapter_model.safetensors").stat().st_mtime
+    rerun = transplant(cfg)
+    assert all(info["status"] == "cached" for name, info in rerun["stages"].items() if name != "export")
+    assert len(RunDir(run_dir).events()) == events_before
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local_ray):
+    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", filter__token_scope="global",
+                                 train__deepspeed_stage=3)
+    result = transplant(cfg)
+    kept = pd.read_parquet(tmp_path / "run" / "filter")
+    total = int(kept[C.N_TOKENS].sum())
+    assert sum(np.asarray(k, dtype=bool).sum() for k in kept[C.KEEP]) == keep_count(total, cfg.filter.k)
+    assert np.isfinite(RunDir(tmp_path / "run").summary("train")["metrics"]["loss"])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["target"]), result["adapter"])
