@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from titok.sequences import collate, encode_pair
+from titok.sequences import collate, encode_pair, encode_response
 
 __all__ = ["Normalization", "TrainingBatch", "build_training_batch", "selective_cross_entropy"]
 
@@ -72,16 +72,22 @@ def build_training_batch(
     response_weights: list,
     max_length: int | None = None,
 ) -> TrainingBatch:
-    """Tokenize pairs for the target model; ``response_weights[i]`` has one weight per target response token."""
-    pairs = [encode_pair(tokenizer, q, r, max_length) for q, r in zip(queries, responses)]
+    """Tokenize pairs for the target model; ``response_weights[i]`` has one weight per target response token.
+
+    The end-of-turn token after each response is always trained (weight 1), so the target learns
+    where an answer ends; it is not a scored token, so no filter weight exists for it.
+    """
+    pairs = [encode_pair(tokenizer, q, r, max_length, append_eos=True) for q, r in zip(queries, responses)]
     batch = collate(pairs, tokenizer.pad_token_id, padding_side="right")
     token_weights = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    for row, (pair, weights) in enumerate(zip(pairs, response_weights)):
+    for row, (pair, response, weights) in enumerate(zip(pairs, responses, response_weights)):
         weights = torch.as_tensor(weights, dtype=torch.float32)
-        if len(weights) < len(pair.response_ids):
+        n_text = len(encode_response(tokenizer, response)[0])
+        if len(weights) != n_text:
             raise ValueError(
-                f"sample {row}: {len(weights)} token weights for {len(pair.response_ids)} response tokens; "
+                f"sample {row}: {len(weights)} token weights for {n_text} response tokens; "
                 "weights must be aligned to the target tokenizer first"
             )
-        token_weights[row, batch.response_mask[row]] = weights[: len(pair.response_ids)]
+        # max_length may have cut the response (and its end-of-turn token): keep the weights that fit
+        token_weights[row, batch.response_mask[row]] = torch.cat([weights, torch.ones(1)])[: len(pair.response_ids)]
     return TrainingBatch(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask, token_weights)

@@ -16,25 +16,21 @@ from titok.tasks import Example
 
 __all__ = ["DiversityFilter", "build_query_prompt", "parse_query"]
 
-_INSTRUCTION = (
-    "Here are examples of a task's inputs.\n\n{examples}\n\n"
-    "Write one new input for the same task, different from the examples. "
-    "Reply with the new input only."
-)
-
-
 def build_query_prompt(seeds: list[Example], few_shot: int, rng: random.Random) -> str:
-    """The user message that asks the source model for one new query, from ``few_shot`` random seeds."""
+    """A raw few-shot completion prompt (no chat template) that ends where a new input should begin.
+
+    Plain continuation works for base and small instruct models alike; asked in a chat turn to
+    "write a new example", small models answer with chatter about the task instead of an input.
+    """
     shown = rng.sample(seeds, few_shot)
-    examples = "\n\n".join(f"Example {i + 1}:\n{example['input']}" for i, example in enumerate(shown))
-    return _INSTRUCTION.format(examples=examples)
+    examples = "".join(f"Example {i + 1}:\n{example['input']}\n\n" for i, example in enumerate(shown))
+    return f"{examples}Example {few_shot + 1}:\n"
 
 
 def parse_query(generated: str) -> str:
-    """First paragraph of the generation, without an ``Example N:`` / ``New input:`` label."""
-    text = generated.strip()
-    text = re.sub(r"^(example\s*\d*|new input|input)\s*:\s*", "", text, flags=re.IGNORECASE).strip()
-    return text.split("\n\n")[0].strip()
+    """The generated input: text up to the next blank line or ``Example N:`` label."""
+    text = re.split(r"\n\s*\n|\n?Example\s*\d+\s*:", generated.strip(), maxsplit=1)[0]
+    return text.strip()
 
 
 class DiversityFilter:

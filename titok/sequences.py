@@ -68,11 +68,22 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list
 
 
 def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, query: str, response: str, max_length: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    query: str,
+    response: str,
+    max_length: int | None = None,
+    append_eos: bool = False,
 ) -> EncodedPair:
-    """Prompt ids from the chat template, response ids with offsets; the response is cut to fit."""
+    """Prompt ids from the chat template, response ids with offsets; the response is cut to fit.
+
+    ``append_eos`` adds the end-of-turn token (``eos_token``, which closes the assistant turn in the
+    chat templates we use) after the response, with an empty span: training needs it so that the
+    model learns to stop; scoring leaves it out, as it is template, not response.
+    """
     prompt_ids = tokenizer(format_prompt(tokenizer, query), add_special_tokens=False)["input_ids"]
     response_ids, offsets = encode_response(tokenizer, response)
+    if append_eos:
+        response_ids, offsets = response_ids + [tokenizer.eos_token_id], offsets + [(len(response), len(response))]
     if max_length is not None:
         room = max_length - len(prompt_ids)
         if room < 1:

@@ -23,8 +23,9 @@ class InferenceEngine(ABC):
     """One base model (plus optional LoRA) loaded once per actor."""
 
     @abstractmethod
-    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool) -> list[str]:
-        """Answer each user message (the engine applies the chat template); returns response texts."""
+    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
+        """Answer each user message (``chat``: the engine applies the chat template) or continue each
+        raw prompt (``chat=False``); returns the generated texts."""
 
     @abstractmethod
     def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:

@@ -31,14 +31,15 @@ class TransformersEngine(InferenceEngine):
         return contextlib.nullcontext() if use_adapter or not isinstance(self.model, PeftModel) else self.model.disable_adapter()
 
     @torch.no_grad()
-    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool) -> list[str]:
+    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
         device = next(self.model.parameters()).device
-        prompts = [format_prompt(self.tokenizer, m) for m in messages]
+        prompts = [format_prompt(self.tokenizer, m) for m in messages] if chat else list(messages)
         outputs: list[str] = []
         torch.manual_seed(params.seed)
         self.tokenizer.padding_side = "left"
         for start in range(0, len(prompts), self.batch_size):
-            enc = self.tokenizer(prompts[start : start + self.batch_size], add_special_tokens=False,
+            # chat prompts carry their own BOS (the template); raw prompts get the tokenizer's
+            enc = self.tokenizer(prompts[start : start + self.batch_size], add_special_tokens=not chat,
                                  padding=True, return_tensors="pt").to(device)
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
                 if params.temperature > 0 else {"do_sample": False}

@@ -35,7 +35,7 @@ class _EngineUDF:
 
 
 class WriteQueries(_EngineUDF):
-    """Few-shot prompt -> one new query, written by the source base (adapter off)."""
+    """Raw few-shot prompt -> one new query, continued by the source base (adapter off)."""
 
     stage = "queries"
     required_columns = (C.SAMPLE_ID, C.MESSAGE)
@@ -44,7 +44,7 @@ class WriteQueries(_EngineUDF):
         self._check(batch)
         seed = self.params.seed * 1_000_003 + int(batch[C.SAMPLE_ID][0])
         params = GenerationParams(self.params.max_new_tokens, self.params.temperature, self.params.top_p, seed)
-        texts = self.engine.generate(list(batch[C.MESSAGE]), params, use_adapter=False)
+        texts = self.engine.generate(list(batch[C.MESSAGE]), params, use_adapter=False, chat=False)
         return {C.SAMPLE_ID: batch[C.SAMPLE_ID], C.QUERY: np.array([parse_query(t) for t in texts], dtype=object)}
 
 
