@@ -94,3 +94,22 @@ def test_loss_decreases_on_a_tiny_model(request, tokenizer_name, make_model):
 def test_weights_must_cover_the_target_tokens(smollm2_tokenizer):
     with pytest.raises(ValueError, match="aligned to the target tokenizer"):
         build_training_batch(smollm2_tokenizer, QUERIES, RESPONSES, [[1.0], [1.0]])
+
+
+def test_selective_loss_skips_prompt_logits_without_changing_the_loss(smollm2_tokenizer):
+    model = attach_fresh_lora(tiny_llama(smollm2_tokenizer), dropout=0.0).eval()
+    batch = _batch(smollm2_tokenizer, lambda n: [1.0 if i % 2 else 0.25 for i in range(n)])
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    full = selective_cross_entropy(logits, batch.input_ids, batch.token_weights, batch.response_mask)
+    torch.testing.assert_close(selective_loss(model, batch), full)
+    rho1 = selective_cross_entropy(logits, batch.input_ids, batch.token_weights, batch.response_mask, "rho1", 0.7)
+    torch.testing.assert_close(selective_loss(model, batch, "rho1", 0.7), rho1)
+
+
+def test_end_of_turn_token_is_always_trained(smollm2_tokenizer):
+    batch = _batch(smollm2_tokenizer, lambda n: [0.0] * n)
+    for row in range(batch.input_ids.shape[0]):
+        positions = batch.response_mask[row].nonzero().flatten()
+        last = positions[-1]
+        assert batch.input_ids[row, last] == smollm2_tokenizer.eos_token_id
+        assert batch.token_weights[row, last] == 1.0 and batch.token_weights[row, positions[:-1]].sum() == 0
