@@ -9,6 +9,7 @@ after any stage resumes from there.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -45,21 +46,35 @@ def _actor_pool(cfg: TransplantConfig) -> dict:
 
 
 def write_queries(cfg: TransplantConfig, run: RunDir):
-    """Rounds of few-shot query writing on an actor pool; the ROUGE-L filter runs over the whole pool."""
+    """Rounds of few-shot query writing on an actor pool; the ROUGE-L filter runs over the whole pool.
+
+    The pool is saved after every round (``queries.progress.json``), so a run that stops early (out
+    of rounds, killed) keeps what it wrote: rerun, with more ``queries.max_rounds`` if need be, and it
+    goes on from there.
+    """
     import ray
 
     task = load_task(cfg.task, seed=cfg.seed)
-    rng = random.Random(cfg.seed)
     diversity = DiversityFilter([e["input"] for e in task.seed_examples], cfg.queries.rouge_l_max)
     params = {"max_new_tokens": cfg.queries.max_new_tokens, "temperature": cfg.queries.temperature,
               "top_p": cfg.queries.top_p, "seed": cfg.seed}
-    written = 0
-    for round_index in range(cfg.queries.max_rounds):
+    progress_path = run.root / "queries.progress.json"
+    key = run.fingerprint("", {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed,
+                               "queries": cfg.queries.model_dump(exclude={"max_rounds"}), "pool": cfg.pool_size})
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    if progress.get("key") != key:
+        progress = {"key": key, "kept": [], "written": 0, "rounds": 0}
+    diversity.kept = list(progress["kept"])
+    for round_index in range(progress["rounds"], cfg.queries.max_rounds):
+        if len(diversity.kept) >= cfg.pool_size:
+            break
+        rng = random.Random(f"{cfg.seed}:{round_index}")
         missing = cfg.pool_size - len(diversity.kept)
-        n_prompts = max(int(np.ceil(missing * cfg.queries.oversample)), cfg.engine.actors)
+        # at least one full batch per actor: a round pays actor start-up whatever its size
+        n_prompts = max(int(np.ceil(missing * cfg.queries.oversample)), cfg.engine.batch_size * cfg.engine.actors)
+        written = progress["written"]
         prompts = [{C.SAMPLE_ID: written + i, C.MESSAGE: build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng)}
                    for i in range(n_prompts)]
-        written += n_prompts
         generated = ray.data.from_items(prompts).map_batches(
             WriteQueries, fn_constructor_kwargs={"run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter),
                                                  "params": params}, **_actor_pool(cfg)
@@ -67,13 +82,15 @@ def write_queries(cfg: TransplantConfig, run: RunDir):
         for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
             if len(diversity.kept) < cfg.pool_size:
                 diversity.offer(row[C.QUERY])
-        print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of {written} written", flush=True)
-        if len(diversity.kept) >= cfg.pool_size:
-            break
-    else:
+        progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1)
+        progress_path.write_text(json.dumps(progress))
+        print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of "
+              f"{progress['written']} written", flush=True)
+    if len(diversity.kept) < cfg.pool_size:
         raise RuntimeError(
             f"only {len(diversity.kept)} of {cfg.pool_size} queries passed the ROUGE-L < {cfg.queries.rouge_l_max} filter "
-            f"in {cfg.queries.max_rounds} rounds; raise queries.max_rounds or queries.rouge_l_max, or lower filter.top_m"
+            f"in {cfg.queries.max_rounds} rounds (kept so far: {progress_path}); rerun with more queries.max_rounds to "
+            "continue from them, or raise queries.rouge_l_max, or lower filter.top_m"
         )
     return ray.data.from_items([{C.SAMPLE_ID: i, C.QUERY: q} for i, q in enumerate(diversity.kept)])
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from titok import columns as C
 from titok.select import keep_count, select_tokens, validate_k, validate_m
+from titok.stages.arrow import table
 
 __all__ = ["global_token_cutoff", "select_top_m", "select_tokens_distributed"]
 
@@ -28,15 +29,9 @@ def select_top_m(ds, m: int):
     return ds.sort([C.SAMPLE_SCORE, C.SAMPLE_ID], descending=[True, False]).limit(m)
 
 
-def _keep_in_batch(batch: dict, k: float, scope: str) -> dict:
+def _keep_in_batch(batch: dict, k: float, scope: str):
     masks = select_tokens(list(batch[C.EXCESS]), k, scope, group_size=len(batch[C.EXCESS]))
-    return {**batch, C.KEEP: _object_array(masks)}
-
-
-def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    out[:] = arrays
-    return out
+    return table({**batch, C.KEEP: masks})
 
 
 def _explode_tokens(batch: dict) -> dict:
@@ -85,7 +80,7 @@ def global_token_cutoff(ds, k: float, start_margin: float = 0.01) -> tuple[float
     return float(cut[C.EXCESS]), int(cut[C.SAMPLE_ID]), int(cut["token_index"])
 
 
-def _keep_by_cutoff(batch: dict, cutoff: tuple[float, int, int] | None) -> dict:
+def _keep_by_cutoff(batch: dict, cutoff: tuple[float, int, int] | None):
     masks = []
     for sample_id, excess in zip(batch[C.SAMPLE_ID], batch[C.EXCESS]):
         excess = np.asarray(excess, dtype=np.float64)
@@ -95,12 +90,14 @@ def _keep_by_cutoff(batch: dict, cutoff: tuple[float, int, int] | None) -> dict:
         cut_excess, cut_sample, cut_index = cutoff
         before_in_tiebreak = (sample_id < cut_sample) | ((sample_id == cut_sample) & (np.arange(len(excess)) <= cut_index))
         masks.append((excess > cut_excess) | ((excess == cut_excess) & before_in_tiebreak))
-    return {**batch, C.KEEP: _object_array(masks)}
+    return table({**batch, C.KEEP: masks})
 
 
 def select_tokens_distributed(ds, k: float, scope: str, group_size: int = 4):
     """Add the ``keep`` column to the kept samples (see the module doc for each scope)."""
     k = validate_k(k)
+    if scope != "per_sample":
+        ds = ds.materialize()  # read several times below: compute the top-M sort once, keep it in the object store
     if scope == "per_sample":
         return ds.map_batches(_keep_in_batch, fn_kwargs={"k": k, "scope": "per_sample"}, batch_format="numpy")
     if scope == "per_batch":
@@ -109,17 +106,18 @@ def select_tokens_distributed(ds, k: float, scope: str, group_size: int = 4):
         group_of = {int(sid): rank // group_size for rank, sid in enumerate(ranked[C.SAMPLE_ID])}
         rank_of = {int(sid): rank for rank, sid in enumerate(ranked[C.SAMPLE_ID])}
 
-        def add_group(batch: dict) -> dict:
+        def add_group(batch: dict):
             ids = batch[C.SAMPLE_ID]
-            return {**batch, "group": np.array([group_of[int(i)] for i in ids]), "rank": np.array([rank_of[int(i)] for i in ids])}
+            return table({**batch, "group": np.array([group_of[int(i)] for i in ids]),
+                          "rank": np.array([rank_of[int(i)] for i in ids])})
 
-        def keep_in_group(batch: dict) -> dict:
+        def keep_in_group(batch: dict):
             order = np.argsort(batch["rank"], kind="stable")
-            batch = {name: values[order] for name, values in batch.items()}
-            out = _keep_in_batch(batch, k, "per_batch")
-            return {name: values for name, values in out.items() if name not in ("group", "rank")}
+            batch = {name: values[order] for name, values in batch.items() if name not in ("group", "rank")}
+            return _keep_in_batch(batch, k, "per_batch")
 
-        grouped = ds.map_batches(add_group, batch_format="numpy").groupby("group")
+        n_groups = max(group_of.values(), default=0) + 1
+        grouped = ds.map_batches(add_group, batch_format="numpy").groupby("group", num_partitions=min(n_groups, 64))
         return grouped.map_groups(keep_in_group, batch_format="numpy")
     if scope == "global":
         cutoff = global_token_cutoff(ds, k)
