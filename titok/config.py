@@ -53,7 +53,9 @@ class EngineConfig(_Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="weights dtype for inference")
     actors: int = Field(1, ge=1, description="actors per generation/scoring stage (one model copy each)")
-    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per inference actor (0 = CPU)")
+    gpus_per_actor: float = Field(
+        0.0, ge=0.0, description="GPUs per inference actor (0 = CPU); with vllm, N >= 2 shards the model over N GPUs (tensor parallel)"
+    )
     batch_size: int = Field(8, ge=1, description="rows per map_batches call")
     max_length: int = Field(512, ge=16, description="max prompt+response tokens when scoring and training")
     vllm_score_tolerance: float = Field(

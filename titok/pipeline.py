@@ -36,7 +36,8 @@ STAGES = ("queries", "labels", "scores", "filter", "align", "train", "export")
 def _engine_kwargs(cfg: TransplantConfig, adapter: str | None) -> dict:
     e = cfg.engine
     return {"name": e.name, "base": cfg.source_base, "adapter": adapter, "dtype": e.dtype, "max_length": e.max_length,
-            "batch_size": e.batch_size, "trust_remote_code": cfg.trust_remote_code, "vllm_score_tolerance": e.vllm_score_tolerance}
+            "batch_size": e.batch_size, "trust_remote_code": cfg.trust_remote_code, "vllm_score_tolerance": e.vllm_score_tolerance,
+            "tensor_parallel_size": max(1, int(e.gpus_per_actor))}
 
 
 def _actor_pool(cfg: TransplantConfig) -> dict:

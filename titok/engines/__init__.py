@@ -20,6 +20,7 @@ def build_engine(
     batch_size: int = 8,
     trust_remote_code: bool = False,
     vllm_score_tolerance: float = 0.05,
+    tensor_parallel_size: int = 1,
 ) -> InferenceEngine:
     if name == "transformers":
         from titok.engines.hf import TransformersEngine
@@ -28,5 +29,6 @@ def build_engine(
     if name == "vllm":
         from titok.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(base, adapter, dtype, max_length, batch_size, trust_remote_code, vllm_score_tolerance)
+        return VLLMEngine(base, adapter, dtype, max_length, batch_size, trust_remote_code, vllm_score_tolerance,
+                          tensor_parallel_size)
     raise ValueError(f"unknown engine {name!r}: expected 'transformers' or 'vllm'")

@@ -34,7 +34,8 @@ __all__ = ["VLLMEngine"]
 
 class VLLMEngine(InferenceEngine):
     def __init__(self, base: str, adapter: str | None, dtype: str = "bfloat16", max_length: int = 512,
-                 batch_size: int = 8, trust_remote_code: bool = False, tolerance: float = 0.05):
+                 batch_size: int = 8, trust_remote_code: bool = False, tolerance: float = 0.05,
+                 tensor_parallel_size: int = 1):
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -42,7 +43,7 @@ class VLLMEngine(InferenceEngine):
         self.max_length, self.batch_size, self.tolerance = max_length, batch_size, tolerance
         self.trust_remote_code = trust_remote_code
         self.tokenizer = load_tokenizer(base, trust_remote_code)
-        llm_args = {}
+        llm_args = {"tensor_parallel_size": tensor_parallel_size}  # a 70B source spans several GPUs per actor
         if adapter:
             rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
             llm_args = {"enable_lora": True, "max_loras": 2, "max_lora_rank": max(8, rank)}
