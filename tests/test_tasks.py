@@ -44,3 +44,48 @@ def test_bbh_json_loader(tmp_path):
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="BBH format"):
         load_task(str(bad))
+
+
+def test_multistep_arithmetic_agrees_with_python_eval():
+    task = load_task("multistep_arithmetic_two", seed=1)
+    for example in task.train_examples + task.test_examples:
+        assert eval(example["input"].rstrip("=")) == int(example["target"])
+
+
+def test_word_sorting_answers_are_the_sorted_list():
+    for example in load_task("word_sorting", seed=1).train_examples:
+        words = example["input"].split("List: ")[1].split()
+        assert example["target"].split() == sorted(words) and len(set(words)) == len(words)
+
+
+def _balanced(tokens):
+    pairs, stack = {")": "(", "]": "[", "}": "{", ">": "<"}, []
+    for token in tokens:
+        if token in pairs:
+            if not stack or stack.pop() != pairs[token]:
+                return False
+        else:
+            stack.append(token)
+    return not stack
+
+
+def test_dyck_completions_close_every_bracket():
+    for example in load_task("dyck_languages", seed=1).train_examples:
+        prefix = example["input"].split("Input: ")[1].split()
+        assert not _balanced(prefix) and _balanced(prefix + example["target"].split())
+
+
+def test_object_counting_by_an_independent_parse():
+    from titok.tasks.words import _CATEGORIES
+
+    numbers = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+    irregular = {"mice": "mouse", "peaches": "peach", "potatoes": "potato"}
+    for example in load_task("object_counting", seed=1).train_examples:
+        listing, question = example["input"][len("I have "):].split(". How many ")
+        asked = question[: -len(" do I have?")]
+        total = 0
+        for phrase in listing.replace(", and ", ", ").split(", "):
+            count, item = phrase.split(" ", 1)
+            singular = irregular.get(item, item[:-1] if numbers[count] > 1 else item)
+            total += numbers[count] * (singular in _CATEGORIES[asked])
+        assert total == int(example["target"])

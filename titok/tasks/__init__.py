@@ -12,13 +12,22 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from titok.tasks.arithmetic import make_multistep_arithmetic
 from titok.tasks.boolean_expressions import make_boolean_expression
+from titok.tasks.words import make_dyck, make_object_counting, make_word_sorting
 
 __all__ = ["BUILTIN_TASKS", "Example", "Task", "load_task", "reference_response"]
 
 Example = dict  # {"input": str, "target": str}
 
-BUILTIN_TASKS = {"boolean_expressions": make_boolean_expression}
+# BBH tasks whose examples a program generates: unlimited fresh examples with exact answers.
+BUILTIN_TASKS = {
+    "boolean_expressions": make_boolean_expression,
+    "multistep_arithmetic_two": make_multistep_arithmetic,
+    "word_sorting": make_word_sorting,
+    "dyck_languages": make_dyck,
+    "object_counting": make_object_counting,
+}
 
 
 @dataclass
