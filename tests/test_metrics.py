@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from titok.metrics import exact_match, extract_answer, majority_rate, option_loglik_choices, rouge
+from titok.sequences import encode_pair
+from tests.conftest import tiny_llama
+
+
+def test_answer_extraction_hand_cases():
+    assert extract_answer("not True = False. So the answer is False.") == "False"
+    assert extract_answer("Step one. The answer is: (B)\nmore text") == "(B)"
+    assert extract_answer("the answer is 3. Wait, the answer is 4.") == "4"
+    assert extract_answer("\n  True.\nbecause") == "True"
+    assert extract_answer("") == ""
+
+
+def test_exact_match_and_majority():
+    assert exact_match(["So the answer is True.", "false", "maybe"], ["True", "False", "True"]) == pytest.approx(2 / 3)
+    assert majority_rate(["True", "true", "False", "True"]) == 0.75
+    with pytest.raises(ValueError):
+        exact_match([], [])
+
+
+def test_rouge_hand_checked():
+    scores = rouge(["the cat sat"], ["the cat sat on the mat"])
+    # ROUGE-1: P = 3/3, R = 3/6 -> F1 = 2/3; the LCS is the same 3 tokens
+    assert scores["rouge1"] == pytest.approx(2 / 3) and scores["rougeL"] == pytest.approx(2 / 3)
+
+
+def test_option_loglik_picks_the_option_the_model_prefers(smollm2_tokenizer):
+    model = tiny_llama(smollm2_tokenizer)
+    queries, options = ["Is it True or False?", "Pick a letter"], [["True", "False"], ["(A)", "(B)", "(C)"]]
+    choices = option_loglik_choices(model, smollm2_tokenizer, queries, options, batch_size=2)
+    # reference: one option at a time, mean log-prob over its tokens
+    for query, query_options, choice in zip(queries, options, choices):
+        means = []
+        for option in query_options:
+            pair = encode_pair(smollm2_tokenizer, query, option)
+            ids = torch.tensor([pair.prompt_ids + pair.response_ids])
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+            means.append(logprobs[-len(pair.response_ids):].mean().item())
+        assert choice == max(range(len(means)), key=means.__getitem__)

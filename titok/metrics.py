@@ -1,0 +1,81 @@
+"""Evaluation metrics: answer extraction + exact match, option log-likelihood accuracy, ROUGE, majority rate.
+
+- Answer extraction: the text after the last "the answer is" (our rationale format and BBH's CoT
+  format), else the first non-empty line; a trailing period and surrounding whitespace are dropped.
+- Exact match compares extracted answer and target after collapsing whitespace, case-insensitively.
+- Option log-likelihood: each candidate answer is scored as the response to the prompt; the choice is
+  the candidate with the highest *mean* log-prob per token (length-normalized, so longer options are
+  not penalized for having more tokens).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+from transformers import PreTrainedTokenizerBase
+
+from titok.excess import response_logprobs
+from titok.sequences import collate, encode_pair
+
+__all__ = ["exact_match", "extract_answer", "majority_rate", "option_loglik_choices", "rouge"]
+
+_ANSWER_MARKER = "the answer is"
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split()).strip().rstrip(".").strip().lower()
+
+
+def extract_answer(text: str) -> str:
+    marker = text.lower().rfind(_ANSWER_MARKER)
+    if marker >= 0:
+        rest = text[marker + len(_ANSWER_MARKER) :].lstrip(" :")
+        return rest.split("\n")[0].strip().rstrip(".").strip()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0].rstrip(".").strip() if lines else ""
+
+
+def exact_match(predictions: list[str], targets: list[str]) -> float:
+    """Share of predictions whose extracted answer equals the target (normalized)."""
+    if not targets:
+        raise ValueError("no targets to compare with")
+    hits = [_normalize(extract_answer(p)) == _normalize(t) for p, t in zip(predictions, targets, strict=True)]
+    return float(np.mean(hits))
+
+
+def majority_rate(targets: list[str]) -> float:
+    """Accuracy of always answering the most common target: the floor an accuracy must beat."""
+    if not targets:
+        raise ValueError("no targets")
+    return Counter(_normalize(t) for t in targets).most_common(1)[0][1] / len(targets)
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F1 (rouge-score, stemming on, as in LaMP's evaluation)."""
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    return {name: float(np.mean([s[name].fmeasure for s in scores])) for name in ("rouge1", "rougeL")}
+
+
+@torch.no_grad()
+def option_loglik_choices(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str], options: list[list[str]],
+    batch_size: int = 16,
+) -> list[int]:
+    """Index of the candidate with the highest mean token log-prob, for each query."""
+    flat = [(qi, option) for qi, query_options in enumerate(options) for option in query_options]
+    pairs = [encode_pair(tokenizer, queries[qi], option) for qi, option in flat]
+    means: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        logprobs = response_logprobs(model, collate(chunk, tokenizer.pad_token_id, "left"))
+        means.extend(float(lp.mean()) if len(lp) else -np.inf for lp in logprobs)
+    choices, position = [], 0
+    for query_options in options:
+        scores = means[position : position + len(query_options)]
+        choices.append(int(np.argmax(scores)))
+        position += len(query_options)
+    return choices
