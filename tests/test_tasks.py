@@ -89,3 +89,47 @@ def test_object_counting_by_an_independent_parse():
             singular = irregular.get(item, item[:-1] if numbers[count] > 1 else item)
             total += numbers[count] * (singular in _CATEGORIES[asked])
         assert total == int(example["target"])
+
+
+def test_big_bench_multiple_choice_is_shuffled(tmp_path):
+    rows = [{"input": f"Which is right, case {i}?", "target_scores": {"right": 1, "wrong": 0, "other": 0, "nope": 0}}
+            for i in range(40)]
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"examples": rows}))
+    task = load_task(str(path), n_seed=4, n_test=10)
+    examples = task.seed_examples + task.train_examples + task.test_examples
+    for example in examples:
+        letter = example["target"]
+        assert f"{letter} right" in example["input"] and example["options"] == ["(A)", "(B)", "(C)", "(D)"]
+    # the right answer was first in every source row; after shuffling it is not always (A)
+    assert len({e["target"] for e in examples}) > 1
+    assert task.answer_set is None and task.metric == "accuracy"
+
+
+def test_mmlu_csv_loader(tmp_path):
+    path = tmp_path / "anatomy_test.csv"
+    lines = [f'"Question {i}, with a comma?",one,two,three,four,{"ABCD"[i % 4]}' for i in range(20)]
+    path.write_text("\n".join(lines) + "\n")
+    task = load_task(str(path), n_seed=2, n_test=5)
+    example = task.test_examples[0]
+    assert example["input"].startswith("Question") and "\n(C) three" in example["input"]
+    assert example["target"] in example["options"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("q,a,b,c,d,E\n" * 5)
+    with pytest.raises(ValueError, match="answer-letter"):
+        load_task(str(bad))
+
+
+def test_lamp_style_generation_task(tmp_path):
+    path = tmp_path / "news_headlines.jsonl"
+    path.write_text("\n".join(json.dumps({"input": f"Write a headline for article {i}", "output": f"Headline {i}"})
+                              for i in range(20)))
+    task = load_task(str(path), n_seed=2, n_test=5)
+    assert task.metric == "rouge" and task.answer_set is None
+    assert task.test_examples[0]["target"].startswith("Headline")
+
+
+def test_bbh_closed_answer_set(tmp_path):
+    path = tmp_path / "navigate.json"
+    path.write_text(json.dumps({"examples": [{"input": f"step {i}", "target": "Yes" if i % 3 else "No"} for i in range(30)]}))
+    assert load_task(str(path)).answer_set == ["No", "Yes"]

@@ -1,24 +1,31 @@
 """Tasks: seed examples (few-shot prompts for query writing), training examples (for a source
-adapter) and test examples, in BBH's ``{"input", "target"}`` form.
+adapter) and test examples, as ``{"input", "target"}`` dicts (BBH's form).
 
-A task is a built-in procedural generator (exact answers, unlimited fresh examples) or a BBH-format
-JSON file (``{"examples": [{"input": ..., "target": ...}]}``). Splits are seeded and disjoint.
+A task is one of:
+- a built-in procedural generator (unlimited fresh examples with exact answers): ``BUILTIN_TASKS``;
+- a BBH-format JSON file ``{"examples": [{"input", "target"}]}``, or BIG-bench's ``task.json`` with
+  ``target_scores`` (multiple choice; options shuffled, since BIG-bench often lists the right one first);
+- an MMLU-style CSV (question, A, B, C, D, answer letter; the original header-less layout);
+- a LaMP-style JSON/JSONL of ``{"input", "output"}`` pairs (free text, scored by ROUGE).
+Splits are seeded and disjoint. Multiple-choice examples carry their ``options`` ((A), (B), ...);
+``task.answer_set`` holds a task-wide closed answer set (True/False) when there is one. Both feed
+option log-likelihood accuracy; ``task.metric`` says how to score.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from titok.tasks.arithmetic import make_multistep_arithmetic
 from titok.tasks.boolean_expressions import make_boolean_expression
+from titok.tasks.files import read_examples
 from titok.tasks.words import make_dyck, make_object_counting, make_word_sorting
 
 __all__ = ["BUILTIN_TASKS", "Example", "Task", "load_task", "reference_response"]
 
-Example = dict  # {"input": str, "target": str}
+Example = dict  # {"input": str, "target": str, optional "rationale": str, optional "options": list[str]}
 
 # BBH tasks whose examples a program generates: unlimited fresh examples with exact answers.
 BUILTIN_TASKS = {
@@ -28,6 +35,7 @@ BUILTIN_TASKS = {
     "dyck_languages": make_dyck,
     "object_counting": make_object_counting,
 }
+_MAX_CLOSED_ANSWERS = 10  # a file task with at most this many distinct targets has a closed answer set
 
 
 @dataclass
@@ -36,6 +44,8 @@ class Task:
     seed_examples: list[Example]
     train_examples: list[Example]
     test_examples: list[Example] = field(default_factory=list)
+    metric: str = "accuracy"  # "accuracy" (exact match, + option log-likelihood if closed) or "rouge"
+    answer_set: list[str] | None = None
 
 
 def reference_response(example: Example) -> str:
@@ -45,35 +55,38 @@ def reference_response(example: Example) -> str:
     return example["target"]
 
 
-def _split(examples: list[Example], n_seed: int, n_test: int, name: str) -> Task:
+def _split(examples: list[Example], n_seed: int, n_test: int, name: str, **kind) -> Task:
     if len(examples) < n_seed + 2:
         raise ValueError(f"task {name!r} has {len(examples)} examples; at least {n_seed + 2} are needed")
     n_test = min(n_test, (len(examples) - n_seed) // 2)
-    return Task(name, examples[:n_seed], examples[n_seed + n_test :], examples[n_seed : n_seed + n_test])
+    return Task(name, examples[:n_seed], examples[n_seed + n_test :], examples[n_seed : n_seed + n_test], **kind)
+
+
+def _generate(spec: str, rng: random.Random, n_total: int) -> list[Example]:
+    make, seen, examples = BUILTIN_TASKS[spec], set(), []
+    for _ in range(100 * n_total):
+        example = make(rng)
+        if example["input"] not in seen:
+            seen.add(example["input"])
+            examples.append(example)
+            if len(examples) == n_total:
+                return examples
+    raise ValueError(f"task {spec!r} cannot produce {n_total} distinct examples")
 
 
 def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_test: int = 200) -> Task:
-    """A built-in task name or a BBH-format JSON path -> seeded, disjoint seed/train/test splits."""
+    """A built-in task name or a task file -> seeded, disjoint seed/train/test splits."""
     rng = random.Random(f"{spec}:{seed}")
     if spec in BUILTIN_TASKS:
-        make, seen, examples = BUILTIN_TASKS[spec], set(), []
-        attempts = 0
-        while len(examples) < n_seed + n_train + n_test:
-            attempts += 1
-            if attempts > 100 * (n_seed + n_train + n_test):
-                raise ValueError(f"task {spec!r} cannot produce {n_seed + n_train + n_test} distinct examples")
-            example = make(rng)
-            if example["input"] not in seen:
-                seen.add(example["input"])
-                examples.append(example)
-        return _split(examples, n_seed, n_test, spec)
+        examples = _generate(spec, rng, n_seed + n_train + n_test)
+        answer_set = ["True", "False"] if spec == "boolean_expressions" else None
+        return _split(examples, n_seed, n_test, spec, answer_set=answer_set)
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"task {spec!r} is neither a built-in task {sorted(BUILTIN_TASKS)} nor a file")
-    data = json.loads(path.read_text())
-    examples = data.get("examples") if isinstance(data, dict) else None
-    if not examples or not all(isinstance(e, dict) and {"input", "target"} <= e.keys() for e in examples):
-        raise ValueError(f"{path}: expected BBH format {{'examples': [{{'input': ..., 'target': ...}}]}}")
-    examples = [{"input": str(e["input"]), "target": str(e["target"])} for e in examples]
+    examples, metric = read_examples(path, rng)
     rng.shuffle(examples)
-    return _split(examples, n_seed, n_test, path.stem)
+    targets = sorted({e["target"] for e in examples})
+    has_options = all("options" in e for e in examples)
+    answer_set = targets if metric == "accuracy" and not has_options and len(targets) <= _MAX_CLOSED_ANSWERS else None
+    return _split(examples, n_seed, n_test, path.stem, metric=metric, answer_set=answer_set)
