@@ -1,8 +1,9 @@
-"""``titok`` command line: ``transplant``, ``sft``, ``demo-excess``."""
+"""``titok`` command line: ``transplant``, ``sft``, ``eval``, ``demo-excess``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from titok.config import ConfigError, describe_fields
@@ -34,6 +35,17 @@ def _sft(args: argparse.Namespace) -> None:
     print(f"source adapter: {path}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from titok.evaluate import evaluate, write_report
+
+    report = evaluate(args.base, args.adapter, args.task, args.seed, args.n, args.dtype, args.max_new_tokens)
+    summary = {k: v for k, v in report.items() if k != "examples"}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        write_report(report, args.out)
+        print(f"report: {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="titok", description="Transplant LoRA adapters between LLM backbones (TiTok).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +69,17 @@ def main(argv: list[str] | None = None) -> None:
     sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a training field (epochs=1, lr=5e-4, workers=2, deepspeed_stage=3, lora.rank=16)")
     sft.set_defaults(run=_sft)
+
+    ev = commands.add_parser("eval", help="score a base model (+ adapter) on a task's held-out examples")
+    ev.add_argument("--base", required=True, help="base model (short name, .gguf, HF folder or hub id)")
+    ev.add_argument("--adapter", help="PEFT adapter folder (omit for the vanilla base)")
+    ev.add_argument("--task", default="boolean_expressions", help="built-in task or task file")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the task split")
+    ev.add_argument("--n", type=int, default=100, help="held-out examples to score")
+    ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="inference dtype")
+    ev.add_argument("--max-new-tokens", type=int, default=96, help="greedy answer budget")
+    ev.add_argument("--out", help="write the full report (with example predictions) as JSON here")
+    ev.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
     demo.add_argument("--out", default="runs/demo-excess", help="where the demo adapter is kept (reused on rerun)")
