@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from titok.engines.base import GenerationParams, InferenceEngine
 from titok.excess import TokenScores
