@@ -95,25 +95,94 @@ def write_queries(cfg: TransplantConfig, run: RunDir):
     return ray.data.from_items([{C.SAMPLE_ID: i, C.QUERY: q} for i, q in enumerate(diversity.kept)])
 
 
-def _run_stage(run: RunDir, name: str, upstream: str, fields, compute, timings: dict):
-    """Read a complete stage back, or compute it, persist it as Parquet and mark it complete."""
+def label_responses(cfg: TransplantConfig, run: RunDir, queries):
+    """The expert (source base + adapter) answers every query, greedy by default."""
+    params = {"max_new_tokens": cfg.labels.max_new_tokens, "temperature": cfg.labels.temperature, "seed": cfg.seed}
+    return queries.map_batches(LabelResponses, fn_constructor_kwargs={
+        "run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter), "params": params}, **_actor_pool(cfg))
+
+
+def score_excess(cfg: TransplantConfig, run: RunDir, labels):
+    """Expert and amateur log-probs of every response token, one base copy per actor."""
+    return labels.map_batches(ScoreExcess, fn_constructor_kwargs={
+        "run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter)}, **_actor_pool(cfg))
+
+
+def filter_samples_and_tokens(cfg: TransplantConfig, run: RunDir, scores):
+    """Global top-M samples by mean excess, then the top-k% tokens inside them."""
+    f = cfg.filter
+    return select_tokens_distributed(select_top_m(scores, f.top_m), f.k, f.token_scope, f.group_size)
+
+
+def align_to_target(cfg: TransplantConfig, run: RunDir, kept):
+    """Keep masks carried onto the target tokenizer (a tokenizer only: cheap CPU actors)."""
+    return kept.map_batches(AlignToTarget, fn_constructor_kwargs={
+        "target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code},
+        concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=1)
+
+
+def train_target(cfg: TransplantConfig, run: RunDir, aligned) -> dict:
+    """A fresh LoRA on the target base, Ray Train + DeepSpeed; the adapter lands in ``train/adapter``."""
+    train_rows = aligned.filter(lambda row: float(np.sum(row[C.TARGET_WEIGHTS])) > 0)
+    config = {"train": cfg.train.model_dump(), "target_base": cfg.target_base, "seed": cfg.seed,
+              "run_dir": str(run.root), "max_length": cfg.engine.max_length, "k": cfg.filter.k,
+              "trust_remote_code": cfg.trust_remote_code}
+    fit = run_training(train_rows.select_columns([C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]), config,
+                       storage_path=str(run.stage_dir("train") / "ray"))
+    if fit.error:
+        raise fit.error
+    fit.checkpoint.to_directory(str(run.stage_dir("train") / "adapter"))
+    metrics = {k: v for k, v in (fit.metrics or {}).items() if isinstance(v, (int, float, str))}
+    return {"rows": train_rows.count(), "metrics": metrics}
+
+
+def export(cfg: TransplantConfig, run: RunDir) -> str:
+    summary = run.summary("train")
+    card = {"source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
+            "task": cfg.task, "top_m": cfg.filter.top_m, "k": cfg.filter.k, "token_scope": cfg.filter.token_scope,
+            "pool_size": cfg.pool_size, "deepspeed_stage": cfg.train.deepspeed_stage, "workers": cfg.train.workers,
+            "train_metrics": summary.get("metrics", {}), "train_rows": summary.get("rows")}
+    return str(export_adapter(run.stage_dir("train") / "adapter", run.root / "adapter", cfg.target_base, card))
+
+
+def _stage_fields(cfg: TransplantConfig) -> dict:
+    """The config fields each stage's output depends on (with its upstream's, via the fingerprint chain)."""
+    engine = cfg.engine.model_dump(exclude={"actors", "gpus_per_actor"})
+    return {
+        "queries": {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed, "engine": engine,
+                    "queries": cfg.queries.model_dump(), "pool": cfg.pool_size},
+        "labels": {"adapter": cfg.source_adapter, "labels": cfg.labels.model_dump()},
+        "scores": {"max_length": cfg.engine.max_length},
+        "filter": cfg.filter.model_dump(),
+        "align": {"target_base": cfg.target_base},
+        "train": cfg.train.model_dump(),
+    }
+
+
+def _run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict):
+    """Reuse a complete stage, or compute it and mark it complete.
+
+    ``compute`` returns a Dataset (persisted as Parquet and read back) or a dict of summary fields
+    (a stage that writes its own files, like train).
+    """
     import ray
 
-    fingerprint = run.fingerprint(upstream, fields)
     out = run.stage_dir(name)
     if run.is_complete(name, fingerprint):
         timings[name] = {"status": "cached", **run.summary(name)}
         print(f"[{name}] complete in {out}, reusing it", flush=True)
-        return ray.data.read_parquet(str(out)), fingerprint
-    print(f"[{name}] running", flush=True)
-    started = time.perf_counter()
-    run.start(name)
-    compute().write_parquet(str(out))
-    ds = ray.data.read_parquet(str(out))
-    seconds = round(time.perf_counter() - started, 1)
-    run.complete(name, fingerprint, rows=ds.count(), seconds=seconds)
-    timings[name] = {"status": "ran", **run.summary(name)}
-    return ds, fingerprint
+    else:
+        print(f"[{name}] running", flush=True)
+        started = time.perf_counter()
+        run.start(name)
+        produced = compute()
+        summary = produced if isinstance(produced, dict) else {}
+        if not isinstance(produced, dict):
+            produced.write_parquet(str(out))
+            summary = {"rows": ray.data.read_parquet(str(out)).count()}
+        run.complete(name, fingerprint, seconds=round(time.perf_counter() - started, 1), **summary)
+        timings[name] = {"status": "ran", **run.summary(name)}
+    return ray.data.read_parquet(str(out)) if any(out.glob("*.parquet")) else None
 
 
 def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
@@ -127,69 +196,24 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
         ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts a local Ray
     run = RunDir(cfg.run_dir)
     (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    timings: dict = {}
-    stop = STAGES.index(until) if until else len(STAGES) - 1
-    engine = cfg.engine.model_dump(exclude={"actors", "gpus_per_actor"})
-    base = {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed}
 
-    queries, fp = _run_stage(run, "queries", "", {**base, "queries": cfg.queries.model_dump(), "engine": engine,
-                                                  "pool": cfg.pool_size}, lambda: write_queries(cfg, run), timings)
-    if stop >= 1:
-        labels, fp = _run_stage(run, "labels", fp, {"adapter": cfg.source_adapter, "labels": cfg.labels.model_dump()},
-                                lambda: queries.map_batches(
-                                    LabelResponses, fn_constructor_kwargs={
-                                        "run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter),
-                                        "params": {"max_new_tokens": cfg.labels.max_new_tokens,
-                                                   "temperature": cfg.labels.temperature, "seed": cfg.seed}},
-                                    **_actor_pool(cfg)), timings)
-    if stop >= 2:
-        scores, fp = _run_stage(run, "scores", fp, {"max_length": cfg.engine.max_length},
-                                lambda: labels.map_batches(
-                                    ScoreExcess, fn_constructor_kwargs={
-                                        "run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter)},
-                                    **_actor_pool(cfg)), timings)
-    if stop >= 3:
-        f = cfg.filter
-        kept, fp = _run_stage(run, "filter", fp, f.model_dump(),
-                              lambda: select_tokens_distributed(select_top_m(scores, f.top_m), f.k, f.token_scope, f.group_size),
-                              timings)
-    if stop >= 4:
-        aligned, fp = _run_stage(run, "align", fp, {"target_base": cfg.target_base},
-                                 lambda: kept.map_batches(
-                                     AlignToTarget, fn_constructor_kwargs={"target_base": cfg.target_base,
-                                                                           "trust_remote_code": cfg.trust_remote_code},
-                                     concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=1), timings)
-    result = {"run_dir": str(run.root), "stages": timings}
-    if stop >= 5:
-        fp = run.fingerprint(fp, cfg.train.model_dump())
-        train_dir = run.stage_dir("train")
-        if run.is_complete("train", fp):
-            timings["train"] = {"status": "cached", **run.summary("train")}
-        else:
-            started = time.perf_counter()
-            run.start("train")
-            train_rows = aligned.filter(lambda row: float(np.sum(row[C.TARGET_WEIGHTS])) > 0)
-            config = {"train": cfg.train.model_dump(), "target_base": cfg.target_base, "seed": cfg.seed,
-                      "run_dir": str(run.root), "max_length": cfg.engine.max_length, "k": cfg.filter.k,
-                      "trust_remote_code": cfg.trust_remote_code}
-            fit = run_training(train_rows.select_columns([C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]), config,
-                               storage_path=str(train_dir / "ray"))
-            if fit.error:
-                raise fit.error
-            fit.checkpoint.to_directory(str(train_dir / "adapter"))
-            run.complete("train", fp, seconds=round(time.perf_counter() - started, 1), rows=train_rows.count(),
-                         metrics={k: v for k, v in (fit.metrics or {}).items() if isinstance(v, (int, float, str))})
-            timings["train"] = {"status": "ran", **run.summary("train")}
-    if stop >= 6:
-        summary = run.summary("train")
-        card = {"source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
-                "task": cfg.task, "top_m": cfg.filter.top_m, "k": cfg.filter.k, "token_scope": cfg.filter.token_scope,
-                "pool_size": cfg.pool_size, "deepspeed_stage": cfg.train.deepspeed_stage, "workers": cfg.train.workers,
-                "train_metrics": summary.get("metrics", {}), "train_rows": summary.get("rows")}
-        adapter = export_adapter(run.stage_dir("train") / "adapter", run.root / "adapter", cfg.target_base, card)
-        timings["export"] = {"status": "ran"}
-        result["adapter"] = str(adapter)
-    return result
+    steps = {
+        "queries": lambda _: write_queries(cfg, run),
+        "labels": lambda queries: label_responses(cfg, run, queries),
+        "scores": lambda labels: score_excess(cfg, run, labels),
+        "filter": lambda scores: filter_samples_and_tokens(cfg, run, scores),
+        "align": lambda kept: align_to_target(cfg, run, kept),
+        "train": lambda aligned: train_target(cfg, run, aligned),
+    }
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    fields, timings, fingerprint, upstream = _stage_fields(cfg), {}, "", None
+    for name in STAGES[: last + 1]:
+        if name == "export":
+            timings["export"] = {"status": "ran"}
+            return {"run_dir": str(run.root), "stages": timings, "adapter": export(cfg, run)}
+        fingerprint = run.fingerprint(fingerprint, fields[name])
+        upstream = _run_stage(run, name, fingerprint, lambda: steps[name](upstream), timings)
+    return {"run_dir": str(run.root), "stages": timings}
 
 
 def format_summary(result: dict) -> str:
