@@ -76,7 +76,8 @@ def write_queries(cfg: TransplantConfig, run: RunDir):
         prompts = [{C.SAMPLE_ID: written + i, C.MESSAGE: build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng)}
                    for i in range(n_prompts)]
         generated = ray.data.from_items(prompts).map_batches(
-            WriteQueries, fn_constructor_kwargs={"run_dir": str(run.root), "engine": _engine_kwargs(cfg, cfg.source_adapter),
+            # the base writes queries with the adapter off, so the writer loads no adapter at all
+            WriteQueries, fn_constructor_kwargs={"run_dir": str(run.root), "engine": _engine_kwargs(cfg, None),
                                                  "params": params}, **_actor_pool(cfg)
         ).take_all()
         for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
