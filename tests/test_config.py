@@ -19,7 +19,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
 @pytest.mark.parametrize("override,field", [
     ("filter.k=1.5", "filter.k"), ("filter.k=0", "filter.k"), ("engine.name=tensorrt", "engine.name"),
     ("filter.top_m=0", "filter.top_m"), ("train.deepspeed_stage=1", "train.deepspeed_stage"),
-    ("filter.typo=1", "filter.typo"), ("train.workers=two", "train.workers"),
+    ("filter.typo=1", "filter.typo"), ("train.workers=two", "train.workers"), ("filter.method=distill", "filter.method"),
 ])
 def test_bad_values_name_their_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -47,3 +47,30 @@ def test_token_selection_matches_core(local_ray, scope, ties):
     expected = select_tokens([r[C.EXCESS] for r in ranked], 0.7, scope, 4)
     for row, mask in zip(ranked, expected):
         np.testing.assert_array_equal(got[row[C.SAMPLE_ID]], mask)
+
+
+def test_baseline_and_ablation_methods(local_ray):
+    from titok.select import keep_count
+    from titok.stages.filtering import apply_filter_method
+
+    rows = _rows(2)
+    ds = local_ray.data.from_items(rows, override_num_blocks=4)
+    by_id = {r[C.SAMPLE_ID]: r for r in rows}
+    top = {r[C.SAMPLE_ID] for r in sorted(rows, key=lambda r: (-r[C.SAMPLE_SCORE], r[C.SAMPLE_ID]))[:10]}
+
+    def run(method, seed=0):
+        out = apply_filter_method(ds, method, m=10, k=0.5, scope="per_sample", group_size=4, seed=seed).take_all()
+        return {r[C.SAMPLE_ID]: np.asarray(r[C.KEEP], dtype=bool) for r in out}
+
+    kd = run("kd")
+    assert set(kd) == set(by_id) and all(mask.all() for mask in kd.values())
+    top_m_only = run("top_m_only")
+    assert set(top_m_only) == top and all(mask.all() for mask in top_m_only.values())
+    random_m = run("random_m", seed=3)
+    assert len(random_m) == 10 and all(mask.all() for mask in random_m.values())
+    assert set(run("random_m", seed=3)) == set(random_m)  # seeded
+    top_k_only = run("top_k_only")
+    assert set(top_k_only) == set(by_id)
+    assert all(mask.sum() == keep_count(len(mask), 0.5) for mask in top_k_only.values())
+    titok = run("titok")
+    assert set(titok) == top and all(mask.sum() == keep_count(len(mask), 0.5) for mask in titok.values())

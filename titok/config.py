@@ -86,6 +86,11 @@ class FilterConfig(_Section):
         "per_sample", description="rank tokens per sample, per group of group_size samples, or over all kept samples"
     )
     group_size: int = Field(4, ge=1, description="samples per group for token_scope=per_batch")
+    method: Literal["titok", "kd", "random_m", "top_m_only", "top_k_only"] = Field(
+        "titok", description="titok = top-M samples + top-k% tokens; baselines/ablations on the same synthetic data: "
+        "kd = all samples, all tokens; random_m = M random samples, all tokens; top_m_only = top-M samples, all "
+        "tokens; top_k_only = all samples, top-k% tokens"
+    )
 
 
 class TrainConfig(_Section):

@@ -22,7 +22,7 @@ from titok.export import export_adapter
 from titok.queries import DiversityFilter, build_query_prompt
 from titok.runstate import RunDir
 from titok.stages.alignment import AlignToTarget
-from titok.stages.filtering import select_tokens_distributed, select_top_m
+from titok.stages.filtering import apply_filter_method
 from titok.stages.inference import LabelResponses, ScoreExcess, WriteQueries
 from titok.tasks import load_task
 from titok.train.ray_train import run_training
@@ -110,9 +110,9 @@ def score_excess(cfg: TransplantConfig, run: RunDir, labels):
 
 
 def filter_samples_and_tokens(cfg: TransplantConfig, run: RunDir, scores):
-    """Global top-M samples by mean excess, then the top-k% tokens inside them."""
+    """Global top-M samples by mean excess, then the top-k% tokens inside them (or a baseline's choice)."""
     f = cfg.filter
-    return select_tokens_distributed(select_top_m(scores, f.top_m), f.k, f.token_scope, f.group_size)
+    return apply_filter_method(scores, f.method, f.top_m, f.k, f.token_scope, f.group_size, cfg.seed)
 
 
 def align_to_target(cfg: TransplantConfig, run: RunDir, kept):
@@ -140,7 +140,8 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned) -> dict:
 def export(cfg: TransplantConfig, run: RunDir) -> str:
     summary = run.summary("train")
     card = {"source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
-            "task": cfg.task, "top_m": cfg.filter.top_m, "k": cfg.filter.k, "token_scope": cfg.filter.token_scope,
+            "task": cfg.task, "method": cfg.filter.method, "top_m": cfg.filter.top_m, "k": cfg.filter.k,
+            "token_scope": cfg.filter.token_scope,
             "pool_size": cfg.pool_size, "deepspeed_stage": cfg.train.deepspeed_stage, "workers": cfg.train.workers,
             "train_metrics": summary.get("metrics", {}), "train_rows": summary.get("rows")}
     return str(export_adapter(run.stage_dir("train") / "adapter", run.root / "adapter", cfg.target_base, card))

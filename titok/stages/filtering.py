@@ -20,13 +20,43 @@ from titok import columns as C
 from titok.select import keep_count, select_tokens, validate_k, validate_m
 from titok.stages.arrow import table
 
-__all__ = ["global_token_cutoff", "select_top_m", "select_tokens_distributed"]
+__all__ = ["apply_filter_method", "global_token_cutoff", "keep_all_tokens", "select_random_m", "select_tokens_distributed",
+           "select_top_m"]
 
 
 def select_top_m(ds, m: int):
     """The M samples with the highest mean excess, ties to the smaller sample id."""
     validate_m(m, ds.count())
     return ds.sort([C.SAMPLE_SCORE, C.SAMPLE_ID], descending=[True, False]).limit(m)
+
+
+def select_random_m(ds, m: int, seed: int):
+    """M samples drawn uniformly at random (the random-M baseline); seeded, so reruns agree."""
+    validate_m(m, ds.count())
+    return ds.random_shuffle(seed=seed).limit(m)
+
+
+def _keep_all(batch: dict):
+    return table({**batch, C.KEEP: [np.ones(len(x), dtype=bool) for x in batch[C.EXCESS]]})
+
+
+def keep_all_tokens(ds):
+    return ds.map_batches(_keep_all, batch_format="numpy")
+
+
+def apply_filter_method(ds, method: str, m: int, k: float, scope: str, group_size: int, seed: int):
+    """TiTok's two filters, or one of the baselines/ablations that share the same scored data."""
+    if method == "titok":
+        return select_tokens_distributed(select_top_m(ds, m), k, scope, group_size)
+    if method == "kd":
+        return keep_all_tokens(ds)
+    if method == "random_m":
+        return keep_all_tokens(select_random_m(ds, m, seed))
+    if method == "top_m_only":
+        return keep_all_tokens(select_top_m(ds, m))
+    if method == "top_k_only":
+        return select_tokens_distributed(ds, k, scope, group_size)
+    raise ValueError(f"unknown filter method {method!r}")
 
 
 def _keep_in_batch(batch: dict, k: float, scope: str):
