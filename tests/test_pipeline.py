@@ -148,3 +148,22 @@ def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local
     assert sum(np.asarray(k, dtype=bool).sum() for k in kept[C.KEEP]) == keep_count(total, cfg.filter.k)
     assert np.isfinite(RunDir(tmp_path / "run").summary("train")["metrics"]["loss"])
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["target"]), result["adapter"])
+
+
+@pytest.mark.slow
+def test_a_baseline_reuses_the_scored_data_and_keeps_titoks_outputs(tiny_model_dirs, tmp_path, local_ray):
+    run_dir = tmp_path / "run"
+    titok = transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
+    titok_weights = Path(titok["adapter"], "adapter_model.safetensors").read_bytes()
+    loads = len(RunDir(run_dir).events())
+
+    kd = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, filter__method="kd"))
+    status = {name: info["status"] for name, info in kd["stages"].items()}
+    assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "kd/filter": "ran",
+                      "kd/align": "ran", "kd/train": "ran", "export": "ran"}
+    assert {e["stage"] for e in RunDir(run_dir).events()[loads:]} == {"train"}
+    kept = pd.read_parquet(run_dir / "kd" / "filter")
+    assert len(kept) == 12 and all(np.asarray(k, dtype=bool).all() for k in kept[C.KEEP])  # all samples, all tokens
+    assert kd["adapter"] == str(run_dir / "kd" / "adapter")
+    assert Path(titok["adapter"], "adapter_model.safetensors").read_bytes() == titok_weights
+    assert json.loads(Path(kd["adapter"], "titok.json").read_text())["method"] == "kd"

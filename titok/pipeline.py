@@ -129,22 +129,32 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned) -> dict:
               "run_dir": str(run.root), "max_length": cfg.engine.max_length, "k": cfg.filter.k,
               "trust_remote_code": cfg.trust_remote_code}
     fit = run_training(train_rows.select_columns([C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]), config,
-                       storage_path=str(run.stage_dir("train") / "ray"))
+                       storage_path=str(run.stage_dir(_stage_path(cfg, "train")) / "ray"))
     if fit.error:
         raise fit.error
-    fit.checkpoint.to_directory(str(run.stage_dir("train") / "adapter"))
+    fit.checkpoint.to_directory(str(run.stage_dir(_stage_path(cfg, "train")) / "adapter"))
     metrics = {k: v for k, v in (fit.metrics or {}).items() if isinstance(v, (int, float, str))}
     return {"rows": train_rows.count(), "metrics": metrics}
 
 
 def export(cfg: TransplantConfig, run: RunDir) -> str:
-    summary = run.summary("train")
+    summary = run.summary(_stage_path(cfg, "train"))
     card = {"source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
             "task": cfg.task, "method": cfg.filter.method, "top_m": cfg.filter.top_m, "k": cfg.filter.k,
             "token_scope": cfg.filter.token_scope,
             "pool_size": cfg.pool_size, "deepspeed_stage": cfg.train.deepspeed_stage, "workers": cfg.train.workers,
             "train_metrics": summary.get("metrics", {}), "train_rows": summary.get("rows")}
-    return str(export_adapter(run.stage_dir("train") / "adapter", run.root / "adapter", cfg.target_base, card))
+    return str(export_adapter(run.stage_dir(_stage_path(cfg, "train")) / "adapter",
+                              run.stage_dir(_stage_path(cfg, "adapter")), cfg.target_base, card))
+
+
+def _stage_path(cfg: TransplantConfig, stage: str) -> str:
+    """Where a stage's output lives in the run dir. Baselines and ablations share queries, labels and
+    scores with TiTok and keep their own filter/align/train/adapter under ``<method>/``, so trying
+    every method in one run dir loses nothing."""
+    if cfg.filter.method == "titok" or stage in ("queries", "labels", "scores"):
+        return stage
+    return f"{cfg.filter.method}/{stage}"
 
 
 def _stage_fields(cfg: TransplantConfig) -> dict:
@@ -214,7 +224,7 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
             timings["export"] = {"status": "ran"}
             return {"run_dir": str(run.root), "stages": timings, "adapter": export(cfg, run)}
         fingerprint = run.fingerprint(fingerprint, fields[name])
-        upstream = _run_stage(run, name, fingerprint, lambda: steps[name](upstream), timings)
+        upstream = _run_stage(run, _stage_path(cfg, name), fingerprint, lambda: steps[name](upstream), timings)
     return {"run_dir": str(run.root), "stages": timings}
 
 
