@@ -42,8 +42,7 @@ def response_logprobs(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor
     Logits are computed only from the first position that predicts a response token onwards
     (``logits_to_keep``), which bounds memory for large vocabularies.
     """
-    first_response = int(batch.response_mask.float().argmax(dim=1).min())
-    keep_from = max(first_response - 1, 0)
+    keep_from = batch.logits_start()
     logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from).logits
     # logits[:, j] predicts input token keep_from + j + 1
     predicted = batch.input_ids[:, keep_from + 1 :]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from titok.sequences import collate, encode_pair, encode_response
+from titok.sequences import Batch, collate, encode_pair, encode_response
 
 __all__ = ["Normalization", "TrainingBatch", "build_training_batch", "selective_cross_entropy"]
 
@@ -55,13 +55,9 @@ def selective_cross_entropy(
 
 
 @dataclass
-class TrainingBatch:
-    """(B, T) tensors for ``selective_cross_entropy``; right-padded, as training expects."""
+class TrainingBatch(Batch):
+    """A right-padded ``Batch`` plus (B, T) token weights for ``selective_cross_entropy``."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    response_mask: torch.Tensor
     token_weights: torch.Tensor
 
 

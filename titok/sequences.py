@@ -8,7 +8,7 @@ response text, which cross-tokenizer alignment needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -40,6 +40,14 @@ class Batch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def logits_start(self) -> int:
+        """First position whose logits predict a response token: earlier logits are never needed
+        (the vocabulary projection dominates small models' cost, so they are not computed)."""
+        return max(int(self.response_mask.float().argmax(dim=1).min()) - 1, 0)
+
+    def to(self, device) -> "Batch":
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:

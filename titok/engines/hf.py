@@ -18,6 +18,7 @@ class TransformersEngine(InferenceEngine):
     def __init__(self, base: str, adapter: str | None, dtype: str = "bfloat16", max_length: int = 512,
                  batch_size: int = 8, trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(base, trust_remote_code)
+        self.tokenizer.padding_side = "left"  # generation continues at the right edge
         model = load_model(base, getattr(torch, dtype), trust_remote_code)
         if torch.cuda.is_available():
             model = model.cuda()
@@ -36,7 +37,6 @@ class TransformersEngine(InferenceEngine):
         prompts = [format_prompt(self.tokenizer, m) for m in messages] if chat else list(messages)
         outputs: list[str] = []
         torch.manual_seed(params.seed)
-        self.tokenizer.padding_side = "left"
         for start in range(0, len(prompts), self.batch_size):
             # chat prompts carry their own BOS (the template); raw prompts get the tokenizer's
             enc = self.tokenizer(prompts[start : start + self.batch_size], add_special_tokens=not chat,

@@ -86,9 +86,12 @@ class VLLMEngine(InferenceEngine):
     def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:
         """vLLM prompt log-probs of each response's tokens, at most ``batch_size`` sequences per call
         (prompt_logprobs materializes full-vocabulary logits for every prompt token)."""
+        pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
+        return self._pair_logprobs(pairs, use_adapter)
+
+    def _pair_logprobs(self, pairs: list, use_adapter: bool) -> list[np.ndarray]:
         from vllm import SamplingParams, TokensPrompt
 
-        pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
         sampling = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         result = []
         for start in range(0, len(pairs), self.batch_size):
@@ -139,11 +142,9 @@ class VLLMEngine(InferenceEngine):
             self._calibrate(queries[0], responses[0])
         if self.scoring_backend != "vllm":
             return self._transformers_scorer().score(queries, responses)
-        expert = self.response_logprobs(queries, responses, use_adapter=True)
-        amateur = self.response_logprobs(queries, responses, use_adapter=False)
-        scores = []
-        for q, r, e, a in zip(queries, responses, expert, amateur):
-            pair = encode_pair(self.tokenizer, q, r, self.max_length)
-            scores.append(TokenScores(np.asarray(pair.response_ids, dtype=np.int64),
-                                      np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2), e, a))
-        return scores
+        pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
+        expert = self._pair_logprobs(pairs, use_adapter=True)
+        amateur = self._pair_logprobs(pairs, use_adapter=False)
+        return [TokenScores(np.asarray(pair.response_ids, dtype=np.int64),
+                            np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2), e, a)
+                for pair, e, a in zip(pairs, expert, amateur)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import tempfile
 from pathlib import Path
@@ -36,16 +37,15 @@ def deepspeed_config(stage: int, micro_batch: int, max_grad_norm: float, bf16: b
     return config
 
 
-def _lora_state_dict(engine, model, zero_stage: int) -> dict:
+def _lora_state_dict(model, zero_stage: int) -> dict:
     """LoRA weights as full tensors on every rank (ZeRO-3 keeps only partitions until gathered)."""
     import deepspeed
     from peft import get_peft_model_state_dict
 
     lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    gathered = deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None) if zero_stage == 3 else nullcontext()
+    with gathered:
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -86,9 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_batches(batch_size=train["batch_size"], batch_format="numpy"):
             tb = build_training_batch(tokenizer, list(batch[C.QUERY]), list(batch[C.RESPONSE]),
                                       list(batch[C.TARGET_WEIGHTS]), config["max_length"])
-            device = engine.device
-            tb = type(tb)(*(t.to(device) for t in (tb.input_ids, tb.attention_mask, tb.position_ids,
-                                                   tb.response_mask, tb.token_weights)))
+            tb = tb.to(engine.device)
             loss = selective_loss(engine, tb, train["normalization"], config["k"])
             if not torch.isfinite(loss):  # DeepSpeed on CPU/gloo has known bugs: never train on garbage
                 raise FloatingPointError(f"rank {rank}: non-finite loss {loss.item()} at step {step}")
@@ -99,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and (step % max(1, total_steps // 10) == 0 or step == total_steps):
                 print(f"  train step {step}/{total_steps}  loss {losses[-1]:.4f}", flush=True)
         metrics = {"epoch": epoch, "step": step, "loss": float(sum(losses[-steps_per_epoch:]) / max(len(losses[-steps_per_epoch:]), 1))}
-        state = _lora_state_dict(engine, model, train["deepspeed_stage"])
+        state = _lora_state_dict(model, train["deepspeed_stage"])
         is_last = epoch == train["epochs"] - 1
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

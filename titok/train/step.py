@@ -29,14 +29,9 @@ def attach_fresh_lora(
 def selective_loss(
     model: torch.nn.Module, batch: TrainingBatch, normalization: Normalization = "selected_mean", k: float | None = None
 ) -> torch.Tensor:
-    """Selective CE; logits are computed only from the first position that predicts a response token
-    (prompt positions never count, and the vocabulary projection dominates small models' cost)."""
-    first_response = int(batch.response_mask.float().argmax(dim=1).min())
-    keep_from = max(first_response - 1, 0)
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        logits_to_keep=batch.input_ids.shape[1] - keep_from,
-    ).logits
+    """Selective CE; logits only from the first position that predicts a response token."""
+    keep_from = batch.logits_start()
+    logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from).logits
     return selective_cross_entropy(logits, batch.input_ids[:, keep_from:], batch.token_weights[:, keep_from:],
                                    batch.response_mask[:, keep_from:], normalization, k)
 
