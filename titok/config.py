@@ -26,9 +26,13 @@ __all__ = [
     "TrainConfig",
     "TransplantConfig",
     "apply_overrides",
+    "check_model",
+    "check_task",
     "describe_fields",
     "load_config",
+    "read_yaml",
     "validate_inputs",
+    "validated",
 ]
 
 
@@ -115,6 +119,10 @@ class TransplantConfig(_Section):
     task: str = Field(..., description="built-in task name (boolean_expressions) or a BBH-format JSON file")
     run_dir: str = Field("runs/transplant", description="stage outputs, checkpoints and the final adapter go here")
     seed: int = Field(0, description="seed for sampling, shuffling and initialization")
+    split_seed: int = Field(
+        0, description="seed of the task's seed/train/test split; fixed across transplant seeds, so every run is "
+        "evaluated on the same held-out examples and never sees them"
+    )
     trust_remote_code: bool = Field(False, description="allow model repos to run their own code")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     queries: QueriesConfig = Field(default_factory=QueriesConfig)
@@ -155,27 +163,35 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), **fields: Any) -> TransplantConfig:
-    """Read YAML (optional), apply overrides and keyword fields, validate types and ranges."""
+def read_yaml(path: str | Path | None, overrides: list[str] = (), **fields: Any) -> dict:
+    """A YAML mapping (optional) with keyword fields and ``--set`` overrides applied, not yet validated."""
     data: dict = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a transplant config is a YAML mapping")
+            raise ConfigError(f"{path}: a config is a YAML mapping")
         data.update(loaded)
     data.update(fields)
-    apply_overrides(data, list(overrides))
+    return apply_overrides(data, list(overrides))
+
+
+def validated(model: type[BaseModel], data: dict, what: str):
+    """``model`` from ``data``, or a ConfigError that names every bad field by its dotted path."""
     try:
-        return TransplantConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid transplant config: {problems}") from None
+        raise ConfigError(f"invalid {what} config: {problems}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **fields: Any) -> TransplantConfig:
+    """Read YAML (optional), apply overrides and keyword fields, validate types and ranges."""
+    return validated(TransplantConfig, read_yaml(path, overrides, **fields), "transplant")
 
 
 def validate_inputs(cfg: TransplantConfig) -> None:
     """Checks that need the file system or the task, run before any model is loaded."""
     from titok.models import resolve_model_path
-    from titok.tasks import load_task
 
     adapter = Path(cfg.source_adapter)
     if not (adapter / "adapter_config.json").is_file():
@@ -189,18 +205,33 @@ def validate_inputs(cfg: TransplantConfig) -> None:
             f"source_adapter: {adapter} was trained on {adapter_base!r}, not on source_base {cfg.source_base!r} ({source})"
         )
     for field in ("source_base", "target_base"):
-        spec = getattr(cfg, field)
-        resolved = resolve_model_path(spec)
-        if Path(resolved).exists() and not (Path(resolved) / "config.json").is_file():
-            raise ConfigError(f"{field}: {resolved} has no config.json (not a model folder)")
-    try:
-        task = load_task(cfg.task, seed=cfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"task: {err}") from None
+        check_model(field, getattr(cfg, field))
+    task = check_task("task", cfg.task, cfg.split_seed)
     if len(task.seed_examples) < cfg.queries.few_shot:
         raise ConfigError(
             f"queries.few_shot={cfg.queries.few_shot} but task {cfg.task!r} has only {len(task.seed_examples)} seed examples"
         )
+
+
+def check_model(field: str, spec: str) -> None:
+    """A model spec resolves (short names convert their GGUF once) and a local folder holds a model."""
+    from titok.models import resolve_model_path
+
+    try:
+        resolved = resolve_model_path(spec)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{field}: {err}") from None
+    if Path(resolved).exists() and not (Path(resolved) / "config.json").is_file():
+        raise ConfigError(f"{field}: {resolved} has no config.json (not a model folder)")
+
+
+def check_task(field: str, spec: str, split_seed: int):
+    from titok.tasks import load_task
+
+    try:
+        return load_task(spec, seed=split_seed)
+    except ValueError as err:
+        raise ConfigError(f"{field}: {err}") from None
 
 
 def describe_fields(model: type[BaseModel] = TransplantConfig, prefix: str = "") -> list[str]:

@@ -54,12 +54,12 @@ def write_queries(cfg: TransplantConfig, run: RunDir):
     """
     import ray
 
-    task = load_task(cfg.task, seed=cfg.seed)
+    task = load_task(cfg.task, seed=cfg.split_seed)
     diversity = DiversityFilter([e["input"] for e in task.seed_examples], cfg.queries.rouge_l_max)
     params = {"max_new_tokens": cfg.queries.max_new_tokens, "temperature": cfg.queries.temperature,
               "top_p": cfg.queries.top_p, "seed": cfg.seed}
     progress_path = run.root / "queries.progress.json"
-    key = run.fingerprint("", {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed,
+    key = run.fingerprint("", {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed, "split": cfg.split_seed,
                                "queries": cfg.queries.model_dump(exclude={"max_rounds"}), "pool": cfg.pool_size})
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
     if progress.get("key") != key:
@@ -161,7 +161,7 @@ def _stage_fields(cfg: TransplantConfig) -> dict:
     """The config fields each stage's output depends on (with its upstream's, via the fingerprint chain)."""
     engine = cfg.engine.model_dump(exclude={"actors", "gpus_per_actor"})
     return {
-        "queries": {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed, "engine": engine,
+        "queries": {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed, "split": cfg.split_seed, "engine": engine,
                     "queries": cfg.queries.model_dump(), "pool": cfg.pool_size},
         "labels": {"adapter": cfg.source_adapter, "labels": cfg.labels.model_dump()},
         "scores": {"max_length": cfg.engine.max_length},
