@@ -1,11 +1,12 @@
-"""``titok eval``: score a base model (+ optional adapter) on a task's held-out examples.
+"""``titok eval``: score a base model (+ optional adapters) on a task's held-out examples.
 
     titok eval --base gemma3-270m --adapter runs/demo/transplant/adapter --task boolean_expressions
 
 Generation (greedy) and option scoring run in a Ray Data actor pool; the metrics are computed on the
 driver from the predictions. Reported: exact match after answer extraction, option log-likelihood
 accuracy when the task has a closed answer set (see ``titok.metrics``), ROUGE-1/L for free-text
-tasks, and the majority-label rate beside every accuracy.
+tasks, and the majority-label rate beside every accuracy. Several adapters of one base are evaluated
+in one pass (``evaluate_variants``): each actor loads the base once and switches adapters.
 """
 
 from __future__ import annotations
@@ -17,60 +18,100 @@ import numpy as np
 
 from titok.engines import GenerationParams, build_engine
 from titok.metrics import exact_match, extract_answer, majority_rate, option_loglik_choices, rouge
-from titok.tasks import load_task
+from titok.tasks import load_task, reference_response
 
-__all__ = ["EvaluateBatch", "evaluate"]
+__all__ = ["EvaluateBatch", "evaluate", "evaluate_variants", "write_report"]
 
 
 class EvaluateBatch:
-    """Actor: greedy answers and, where a row has options, the option with the best mean log-prob."""
+    """Actor: for every variant (adapter name -> folder, None = the bare base), greedy answers and,
+    where a row has options, the option with the best mean log-prob."""
 
-    def __init__(self, base: str, adapter: str | None, dtype: str, max_new_tokens: int, batch_size: int):
-        self.engine = build_engine("transformers", base, adapter, dtype=dtype, batch_size=batch_size)
+    def __init__(self, base: str, variants: dict[str, str | None], dtype: str, max_new_tokens: int, batch_size: int):
+        self.engine = build_engine("transformers", base, None, dtype=dtype, batch_size=batch_size)
+        self.engine.load_adapters({name: path for name, path in variants.items() if path})
+        self.variants = variants
         self.params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
-        self.use_adapter = adapter is not None
 
     def __call__(self, batch: dict) -> dict:
         queries = [str(q) for q in batch["query"]]
-        predictions = self.engine.generate(queries, self.params, use_adapter=self.use_adapter)
         options = [list(o) for o in batch["options"]]
-        choices = np.full(len(queries), -1, dtype=np.int64)
         with_options = [i for i, o in enumerate(options) if o]
-        if with_options:
-            picked = option_loglik_choices(self.engine.model, self.engine.tokenizer,
-                                           [queries[i] for i in with_options], [options[i] for i in with_options])
-            choices[with_options] = picked
-        return {"index": batch["index"], "prediction": np.array(predictions, dtype=object), "choice": choices}
+        out: dict[str, list] = {"index": [], "variant": [], "prediction": [], "choice": []}
+        for name, path in self.variants.items():
+            if path:
+                self.engine.model.set_adapter(name)
+            predictions = self.engine.generate(queries, self.params, use_adapter=bool(path))
+            choices = np.full(len(queries), -1, dtype=np.int64)
+            if with_options:
+                with self.engine.adapter_context(bool(path)):
+                    choices[with_options] = option_loglik_choices(
+                        self.engine.model, self.engine.tokenizer, [queries[i] for i in with_options],
+                        [options[i] for i in with_options])
+            out["index"].extend(batch["index"])
+            out["variant"].extend([name] * len(queries))
+            out["prediction"].extend(predictions)
+            out["choice"].extend(choices)
+        return {"index": np.array(out["index"], dtype=np.int64), "variant": np.array(out["variant"], dtype=object),
+                "prediction": np.array(out["prediction"], dtype=object), "choice": np.array(out["choice"], dtype=np.int64)}
 
 
-def evaluate(base: str, adapter: str | None, task_spec: str, seed: int = 0, n_test: int = 100,
-             dtype: str = "bfloat16", max_new_tokens: int = 96, batch_size: int = 16, actors: int = 1) -> dict:
+def answer_budget(base: str, examples: list[dict]) -> int:
+    """Default generation budget: 1.25 x the longest reference response (rationale + answer, the
+    format the adapters learn) in the base's tokens, + 8. Enough for a right answer; a base that
+    rambles is cut early instead of costing the full budget on every example."""
+    from titok.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    longest = max(len(tokenizer(reference_response(e), add_special_tokens=False)["input_ids"]) for e in examples)
+    return int(1.25 * longest) + 8
+
+
+def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str, seed: int = 0, n_test: int = 100,
+                      dtype: str = "bfloat16", max_new_tokens: int | None = None, batch_size: int = 16,
+                      actors: int = 1) -> dict[str, dict]:
+    """One report per variant, all on the same held-out examples of the task split ``seed``."""
     import ray
 
+    if not variants:
+        raise ValueError("no variants to evaluate")
     if not ray.is_initialized():
         ray.init()
     task = load_task(task_spec, seed=seed, n_test=n_test)
     examples = task.test_examples
+    max_new_tokens = max_new_tokens or answer_budget(base, examples)
     rows = [{"index": i, "query": e["input"], "options": e.get("options") or task.answer_set or []}
             for i, e in enumerate(examples)]
     out = ray.data.from_items(rows).map_batches(
-        EvaluateBatch, fn_constructor_kwargs={"base": base, "adapter": adapter, "dtype": dtype,
+        EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "dtype": dtype,
                                               "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         concurrency=actors, batch_size=batch_size, num_cpus=1,
     ).take_all()
-    out.sort(key=lambda r: r["index"])
-    predictions = [r["prediction"] for r in out]
     targets = [e["target"] for e in examples]
-    report = {"base": base, "adapter": adapter, "task": task.name, "seed": seed, "n": len(examples),
-              "exact_match": exact_match(predictions, targets), "majority_rate": majority_rate(targets)}
-    if rows[0]["options"]:
-        options = [r["options"] for r in rows]
-        report["option_accuracy"] = float(np.mean([o[r["choice"]] == t for o, r, t in zip(options, out, targets)]))
-    if task.metric == "rouge":
-        report.update(rouge(predictions, targets))
-    report["examples"] = [{"input": e["input"], "target": t, "prediction": p, "extracted": extract_answer(p)}
-                          for e, t, p in list(zip(examples, targets, predictions))[:5]]
-    return report
+    reports = {}
+    for name, adapter in variants.items():
+        mine = sorted((r for r in out if r["variant"] == name), key=lambda r: r["index"])
+        predictions = [r["prediction"] for r in mine]
+        report = {"base": base, "adapter": adapter, "task": task.name, "seed": seed, "n": len(examples),
+                  "max_new_tokens": max_new_tokens,
+                  "exact_match": exact_match(predictions, targets), "majority_rate": majority_rate(targets)}
+        if rows[0]["options"]:
+            report["option_accuracy"] = float(np.mean(
+                [row["options"][r["choice"]] == t for row, r, t in zip(rows, mine, targets, strict=True)]))
+        if task.metric == "rouge":
+            report.update(rouge(predictions, targets))
+        report["examples"] = [{"input": e["input"], "target": t, "prediction": p, "extracted": extract_answer(p)}
+                              for e, t, p in list(zip(examples, targets, predictions))[:5]]
+        reports[name] = report
+    return reports
+
+
+def evaluate(base: str, adapter: str | None, task_spec: str, seed: int = 0, n_test: int = 100,
+             dtype: str = "bfloat16", max_new_tokens: int | None = None, batch_size: int = 16, actors: int = 1) -> dict:
+    """One base with one adapter (or none)."""
+    name = "adapter" if adapter else "vanilla"
+    return evaluate_variants(base, {name: adapter}, task_spec, seed, n_test, dtype, max_new_tokens, batch_size,
+                             actors)[name]
 
 
 def write_report(report: dict, path: str | Path) -> None:

@@ -26,7 +26,18 @@ class TransformersEngine(InferenceEngine):
         self.max_length = max_length
         self.batch_size = batch_size
 
-    def _adapter(self, use_adapter: bool):
+    def load_adapters(self, adapters: dict[str, str]) -> None:
+        """More named adapters on the same base copy (``set_adapter(name)`` picks one): evaluating
+        several adapters of one base loads the base once."""
+        for name, path in adapters.items():
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        self.model.eval()
+
+    def adapter_context(self, use_adapter: bool):
+        """The active adapter on (``use_adapter``) or off (the bare base) for the calls inside."""
         if use_adapter and not isinstance(self.model, PeftModel):
             raise ValueError("this engine has no adapter loaded")
         return contextlib.nullcontext() if use_adapter or not isinstance(self.model, PeftModel) else self.model.disable_adapter()
@@ -43,7 +54,7 @@ class TransformersEngine(InferenceEngine):
                                  padding=True, return_tensors="pt").to(device)
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
                 if params.temperature > 0 else {"do_sample": False}
-            with self._adapter(use_adapter):
+            with self.adapter_context(use_adapter):
                 out = self.model.generate(**enc, max_new_tokens=params.max_new_tokens,
                                           pad_token_id=self.tokenizer.pad_token_id, **sampling)
             new_tokens = out[:, enc["input_ids"].shape[1] :]
