@@ -42,8 +42,37 @@ def test_bbh_json_loader(tmp_path):
     assert reference_response(task.seed_examples[0]) in ("yes", "no")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rows": []}))
-    with pytest.raises(ValueError, match="BBH format"):
+    with pytest.raises(ValueError, match="bad.json: expected a non-empty list of rows: BBH"):
         load_task(str(bad))
+    bad.write_text(json.dumps([{"prompt": "q", "completion": "a"}] * 12))
+    with pytest.raises(ValueError, match=r"rows have fields \['completion', 'prompt'\]"):
+        load_task(str(bad))
+
+
+def test_hub_dataset_path_reads_bbh_and_mmlu_layouts(tmp_path, monkeypatch):
+    """``hf:ID`` goes through ``datasets.load_dataset``; a local dataset folder stands in for a hub id
+    (the same call; nothing is downloaded here)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    bbh = tmp_path / "bbh"
+    bbh.mkdir()
+    (bbh / "test.jsonl").write_text("".join(json.dumps({"input": f"q{i}", "target": "yes" if i % 3 else "no"}) + "\n"
+                                            for i in range(24)))
+    task = load_task(f"hf:{bbh}", n_seed=4, n_test=10)
+    assert (len(task.seed_examples), len(task.test_examples), len(task.train_examples)) == (4, 10, 10)
+    assert task.answer_set == ["no", "yes"] and {e["input"] for e in task.test_examples} <= {f"q{i}" for i in range(24)}
+
+    mmlu = tmp_path / "mmlu"
+    mmlu.mkdir()
+    rows = [{"question": f"Which is {i}?", "choices": [str(i), "x", "y", "z"], "answer": 0} for i in range(20)]
+    (mmlu / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    example = load_task(f"hf:{mmlu}", n_seed=2, n_test=5).test_examples[0]
+    number = example["input"].split("?")[0].removeprefix("Which is ")
+    assert example["target"] == "(A)" and f"(A) {number}" in example["input"]
+    assert example["options"] == ["(A)", "(B)", "(C)", "(D)"]
+
+    with pytest.raises(ValueError, match="cannot load hub dataset 'no-such-org/no-such-dataset' \\(config 'x'\\)"):
+        load_task("hf:no-such-org/no-such-dataset:x")
 
 
 def test_multistep_arithmetic_agrees_with_python_eval():

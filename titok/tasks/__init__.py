@@ -6,7 +6,9 @@ A task is one of:
 - a BBH-format JSON file ``{"examples": [{"input", "target"}]}``, or BIG-bench's ``task.json`` with
   ``target_scores`` (multiple choice; options shuffled, since BIG-bench often lists the right one first);
 - an MMLU-style CSV (question, A, B, C, D, answer letter; the original header-less layout);
-- a LaMP-style JSON/JSONL of ``{"input", "output"}`` pairs (free text, scored by ROUGE).
+- a LaMP-style JSON/JSONL of ``{"input", "output"}`` pairs (free text, scored by ROUGE);
+- a hub dataset, ``hf:ID[:CONFIG]`` (e.g. ``hf:lukaemon/bbh:boolean_expressions``,
+  ``hf:cais/mmlu:anatomy``), with any of the layouts above; needs network and ``datasets``.
 Splits are seeded and disjoint. Multiple-choice examples carry their ``options`` ((A), (B), ...);
 ``task.answer_set`` holds a task-wide closed answer set (True/False) when there is one. Both feed
 option log-likelihood accuracy; ``task.metric`` says how to score.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from titok.tasks.arithmetic import make_multistep_arithmetic
 from titok.tasks.boolean_expressions import make_boolean_expression
-from titok.tasks.files import read_examples
+from titok.tasks.files import read_examples, read_hub_dataset
 from titok.tasks.words import make_dyck, make_object_counting, make_word_sorting
 
 __all__ = ["BUILTIN_TASKS", "Example", "Task", "load_task", "reference_response"]
@@ -82,11 +84,15 @@ def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_t
         answer_set = ["True", "False"] if spec == "boolean_expressions" else None
         return _split(examples, n_seed, n_test, spec, answer_set=answer_set)
     path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"task {spec!r} is neither a built-in task {sorted(BUILTIN_TASKS)} nor a file")
-    examples, metric = read_examples(path, rng)
+    if spec.startswith("hf:"):
+        examples, metric = read_hub_dataset(spec, rng)
+    elif path.is_file():
+        examples, metric = read_examples(path, rng)
+    else:
+        raise ValueError(f"task {spec!r} is neither a built-in task {sorted(BUILTIN_TASKS)}, a file nor hf:ID")
     rng.shuffle(examples)
     targets = sorted({e["target"] for e in examples})
     has_options = all("options" in e for e in examples)
     answer_set = targets if metric == "accuracy" and not has_options and len(targets) <= _MAX_CLOSED_ANSWERS else None
-    return _split(examples, n_seed, n_test, path.stem, metric=metric, answer_set=answer_set)
+    name = spec.removeprefix("hf:").replace("/", "_").replace(":", "_") if spec.startswith("hf:") else path.stem
+    return _split(examples, n_seed, n_test, name, metric=metric, answer_set=answer_set)

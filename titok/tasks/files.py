@@ -1,4 +1,6 @@
-"""Readers for task files: BBH JSON, BIG-bench task.json (multiple choice), MMLU CSV, LaMP-style JSON(L)."""
+"""Readers for task files (BBH JSON, BIG-bench task.json multiple choice, MMLU CSV, LaMP-style
+JSON(L)) and for datasets on the Hugging Face hub (``hf:ID[:CONFIG]``; needs network, or a local
+dataset folder in place of ID). Rows are recognised by their fields, whatever their source."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["read_examples"]
+__all__ = ["examples_from_rows", "read_examples", "read_hub_dataset"]
 
 _LETTERS = "ABCDEFGHIJ"
 
@@ -45,14 +47,40 @@ def read_examples(path: Path, rng: random.Random) -> tuple[list[dict], str]:
     else:
         data = json.loads(path.read_text())
         rows = data.get("examples") if isinstance(data, dict) else data
+    return examples_from_rows(rows, str(path), rng)
+
+
+_LAYOUTS = ("BBH {'input', 'target'}, BIG-bench {'input', 'target_scores'}, LaMP-style {'input', 'output'} "
+            "or MMLU {'question', 'choices', 'answer'}")
+
+
+def examples_from_rows(rows, source: str, rng: random.Random) -> tuple[list[dict], str]:
+    """(examples, metric) from raw rows; every row must have the same layout."""
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected BBH format {{'examples': [{{'input': ..., 'target': ...}}]}}, "
-                         "BIG-bench target_scores, or a list of {'input', 'output'} pairs")
+        raise ValueError(f"{source}: expected a non-empty list of rows: {_LAYOUTS}")
     if all({"input", "output"} <= r.keys() for r in rows):  # LaMP-style generation
         return [{"input": str(r["input"]), "target": str(r["output"])} for r in rows], "rouge"
     if all({"input", "target_scores"} <= r.keys() for r in rows):
         return [_multiple_choice(r, rng) for r in rows], "accuracy"
     if all({"input", "target"} <= r.keys() for r in rows):
         return [{"input": str(r["input"]), "target": str(r["target"])} for r in rows], "accuracy"
-    raise ValueError(f"{path}: expected BBH format {{'examples': [{{'input': ..., 'target': ...}}]}}, "
-                     "BIG-bench target_scores, or a list of {'input', 'output'} pairs")
+    if all({"question", "choices", "answer"} <= r.keys() for r in rows):  # MMLU as the hub has it (cais/mmlu)
+        return [{"input": _lettered(r["question"], list(r["choices"])), "target": f"({_LETTERS[int(r['answer'])]})",
+                 "options": [f"({_LETTERS[i]})" for i in range(len(r["choices"]))]} for r in rows], "accuracy"
+    raise ValueError(f"{source}: rows have fields {sorted(rows[0])}; expected {_LAYOUTS}")
+
+
+def read_hub_dataset(spec: str, rng: random.Random) -> tuple[list[dict], str]:
+    """``hf:ID[:CONFIG]`` -> (examples, metric), every split pooled (titok makes its own seeded splits)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ValueError(f"task {spec!r}: hub datasets need the `datasets` package") from err
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    try:
+        splits = load_dataset(name, config or None)
+    except Exception as err:  # no network, unknown id or config: say which
+        raise ValueError(f"task {spec!r}: cannot load hub dataset {name!r}"
+                         f"{f' (config {config!r})' if config else ''}: {err}") from None
+    rows = [dict(row) for split in sorted(splits) for row in splits[split]]
+    return examples_from_rows(rows, spec, rng)
