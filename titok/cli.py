@@ -1,4 +1,4 @@
-"""``titok`` command line: ``transplant``, ``sft``, ``eval``, ``demo-excess``."""
+"""``titok`` command line: ``transplant``, ``sft``, ``eval``, ``compare``, ``demo-excess``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,19 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"report: {args.out}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from titok.compare import CompareConfig, load_compare_config, run_compare
+
+    if args.help_config:
+        print("\n".join(describe_fields(CompareConfig)))
+        return
+    if not args.config:
+        raise ConfigError("give --config FILE.yaml (see configs/compare.yaml)")
+    report = run_compare(load_compare_config(args.config, args.set, args.seeds))
+    print((report / "results.md").read_text())
+    print(f"report: {report}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="titok", description="Transplant LoRA adapters between LLM backbones (TiTok).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,9 +90,20 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--seed", type=int, default=0, help="seed of the task split")
     ev.add_argument("--n", type=int, default=100, help="held-out examples to score")
     ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="inference dtype")
-    ev.add_argument("--max-new-tokens", type=int, default=96, help="greedy answer budget")
+    ev.add_argument("--max-new-tokens", type=int,
+                    help="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
     ev.add_argument("--out", help="write the full report (with example predictions) as JSON here")
     ev.set_defaults(run=_eval)
+
+    cmp = commands.add_parser("compare", help="TiTok vs. vanilla, KD and ablations over tasks x targets x seeds, with a report",
+                              description="Transplant with every method, evaluate every adapter and the vanilla targets, "
+                                          "write a report folder (Markdown, CSV, charts, token HTML). Resumable.")
+    cmp.add_argument("--config", help="compare YAML (see configs/compare.yaml)")
+    cmp.add_argument("--seeds", type=int, help="transplant seeds per task (overrides the config)")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a compare field (eval.examples=20, transplant.filter.top_m=16); repeatable")
+    cmp.add_argument("--help-config", action="store_true", help="list every compare field")
+    cmp.set_defaults(run=_compare)
 
     demo = commands.add_parser("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
     demo.add_argument("--out", default="runs/demo-excess", help="where the demo adapter is kept (reused on rerun)")

@@ -1,0 +1,143 @@
+"""``titok compare``: config checks before compute, the report pieces on hand-made inputs, and one small
+end-to-end run on local Ray with tiny models over the real SmolLM2 and Gemma-3 tokenizers."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from titok.compare import load_compare_config, run_compare, short_name
+from titok.config import ConfigError
+from titok.report import aggregate, markdown_tables, shade_tokens
+
+TINY_TRANSPLANT = {
+    "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
+    "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3},
+    "labels": {"max_new_tokens": 16},
+    "filter": {"top_m": 4, "k": 0.7},
+    "train": {"workers": 2, "epochs": 1, "batch_size": 2, "lr": 1e-3},
+}
+
+
+def _compare_yaml(tmp_path, dirs, **fields) -> str:
+    import yaml
+
+    data = {"source_base": dirs["source"], "targets": [dirs["source"], dirs["target"]],
+            "tasks": ["boolean_expressions"], "methods": ["kd", "titok"], "seeds": 1,
+            "out_dir": str(tmp_path / "compare"), "source": {"adapters": {"boolean_expressions": dirs["adapter"]}},
+            "eval": {"examples": 4, "max_new_tokens": 8, "batch_size": 4, "dtype": "float32"},
+            "transplant": TINY_TRANSPLANT, **fields}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("transplant.filter.method=kd", "filter.method is set per run"),
+    ("transplant.task=word_sorting", "set per run by compare"),
+    ("methods=[titok, titok]", "listed twice"),
+    ("methods=[titok, distill]", "methods.1"),
+    ("tasks=[boolean_expressions, no_such_task]", "tasks: task 'no_such_task'"),
+    ("source.adapters={object_counting: /nowhere}", "source.adapters: ['object_counting']"),
+    ("transplant.filter.top_m=100", "top_m=100 is larger than queries.pool_size=8"),
+    ("source.train={epochs: 0}", "source.train"),
+])
+def test_bad_compare_configs_are_named_before_any_compute(tmp_path, tiny_model_dirs, override, named):
+    path = _compare_yaml(tmp_path, tiny_model_dirs)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        from titok.compare import validate_compare
+
+        validate_compare(load_compare_config(path, [override]))
+    assert not (tmp_path / "compare").exists()
+
+
+def test_seeds_flag_overrides_the_config(tmp_path, tiny_model_dirs):
+    assert load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs), seeds=3).seeds == 3
+    with pytest.raises(ConfigError, match="seeds"):
+        load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs), seeds=0)
+
+
+def test_aggregate_and_table_by_hand():
+    rows = [
+        {"task": "t", "target": "g", "method": "titok", "seed": 0, "n": 4, "exact_match": 0.5, "majority_rate": 0.5},
+        {"task": "t", "target": "g", "method": "titok", "seed": 1, "n": 4, "exact_match": 0.75, "majority_rate": 0.5},
+        {"task": "t", "target": "g", "method": "kd", "seed": 0, "n": 4, "exact_match": 0.25, "majority_rate": 0.5},
+        {"task": "t", "target": "g", "method": "kd", "seed": 1, "n": 4, "exact_match": 0.25, "majority_rate": 0.5},
+        {"task": "t", "target": "g", "method": "vanilla", "seed": "", "n": 4, "exact_match": 1.0, "majority_rate": 0.5},
+        {"task": "t", "target": "s", "method": "source expert", "seed": "", "n": 4, "exact_match": 0.9,
+         "majority_rate": 0.5},
+    ]
+    stats = aggregate(rows, "exact_match")
+    assert stats[("t", "g", "titok")] == pytest.approx((0.625, np.std([0.5, 0.75], ddof=1), 2))
+    assert stats[("t", "g", "kd")] == (0.25, 0.0, 2)
+    table = markdown_tables(rows, ["t"], ["kd", "titok"]).splitlines()
+    body = [line for line in table if line.startswith("| ") and "---" not in line][1:]
+    assert body == [
+        "| s | source expert | 0.900 |",
+        "| g | vanilla | 1.000 |",  # a reference row is never bold, even when it is the best
+        "| g | kd | 0.250 ± 0.000 |",
+        "| g | titok | **0.625 ± 0.177** |",
+        "| | majority rate | 0.500 |",
+    ]
+    assert "Option log-likelihood" not in "\n".join(table)  # no row has that metric
+
+
+def test_token_shading_escapes_text_and_underlines_kept_tokens():
+    response = "a<b & c"
+    html = shade_tokens(response, starts=[0, 1, 2, 4, 5], ends=[1, 2, 3, 5, 7], excess=[2.0, -1.0, 0.0, 0.5, 4.0],
+                        keep=[True, False, False, False, True], scale=2.0)
+    spans = re.findall(r'<span style="([^"]*)" title="([^"]*)">(.*?)</span>', html)
+    assert [text for _, _, text in spans] == ["a", "&lt;", "b", "&amp;", " c"]
+    assert [title for _, title, _ in spans] == ["+2.00", "-1.00", "+0.00", "+0.50", "+4.00"]
+    assert ["underline" in style for style, _, _ in spans] == [True, False, False, False, True]
+    assert "rgba(0,160,0,1.00)" in spans[0][0] and "rgba(220,0,0,0.50)" in spans[1][0]
+    assert "rgba(0,160,0,1.00)" in spans[4][0]  # capped at 1
+    assert re.sub(r"<[^>]+>", "", html).replace("&lt;", "<").replace("&amp;", "&") == response  # the gap " " kept
+
+
+def _csv_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, tiny_model_dirs, local_ray):
+    cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs))
+    report = run_compare(cfg)
+
+    assert {p.name for p in report.iterdir()} == {"results.md", "results.csv", "accuracy.png",
+                                                 "excess_histogram.png", "tokens.html"}
+    for image in ("accuracy.png", "excess_histogram.png"):
+        assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _csv_rows(report / "results.csv")
+    source, target = short_name(tiny_model_dirs["source"]), tiny_model_dirs["target"]
+    for base in (tiny_model_dirs["source"], target):
+        mine = [r["method"] for r in rows if r["target"] == base and r["method"] != "source expert"]
+        assert sorted(mine) == ["kd", "titok", "vanilla"]
+    assert [r["method"] for r in rows if r["method"] == "source expert"] == ["source expert"]
+    assert all(0.0 <= float(r["exact_match"]) <= 1.0 and r["n"] == "4" for r in rows)
+    assert all(r["option_accuracy"] != "" for r in rows)  # True/False: a closed answer set
+
+    markdown = (report / "results.md").read_text()
+    for method in ("source expert", "vanilla", "kd", "titok", "majority rate"):
+        assert len(re.findall(rf"^\|[^|]*\| {method} \|", markdown, flags=re.MULTILINE)) == \
+            (2 if method in ("vanilla", "kd", "titok") else 1) * 2  # two targets, two metrics
+    html = (report / "tokens.html").read_text()
+    assert html.count('class="sample"') == 5 and "underline" in html
+
+    # the second target reused the first one's queries, labels and scores: no model loaded for them
+    runs = tmp_path / "compare" / "runs" / "boolean_expressions" / "seed0"
+    second = [json.loads(line) for line in (runs / short_name(target) / "events.jsonl").read_text().splitlines()]
+    assert {e.get("stage") for e in second if e.get("event") == "model_load"} <= {"train"}
+    assert (runs / source / "scores" / "_COMPLETE.json").read_text() == \
+        (runs / short_name(target) / "scores" / "_COMPLETE.json").read_text()
+
+    # a rerun reuses every transplant and evaluation: same numbers, no new model load anywhere
+    before = {p: p.read_text() for p in (tmp_path / "compare" / "evals").rglob("*.json")}
+    events = sum(len((d / "events.jsonl").read_text().splitlines()) for d in runs.iterdir())
+    run_compare(cfg)
+    assert {p: p.read_text() for p in (tmp_path / "compare" / "evals").rglob("*.json")} == before
+    assert sum(len((d / "events.jsonl").read_text().splitlines()) for d in runs.iterdir()) == events
+    assert _csv_rows(report / "results.csv") == rows

@@ -1,0 +1,248 @@
+"""``titok compare``: TiTok against its baselines and ablations, on the user's tasks and targets.
+
+    titok compare --config configs/compare.yaml --seeds 3
+
+For every task: a source expert (given, or trained once with ``titok sft``). For every task and seed:
+the synthetic queries, the expert's answers and their excess scores are computed once and shared by
+every target and every method (their run-dir stages are copied, the fingerprints match, so the
+pipeline reuses them). For every target: one transplant per method (``filter.method``), then one
+evaluation pass that loads the target once and scores the vanilla base and every adapter on the same
+held-out examples. Everything lands under ``out_dir``; a rerun reuses every finished transplant and
+evaluation, so a stopped compare resumes and a changed report costs nothing. The report is written by
+``titok.report``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from titok.config import (
+    ConfigError,
+    TrainConfig,
+    TransplantConfig,
+    _Section,
+    check_model,
+    check_task,
+    read_yaml,
+    validate_inputs,
+    validated,
+)
+
+__all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare"]
+
+METHODS = ("kd", "random_m", "top_m_only", "top_k_only", "titok")
+_PER_CELL_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir", "seed", "split_seed")
+_SHARED_STAGES = ("queries", "labels", "scores")
+
+
+class SourceSettings(_Section):
+    adapters: dict[str, str] = Field(
+        {}, description="task -> an existing source LoRA on source_base; tasks without one get `titok sft`")
+    train_examples: int = Field(256, ge=1, description="training examples for a `titok sft` source expert")
+    train: dict = Field({}, description="training overrides on titok sft's defaults (epochs, lr, lora.rank, ...)")
+
+
+class EvalSettings(_Section):
+    examples: int = Field(50, ge=1, description="held-out examples per task (the same ones for every row)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
+    batch_size: int = Field(16, ge=1, description="examples per generation batch")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="inference dtype")
+
+
+class CompareConfig(_Section):
+    source_base: str = Field(..., description="the source base model every source expert is trained on")
+    targets: list[str] = Field(..., min_length=1, description="target bases (same or other tokenizer)")
+    tasks: list[str] = Field(..., min_length=1, description="built-in task names or task files")
+    methods: list[Literal["kd", "random_m", "top_m_only", "top_k_only", "titok"]] = Field(
+        list(METHODS), min_length=1, description="trained rows of the table (vanilla is always evaluated)")
+    seeds: int = Field(3, ge=1, description="transplant seeds 0..seeds-1 (queries, sampling, filters, init)")
+    split_seed: int = Field(0, description="seed of every task's seed/train/test split, the same for all rows")
+    out_dir: str = Field("runs/compare", description="runs, evaluations and the report go here")
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    transplant: dict = Field({}, description="transplant sections shared by every run: engine, queries, labels, "
+                                             "filter (not method), train, trust_remote_code")
+
+    @field_validator("methods", "targets", "tasks")
+    @classmethod
+    def _unique(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"listed twice: {sorted({v for v in values if values.count(v) > 1})}")
+        return values
+
+    @field_validator("transplant")
+    @classmethod
+    def _no_per_run_fields(cls, values: dict) -> dict:
+        clashes = [k for k in values if k in _PER_CELL_FIELDS]
+        if clashes:
+            raise ValueError(f"{clashes} are set per run by compare (use tasks/targets/seeds/source)")
+        if "method" in (values.get("filter") or {}):
+            raise ValueError("filter.method is set per run by compare (use methods)")
+        return values
+
+
+def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int | None = None) -> CompareConfig:
+    data = read_yaml(path, overrides)
+    if seeds is not None:
+        data["seeds"] = seeds
+    return validated(CompareConfig, data, "compare")
+
+
+def short_name(spec: str) -> str:
+    """A model or task spec as a folder name: ``gemma3-270m``, ``my_task`` for ``/data/my_task.json``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec.rstrip("/")).stem if "/" in spec or "." in spec else spec)
+
+
+def run_config(cfg: CompareConfig, task: str, seed: int, target: str, method: str, source_adapter: str) -> TransplantConfig:
+    fields = {**cfg.transplant, "source_base": cfg.source_base, "source_adapter": source_adapter,
+              "target_base": target, "task": task, "seed": seed, "split_seed": cfg.split_seed,
+              "run_dir": str(Path(cfg.out_dir) / "runs" / short_name(task) / f"seed{seed}" / short_name(target))}
+    fields["filter"] = {**fields.get("filter", {}), "method": method}
+    return validated(TransplantConfig, fields, f"compare (task {task}, target {target}, method {method})")
+
+
+def sft_train_config(cfg: CompareConfig) -> TrainConfig:
+    from titok.sft import SFT_DEFAULTS
+
+    data = json.loads(json.dumps(SFT_DEFAULTS))  # a deep copy
+    for key, value in cfg.source.train.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return validated(TrainConfig, data, "compare source.train")
+
+
+def validate_compare(cfg: CompareConfig) -> None:
+    """Every run's config, every model, task and given adapter, checked before anything computes."""
+    unknown = sorted(set(cfg.source.adapters) - set(cfg.tasks))
+    if unknown:
+        raise ConfigError(f"source.adapters: {unknown} are not among tasks {cfg.tasks}")
+    sft_train_config(cfg)
+    check_model("source_base", cfg.source_base)
+    for target in cfg.targets:
+        check_model("targets", target)
+    for task in cfg.tasks:
+        check_task("tasks", task, cfg.split_seed)
+        for seed in range(cfg.seeds):
+            for target in cfg.targets:
+                for method in cfg.methods:
+                    run = run_config(cfg, task, seed, target, method, cfg.source.adapters.get(task, "<sft>"))
+                    if task in cfg.source.adapters:
+                        validate_inputs(run)
+
+
+def source_adapter(cfg: CompareConfig, task: str) -> str:
+    """The given source expert, or one trained by ``titok sft`` (once; reused when its folder is complete)."""
+    if task in cfg.source.adapters:
+        return cfg.source.adapters[task]
+    from titok.sft import train_source_adapter
+
+    out = Path(cfg.out_dir) / "sources" / short_name(task)
+    if not (out / "adapter_model.safetensors").is_file():
+        print(f"[compare] training the source expert for {task} (titok sft)", flush=True)
+        train_source_adapter(cfg.source_base, task, out, sft_train_config(cfg), seed=cfg.split_seed,
+                             n_train=cfg.source.train_examples)
+    return str(out)
+
+
+def share_upstream_stages(source_run: Path, run_dir: Path) -> None:
+    """Copy the complete queries/labels/scores stages of one target's run into another's: they do not
+    depend on the target, so the pipeline finds matching fingerprints and reuses them."""
+    for stage in _SHARED_STAGES:
+        if (source_run / stage / "_COMPLETE.json").is_file() and not (run_dir / stage / "_COMPLETE.json").is_file():
+            shutil.rmtree(run_dir / stage, ignore_errors=True)
+            shutil.copytree(source_run / stage, run_dir / stage)
+    progress = source_run / "queries.progress.json"
+    if progress.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(progress, run_dir / progress.name)
+
+
+def _adapter_digest(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def cached_evaluation(cfg: CompareConfig, path: Path, base: str, variants: dict[str, str | None], task: str) -> dict:
+    """Reports per variant; reused from ``path`` while the base, the adapters' weights and the eval
+    settings are unchanged."""
+    from titok.evaluate import evaluate_variants
+
+    key = {"base": base, "task": task, "split": cfg.split_seed, "eval": cfg.eval.model_dump(),
+           "variants": {name: _adapter_digest(adapter) for name, adapter in variants.items()}}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["reports"]
+    e = cfg.eval
+    started = time.perf_counter()
+    reports = evaluate_variants(base, variants, task, seed=cfg.split_seed, n_test=e.examples, dtype=e.dtype,
+                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    for report in reports.values():
+        report["eval_seconds"] = round(time.perf_counter() - started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "reports": reports}, indent=2))
+    return reports
+
+
+def _row(report: dict, task: str, target: str, method: str, seed: int | None) -> dict:
+    row = {"task": task, "target": target, "method": method, "seed": "" if seed is None else seed, "n": report["n"],
+           "exact_match": report["exact_match"], "majority_rate": report["majority_rate"]}
+    for name in ("option_accuracy", "rouge1", "rougeL"):
+        if name in report:
+            row[name] = report[name]
+    return row
+
+
+def run_compare(cfg: CompareConfig) -> Path:
+    """All runs and evaluations (resuming what is done), then the report; returns the report folder."""
+    import ray
+
+    from titok.pipeline import transplant
+    from titok.report import write_compare_report
+
+    validate_compare(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    out = Path(cfg.out_dir)
+    started = time.perf_counter()
+    rows, timings = [], []
+    for task in cfg.tasks:
+        adapter = source_adapter(cfg, task)
+        expert = cached_evaluation(cfg, out / "evals" / short_name(task) / "source-expert.json", cfg.source_base,
+                                   {"expert": adapter}, task)["expert"]
+        rows.append(_row(expert, task, cfg.source_base, "source expert", None))
+        for seed in range(cfg.seeds):
+            first_run: Path | None = None
+            for target in cfg.targets:
+                variants: dict[str, str | None] = {"vanilla": None}
+                for method in cfg.methods:
+                    run = run_config(cfg, task, seed, target, method, adapter)
+                    if first_run is not None:
+                        share_upstream_stages(first_run, Path(run.run_dir))
+                    print(f"[compare] {task} seed {seed} -> {target}: {method}", flush=True)
+                    cell_started = time.perf_counter()
+                    result = transplant(run)
+                    timings.append({"task": task, "seed": seed, "target": target, "method": method,
+                                    "seconds": round(time.perf_counter() - cell_started, 1),
+                                    "stages": {k: v.get("status") for k, v in result["stages"].items()}})
+                    variants[method] = result["adapter"]
+                first_run = first_run or Path(run.run_dir).resolve()
+                # greedy decoding on a fixed split: the vanilla target is the same for every seed
+                if seed > 0:
+                    variants.pop("vanilla")
+                reports = cached_evaluation(
+                    cfg, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target, variants, task)
+                for name, report in reports.items():
+                    rows.append(_row(report, task, target, name, None if name == "vanilla" else seed))
+    elapsed = time.perf_counter() - started
+    (out / "timings.json").write_text(json.dumps({"seconds": round(elapsed, 1), "runs": timings}, indent=2))
+    return write_compare_report(cfg, rows, out / "report", elapsed)

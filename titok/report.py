@@ -1,0 +1,260 @@
+"""The ``titok compare`` report folder: what a person reads to decide whether a transplant is any good.
+
+- ``results.md``: method x task tables (mean ± std over seeds) for exact match, option
+  log-likelihood accuracy and ROUGE where they apply, the source expert and the majority rate as
+  reference rows, and how to read them;
+- ``results.csv``: one row per (task, target, method, seed), every metric;
+- ``accuracy.png``: the exact-match table as bars with the std as error bars;
+- ``excess_histogram.png``: every synthetic sample's mean excess, with the top-M cut marked;
+- ``tokens.html``: a few synthetic responses, every token shaded by its excess (green: the expert
+  likes it more than the amateur, red: less) and the tokens TiTok trains on underlined.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from titok import columns as C
+
+__all__ = ["aggregate", "markdown_tables", "shade_tokens", "write_compare_report"]
+
+_METRICS = {"exact_match": "Exact match", "option_accuracy": "Option log-likelihood accuracy", "rougeL": "ROUGE-L"}
+_REFERENCE_ROWS = ("source expert", "vanilla")
+
+
+def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """(task, target, method) -> (mean, sample std over seeds (0 for one value), number of values)."""
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(metric) is not None:
+            values[(row["task"], row["target"], row["method"])].append(float(row[metric]))
+    return {key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for key, v in values.items()}
+
+
+def _table_rows(rows: list[dict], methods: list[str]) -> list[tuple[str, str]]:
+    """(target, method) in reading order: the source expert, then per target vanilla and the methods."""
+    order = [(r["target"], r["method"]) for r in rows if r["method"] == "source expert"][:1]
+    for target in dict.fromkeys(r["target"] for r in rows if r["method"] != "source expert"):
+        order += [(target, m) for m in ("vanilla", *methods) if any(r["target"] == target and r["method"] == m for r in rows)]
+    return order
+
+
+def _display(spec: str) -> str:
+    from titok.compare import short_name
+
+    return short_name(spec)
+
+
+def _strictly_best(values: list[float]) -> float | None:
+    """The highest value if it beats every other one (ties and lone values are not highlighted)."""
+    ordered = sorted(values, reverse=True)
+    return ordered[0] if len(ordered) > 1 and ordered[0] > ordered[1] else None
+
+
+def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
+    """One table per metric that any row has; the best trained method per target and task in bold."""
+    sections = []
+    for metric, title in _METRICS.items():
+        metric_tasks = [t for t in tasks if any(r["task"] == t and r.get(metric) is not None for r in rows)]
+        if not metric_tasks:
+            continue
+        stats = aggregate(rows, metric)
+        trained = defaultdict(list)
+        for (task, target, method), (mean, _, _) in stats.items():
+            if method not in _REFERENCE_ROWS:
+                trained[(task, target)].append(mean)
+        best = {key: _strictly_best(means) for key, means in trained.items()}
+        lines = [f"### {title}", "", "| target | method | " + " | ".join(metric_tasks) + " |",
+                 "|---|---|" + "---|" * len(metric_tasks)]
+        for target, method in _table_rows(rows, methods):
+            cells = []
+            for task in metric_tasks:
+                if (task, target, method) not in stats:
+                    cells.append("")
+                    continue
+                mean, std, n = stats[(task, target, method)]
+                cell = f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+                bold = method not in _REFERENCE_ROWS and mean == best.get((task, target))
+                cells.append(f"**{cell}**" if bold else cell)
+            lines.append(f"| {_display(target)} | {method} | " + " | ".join(cells) + " |")
+        if metric != "rougeL":
+            majority = {r["task"]: r["majority_rate"] for r in rows}
+            lines.append("| | majority rate | " + " | ".join(f"{majority[t]:.3f}" for t in metric_tasks) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+_HOW_TO_READ = """\
+### How to read it
+
+- **vanilla** is the target base without an adapter; a transplant is only worth something where it
+  beats vanilla *and* the majority rate (always answering the most common label).
+- **kd** trains on every synthetic sample and token (hard labels from the expert): it is the
+  baseline TiTok must beat. **random_m**, **top_m_only** and **top_k_only** take TiTok apart:
+  M random samples; TiTok's sample filter alone; its token filter alone.
+- **source expert** is the adapter being transplanted, on its own base: roughly the ceiling.
+- Exact match is taken after answer extraction (the text after the last "the answer is", else the
+  first line), so for small models it is partly a format test. Option log-likelihood accuracy picks
+  the answer option with the highest mean log-prob per token: it needs no format, but it scores the
+  answer right after the question, with no room for the step-by-step reasoning the adapters learn.
+- ± is the sample standard deviation over seeds; vanilla and the source expert use greedy decoding on
+  one fixed test split, so they are one run each. Differences smaller than the ± are noise.
+- `excess_histogram.png`: a wide spread with a clear upper tail means the excess separates what the
+  adapter taught from what the base already knew; the top-M cut takes that tail.
+- `tokens.html`: the shaded tokens are where the expert and the amateur disagree; if the underlined
+  (trained) tokens are the answer-bearing ones, the token filter does what it should.
+"""
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    fields = ["task", "target", "method", "seed", "n", "exact_match", "option_accuracy", "rouge1", "rougeL", "majority_rate"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy(rows: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = aggregate(rows, "exact_match")
+    targets = list(dict.fromkeys(r["target"] for r in rows if r["method"] != "source expert"))
+    bars = ["vanilla", *methods]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 1, 4), squeeze=False)
+    width = 0.8 / len(bars)
+    for ax, task in zip(axes[0], tasks):
+        x = np.arange(len(targets))
+        for i, method in enumerate(bars):
+            mean = [stats.get((task, t, method), (np.nan, 0, 0))[0] for t in targets]
+            std = [stats.get((task, t, method), (0, 0.0, 0))[1] for t in targets]
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, mean, width, yerr=std, capsize=2, label=method)
+        expert = [r["exact_match"] for r in rows if r["task"] == task and r["method"] == "source expert"]
+        if expert:
+            ax.axhline(expert[0], color="black", linestyle="--", linewidth=1, label="source expert")
+        ax.axhline(next(r["majority_rate"] for r in rows if r["task"] == task), color="gray", linestyle=":",
+                   linewidth=1, label="majority rate")
+        ax.set_xticks(x, [_display(t) for t in targets])
+        ax.set_ylim(0, 1)
+        ax.set_title(task)
+        ax.set_ylabel("exact match")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sample_scores), figsize=(4.5 * len(sample_scores), 3.5), squeeze=False)
+    for ax, (task, scores) in zip(axes[0], sample_scores.items()):
+        scores = np.sort(scores[np.isfinite(scores)])[::-1]
+        ax.hist(scores, bins=min(30, max(5, len(scores) // 2)), color="tab:blue", alpha=0.8)
+        if len(scores) >= top_m:
+            ax.axvline(scores[top_m - 1], color="tab:red", linestyle="--", label=f"top-M cut (M={top_m})")
+            ax.legend(fontsize=8)
+        ax.set_title(f"{task}: {len(scores)} synthetic samples (seed 0)")
+        ax.set_xlabel("sample score = mean excess (nats/token)")
+        ax.set_ylabel("samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def shade_tokens(response: str, starts, ends, excess, keep, scale: float) -> str:
+    """The response as HTML: one span per token, background by excess (alpha = |S| / scale, capped at
+    1), underlined where ``keep`` (None: no token mask); the excess in each span's tooltip."""
+    parts, position = [], 0
+    for i, (start, end, score) in enumerate(zip(starts, ends, excess)):
+        start, end = int(start), int(end)
+        if start > position:
+            parts.append(html.escape(response[position:start]))
+        alpha = min(1.0, abs(float(score)) / scale) if scale > 0 else 0.0
+        color = f"rgba(0,160,0,{alpha:.2f})" if score >= 0 else f"rgba(220,0,0,{alpha:.2f})"
+        underline = "text-decoration:underline 2px;" if keep is not None and keep[i] else ""
+        parts.append(f'<span style="background:{color};{underline}" title="{float(score):+.2f}">'
+                     f"{html.escape(response[start:end]) or '&#8203;'}</span>")
+        position = max(position, end)
+    parts.append(html.escape(response[position:]))
+    return "".join(parts)
+
+
+def token_page(samples_by_task: dict[str, list[dict]]) -> str:
+    """The HTML page: per task the top-scored samples (kept) and the lowest (dropped)."""
+    body = []
+    for task, samples in samples_by_task.items():
+        magnitudes = np.concatenate([np.abs(s[C.EXCESS]) for s in samples if len(s[C.EXCESS])] or [np.zeros(1)])
+        scale = float(np.percentile(magnitudes, 95)) or 1.0
+        body.append(f"<h2>{html.escape(task)}</h2>")
+        for s in samples:
+            status = "kept (top-M)" if s["kept"] else "dropped"
+            body.append(
+                f'<div class="sample"><div class="meta">#{s["rank"]} of {s["pool"]} by mean excess '
+                f"({s[C.SAMPLE_SCORE]:+.3f}), {status}</div><div class=\"query\">{html.escape(s[C.QUERY])}</div>"
+                f'<div class="response">{shade_tokens(s[C.RESPONSE], s[C.OFFSET_STARTS], s[C.OFFSET_ENDS], s[C.EXCESS], s.get(C.KEEP), scale)}</div></div>')
+    return (
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>titok: token excess</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto} .sample{margin:1.2em 0;padding:.6em;"
+        "border:1px solid #ddd} .meta{color:#666;font-size:.85em} .query{font-family:monospace;margin:.3em 0}"
+        ".response{font-family:monospace;white-space:pre-wrap;line-height:1.8}</style></head><body>"
+        "<h1>Contrastive excess of the expert's synthetic responses</h1><p>Each token is shaded by "
+        "S = log P<sub>expert</sub> − log P<sub>amateur</sub>: <span style=\"background:rgba(0,160,0,.8)\">green"
+        "</span> the adapter made it likelier, <span style=\"background:rgba(220,0,0,.8)\">red</span> less likely "
+        "(hover for the value). <u>Underlined</u> tokens are the top-k% TiTok trains on.</p>"
+        + "".join(body) + "</body></html>"
+    )
+
+
+def _pool_samples(run_dir: Path, top_m: int, n_top: int = 3, n_bottom: int = 2) -> tuple[np.ndarray, list[dict]]:
+    """Sample scores of the whole pool, and the top/bottom samples with TiTok's keep masks."""
+    import pyarrow.parquet as pq
+
+    pool = pq.read_table(run_dir / "scores").to_pylist()
+    pool.sort(key=lambda r: (-r[C.SAMPLE_SCORE], r[C.SAMPLE_ID]))
+    kept_masks = {}
+    if (run_dir / "filter" / "_COMPLETE.json").is_file():
+        kept_masks = {r[C.SAMPLE_ID]: r[C.KEEP] for r in pq.read_table(run_dir / "filter").to_pylist()}
+    shown = []
+    for rank, row in enumerate(pool, start=1):
+        if rank <= n_top or rank > len(pool) - n_bottom:
+            shown.append({**row, "rank": rank, "pool": len(pool), "kept": rank <= top_m,
+                          C.KEEP: kept_masks.get(row[C.SAMPLE_ID])})
+    return np.array([r[C.SAMPLE_SCORE] for r in pool], dtype=np.float64), shown
+
+
+def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) -> Path:
+    from titok.compare import run_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    methods = list(cfg.methods)
+    write_csv(rows, folder / "results.csv")
+    plot_accuracy(rows, cfg.tasks, methods, folder / "accuracy.png")
+    scores, samples = {}, {}
+    top_m = None
+    for task in cfg.tasks:
+        run = run_config(cfg, task, 0, cfg.targets[0], "titok", "<source>")
+        top_m = run.filter.top_m
+        scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m)
+    plot_excess_histogram(scores, top_m, folder / "excess_histogram.png")
+    (folder / "tokens.html").write_text(token_page(samples))
+    header = (
+        f"# titok compare\n\nSource: `{cfg.source_base}` with one expert LoRA per task; targets: "
+        + ", ".join(f"`{t}`" for t in cfg.targets)
+        + f". {cfg.seeds} seed(s); {rows[0]['n']} held-out examples per task (split seed {cfg.split_seed}, the same "
+        f"for every row). M = {top_m}, k = {run.filter.k}, pool = {run.pool_size}, {run.train.epochs} epoch(s). "
+        f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
+        "Files: `results.csv`, `accuracy.png`, `excess_histogram.png`, `tokens.html`.\n\n"
+    )
+    (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n" + _HOW_TO_READ)
+    return folder
