@@ -54,6 +54,17 @@ def test_adapter_checks_run_before_any_model_loads(tmp_path, tiny_model_dirs):
         validate_inputs(ok.model_copy(update={"task": str(tmp_path / "nope.json")}))
 
 
+def test_a_target_that_does_not_exist_is_named_before_any_model_loads(tmp_path, tiny_model_dirs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is not cached cannot be reached: the same error path
+    ok = load_config(None, [], source_base=tiny_model_dirs["source"], source_adapter=tiny_model_dirs["adapter"],
+                     target_base=tiny_model_dirs["target"], task="boolean_expressions")
+    with pytest.raises(ConfigError, match="target_base: cannot load the model config of 'no-such-org/no-such-model'"):
+        validate_inputs(ok.model_copy(update={"target_base": "no-such-org/no-such-model"}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="target_base: .*empty has no config.json"):
+        validate_inputs(ok.model_copy(update={"target_base": str(tmp_path / "empty")}))
+
+
 def test_every_field_is_described():
     lines = describe_fields()
     assert any(line.startswith("filter.k (float, 0.7)") for line in lines)

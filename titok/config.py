@@ -205,7 +205,7 @@ def validate_inputs(cfg: TransplantConfig) -> None:
             f"source_adapter: {adapter} was trained on {adapter_base!r}, not on source_base {cfg.source_base!r} ({source})"
         )
     for field in ("source_base", "target_base"):
-        check_model(field, getattr(cfg, field))
+        check_model(field, getattr(cfg, field), cfg.trust_remote_code)
     task = check_task("task", cfg.task, cfg.split_seed)
     if len(task.seed_examples) < cfg.queries.few_shot:
         raise ConfigError(
@@ -213,8 +213,11 @@ def validate_inputs(cfg: TransplantConfig) -> None:
         )
 
 
-def check_model(field: str, spec: str) -> None:
-    """A model spec resolves (short names convert their GGUF once) and a local folder holds a model."""
+def check_model(field: str, spec: str, trust_remote_code: bool = False) -> None:
+    """A model spec resolves (short names convert their GGUF once) and its config loads: a folder
+    without a model or a hub id that does not exist (or is unreachable) fails here, not in an actor."""
+    from transformers import AutoConfig
+
     from titok.models import resolve_model_path
 
     try:
@@ -223,6 +226,10 @@ def check_model(field: str, spec: str) -> None:
         raise ConfigError(f"{field}: {err}") from None
     if Path(resolved).exists() and not (Path(resolved) / "config.json").is_file():
         raise ConfigError(f"{field}: {resolved} has no config.json (not a model folder)")
+    try:
+        AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{field}: cannot load the model config of {spec!r}: {str(err).splitlines()[0]}") from None
 
 
 def check_task(field: str, spec: str, split_seed: int):
