@@ -27,7 +27,11 @@ class EvaluateBatch:
     """Actor: for every variant (adapter name -> folder, None = the bare base), greedy answers and,
     where a row has options, the option with the best mean log-prob."""
 
-    def __init__(self, base: str, variants: dict[str, str | None], dtype: str, max_new_tokens: int, batch_size: int):
+    def __init__(self, base: str, variants: dict[str, str | None], dtype: str, max_new_tokens: int, batch_size: int,
+                 threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)  # on CPU the actor uses the cores it reserved
         self.engine = build_engine("transformers", base, None, dtype=dtype, batch_size=batch_size)
         self.engine.load_adapters({name: path for name, path in variants.items() if path})
         self.variants = variants
@@ -69,7 +73,7 @@ def answer_budget(base: str, examples: list[dict]) -> int:
 
 def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str, seed: int = 0, n_test: int = 100,
                       dtype: str = "bfloat16", max_new_tokens: int | None = None, batch_size: int = 16,
-                      actors: int = 1) -> dict[str, dict]:
+                      actors: int = 1, cpus_per_actor: int = 1) -> dict[str, dict]:
     """One report per variant, all on the same held-out examples of the task split ``seed``."""
     import ray
 
@@ -84,8 +88,9 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
             for i, e in enumerate(examples)]
     out = ray.data.from_items(rows).map_batches(
         EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "dtype": dtype,
-                                              "max_new_tokens": max_new_tokens, "batch_size": batch_size},
-        concurrency=actors, batch_size=batch_size, num_cpus=1,
+                                              "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                                              "threads": cpus_per_actor},
+        concurrency=actors, batch_size=batch_size, num_cpus=cpus_per_actor,
     ).take_all()
     targets = [e["target"] for e in examples]
     reports = {}
