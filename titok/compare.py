@@ -57,6 +57,7 @@ class EvalSettings(_Section):
     batch_size: int = Field(16, ge=1, description="examples per generation batch")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="inference dtype")
     cpus_per_actor: int = Field(1, ge=1, description="CPU cores (torch threads) per evaluation actor")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
 
 
 class CompareConfig(_Section):
@@ -186,7 +187,8 @@ def cached_evaluation(cfg: CompareConfig, path: Path, base: str, variants: dict[
     e = cfg.eval
     started = time.perf_counter()
     reports = evaluate_variants(base, variants, task, seed=cfg.split_seed, n_test=e.examples, dtype=e.dtype,
-                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, cpus_per_actor=e.cpus_per_actor)
+                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor)
     for report in reports.values():
         report["eval_seconds"] = round(time.perf_counter() - started, 1)
     path.parent.mkdir(parents=True, exist_ok=True)

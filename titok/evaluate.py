@@ -73,7 +73,7 @@ def answer_budget(base: str, examples: list[dict]) -> int:
 
 def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str, seed: int = 0, n_test: int = 100,
                       dtype: str = "bfloat16", max_new_tokens: int | None = None, batch_size: int = 16,
-                      actors: int = 1, cpus_per_actor: int = 1) -> dict[str, dict]:
+                      actors: int = 1, cpus_per_actor: int = 1, gpus_per_actor: float = 0.0) -> dict[str, dict]:
     """One report per variant, all on the same held-out examples of the task split ``seed``."""
     import ray
 
@@ -90,7 +90,7 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
         EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "dtype": dtype,
                                               "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                                               "threads": cpus_per_actor},
-        concurrency=actors, batch_size=batch_size, num_cpus=cpus_per_actor,
+        concurrency=actors, batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
     ).take_all()
     targets = [e["target"] for e in examples]
     reports = {}
