@@ -178,7 +178,8 @@ def cached_evaluation(cfg: CompareConfig, path: Path, base: str, variants: dict[
     settings are unchanged."""
     from titok.evaluate import evaluate_variants
 
-    key = {"base": base, "task": task, "split": cfg.split_seed, "eval": cfg.eval.model_dump(),
+    settings = cfg.eval.model_dump(exclude={"cpus_per_actor", "gpus_per_actor"})  # where it runs, not what it measures
+    key = {"base": base, "task": task, "split": cfg.split_seed, "eval": settings,
            "variants": {name: _adapter_digest(adapter) for name, adapter in variants.items()}}
     if path.is_file():
         cached = json.loads(path.read_text())
