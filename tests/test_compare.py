@@ -13,7 +13,8 @@ from titok.config import ConfigError
 from titok.report import aggregate, markdown_tables, shade_tokens
 
 TINY_TRANSPLANT = {
-    "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
+    # two actors on the tests' 2-CPU Ray: every CPU held by the pool (a lazy read feeding it once hung)
+    "engine": {"dtype": "float32", "actors": 2, "batch_size": 4, "max_length": 160},
     "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3},
     "labels": {"max_new_tokens": 16},
     "filter": {"top_m": 4, "k": 0.7},

@@ -194,7 +194,11 @@ def _run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict)
             summary = {"rows": ray.data.read_parquet(str(out)).count()}
         run.complete(name, fingerprint, seconds=round(time.perf_counter() - started, 1), **summary)
         timings[name] = {"status": "ran", **run.summary(name)}
-    return ray.data.read_parquet(str(out)) if any(out.glob("*.parquet")) else None
+    if not any(out.glob("*.parquet")):
+        return None
+    # read now: a lazy read feeding an actor pool needs a CPU of its own, and when the pool's actors
+    # hold every CPU (2 actors on a 2-core node) the read never runs (seen)
+    return ray.data.read_parquet(str(out)).materialize()
 
 
 def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
