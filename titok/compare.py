@@ -228,10 +228,10 @@ def run_compare(cfg: CompareConfig) -> Path:
             first_run: Path | None = None
             for target in cfg.targets:
                 variants: dict[str, str | None] = {"vanilla": None}
+                if first_run is not None:
+                    share_upstream_stages(first_run, Path(run_config(cfg, task, seed, target, "titok", adapter).run_dir))
                 for method in cfg.methods:
                     run = run_config(cfg, task, seed, target, method, adapter)
-                    if first_run is not None:
-                        share_upstream_stages(first_run, Path(run.run_dir))
                     print(f"[compare] {task} seed {seed} -> {target}: {method}", flush=True)
                     cell_started = time.perf_counter()
                     result = transplant(run)

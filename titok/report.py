@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from titok import columns as C
+from titok.compare import run_config, short_name
 
 __all__ = ["aggregate", "markdown_tables", "shade_tokens", "write_compare_report"]
 
@@ -42,12 +43,6 @@ def _table_rows(rows: list[dict], methods: list[str]) -> list[tuple[str, str]]:
     for target in dict.fromkeys(r["target"] for r in rows if r["method"] != "source expert"):
         order += [(target, m) for m in ("vanilla", *methods) if any(r["target"] == target and r["method"] == m for r in rows)]
     return order
-
-
-def _display(spec: str) -> str:
-    from titok.compare import short_name
-
-    return short_name(spec)
 
 
 def _strictly_best(values: list[float]) -> float | None:
@@ -81,7 +76,7 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
                 cell = f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
                 bold = method not in _REFERENCE_ROWS and mean == best.get((task, target))
                 cells.append(f"**{cell}**" if bold else cell)
-            lines.append(f"| {_display(target)} | {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {short_name(target)} | {method} | " + " | ".join(cells) + " |")
         if metric != "rougeL":
             majority = {r["task"]: r["majority_rate"] for r in rows}
             lines.append("| | majority rate | " + " | ".join(f"{majority[t]:.3f}" for t in metric_tasks) + " |")
@@ -141,7 +136,7 @@ def plot_accuracy(rows: list[dict], tasks: list[str], methods: list[str], path: 
             ax.axhline(expert[0], color="black", linestyle="--", linewidth=1, label="source expert")
         ax.axhline(next(r["majority_rate"] for r in rows if r["task"] == task), color="gray", linestyle=":",
                    linewidth=1, label="majority rate")
-        ax.set_xticks(x, [_display(t) for t in targets])
+        ax.set_xticks(x, [short_name(t) for t in targets])
         ax.set_ylim(0, 1)
         ax.set_title(task)
         ax.set_ylabel("exact match")
@@ -234,8 +229,6 @@ def _pool_samples(run_dir: Path, top_m: int, n_top: int = 3, n_bottom: int = 2) 
 
 
 def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) -> Path:
-    from titok.compare import run_config
-
     folder.mkdir(parents=True, exist_ok=True)
     methods = list(cfg.methods)
     write_csv(rows, folder / "results.csv")
