@@ -53,8 +53,7 @@ def tiny_gemma3(tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.fixture
-def local_ray():
+def start_local_ray():
     """The local Ray the tests share (2 CPUs, like this machine and CI); started on first use."""
     import ray
 
@@ -63,6 +62,11 @@ def local_ray():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+@pytest.fixture
+def local_ray():
+    return start_local_ray()
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +97,7 @@ def tiny_transplant_config(dirs: dict, run_dir, **overrides):
         "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3},
         "labels": {"max_new_tokens": 20},
         "filter": {"top_m": 6, "k": 0.7},
-        "train": {"workers": 2, "epochs": 1, "batch_size": 2, "lr": 1e-3},
+        "train": {"workers": 2, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
     }
     for key, value in overrides.items():
         section, _, leaf = key.partition("__")

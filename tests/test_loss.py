@@ -3,7 +3,7 @@ import torch
 from peft import PeftModel
 
 from titok.loss import build_training_batch, selective_cross_entropy
-from titok.train.step import attach_fresh_lora, selective_loss, training_step
+from titok.train.step import TorchEngine, attach_fresh_lora, selective_loss, training_step
 from tests.conftest import tiny_gemma3, tiny_llama
 
 QUERIES = ["Evaluate: True and not False", "Sort the words: pear apple fig"]
@@ -81,10 +81,10 @@ def test_loss_decreases_on_a_tiny_model(request, tokenizer_name, make_model):
     model = attach_fresh_lora(make_model(tokenizer), rank=8, alpha=16, dropout=0.0)
     assert isinstance(model, PeftModel)
     batch = _batch(tokenizer, lambda n: [1.0 if i % 3 else 0.5 for i in range(n)])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine = TorchEngine(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), max_grad_norm=1.0)
     first = selective_loss(model, batch).item()
     for _ in range(30):
-        training_step(model, optimizer, batch, max_grad_norm=1.0)
+        training_step(engine, batch)
     model.eval()
     last = selective_loss(model, batch).item()
     assert last < first - 0.5, (first, last)

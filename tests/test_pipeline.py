@@ -62,6 +62,8 @@ def test_transplant_killed_after_scores_resumes_and_reruns_without_model_work(ti
 
     _run_until_killed_after_scores(config_path, run_dir)
     loads_before_resume = RunDir(run_dir).events()
+    # queries, labels and scores (every query-writing round too) ran on the same engine: one load per actor
+    assert [e["stage"] for e in loads_before_resume if e["event"] == "model_load"] == ["engine"] * cfg.engine.actors
 
     result = transplant(cfg)
     status = {name: info["status"] for name, info in result["stages"].items()}

@@ -1,4 +1,4 @@
-"""``titok`` command line: ``transplant``, ``sft``, ``eval``, ``compare``, ``demo-excess``."""
+"""``titok`` command line: ``transplant``, ``plan``, ``sft``, ``eval``, ``compare``, ``demo-excess``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,54 @@ def _transplant(args: argparse.Namespace) -> None:
     if not args.config and not args.set:
         raise ConfigError("give --config FILE.yaml (and/or --set key=value for every required field)")
     cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        _dry_run(cfg)
+        return
     result = transplant(cfg, until=args.until)
     print(format_summary(result))
+
+
+def _dry_run(cfg) -> None:
+    """Everything ``transplant`` checks before compute, and the plan; no weights are read."""
+    import os
+
+    from titok.config import validate_inputs
+    from titok.pipeline import check_plan
+    from titok.plan import cluster_resources, local_resources
+
+    validate_inputs(cfg)
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster: plan for it
+        import ray
+
+        ray.init()
+        resources = cluster_resources()
+    else:
+        resources = local_resources()
+    print(check_plan(cfg, resources).table())
+    print("dry run: the config is valid and its plan fits; nothing was computed")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from titok.config import load_config
+    from titok.plan import Assumptions, Resources, local_resources, make_plan
+
+    cfg = load_config(args.config, args.set)
+    local = local_resources()
+    cluster_given = any(v is not None for v in (args.nodes, args.gpus_per_node, args.gpu_memory_gib))
+    resources = Resources(
+        nodes=args.nodes or 1, gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else local.gpus_per_node,
+        gpu_memory_gib=args.gpu_memory_gib or (None if cluster_given else local.gpu_memory_gib),
+        host_memory_gib=args.host_memory_gib or (None if cluster_given else local.host_memory_gib),
+        gpu_tflops=args.gpu_tflops, source="command line" if cluster_given else local.source)
+    plan = make_plan(cfg, resources, Assumptions(mfu_train=args.mfu_train, mfu_inference=args.mfu_inference,
+                                                 load_gbps=args.load_gbps))
+    print(plan.table())
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=2))
+    if not plan.fits:
+        raise SystemExit(1)
 
 
 def _sft(args: argparse.Namespace) -> None:
@@ -71,7 +117,27 @@ def main(argv: list[str] | None = None) -> None:
                     help="override a config field, dotted (filter.top_m=64, train.deepspeed_stage=3); repeatable")
     tp.add_argument("--until", help="stop after this stage (queries, labels, scores, filter, align, train, export)")
     tp.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    tp.add_argument("--dry-run", action="store_true",
+                    help="validate everything and print the plan for this machine (or the cluster in RAY_ADDRESS); "
+                         "no model weights are read")
     tp.set_defaults(run=_transplant)
+
+    pl = commands.add_parser("plan", help="memory per GPU and host, time and GPU-hours of a transplant, from configs alone",
+                             description="Build every model on the meta device from its config.json and print, per stage, "
+                                         "memory per GPU and per node, FLOPs, time and GPU-hours; say what does not fit and "
+                                         "what would. Without cluster flags it plans for this machine.")
+    pl.add_argument("--config", required=True, help="transplant YAML")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    pl.add_argument("--nodes", type=int, help="nodes in the cluster")
+    pl.add_argument("--gpus-per-node", type=int, help="GPUs per node")
+    pl.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU (GiB)")
+    pl.add_argument("--host-memory-gib", type=float, help="host RAM per node (GiB)")
+    pl.add_argument("--gpu-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU (TFLOP/s; H100: 989)")
+    pl.add_argument("--mfu-train", type=float, default=0.30, help="model-FLOPs utilisation assumed for training")
+    pl.add_argument("--mfu-inference", type=float, default=0.15, help="model-FLOPs utilisation assumed for generation/scoring")
+    pl.add_argument("--load-gbps", type=float, default=2.0, help="weight-loading bandwidth per node (GB/s)")
+    pl.add_argument("--json", help="also write the plan as JSON here")
+    pl.set_defaults(run=_plan)
 
     sft = commands.add_parser("sft", help="train a source LoRA on a task's training examples")
     sft.add_argument("--base", default="smollm2-135m", help="base model (short name, .gguf, HF folder or hub id)")

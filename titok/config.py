@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,19 +52,53 @@ class LoraShape(_Section):
 
 
 class EngineConfig(_Section):
+    # where and on what the engines run: never changes what they compute (kept out of fingerprints)
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "actors", "gpus_per_actor", "cpus_per_actor", "tensor_parallel_size", "pipeline_parallel_size",
+        "gpu_memory_utilization", "max_num_batched_tokens", "max_loras", "max_cpu_loras")
+
     name: Literal["transformers", "vllm"] = Field(
         "transformers", description="inference engine for generation and scoring: transformers (CPU/GPU) or vllm (GPU)"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="weights dtype for inference")
-    actors: int = Field(1, ge=1, description="actors per generation/scoring stage (one model copy each)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype for inference; auto = bf16 where the device runs it fast (CUDA with bf16, "
+        "CPUs with AMX/AVX512-BF16), else fp32")
+    actors: int = Field(1, ge=1, description="engine actors (one model copy each), kept for queries, labels and scores")
     gpus_per_actor: float = Field(
-        0.0, ge=0.0, description="GPUs per inference actor (0 = CPU); with vllm, N >= 2 shards the model over N GPUs (tensor parallel)"
-    )
+        0.0, ge=0.0, description="GPUs per engine actor (0 = CPU); vllm: tensor_parallel_size x pipeline_parallel_size; "
+        "transformers: the model is split over them (device_map)")
+    cpus_per_actor: int = Field(1, ge=1, description="CPU cores per engine actor (torch threads follow)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards each layer over (one node)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vllm: pipeline stages of one engine (may span nodes)")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm: share of each GPU the engine may use")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="vllm: tokens per engine step (default: max(8192, max_length)); bounds activation and "
+        "prompt-log-prob memory")
+    max_loras: int = Field(2, ge=1, description="vllm: adapters resident on the GPU at once")
+    max_cpu_loras: int | None = Field(None, ge=1, description="vllm: adapters cached in CPU memory (default: max_loras)")
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="vllm: largest adapter rank (default: the source adapter's), rounded up to a rank vLLM "
+        "accepts")
     batch_size: int = Field(8, ge=1, description="rows per map_batches call")
     max_length: int = Field(512, ge=16, description="max prompt+response tokens when scoring and training")
     vllm_score_tolerance: float = Field(
-        0.05, gt=0.0, description="max |vLLM - transformers| log-prob on the calibration sample before vLLM scoring is refused"
+        0.05, gt=0.0, description="max |prefill - decode| log-prob on the calibration sample before vLLM scoring is refused"
     )
+
+    @model_validator(mode="after")
+    def _parallelism(self) -> "EngineConfig":
+        parallel = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.name == "transformers" and parallel > 1:
+            raise ValueError("tensor/pipeline_parallel_size are vllm settings; the transformers engine splits a model "
+                             "over its gpus_per_actor GPUs (device_map)")
+        if self.name == "vllm" and self.gpus_per_actor > 0 and self.gpus_per_actor != parallel:
+            raise ValueError(f"vllm: gpus_per_actor={self.gpus_per_actor:g} must equal tensor_parallel_size x "
+                             f"pipeline_parallel_size = {parallel}")
+        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            raise ValueError(f"gpus_per_actor={self.gpus_per_actor:g}: above 1 it must be a whole number")
+        if self.name == "vllm" and self.gpus_per_actor == 0 and parallel > 1:
+            raise ValueError("tensor/pipeline parallelism needs GPUs: set gpus_per_actor")
+        return self
 
 
 class QueriesConfig(_Section):
@@ -98,18 +132,56 @@ class FilterConfig(_Section):
 
 
 class TrainConfig(_Section):
+    # where and how training runs: the same adapter whatever they are (kept out of fingerprints)
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "workers", "use_gpu", "cpus_per_worker", "deepspeed_stage", "deepspeed_config", "gradient_checkpointing",
+        "offload_optimizer", "offload_params", "checkpoint_every_steps", "max_failures")
+
     lora: LoraShape = Field(default_factory=LoraShape)
     workers: int = Field(2, ge=1, description="Ray Train workers (one process, and GPU if use_gpu, each)")
-    use_gpu: bool = Field(False, description="train on GPUs")
-    deepspeed_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (configs in cluster/deepspeed/)")
+    use_gpu: bool = Field(False, description="train on GPUs (one per worker)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPU cores each Ray Train worker reserves")
+    deepspeed_stage: Literal[2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 2 (optimizer and gradients partitioned) or 3 (parameters too; the "
+        "target is built partitioned, never whole in one process: large targets)")
+    deepspeed_config: str | None = Field(
+        None, description="your DeepSpeed JSON (start from titok/train/deepspeed/zero{2,3}.json); its 'auto' fields "
+        "and the offload sections are filled from this config")
     epochs: int = Field(2, ge=1, description="passes over the selected data")
-    batch_size: int = Field(4, ge=1, description="samples per worker per step")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps in all (overrides epochs when set)")
+    global_batch_size: int = Field(
+        8, ge=1, description="samples per optimizer step over all workers: the recipe, the same for 1 or 16 "
+        "workers (gradient accumulation = global_batch_size / (workers x micro-batch))")
+    micro_batch_size: int = Field(
+        4, ge=1, description="most samples per worker per forward pass (the largest divisor of "
+        "global_batch_size / workers up to this is used)")
     lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of all steps")
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")
     normalization: Literal["selected_mean", "rho1"] = Field("selected_mean", description="selective-loss normalization")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="training dtype of the target base")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="training dtype of the target base; auto = bf16 where the device runs it fast (CUDA "
+        "with bf16, CPUs with AMX/AVX512-BF16), else fp32")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations in the backward pass (less memory, ~30% more compute); "
+        "auto = on for targets of 1B parameters or more")
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (DeepSpeed CPU Adam)")
+    offload_params: bool = Field(False, description="keep the base's parameter shards in CPU memory (ZeRO-3 only)")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint every N optimizer steps (always at each epoch's end); a run "
+        "whose worker died resumes from the last checkpoint")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint before the run fails")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.global_batch_size % self.workers:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of workers={self.workers}")
+        if self.offload_params and self.deepspeed_stage != 3:
+            raise ValueError("offload_params needs deepspeed_stage=3 (only ZeRO-3 partitions parameters)")
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            raise ValueError(f"deepspeed_config: {self.deepspeed_config} does not exist")
+        return self
 
 
 class TransplantConfig(_Section):
@@ -136,6 +208,9 @@ class TransplantConfig(_Section):
             raise ValueError(
                 f"filter.top_m={self.filter.top_m} is larger than queries.pool_size={self.queries.pool_size}"
             )
+        if self.train.global_batch_size > self.filter.top_m:
+            raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is larger than "
+                             f"filter.top_m={self.filter.top_m}, the samples there are to train on")
         return self
 
     @property

@@ -16,7 +16,7 @@ from peft import PeftModel
 from titok.excess import score_pairs
 from titok.loss import build_training_batch
 from titok.models import format_prompt, load_model, load_tokenizer
-from titok.train.step import attach_fresh_lora, training_step
+from titok.train.step import TorchEngine, attach_fresh_lora, training_step
 
 __all__ = ["run_excess_demo"]
 
@@ -37,12 +37,12 @@ def _train_pirate_adapter(base_spec: str, out_dir: Path, steps: int) -> Path:
     tokenizer = load_tokenizer(base_spec)
     model = attach_fresh_lora(load_model(base_spec), rank=8, alpha=16, dropout=0.0,
                               target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    engine = TorchEngine(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3), max_grad_norm=1.0)
     queries, responses = zip(*PIRATE_EXAMPLES)
     weights = [[1.0] * len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
     batch = build_training_batch(tokenizer, list(queries), list(responses), weights)
     for step in range(steps):
-        loss = training_step(model, optimizer, batch, max_grad_norm=1.0)
+        loss = training_step(engine, batch)
         if step % 10 == 0 or step == steps - 1:
             print(f"  sft step {step:3d}  loss {loss:.3f}")
     model.save_pretrained(out_dir)

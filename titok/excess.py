@@ -42,6 +42,7 @@ def response_logprobs(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor
     Logits are computed only from the first position that predicts a response token onwards
     (``logits_to_keep``), which bounds memory for large vocabularies.
     """
+    batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
     logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from).logits
     # logits[:, j] predicts input token keep_from + j + 1

@@ -129,11 +129,12 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, device_map: str | None = None
 ) -> PreTrainedModel:
-    """Causal LM in eval mode; ``trust_remote_code`` stays off unless the caller turns it on."""
+    """Causal LM in eval mode; ``trust_remote_code`` stays off unless the caller turns it on.
+    ``device_map`` ("auto", "cuda") loads the weights straight onto the GPUs."""
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code
+        resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map
     )
     return model.eval()
 

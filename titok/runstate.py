@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "dataset_of", "run_stage"]
 
 
 class RunDir:
@@ -61,3 +61,44 @@ class RunDir:
     def events(self) -> list[dict]:
         path = self.root / "events.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict):
+    """Reuse a complete stage, or compute it and mark it complete; returns the stage's rows (Arrow).
+
+    ``compute`` returns an Arrow table or a Ray Dataset (persisted as Parquet), or a dict of summary
+    fields (a stage that writes its own files, like train). Rows are read back on the driver: stage
+    data is small (text and per-token arrays), and while the source engines hold every core of a
+    small node a Ray read task would wait forever.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = run.stage_dir(name)
+    if run.is_complete(name, fingerprint):
+        timings[name] = {"status": "cached", **run.summary(name)}
+        print(f"[{name}] complete in {out}, reusing it", flush=True)
+    else:
+        print(f"[{name}] running", flush=True)
+        started = time.perf_counter()
+        run.start(name)
+        produced = compute()
+        summary = produced if isinstance(produced, dict) else {}
+        if isinstance(produced, pa.Table):
+            pq.write_table(produced, out / "rows.parquet")
+        elif not isinstance(produced, dict):
+            produced.write_parquet(str(out), ray_remote_args={"num_cpus": 0})
+        if not isinstance(produced, dict):
+            summary = {"rows": pq.read_table(str(out), columns=[]).num_rows}
+        run.complete(name, fingerprint, seconds=round(time.perf_counter() - started, 1), **summary)
+        timings[name] = {"status": "ran", **run.summary(name)}
+    if not any(out.glob("*.parquet")):
+        return None
+    return pq.read_table(str(out))
+
+
+def dataset_of(rows, block_rows: int):
+    """A Ray Dataset of an Arrow table in blocks of ``block_rows``, made on the driver (no read task)."""
+    import ray
+
+    return ray.data.from_arrow([rows.slice(i, block_rows) for i in range(0, max(rows.num_rows, 1), block_rows)])

@@ -14,7 +14,7 @@ from titok.models import load_tokenizer
 from titok.runstate import RunDir
 from titok.sequences import encode_response
 from titok.tasks import load_task, reference_response
-from titok.train.ray_train import run_training
+from titok.train.ray_train import copy_adapter, run_training
 
 __all__ = ["SFT_DEFAULTS", "train_source_adapter"]
 
@@ -32,19 +32,17 @@ def train_source_adapter(base: str, task: str, out_dir: str | Path, train: Train
     examples = load_task(task, seed=seed, n_train=n_train).train_examples
     tokenizer = load_tokenizer(base, trust_remote_code)
     rows = []
-    for example in examples:
+    for i, example in enumerate(examples):
         response = reference_response(example)
         n_tokens = len(encode_response(tokenizer, response)[0])
-        rows.append({C.QUERY: example["input"], C.RESPONSE: response, C.TARGET_WEIGHTS: np.ones(n_tokens, dtype=np.float32)})
+        rows.append({C.SAMPLE_ID: i, C.QUERY: example["input"], C.RESPONSE: response,
+                     C.TARGET_WEIGHTS: np.ones(n_tokens, dtype=np.float32)})
     out_dir = Path(out_dir).resolve()
     run = RunDir(out_dir.parent / f"{out_dir.name}-sft")
     config = {"train": train.model_dump(), "target_base": base, "seed": seed, "run_dir": str(run.root),
               "max_length": max_length, "k": 1.0, "trust_remote_code": trust_remote_code}
     fit = run_training(ray.data.from_items(rows), config, storage_path=str(run.root / "ray"))
-    if fit.error:
-        raise fit.error
-    checkpoint = run.root / "checkpoint"
-    fit.checkpoint.to_directory(str(checkpoint))
+    checkpoint = copy_adapter(fit, run.root / "checkpoint")
     card = {"kind": "source adapter (titok sft)", "base": base, "task": task, "train_examples": len(rows),
             "metrics": {k: v for k, v in (fit.metrics or {}).items() if isinstance(v, (int, float))}}
     return export_adapter(checkpoint, out_dir, base, card)

@@ -1,7 +1,8 @@
 """Inference engines for generation and log-prob scoring, behind one small interface.
 
-``transformers`` runs anywhere (the embedded CPU default); ``vllm`` is for GPU clusters and checks its
-own prompt log-probs against transformers before it is trusted with scoring.
+``transformers`` runs anywhere (the embedded CPU default) and splits a model over the GPUs its actor
+holds; ``vllm`` is for GPU clusters (tensor/pipeline parallel, multi-LoRA) and checks its prompt
+log-probs before it is trusted with scoring.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ def build_engine(
     name: str,
     base: str,
     adapter: str | None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     max_length: int = 512,
     batch_size: int = 8,
     trust_remote_code: bool = False,
-    vllm_score_tolerance: float = 0.05,
-    tensor_parallel_size: int = 1,
+    gpus: float = 0.0,
+    vllm: dict | None = None,
 ) -> InferenceEngine:
+    """An engine over ``base`` (+ ``adapter``). ``gpus``: the GPUs this actor holds (the transformers
+    engine splits the model over them); ``vllm``: vLLM's settings (``EngineConfig``'s vLLM fields)."""
     if name == "transformers":
         from titok.engines.hf import TransformersEngine
 
@@ -29,6 +32,5 @@ def build_engine(
     if name == "vllm":
         from titok.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(base, adapter, dtype, max_length, batch_size, trust_remote_code, vllm_score_tolerance,
-                          tensor_parallel_size)
+        return VLLMEngine(base, adapter, dtype, max_length, batch_size, trust_remote_code, **(vllm or {}))
     raise ValueError(f"unknown engine {name!r}: expected 'transformers' or 'vllm'")

@@ -1,4 +1,8 @@
-"""transformers engine: the embedded default, CPU or GPU."""
+"""transformers engine: the embedded default, CPU or GPU.
+
+On GPUs the model is split over every GPU the actor holds (``device_map="auto"``: whole layers per
+GPU, filled in order), so a model larger than one GPU runs in one actor without tensor parallelism.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,21 @@ from peft import PeftModel
 
 from titok.engines.base import GenerationParams, InferenceEngine
 from titok.excess import TokenScores, score_pairs
+from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_model, load_tokenizer
 
 __all__ = ["TransformersEngine"]
 
 
 class TransformersEngine(InferenceEngine):
-    def __init__(self, base: str, adapter: str | None, dtype: str = "bfloat16", max_length: int = 512,
+    def __init__(self, base: str, adapter: str | None, dtype: str = "auto", max_length: int = 512,
                  batch_size: int = 8, trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(base, trust_remote_code)
         self.tokenizer.padding_side = "left"  # generation continues at the right edge
-        model = load_model(base, getattr(torch, dtype), trust_remote_code)
-        if torch.cuda.is_available():
-            model = model.cuda()
+        self.dtype_choice = resolve_dtype(dtype)
+        gpus = torch.cuda.device_count()  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs
+        device_map = "auto" if gpus > 1 else ("cuda" if gpus == 1 else None)
+        model = load_model(base, getattr(torch, self.dtype_choice[0]), trust_remote_code, device_map=device_map)
         self.model = PeftModel.from_pretrained(model, adapter).eval() if adapter else model
         self.max_length = max_length
         self.batch_size = batch_size
@@ -44,7 +50,7 @@ class TransformersEngine(InferenceEngine):
 
     @torch.no_grad()
     def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
-        device = next(self.model.parameters()).device
+        device = self.model.get_input_embeddings().weight.device  # where inputs go under a device_map
         prompts = [format_prompt(self.tokenizer, m) for m in messages] if chat else list(messages)
         outputs: list[str] = []
         torch.manual_seed(params.seed)

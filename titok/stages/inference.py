@@ -1,89 +1,61 @@
-"""Actor-pool UDFs that hold a model: query writing, expert labels, expert/amateur scoring."""
+"""What an engine does with one batch of rows: write queries, label them, score them.
+
+Plain functions of (engine, batch, params), run inside the engine actors of ``stages.fleet``; each
+checks the columns it needs and returns the batch with its own columns added.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from titok import columns as C
-from titok.engines import GenerationParams, build_engine
+from titok.engines import GenerationParams, InferenceEngine
 from titok.queries import parse_query
-from titok.runstate import RunDir
 from titok.select import sample_scores
 from titok.stages.arrow import table
 
-__all__ = ["LabelResponses", "ScoreExcess", "WriteQueries"]
+__all__ = ["OPERATIONS", "label_responses", "score_excess", "write_queries"]
 
 
-class _EngineUDF:
-    """Loads one engine per actor and records the load in the run's event log."""
-
-    stage = ""
-    required_columns: tuple[str, ...] = ()
-
-    def __init__(self, run_dir: str, engine: dict, params: dict | None = None):
-        import ray
-
-        self.engine = build_engine(**engine)
-        self.params = GenerationParams(**params) if params else None
-        self.run = RunDir(run_dir)
-        self.run.log_event(event="model_load", stage=self.stage, node_id=ray.get_runtime_context().get_node_id())
-
-    def _check(self, batch: dict) -> None:
-        missing = [c for c in self.required_columns if c not in batch]
-        if missing:
-            raise KeyError(f"{self.stage} stage needs columns {missing}; got {sorted(batch)}")
+def _check(stage: str, batch: dict, required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in batch]
+    if missing:
+        raise KeyError(f"{stage} stage needs columns {missing}; got {sorted(batch)}")
 
 
-class WriteQueries(_EngineUDF):
+def write_queries(engine: InferenceEngine, batch: dict, params: dict) -> dict:
     """Raw few-shot prompt -> one new query, continued by the source base (adapter off)."""
-
-    stage = "queries"
-    required_columns = (C.SAMPLE_ID, C.MESSAGE)
-
-    def __call__(self, batch: dict) -> dict:
-        self._check(batch)
-        seed = self.params.seed * 1_000_003 + int(batch[C.SAMPLE_ID][0])
-        params = GenerationParams(self.params.max_new_tokens, self.params.temperature, self.params.top_p, seed)
-        texts = self.engine.generate(list(batch[C.MESSAGE]), params, use_adapter=False, chat=False)
-        return {C.SAMPLE_ID: batch[C.SAMPLE_ID], C.QUERY: np.array([parse_query(t) for t in texts], dtype=object)}
+    _check("queries", batch, (C.SAMPLE_ID, C.MESSAGE))
+    p = GenerationParams(**params)
+    # a seed per batch, from its first row: the same prompts give the same queries on any actor
+    seeded = GenerationParams(p.max_new_tokens, p.temperature, p.top_p, p.seed * 1_000_003 + int(batch[C.SAMPLE_ID][0]))
+    texts = engine.generate(list(batch[C.MESSAGE]), seeded, use_adapter=False, chat=False)
+    return {C.SAMPLE_ID: batch[C.SAMPLE_ID], C.QUERY: np.array([parse_query(t) for t in texts], dtype=object)}
 
 
-class LabelResponses(_EngineUDF):
+def label_responses(engine: InferenceEngine, batch: dict, params: dict) -> dict:
     """The expert (source base + adapter) answers each query."""
-
-    stage = "labels"
-    required_columns = (C.SAMPLE_ID, C.QUERY)
-
-    def __call__(self, batch: dict) -> dict:
-        self._check(batch)
-        responses = self.engine.generate(list(batch[C.QUERY]), self.params, use_adapter=True)
-        return {**batch, C.RESPONSE: np.array(responses, dtype=object)}
+    _check("labels", batch, (C.SAMPLE_ID, C.QUERY))
+    responses = engine.generate(list(batch[C.QUERY]), GenerationParams(**params), use_adapter=True)
+    return {**batch, C.RESPONSE: np.array(responses, dtype=object)}
 
 
-class ScoreExcess(_EngineUDF):
+def score_excess(engine: InferenceEngine, batch: dict, params: dict | None = None):
     """Expert and amateur log-probs of every response token, from one base copy."""
+    _check("scores", batch, (C.SAMPLE_ID, C.QUERY, C.RESPONSE))
+    scored = engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]))
+    excess = [s.excess for s in scored]
+    return table({
+        **{name: batch[name] for name in (C.SAMPLE_ID, C.QUERY, C.RESPONSE)},
+        C.TOKEN_IDS: [s.token_ids for s in scored],
+        C.OFFSET_STARTS: [s.offsets[:, 0] for s in scored],
+        C.OFFSET_ENDS: [s.offsets[:, 1] for s in scored],
+        C.EXPERT_LOGPROBS: [s.expert_logprobs for s in scored],
+        C.AMATEUR_LOGPROBS: [s.amateur_logprobs for s in scored],
+        C.EXCESS: excess,
+        C.N_TOKENS: np.array([len(x) for x in excess], dtype=np.int64),
+        C.SAMPLE_SCORE: sample_scores(excess),
+    })
 
-    stage = "scores"
-    required_columns = (C.SAMPLE_ID, C.QUERY, C.RESPONSE)
 
-    def __call__(self, batch: dict) -> dict:
-        self._check(batch)
-        scored = self.engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]))
-        backend = getattr(self.engine, "scoring_backend", None)
-        if backend and not getattr(self, "_backend_logged", False):  # vLLM's calibration verdict
-            self.run.log_event(event="scoring_backend", stage=self.stage, backend=backend)
-            self._backend_logged = True
-        excess = [s.excess for s in scored]
-        return table(
-            {
-                **{name: batch[name] for name in (C.SAMPLE_ID, C.QUERY, C.RESPONSE)},
-                C.TOKEN_IDS: [s.token_ids for s in scored],
-                C.OFFSET_STARTS: [s.offsets[:, 0] for s in scored],
-                C.OFFSET_ENDS: [s.offsets[:, 1] for s in scored],
-                C.EXPERT_LOGPROBS: [s.expert_logprobs for s in scored],
-                C.AMATEUR_LOGPROBS: [s.amateur_logprobs for s in scored],
-                C.EXCESS: excess,
-                C.N_TOKENS: np.array([len(x) for x in excess], dtype=np.int64),
-                C.SAMPLE_SCORE: sample_scores(excess),
-            }
-        )
+OPERATIONS = {"queries": write_queries, "labels": label_responses, "scores": score_excess}

@@ -1,134 +1,217 @@
-"""Target-LoRA training on Ray Train with DeepSpeed ZeRO: the only module that imports DeepSpeed.
+"""Target-LoRA training on Ray Train: the worker function and the trainer around it.
 
-Each worker loads the target base, attaches a fresh LoRA, wraps it in a DeepSpeed engine built from
-``cluster/deepspeed/zero{2,3}.json`` (the "auto" fields filled from the train config), and reads its
-shard of the selected samples with ``ray.train.get_dataset_shard``. The loss is the selective
-cross-entropy over aligned token weights. Rank 0 saves the adapter (gathered from ZeRO-3 partitions)
-and reports it as the Ray Train checkpoint.
+Each worker builds the target (partitioned as it loads under ZeRO-3, see ``strategy``), attaches a
+fresh LoRA, and runs ``step.training_step`` on its micro-batches of each global batch
+(``batching``). Every worker reads all the (few hundred) selected samples from its dataset shard
+and picks its rows itself, so the rows of step s never depend on how many workers run it.
+
+Checkpoints (every ``train.checkpoint_every_steps`` optimizer steps and at the end of each epoch)
+carry the LoRA, optimizer and scheduler partitions plus the step, so after a worker dies Ray Train
+restarts the group (``FailureConfig``) and ``get_checkpoint()`` resumes it mid-epoch at the exact
+rows. Dropout is seeded per micro-batch, so a resumed run equals an uninterrupted one. The final
+checkpoint also holds the adapter as a PEFT folder (``adapter_config.json`` +
+``adapter_model.safetensors``) at its root.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from contextlib import nullcontext
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from titok import columns as C
 
-__all__ = ["DEEPSPEED_CONFIG_DIR", "deepspeed_config", "run_training"]
+__all__ = ["ADAPTER_FILES", "GRADIENT_CHECKPOINTING_MIN_PARAMS", "copy_adapter", "run_training", "train_loop_per_worker"]
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-
-def deepspeed_config(stage: int, micro_batch: int, max_grad_norm: float, bf16: bool) -> dict:
-    """The stage's JSON from ``cluster/deepspeed/`` with its ``"auto"`` fields filled in."""
-    path = DEEPSPEED_CONFIG_DIR / f"zero{stage}.json"
-    config = json.loads(path.read_text())
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = 1
-    config["gradient_clipping"] = max_grad_norm
-    config["bf16"] = {"enabled": bf16}
-    config.pop("train_batch_size", None)
-    return config
+# gradient_checkpointing "auto": on from this target size (activations dominate memory beyond it)
+GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
 
 
-def _lora_state_dict(model, zero_stage: int) -> dict:
-    """LoRA weights as full tensors on every rank (ZeRO-3 keeps only partitions until gathered)."""
-    import deepspeed
-    from peft import get_peft_model_state_dict
+def _linear_warmup_decay(total_steps: int, warmup: int):
+    return lambda step: min((step + 1) / max(warmup, 1), max(0.0, (total_steps - step) / max(total_steps - warmup, 1)))
 
-    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-    gathered = deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None) if zero_stage == 3 else nullcontext()
-    with gathered:
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+def _micro_batch_seed(seed: int, global_step: int, plan, rank: int, j: int) -> int:
+    """Same micro-batch -> same seed, whichever worker runs it (1 worker x 2 == 2 workers x 1)."""
+    micro_per_step = plan.global_batch // plan.micro_batch
+    return seed * 1_000_003 + global_step * micro_per_step + rank * plan.accumulation + j
+
+
+def _mean_over_workers(value: float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's ``train_func``: runs on every worker."""
-    import deepspeed
     import ray.train
+    from peft import PeftModel
 
+    from titok.hardware import resolve_dtype
     from titok.loss import build_training_batch
-    from titok.models import load_model, load_tokenizer
+    from titok.models import load_tokenizer
     from titok.runstate import RunDir
-    from titok.train.step import attach_fresh_lora, selective_loss
+    from titok.train import strategy
+    from titok.train.batching import epoch_order, plan_batches, worker_micro_batches
+    from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
 
     train = config["train"]
     context = ray.train.get_context()
-    rank = context.get_world_rank()
-    torch.manual_seed(config["seed"])
-    RunDir(config["run_dir"]).log_event(event="model_load", stage="train", rank=rank,
-                                        node_id=ray.get_runtime_context().get_node_id())
+    rank, world = context.get_world_rank(), context.get_world_size()
+    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r[C.SAMPLE_ID])
+    plan = plan_batches(len(rows), train["global_batch_size"], world, train["micro_batch_size"], train["epochs"],
+                        train["max_steps"])
+
+    dtype, dtype_reason = resolve_dtype(train["dtype"], train["use_gpu"])
+    ds_config = strategy.deepspeed_config(train["deepspeed_stage"], plan.micro_batch, plan.accumulation,
+                                          train["max_grad_norm"], dtype == "bfloat16", train["offload_optimizer"],
+                                          train["offload_params"], train["deepspeed_config"])
+    run = RunDir(config["run_dir"])
     tokenizer = load_tokenizer(config["target_base"], config["trust_remote_code"])
-    model = load_model(config["target_base"], getattr(torch, train["dtype"]), config["trust_remote_code"])
+    model, _zero3 = strategy.load_target(config["target_base"], getattr(torch, dtype), ds_config, config["trust_remote_code"])
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    checkpointing = train["gradient_checkpointing"]
+    if checkpointing == "auto":
+        checkpointing = n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
+    run.log_event(event="model_load", stage="train", rank=rank, node_id=ray.get_runtime_context().get_node_id(),
+                  dtype=dtype, dtype_reason=dtype_reason, zero_stage=train["deepspeed_stage"],
+                  partitioned=all(strategy.is_partitioned(p) for p in model.parameters()),
+                  local_numel=sum(p.numel() for p in model.parameters()), params=n_params,
+                  gradient_checkpointing=checkpointing, micro_batch=plan.micro_batch, accumulation=plan.accumulation)
+
+    torch.manual_seed(config["seed"])  # the same fresh LoRA on every rank
     lora = train["lora"]
     model = attach_fresh_lora(model, lora["rank"], lora["alpha"], tuple(lora["target_modules"]), lora["dropout"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train["lr"], weight_decay=train["weight_decay"])
-    steps_per_epoch = max(1, math.ceil(config["rows_per_worker"] / train["batch_size"]))
-    total_steps = steps_per_epoch * train["epochs"]
-    warmup = int(train["warmup_ratio"] * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / max(warmup, 1), max(0.0, (total_steps - step) / max(total_steps - warmup, 1)))
-    )
-    ds_config = deepspeed_config(train["deepspeed_stage"], train["batch_size"], train["max_grad_norm"], train["dtype"] == "bfloat16")
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-    )
-    shard = ray.train.get_dataset_shard("train")
-    step, losses = 0, []
-    for epoch in range(train["epochs"]):
-        for batch in shard.iter_batches(batch_size=train["batch_size"], batch_format="numpy"):
-            tb = build_training_batch(tokenizer, list(batch[C.QUERY]), list(batch[C.RESPONSE]),
-                                      list(batch[C.TARGET_WEIGHTS]), config["max_length"])
-            tb = tb.to(engine.device)
-            loss = selective_loss(engine, tb, train["normalization"], config["k"])
-            if not torch.isfinite(loss):  # DeepSpeed on CPU/gloo has known bugs: never train on garbage
-                raise FloatingPointError(f"rank {rank}: non-finite loss {loss.item()} at step {step}")
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            step += 1
-            if rank == 0 and (step % max(1, total_steps // 10) == 0 or step == total_steps):
-                print(f"  train step {step}/{total_steps}  loss {losses[-1]:.4f}", flush=True)
-        metrics = {"epoch": epoch, "step": step, "loss": float(sum(losses[-steps_per_epoch:]) / max(len(losses[-steps_per_epoch:]), 1))}
-        state = _lora_state_dict(model, train["deepspeed_stage"])
-        is_last = epoch == train["epochs"] - 1
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                Path(tmp, "losses.json").write_text(json.dumps(losses))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "final": is_last, "first_loss": losses[0] if losses else None}, checkpoint=checkpoint)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    warmup = int(train["warmup_ratio"] * plan.total_steps)
+    engine = strategy.build_engine(model, ds_config, train["lr"], train["weight_decay"],
+                                   lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _linear_warmup_decay(plan.total_steps, warmup)))
+
+    state = {"step": 0, "losses": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = strategy.load_state(engine, directory)
+        run.log_event(event="train_resumed", stage="train", rank=rank, step=state["step"])
+
+    every = train["checkpoint_every_steps"]
+    order_epoch, order = -1, None
+    for step in range(state["step"], plan.total_steps):
+        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, epoch_order(plan.rows, config["seed"], epoch, plan.global_batch)
+        micro_losses = []
+        for j, indices in enumerate(worker_micro_batches(order, plan, step_in_epoch, rank)):
+            torch.manual_seed(_micro_batch_seed(config["seed"], step, plan, rank, j))  # dropout
+            picked = [rows[i] for i in indices]
+            batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
+                                         [r[C.TARGET_WEIGHTS] for r in picked], config["max_length"])
+            try:
+                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], config["k"]))
+            except FloatingPointError as err:  # DeepSpeed on CPU/gloo has known bugs: never train on garbage
+                raise FloatingPointError(f"rank {rank}, step {step}: {err}") from None
+        state = {"step": step + 1, "losses": state["losses"] + [_mean_over_workers(float(np.mean(micro_losses)))]}
+        if rank == 0 and (state["step"] % max(1, plan.total_steps // 10) == 0 or state["step"] == plan.total_steps):
+            print(f"  train step {state['step']}/{plan.total_steps}  loss {state['losses'][-1]:.4f}", flush=True)
+        _inject_fault(config, state["step"], rank, world)
+        final = state["step"] == plan.total_steps
+        if final or state["step"] % plan.steps_per_epoch == 0 or (every and state["step"] % every == 0):
+            _report(engine, model, state, plan, rank, final)
+
+
+def _report(engine, model, state: dict, plan, rank: int, final: bool) -> None:
+    """Every rank saves its partition; rank 0 adds the adapter and the metrics. Ray Train merges the
+    ranks' folders into one checkpoint."""
+    import ray.train
+
+    from titok.train import strategy
+
+    adapter = strategy.lora_state_dict(model)  # a collective under ZeRO-3: every rank takes part
+    losses = state["losses"]
+    steps_per_epoch = plan.steps_per_epoch
+    metrics = {"step": state["step"], "epoch": (state["step"] - 1) // steps_per_epoch, "final": final,
+               "loss": float(np.mean(losses[-steps_per_epoch:])), "first_loss": losses[0],
+               "optimizer_steps": plan.total_steps, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation}
+    with tempfile.TemporaryDirectory() as tmp:
+        strategy.save_state(engine, tmp, state)
+        if rank == 0:
+            model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
+            Path(tmp, "losses.json").write_text(json.dumps(losses))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _inject_fault(config: dict, step: int, rank: int, world: int) -> None:
+    """Test hook: the last worker dies once, after optimizer step ``fault_at_step``.
+
+    It dies a few seconds later, as a real crash comes a while after the last checkpoint: Ray Train's
+    controller collects reports by polling the workers (every 2 s), and a checkpoint reported an
+    instant before its worker dies may never be registered.
+    """
+    import time
+
+    at, marker = config.get("fault_at_step"), config.get("fault_marker")
+    if at is None or step != at or rank != world - 1 or Path(marker).exists():
+        return
+    Path(marker).write_text(f"worker {rank} killed after step {step}")
+    time.sleep(5)
+    os._exit(1)
 
 
 def run_training(ds, config: dict, storage_path: str, name: str = "train"):
-    """Fit on ``ds`` (columns: query, response, target_weights) and return the Ray Train Result."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    """Fit on ``ds`` (columns: sample_id, query, response, target_weights); returns the Ray Train Result.
+
+    ``config``: ``train`` (TrainConfig as a dict), ``target_base``, ``seed``, ``run_dir``,
+    ``max_length``, ``k``, ``trust_remote_code``; tests may add ``fault_at_step`` + ``fault_marker``.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from titok.train.batching import plan_batches
 
     train = config["train"]
     # Materialized first: the workers hold the CPUs, and a lazy read would wait for one forever.
     ds = ds.materialize()
-    rows = ds.count()
-    if rows < train["workers"]:
-        raise ValueError(f"{rows} training samples cannot feed {train['workers']} workers; lower train.workers")
-    config = {**config, "rows_per_worker": rows // train["workers"]}
+    plan_batches(ds.count(), train["global_batch_size"], train["workers"], train["micro_batch_size"], train["epochs"],
+                 train["max_steps"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if train["use_gpu"] else "cpu")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"]),
+        scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
+                                     resources_per_worker={"CPU": train["cpus_per_worker"],
+                                                           **({"GPU": 1} if train["use_gpu"] else {})}),
         run_config=RunConfig(
             storage_path=storage_path, name=name, checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=train["max_failures"]),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}},
         ),
         datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows and picks its own
     )
     return trainer.fit()
+
+
+def copy_adapter(fit, out_dir: str | Path) -> Path:
+    """The trained adapter's files from a finished fit's final checkpoint (not its optimizer state)."""
+    import shutil
+
+    if fit.error:
+        raise fit.error
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with fit.checkpoint.as_directory() as directory:
+        for name in ADAPTER_FILES:
+            shutil.copy2(Path(directory) / name, out_dir / name)
+    return out_dir

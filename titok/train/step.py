@@ -1,4 +1,11 @@
-"""One optimizer step of selective LoRA training, free of Ray and DeepSpeed so it is testable alone."""
+"""One micro-step of selective LoRA training, the same code under DeepSpeed (Ray Train workers) and
+plain torch (tests, the excess demo).
+
+``training_step`` drives anything with DeepSpeed's training interface: ``engine(**inputs)``,
+``engine.train()``, ``engine.backward(loss)``, ``engine.step()``. DeepSpeed's engine has it; for a
+plain model and optimizer ``TorchEngine`` provides it, with the same gradient-accumulation and
+clipping semantics (``step()`` updates the weights only at the end of each accumulation window).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from transformers import PreTrainedModel
 
 from titok.loss import Normalization, TrainingBatch, selective_cross_entropy
 
-__all__ = ["attach_fresh_lora", "selective_loss", "training_step"]
+__all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "selective_loss", "training_step"]
 
 
 def attach_fresh_lora(
@@ -26,6 +33,18 @@ def attach_fresh_lora(
     return get_peft_model(model, config)
 
 
+def enable_gradient_checkpointing(model: PeftModel) -> None:
+    """Recompute each layer in the backward pass instead of keeping its activations.
+
+    Non-reentrant (works with frozen inputs and keeps the RNG state, so dropout is the same in the
+    recompute); the embedding outputs require grad so the LoRA layers behind a frozen embedding still
+    get gradients; no KV cache in training.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
 def selective_loss(
     model: torch.nn.Module, batch: TrainingBatch, normalization: Normalization = "selected_mean", k: float | None = None
 ) -> torch.Tensor:
@@ -36,22 +55,42 @@ def selective_loss(
                                    batch.response_mask[:, keep_from:], normalization, k)
 
 
-def training_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: TrainingBatch,
-    normalization: Normalization = "selected_mean",
-    k: float | None = None,
-    max_grad_norm: float | None = 0.3,
-) -> float:
-    """Forward, backward, clip, step. Raises on a non-finite loss instead of training on it."""
-    model.train()
-    loss = selective_loss(model, batch, normalization, k)
+def training_step(engine, batch: TrainingBatch, normalization: Normalization = "selected_mean",
+                  k: float | None = None) -> float:
+    """Train mode, forward, backward, step. Raises on a non-finite loss instead of training on it."""
+    engine.train()
+    loss = selective_loss(engine, batch, normalization, k)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite training loss {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
+    engine.backward(loss)
+    engine.step()
     return loss.item()
+
+
+class TorchEngine:
+    """DeepSpeed's training interface over a plain model and optimizer."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
+                 scheduler=None, accumulation: int = 1):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm, self.accumulation, self.micro_steps = max_grad_norm, accumulation, 0
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()  # the window's gradient is the mean of its micro-batches'
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation:
+            return
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,133 @@
+"""``titok plan`` from configs alone: parameter counts against the published sizes, model states
+against DeepSpeed's own estimator, fits and refusals with their numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from titok.config import load_config
+from titok.model_shape import model_shape
+from titok.plan import Resources, make_plan, vllm_lora_rank, zero_model_states
+
+CONFIGS = Path(__file__).parent / "assets" / "configs"
+LLAMA_8B, LLAMA_70B, QWEN_72B = (str(CONFIGS / n) for n in ("llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "qwen2.5-72b-instruct"))
+TWO_NODES_80GB = Resources(nodes=2, gpus_per_node=8, gpu_memory_gib=80, host_memory_gib=1800)
+
+
+@pytest.mark.parametrize("path,published", [(LLAMA_8B, 8.03e9), (LLAMA_70B, 70.55e9), (QWEN_72B, 72.71e9)])
+def test_parameter_counts_are_within_half_a_percent_of_the_published_sizes(path, published):
+    assert model_shape(path).params == pytest.approx(published, rel=0.005)
+
+
+def test_shape_details_of_llama_70b():
+    shape = model_shape(LLAMA_70B)
+    assert (shape.layers, shape.hidden, shape.kv_heads, shape.head_dim, shape.vocab) == (80, 8192, 8, 128, 128256)
+    assert shape.kv_bytes_per_token() == 320 * 1024  # 80 layers x K,V x 8 heads x 128 x bf16
+    assert shape.largest_module_params == 128256 * 8192  # the embedding (and the untied lm_head)
+    assert shape.lora_params(8, ["q_proj", "v_proj"]) == 80 * 8 * ((8192 + 8192) + (8192 + 1024))
+    assert shape.lora_targets_missing(["q_proj", "c_attn"]) == ["c_attn"]
+
+
+@pytest.mark.parametrize("offload_optimizer,offload_params", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("gpus_per_node,nodes", [(8, 1), (8, 2), (4, 4)])
+def test_zero3_model_states_equal_deepspeeds_estimate_when_everything_trains(offload_optimizer, offload_params, gpus_per_node, nodes):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    shape = model_shape(LLAMA_70B)
+    ours = zero_model_states(0, shape.params, shape.largest_module_params, gpus_per_node, nodes, stage=3,
+                             offload_optimizer=offload_optimizer, offload_params=offload_params)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(shape.params, shape.largest_module_params, gpus_per_node, nodes,
+                                                        cpu_offload=offload_optimizer, cpu_offload_params=offload_params,
+                                                        zero_init=True)
+    assert ours == pytest.approx((gpu, cpu), abs=2)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_gpu_model_states_equal_deepspeeds_estimate_when_everything_trains(offload):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params = model_shape(LLAMA_8B).params
+    ours_gpu, _ = zero_model_states(0, params, 0, 8, 2, stage=2, offload_optimizer=offload)
+    _, gpu = estimate_zero2_model_states_mem_needs(params, 8, 2, cpu_offload=offload)
+    assert ours_gpu == pytest.approx(gpu, abs=2)
+
+
+def test_lora_keeps_only_the_adapters_states_per_gpu():
+    shape = model_shape(LLAMA_70B)
+    lora = shape.lora_params(16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    gpu, _ = zero_model_states(shape.params, lora, shape.largest_module_params, 8, 2, stage=3)
+    assert gpu == 4 * shape.largest_module_params + (2 * shape.params + 18 * lora) // 16
+    assert 12e9 < gpu < 14e9  # 8.8 GB shard + 4.2 GB gather buffers + 0.2 GB LoRA states
+
+
+@pytest.mark.parametrize("rank,expected", [(1, 1), (4, 8), (8, 8), (12, 16), (24, 32), (300, 320)])
+def test_vllm_lora_rank_rounds_up_to_an_accepted_rank(rank, expected):
+    assert vllm_lora_rank(rank) == expected
+
+
+def _cfg(**sections):
+    fields = {"source_base": LLAMA_8B, "source_adapter": "unused", "target_base": LLAMA_70B, "task": "boolean_expressions",
+              "engine": {"name": "vllm", "actors": 4, "gpus_per_actor": 4, "tensor_parallel_size": 4, "max_length": 2048},
+              "queries": {"pool_size": 500, "max_new_tokens": 128}, "labels": {"max_new_tokens": 512},
+              "filter": {"top_m": 250},
+              "train": {"use_gpu": True, "workers": 16, "deepspeed_stage": 3, "global_batch_size": 16, "micro_batch_size": 1,
+                        "gradient_checkpointing": True, "epochs": 2, "lora": {"rank": 16}}}
+    for section, values in sections.items():
+        fields[section] = {**fields.get(section, {}), **values} if isinstance(values, dict) else values
+    return load_config(**fields)
+
+
+def test_the_70b_recipe_fits_two_nodes_of_eight_80gb_gpus():
+    plan = make_plan(_cfg(), TWO_NODES_80GB)
+    assert plan.fits, plan.problems()
+    engine, train = plan.stages
+    assert engine.gpu["weights"] == model_shape(LLAMA_8B).params * 2 // 4
+    assert sum(train.gpu.values()) < 80 * 2**30
+    assert train.compute_s > 0 and train.gpu_hours > 0 and engine.flops > 0
+    table = plan.table()
+    assert "| train |" in table and "KV cache:" in table and "DOES NOT FIT" not in table
+
+
+def test_training_memory_matches_the_published_70b_arithmetic():
+    # ../shared/SCALE.md: ~31 GB per GPU at 16 GPUs, micro-batch 4, 1024 tokens, with checkpointing
+    cfg = _cfg(engine={"max_length": 1024}, labels={"max_new_tokens": 1023},
+               train={"micro_batch_size": 4, "global_batch_size": 64})
+    train = make_plan(cfg, TWO_NODES_80GB).stages[1]
+    assert 13e9 < train.gpu["model states"] < 14e9  # 8.8 GB shard + 4.2 GB gather buffers + LoRA states
+    assert 6e9 < train.gpu["activations"] < 8e9  # 4 x ~1.7 GB
+    assert 25e9 < sum(train.gpu.values()) < 36e9
+
+
+def test_training_that_cannot_fit_is_refused_with_numbers_and_a_setting_that_fits():
+    plan = make_plan(_cfg(train={"deepspeed_stage": 2, "gradient_checkpointing": False, "workers": 8, "global_batch_size": 16,
+                                 "micro_batch_size": 2}), TWO_NODES_80GB)
+    assert not plan.fits
+    problem = plan.problems()[0]
+    assert problem.startswith("train: needs") and "the GPUs have 80 GiB" in problem
+    suggestion = plan.stages[1].suggestions[0]
+    assert "train.gradient_checkpointing=true" in suggestion and "train.deepspeed_stage=3" in suggestion
+    fixed = {k.split("=")[0].removeprefix("train."): v for k, v in (s.split("=") for s in suggestion.split("  (")[0].split("--set ")[1:])}
+    values = {k: (v.strip() == "true" if v.strip() in ("true", "false") else int(v)) for k, v in fixed.items()}
+    assert make_plan(_cfg(train={"deepspeed_stage": 2, "gradient_checkpointing": False, "workers": 8, "global_batch_size": 16,
+                                 "micro_batch_size": 2, **values}), TWO_NODES_80GB).stages[1].fits
+
+
+def test_an_engine_that_cannot_hold_a_sequence_is_refused_and_a_larger_tp_suggested():
+    cfg = _cfg(source_base=LLAMA_70B, engine={"tensor_parallel_size": 1, "gpus_per_actor": 1, "actors": 8})
+    plan = make_plan(cfg, TWO_NODES_80GB)
+    engine = plan.stages[0]
+    assert not engine.fits and "KV tokens" in engine.problems[0]
+    assert engine.suggestions == ["--set engine.tensor_parallel_size=2 --set engine.gpus_per_actor=2 --set engine.actors=8"]
+    suggested = make_plan(_cfg(source_base=LLAMA_70B, engine={"tensor_parallel_size": 2, "gpus_per_actor": 2, "actors": 8}),
+                          TWO_NODES_80GB)
+    assert suggested.stages[0].fits
+
+
+def test_more_gpus_than_the_cluster_has_is_refused():
+    plan = make_plan(_cfg(engine={"actors": 8}), Resources(nodes=1, gpus_per_node=8, gpu_memory_gib=80, host_memory_gib=1000))
+    assert any("need 32 GPUs; the cluster has 8" in p for p in plan.problems())
+    plan = make_plan(_cfg(engine={"tensor_parallel_size": 8, "gpus_per_actor": 8, "actors": 1}),
+                     Resources(nodes=4, gpus_per_node=4, gpu_memory_gib=80, host_memory_gib=1000))
+    assert any("more than the 4 GPUs of one node" in p for p in plan.problems())

@@ -1,0 +1,437 @@
+"""``titok plan``: what a transplant needs per GPU and per node, and what it costs, from configs alone.
+
+    titok plan --config configs/llama70b.yaml --gpus-per-node 8 --gpu-memory-gib 80 --nodes 2
+
+Every number comes from each model's ``config.json`` on the meta device (``model_shape``) and from
+the transplant config; no weights are read. Memory per GPU and host RAM per node for the engine
+stages (queries, labels, scores on the source) and for training (the target); time and GPU-hours
+from FLOPs at a stated model-FLOPs utilisation plus weight loading at a stated bandwidth. Where a
+stage does not fit, the plan says so with the numbers and suggests settings that do.
+
+The arithmetic, with its assumptions (bytes are per GPU unless said otherwise):
+- engine weights: params x dtype bytes / (TP x PP); a vLLM LoRA slot holds every decoder projection
+  at ``max_lora_rank``; the engine's activation peak is ``max_num_batched_tokens`` x (vocab x 4 bytes
+  of fp32 logits for prompt log-probs + 8 x hidden x 2); KV cache = what is left of
+  ``gpu_memory_utilization`` x GPU memory, in tokens of ``kv_bytes_per_token / (TP x PP)``.
+- training model states (DeepSpeed's own accounting, ``estimate_zero3_model_states_mem_needs``,
+  generalised to a frozen base F plus trainable LoRA T; with T = everything it equals DeepSpeed's):
+  ZeRO-3 = 4 x largest module (gather buffers) + (2F + 18T) / N; ZeRO-2 = 2(F+T) + 18T / N;
+  offload moves the 16 (optimizer) or 18 + 2 (and parameters) bytes to host RAM.
+- activations per sequence of S tokens: (7 x hidden + 4 x mlp width) x 2 bytes per token per layer;
+  with checkpointing, layers x hidden x 2 per token plus one layer recomputed. Logits: response
+  tokens x vocab x 14 bytes (bf16 logits, fp32 copy, log-softmax, gradient).
+- FLOPs: generation and scoring 2 x params per token; LoRA training 4 x params per token (no weight
+  gradients for the base) + 2 x params with checkpointing (the recompute).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "make_plan", "vllm_lora_rank", "zero_model_states"]
+
+GIB = 1024**3
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# GPU memory by Ray's accelerator_type label (ray.util.accelerators); unknown types skip memory checks
+GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "B200": 180, "GH200": 96, "A100-80G": 80, "A100-40G": 40, "A100": 40,
+                  "L40S": 48, "L4": 24, "A10G": 24, "T4": 16, "V100": 16}
+CUDA_RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, allocator slack: never planned for tensors
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts for ``max_lora_rank`` that holds ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
+def zero_model_states(frozen: int, trainable: int, largest_module: int, gpus_per_node: int, nodes: int, stage: int,
+                      offload_optimizer: bool = False, offload_params: bool = False,
+                      load_bytes: int = 2, buffer_factor: float = 1.5) -> tuple[int, int]:
+    """``(bytes per GPU, host bytes per node)`` of DeepSpeed's model states for a frozen base plus
+    trainable parameters (``load_bytes``: bytes per parameter when a whole model is loaded on the host)."""
+    n = gpus_per_node * nodes
+    total = frozen + trainable
+    if stage == 3:
+        gather = 4 * largest_module
+        if offload_optimizer and offload_params:
+            return gather, int((18 * trainable + 2 * frozen) / nodes * buffer_factor)
+        if offload_optimizer:
+            return gather + int(2 * total / n), int(16 * trainable / nodes * buffer_factor)
+        if offload_params:
+            return gather + int(18 * trainable / n), int(2 * frozen / nodes * buffer_factor)
+        return gather + int((2 * frozen + 18 * trainable) / n), int(largest_module * 4 * gpus_per_node * buffer_factor)
+    loading = int(total * load_bytes * gpus_per_node * buffer_factor)  # every rank loads the whole model first
+    if offload_optimizer:
+        return 2 * total, loading + int(16 * trainable / nodes * buffer_factor)
+    return 2 * total + int(18 * trainable / n), loading
+
+
+@dataclass(frozen=True)
+class Resources:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float | None  # None: unknown, GPU memory is not checked
+    host_memory_gib: float | None  # per node
+    cpus_per_node: int | None = None
+    gpu_tflops: float = 989.0  # bf16 dense peak per GPU (H100/H200 SXM)
+    cpu_gflops_per_core: float = 50.0  # measured ~58 fp32 on an AVX512 EPYC core
+    source: str = "command line"
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    mfu_train: float = 0.30
+    mfu_inference: float = 0.15  # decode is memory-bound; prefill/scoring runs higher
+    load_gbps: float = 2.0  # weight loading per node, GB/s (shared storage or local NVMe)
+    prompt_tokens: int = 48  # chat template + instruction around a query
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    model: str
+    placement: str
+    gpu: dict = field(default_factory=dict)  # component -> bytes per GPU
+    host: dict = field(default_factory=dict)  # component -> bytes per node
+    notes: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    suggestions: list = field(default_factory=list)
+    flops: float = 0.0
+    compute_s: float = 0.0
+    load_s: float = 0.0
+    devices: int = 0  # GPUs (or nodes for CPU stages) the stage occupies
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def gpu_hours(self) -> float:
+        return (self.compute_s + self.load_s) * self.devices / 3600
+
+
+@dataclass
+class Plan:
+    resources: Resources
+    assumptions: Assumptions
+    stages: list[StagePlan]
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages)
+
+    def problems(self) -> list[str]:
+        return [f"{s.stage}: {p}" for s in self.stages for p in s.problems]
+
+    def to_dict(self) -> dict:
+        return {"resources": asdict(self.resources), "assumptions": asdict(self.assumptions), "fits": self.fits,
+                "stages": [{**asdict(s), "fits": s.fits, "gpu_hours": s.gpu_hours} for s in self.stages]}
+
+    def table(self) -> str:
+        r = self.resources
+        gpu_mem = f"{r.gpu_memory_gib:g} GiB" if r.gpu_memory_gib else "unknown memory"
+        lines = [f"resources ({r.source}): {r.nodes} node(s) x {r.gpus_per_node} GPU(s) ({gpu_mem}), host "
+                 f"{_gib(r.host_memory_gib * GIB) if r.host_memory_gib else 'unknown'} per node",
+                 "", "| stage | model | placement | per GPU | host per node | time | GPU-h | fits |", "|---|---|---|---|---|---|---|---|"]
+        for s in self.stages:
+            per_gpu = _gib(sum(s.gpu.values())) if s.gpu else "-"
+            lines.append(f"| {s.stage} | {s.model} | {s.placement} | {per_gpu} | {_gib(sum(s.host.values()))} | "
+                         f"{_duration(s.compute_s + s.load_s)} | {s.gpu_hours:.2f} | {'yes' if s.fits else '**no**'} |")
+        for s in self.stages:
+            lines += ["", f"{s.stage} ({s.model}):"]
+            if s.gpu:
+                lines.append("  per GPU: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.gpu.items()))
+            lines.append("  host per node: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.host.items()))
+            lines.append(f"  {s.flops:.3g} FLOP: compute {_duration(s.compute_s)}, weight loading {_duration(s.load_s)}")
+            lines += [f"  {n}" for n in s.notes]
+            lines += [f"  DOES NOT FIT: {p}" for p in s.problems]
+            lines += [f"  try: {x}" for x in s.suggestions]
+        a = self.assumptions
+        lines += ["", f"assumptions: MFU {a.mfu_train:.0%} training, {a.mfu_inference:.0%} inference; "
+                      f"{r.gpu_tflops:g} TFLOP/s bf16 per GPU; weights load at {a.load_gbps:g} GB/s per node; "
+                      f"{_gib(CUDA_RESERVE_BYTES)} per GPU kept free for CUDA/NCCL"]
+        return "\n".join(lines)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def _plan_dtype(dtype: str, on_gpu: bool) -> str:
+    """``auto`` as the plan assumes it: bf16 on GPUs, fp32 on CPUs (the conservative case)."""
+    return ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+
+
+# ---------------------------------------------------------------- engines (source model)
+
+def _engine_stage(cfg, shape, adapter_rank: int, res: Resources, a: Assumptions) -> StagePlan:
+    e = cfg.engine
+    on_gpu = e.gpus_per_actor > 0
+    dtype = _plan_dtype(e.dtype, on_gpu)
+    wbytes = _dtype_bytes(dtype)
+    shards = e.tensor_parallel_size * e.pipeline_parallel_size if e.name == "vllm" else max(1, math.ceil(e.gpus_per_actor))
+    placement = (f"{e.actors} actor(s) x {e.gpus_per_actor:g} GPU" + (f" (TP {e.tensor_parallel_size}, PP {e.pipeline_parallel_size})"
+                 if e.name == "vllm" else "") if on_gpu else f"{e.actors} actor(s) on CPU") + f", {e.name}"
+    stage = StagePlan("engine: queries, labels, scores", shape.name, placement)
+    weights = shape.params * wbytes
+    seq = e.max_length
+    if on_gpu and e.name == "vllm":
+        rank = vllm_lora_rank(e.max_lora_rank or adapter_rank)
+        slot = shape.layers * rank * sum(i + o for i, o in shape.linear_dims.values()) * wbytes
+        tokens = e.max_num_batched_tokens or max(8192, seq)
+        stage.gpu = {"weights": weights // shards, "LoRA slots": e.max_loras * slot // shards,
+                     "activations": tokens * (shape.vocab * 4 + 8 * shape.hidden * 2) // e.tensor_parallel_size}
+        if res.gpu_memory_gib:
+            budget = res.gpu_memory_gib * GIB * e.gpu_memory_utilization
+            kv_left = budget - sum(stage.gpu.values())
+            kv_tokens = int(max(kv_left, 0) // (shape.kv_bytes_per_token(wbytes) / shards))
+            stage.gpu["KV cache"] = int(max(kv_left, 0))
+            stage.notes.append(f"KV cache: {kv_tokens:,} tokens ({kv_tokens // seq:,} sequences of max_length {seq}); "
+                               f"LoRA slots: {e.max_loras} at rank {rank}")
+            if kv_tokens < seq:
+                stage.problems.append(f"weights {_gib(weights / shards)} + LoRA {_gib(e.max_loras * slot / shards)} + "
+                                      f"activations leave room for {kv_tokens} KV tokens per engine, fewer than "
+                                      f"max_length={seq}, within {e.gpu_memory_utilization:g} x {res.gpu_memory_gib:g} GiB")
+        stage.host["engine process"] = 4 * GIB * e.actors // max(res.nodes, 1)
+    elif on_gpu:  # transformers, device_map over the actor's GPUs; logits of a batch land on one GPU
+        kv = e.batch_size * seq * shape.kv_bytes_per_token(wbytes)
+        logits = e.batch_size * seq * shape.vocab * (wbytes + 8)
+        stage.gpu = {"weights": weights // shards, "KV cache (generation)": kv // shards, "logits (scoring)": logits}
+        stage.host["engine process"] = 4 * GIB * e.actors // max(res.nodes, 1)
+    else:
+        per_actor = weights + e.batch_size * seq * (shape.kv_bytes_per_token(wbytes) + shape.vocab * (wbytes + 8))
+        actors_per_node = math.ceil(e.actors / max(res.nodes, 1))
+        stage.host = {"weights": weights * actors_per_node, "activations, KV, logits": (per_actor - weights) * actors_per_node}
+    _check_engine_fit(stage, e, shards, res)
+
+    pool = cfg.pool_size
+    query_tokens = cfg.queries.max_new_tokens
+    prompts = pool * cfg.queries.oversample
+    tokens = {"queries": prompts * (cfg.queries.few_shot * query_tokens + query_tokens),
+              "labels": pool * (a.prompt_tokens + query_tokens + cfg.labels.max_new_tokens),
+              "scores": 2 * pool * (a.prompt_tokens + query_tokens + cfg.labels.max_new_tokens)}
+    stage.flops = 2 * shape.params * sum(tokens.values())
+    stage.notes.append("tokens: " + ", ".join(f"{k} {v:,.0f}" for k, v in tokens.items()) + " (upper bounds)")
+    stage.devices = e.actors * (e.gpus_per_actor if on_gpu else 0)
+    rate = (stage.devices * res.gpu_tflops * 1e12) if on_gpu else (e.actors * e.cpus_per_actor * res.cpu_gflops_per_core * 1e9)
+    stage.compute_s = stage.flops / (rate * a.mfu_inference)
+    stage.load_s = weights * math.ceil(e.actors / max(res.nodes, 1)) / (a.load_gbps * 1e9)
+    return stage
+
+
+def _check_engine_fit(stage: StagePlan, e, shards: int, res: Resources) -> None:
+    on_gpu = e.gpus_per_actor > 0
+    if on_gpu:
+        if res.gpus == 0:
+            stage.problems.append(f"engine.gpus_per_actor={e.gpus_per_actor:g} but the cluster has no GPUs")
+            return
+        if e.name == "vllm" and e.tensor_parallel_size > res.gpus_per_node:
+            stage.problems.append(f"engine.tensor_parallel_size={e.tensor_parallel_size} is more than the "
+                                  f"{res.gpus_per_node} GPUs of one node (tensor parallelism stays within a node)")
+        elif e.name == "transformers" and e.gpus_per_actor > res.gpus_per_node:
+            stage.problems.append(f"engine.gpus_per_actor={e.gpus_per_actor:g} is more than the {res.gpus_per_node} GPUs of one node")
+        if e.actors * e.gpus_per_actor > res.gpus:
+            stage.problems.append(f"{e.actors} actors x {e.gpus_per_actor:g} GPUs need {e.actors * e.gpus_per_actor:g} GPUs; "
+                                  f"the cluster has {res.gpus}")
+        if res.gpu_memory_gib and e.name == "transformers":
+            need = sum(stage.gpu.values()) + CUDA_RESERVE_BYTES
+            if need > res.gpu_memory_gib * GIB:
+                stage.problems.append(f"needs {_gib(need)} per GPU (with {_gib(CUDA_RESERVE_BYTES)} reserve), "
+                                      f"the GPUs have {res.gpu_memory_gib:g} GiB")
+    if res.host_memory_gib and sum(stage.host.values()) > res.host_memory_gib * GIB:
+        stage.problems.append(f"needs {_gib(sum(stage.host.values()))} of host RAM per node, nodes have "
+                              f"{res.host_memory_gib:g} GiB")
+
+
+# ---------------------------------------------------------------- training (target model)
+
+def _train_memory(shape, lora_params: int, t, micro: int, seq: int, response: int, res: Resources,
+                  workers: int, on_gpu: bool, checkpointing: bool) -> tuple[dict, dict]:
+    """``(per device, per node)`` byte components for one training setting."""
+    dtype = _plan_dtype(t.dtype, on_gpu)
+    wbytes = _dtype_bytes(dtype)
+    gpus_per_node = min(res.gpus_per_node, workers) if on_gpu else math.ceil(workers / max(res.nodes, 1))
+    nodes = math.ceil(workers / gpus_per_node)
+    states_gpu, states_host = zero_model_states(shape.params, lora_params, shape.largest_module_params, gpus_per_node,
+                                                nodes, t.deepspeed_stage, t.offload_optimizer, t.offload_params,
+                                                load_bytes=wbytes)
+    if wbytes == 4:  # fp32 training holds fp32 weights where DeepSpeed's accounting assumes 16-bit ones
+        states_gpu += (2 * shape.params) // (workers if t.deepspeed_stage == 3 else 1)
+    per_token_layer = (7 * shape.hidden + 4 * shape.intermediate) * wbytes
+    if checkpointing:
+        activations = micro * seq * (shape.layers * shape.hidden * wbytes + per_token_layer)
+    else:
+        activations = micro * seq * shape.layers * per_token_layer
+    logits = micro * response * shape.vocab * 14
+    device = {"model states": states_gpu, "activations": activations, "logits": logits}
+    host = {"model states, loading": states_host}
+    return device, host
+
+
+def _train_stage(cfg, shape, res: Resources, a: Assumptions) -> StagePlan:
+    from titok.train.ray_train import GRADIENT_CHECKPOINTING_MIN_PARAMS
+
+    t = cfg.train
+    on_gpu = t.use_gpu
+    lora_params = shape.lora_params(t.lora.rank, t.lora.target_modules)
+    checkpointing = t.gradient_checkpointing if t.gradient_checkpointing != "auto" else \
+        shape.params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
+    micro = min(t.micro_batch_size, t.global_batch_size // t.workers)
+    seq = cfg.engine.max_length
+    response = min(cfg.labels.max_new_tokens + 1, seq)
+    placement = (f"{t.workers} worker(s) x 1 GPU" if on_gpu else f"{t.workers} worker(s) on CPU") + \
+        f", ZeRO-{t.deepspeed_stage}, micro-batch {micro}" + (", checkpointing" if checkpointing else "") + \
+        (", optimizer offload" if t.offload_optimizer else "") + (", param offload" if t.offload_params else "")
+    stage = StagePlan("train", shape.name, placement)
+    device, host = _train_memory(shape, lora_params, t, micro, seq, response, res, t.workers, on_gpu, checkpointing)
+    if on_gpu:
+        stage.gpu = device
+        stage.host = host
+    else:
+        per_node = math.ceil(t.workers / max(res.nodes, 1))
+        stage.host = {**{k: v * per_node for k, v in device.items()}, **host}
+    stage.notes.append(f"LoRA r={t.lora.rank} on {'/'.join(t.lora.target_modules)}: {lora_params:,} trainable of "
+                       f"{shape.params:,} parameters; activations "
+                       f"{'with' if checkpointing else 'without'} checkpointing at {seq} tokens x micro-batch {micro}")
+    if on_gpu:
+        other = _train_memory(shape, lora_params, t, micro, seq, response, res, t.workers, on_gpu, not checkpointing)[0]
+        stage.notes.append(f"activations {'without' if checkpointing else 'with'} checkpointing would be "
+                           f"{_gib(other['activations'])} per GPU")
+    _check_train_fit(stage, t, res, on_gpu)
+    if not stage.fits and on_gpu and res.gpu_memory_gib:
+        stage.suggestions += _train_suggestions(cfg, shape, lora_params, res, response)
+
+    rows = min(cfg.filter.top_m, cfg.pool_size) if cfg.filter.method in ("titok", "top_m_only", "random_m") else cfg.pool_size
+    samples = t.max_steps * t.global_batch_size if t.max_steps else rows * t.epochs
+    tokens = samples * (a.prompt_tokens + cfg.queries.max_new_tokens + cfg.labels.max_new_tokens)
+    stage.flops = (4 + (2 if checkpointing else 0)) * shape.params * tokens
+    stage.notes.append(f"trained tokens: {tokens:,} ({samples:,} samples, upper bound)")
+    stage.devices = t.workers if on_gpu else 0
+    rate = t.workers * (res.gpu_tflops * 1e12 if on_gpu else t.cpus_per_worker * res.cpu_gflops_per_core * 1e9)
+    stage.compute_s = stage.flops / (rate * a.mfu_train)
+    stage.load_s = shape.params * _dtype_bytes(_plan_dtype(t.dtype, on_gpu)) / (a.load_gbps * 1e9)
+    return stage
+
+
+def _check_train_fit(stage: StagePlan, t, res: Resources, on_gpu: bool) -> None:
+    if on_gpu:
+        if res.gpus == 0:
+            stage.problems.append("train.use_gpu is on but the cluster has no GPUs")
+            return
+        if t.workers > res.gpus:
+            stage.problems.append(f"train.workers={t.workers} (one GPU each) but the cluster has {res.gpus} GPUs")
+        if res.gpu_memory_gib:
+            need = sum(stage.gpu.values()) + CUDA_RESERVE_BYTES
+            if need > res.gpu_memory_gib * GIB:
+                stage.problems.append(f"needs {_gib(need)} per GPU ({', '.join(f'{k} {_gib(v)}' for k, v in stage.gpu.items())}, "
+                                      f"{_gib(CUDA_RESERVE_BYTES)} reserve); the GPUs have {res.gpu_memory_gib:g} GiB")
+    if res.host_memory_gib and sum(stage.host.values()) > res.host_memory_gib * GIB:
+        stage.problems.append(f"needs {_gib(sum(stage.host.values()))} of host RAM per node, nodes have {res.host_memory_gib:g} GiB")
+
+
+def _train_suggestions(cfg, shape, lora_params: int, res: Resources, response: int) -> list[str]:
+    """The first settings, in order of cost, under which training fits."""
+    t = cfg.train
+    steps = [{"gradient_checkpointing": True}, {"deepspeed_stage": 3}, {"workers": res.gpus},
+             {"micro_batch_size": 1}, {"offload_optimizer": True}, {"offload_params": True}]
+    changes: dict = {}
+    for step in steps:
+        changes.update(step)
+        trial = t.model_copy(update=changes)
+        if trial.global_batch_size % trial.workers:
+            trial = trial.model_copy(update={"global_batch_size": trial.workers * max(1, t.global_batch_size // trial.workers)})
+            changes["global_batch_size"] = trial.global_batch_size
+        micro = min(trial.micro_batch_size, trial.global_batch_size // trial.workers)
+        device, host = _train_memory(shape, lora_params, trial, micro, cfg.engine.max_length, response, res,
+                                     trial.workers, True, trial.gradient_checkpointing is True)
+        fits_gpu = sum(device.values()) + CUDA_RESERVE_BYTES <= res.gpu_memory_gib * GIB
+        fits_host = not res.host_memory_gib or sum(host.values()) <= res.host_memory_gib * GIB
+        if fits_gpu and fits_host:
+            return [" ".join(f"--set train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
+                    + f"  ({_gib(sum(device.values()))} per GPU)"]
+    return [f"no setting tried fits {res.gpu_memory_gib:g} GiB GPUs; use more or larger GPUs"]
+
+
+def _engine_suggestions(cfg, shape, adapter_rank: int, res: Resources, a: Assumptions) -> list[str]:
+    e = cfg.engine
+    if e.name != "vllm" or e.gpus_per_actor == 0:
+        return []
+    for tp in (1, 2, 4, 8, 16):
+        if tp <= e.tensor_parallel_size or tp > res.gpus_per_node or shape.heads % tp:
+            continue
+        trial = cfg.model_copy(update={"engine": e.model_copy(update={"tensor_parallel_size": tp, "gpus_per_actor": tp * e.pipeline_parallel_size,
+                                                                      "actors": max(1, min(e.actors, res.gpus // (tp * e.pipeline_parallel_size)))})})
+        if _engine_stage(trial, shape, adapter_rank, res, a).fits:
+            return [f"--set engine.tensor_parallel_size={tp} --set engine.gpus_per_actor={tp * e.pipeline_parallel_size} "
+                    f"--set engine.actors={trial.engine.actors}"]
+    return []
+
+
+def _adapter_rank(folder: str) -> int | None:
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "adapter_config.json"
+    try:
+        return int(json.loads(path.read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # planned before the adapter exists: max_lora_rank or 8 stands in
+
+
+def make_plan(cfg, resources: Resources, assumptions: Assumptions = Assumptions(), adapter_rank: int | None = None) -> Plan:
+    """The plan for transplant config ``cfg`` on ``resources``; reads only the models' configs."""
+    from titok.model_shape import model_shape
+
+    source = model_shape(cfg.source_base, cfg.trust_remote_code)
+    target = model_shape(cfg.target_base, cfg.trust_remote_code)
+    rank = adapter_rank or cfg.engine.max_lora_rank or _adapter_rank(cfg.source_adapter) or 8
+    engine = _engine_stage(cfg, source, rank, resources, assumptions)
+    if not engine.fits:
+        engine.suggestions += _engine_suggestions(cfg, source, rank, resources, assumptions)
+    return Plan(resources, assumptions, [engine, _train_stage(cfg, target, resources, assumptions)])
+
+
+def local_resources() -> Resources:
+    """This machine as a one-node cluster (no Ray started)."""
+    import os
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if gpus else None
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return Resources(nodes=1, gpus_per_node=gpus, gpu_memory_gib=gpu_gib, host_memory_gib=host,
+                     cpus_per_node=os.cpu_count(), source="this machine")
+
+
+def cluster_resources() -> Resources:
+    """What the connected Ray cluster reports: its GPU nodes (or all nodes when none has a GPU), the
+    smallest host memory among them, and GPU memory from the ``accelerator_type`` label."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpu_nodes = [n for n in nodes if n["Resources"].get("GPU", 0) > 0]
+    chosen = gpu_nodes or nodes
+    types = {key.split(":", 1)[1] for n in chosen for key in n["Resources"] if key.startswith("accelerator_type:")}
+    gpu_gib = min((GPU_MEMORY_GIB[t] for t in types if t in GPU_MEMORY_GIB), default=None) if types else None
+    return Resources(nodes=len(chosen), gpus_per_node=int(max(n["Resources"].get("GPU", 0) for n in chosen)),
+                     gpu_memory_gib=gpu_gib, host_memory_gib=min(n["Resources"].get("memory", 0) for n in chosen) / GIB or None,
+                     cpus_per_node=int(min(n["Resources"].get("CPU", 0) for n in chosen)),
+                     source=f"Ray cluster{', ' + '/'.join(sorted(types)) if types else ''}")

@@ -1,0 +1,63 @@
+"""The queries stage: rounds of few-shot query writing on the source engines, filtered for diversity.
+
+The ROUGE-L filter runs on the driver over the whole pool (every engine's output), against the
+seeds too. The pool is saved after every round (``queries.progress.json``), so a run that stops
+early (out of rounds, killed) keeps what it wrote: rerun, with more ``queries.max_rounds`` if need
+be, and it goes on from there. Every round goes through the same engines (no actor restarts).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+
+from titok import columns as C
+from titok.queries import DiversityFilter, build_query_prompt
+from titok.runstate import RunDir
+from titok.tasks import load_task
+
+__all__ = ["write_query_pool"]
+
+
+def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
+    """``cfg.pool_size`` diverse queries (``sample_id``, ``query``), written by the source engines
+    (``engines()`` gives the fleet; adapter off)."""
+    task = load_task(cfg.task, seed=cfg.split_seed)
+    diversity = DiversityFilter([e["input"] for e in task.seed_examples], cfg.queries.rouge_l_max)
+    params = {"max_new_tokens": cfg.queries.max_new_tokens, "temperature": cfg.queries.temperature,
+              "top_p": cfg.queries.top_p, "seed": cfg.seed}
+    progress_path = run.root / "queries.progress.json"
+    key = run.fingerprint("", {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed, "split": cfg.split_seed,
+                               "queries": cfg.queries.model_dump(exclude={"max_rounds"}), "pool": cfg.pool_size})
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    if progress.get("key") != key:
+        progress = {"key": key, "kept": [], "written": 0, "rounds": 0}
+    diversity.kept = list(progress["kept"])
+    for round_index in range(progress["rounds"], cfg.queries.max_rounds):
+        if len(diversity.kept) >= cfg.pool_size:
+            break
+        rng = random.Random(f"{cfg.seed}:{round_index}")
+        missing = cfg.pool_size - len(diversity.kept)
+        # at least one full batch per engine, so none idles
+        n_prompts = max(int(np.ceil(missing * cfg.queries.oversample)), cfg.engine.batch_size * cfg.engine.actors)
+        written = progress["written"]
+        prompts = pa.table({C.SAMPLE_ID: np.arange(written, written + n_prompts, dtype=np.int64),
+                            C.MESSAGE: [build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng) for _ in range(n_prompts)]})
+        generated = engines().map(prompts, "queries", params).take_all()
+        for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
+            if len(diversity.kept) < cfg.pool_size:
+                diversity.offer(row[C.QUERY])
+        progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1)
+        progress_path.write_text(json.dumps(progress))
+        print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of "
+              f"{progress['written']} written", flush=True)
+    if len(diversity.kept) < cfg.pool_size:
+        raise RuntimeError(
+            f"only {len(diversity.kept)} of {cfg.pool_size} queries passed the ROUGE-L < {cfg.queries.rouge_l_max} filter "
+            f"in {cfg.queries.max_rounds} rounds (kept so far: {progress_path}); rerun with more queries.max_rounds to "
+            "continue from them, or raise queries.rouge_l_max, or lower filter.top_m"
+        )
+    return pa.table({C.SAMPLE_ID: np.arange(len(diversity.kept), dtype=np.int64), C.QUERY: diversity.kept})

@@ -1,0 +1,120 @@
+"""DeepSpeed for target-LoRA training: the only module that imports DeepSpeed.
+
+- The config is one of the JSON files shipped in ``titok/train/deepspeed/`` (or the user's
+  ``train.deepspeed_config``) with its ``"auto"`` fields filled from the batch plan and train config.
+- Under ZeRO-3 the target is built partitioned: ``HfDeepSpeedConfig`` is alive while
+  ``from_pretrained`` runs, so transformers builds the model inside ``deepspeed.zero.Init`` and each
+  rank only ever holds its shard (a 70B model never exists whole in one process). Without it
+  DeepSpeed would move a whole model onto each rank's device.
+- Checkpoints are DeepSpeed's own (``save_checkpoint`` without the frozen base weights): each rank
+  writes its optimizer/parameter partition, with our trainer state as DeepSpeed's client state, so a
+  restarted worker group continues where the last checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "DEEPSPEED_CONFIG_DIR",
+    "build_engine",
+    "deepspeed_config",
+    "is_partitioned",
+    "load_state",
+    "load_target",
+    "lora_state_dict",
+    "save_state",
+]
+
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed"
+_STATE_TAG = "state"
+
+
+def deepspeed_config(stage: int, micro_batch: int, accumulation: int, max_grad_norm: float, bf16: bool,
+                     offload_optimizer: bool = False, offload_params: bool = False, path: str | None = None) -> dict:
+    """A DeepSpeed config: the shipped JSON for ``stage`` (or ``path``), ``"auto"`` fields filled in."""
+    config = json.loads(Path(path or DEEPSPEED_CONFIG_DIR / f"zero{stage}.json").read_text())
+    config.pop("_comment", None)
+    config.pop("train_batch_size", None)  # DeepSpeed derives it: micro x accumulation x world size
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = stage
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = accumulation
+    config["gradient_clipping"] = max_grad_norm
+    config["bf16"] = {"enabled": bf16}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return config
+
+
+def load_target(spec: str, dtype: torch.dtype, ds_config: dict, trust_remote_code: bool = False):
+    """``(model, keep_alive)``: the target base, partitioned as it loads under ZeRO-3.
+
+    Keep ``keep_alive`` referenced while the model trains: transformers and PEFT ask it whether
+    ZeRO-3 is on (it is held through a weak reference).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from titok.models import resolve_model_path
+
+    keep_alive = HfDeepSpeedConfig(copy.deepcopy(ds_config)) if ds_config["zero_optimization"]["stage"] == 3 else None
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, keep_alive
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    """True for a ZeRO-3 parameter that this rank holds only as a shard (full tensor never local)."""
+    return hasattr(param, "ds_id") and param.numel() == 0
+
+
+def build_engine(model, ds_config: dict, lr: float, weight_decay: float, scheduler_fn):
+    """A DeepSpeed engine over the trainable (LoRA) parameters.
+
+    With optimizer offload the optimizer is DeepSpeed's (its CPU Adam); otherwise torch's AdamW.
+    ``scheduler_fn(optimizer)`` builds the LR schedule, which DeepSpeed steps at each optimizer step.
+    """
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if "offload_optimizer" in ds_config.get("zero_optimization", {}):
+        ds_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}}
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
+                                           lr_scheduler=scheduler_fn, config=ds_config, dist_init_required=False)
+    return engine
+
+
+def lora_state_dict(model) -> dict:
+    """LoRA weights as full CPU tensors on every rank (ZeRO-3 holds only partitions until gathered)."""
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    partitioned = any(hasattr(p, "ds_id") for p in lora_params)
+    gathered = deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None) if partitioned else nullcontext()
+    with gathered:
+        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def save_state(engine, directory: str | Path, trainer_state: dict) -> None:
+    """This rank's share of a resumable checkpoint (LoRA, optimizer, scheduler, trainer state)."""
+    engine.save_checkpoint(str(Path(directory) / "deepspeed"), tag=_STATE_TAG, client_state={"titok": trainer_state},
+                           exclude_frozen_parameters=True)
+
+
+def load_state(engine, directory: str | Path) -> dict:
+    """Restore what ``save_state`` wrote (every rank reads its own partition); returns the trainer state."""
+    path, client = engine.load_checkpoint(str(Path(directory) / "deepspeed"), tag=_STATE_TAG, load_module_strict=False)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed state under {directory}")
+    return client["titok"]
