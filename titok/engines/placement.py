@@ -6,7 +6,7 @@ vLLM engine.
   GPUs on one node, and distinct actors never share a GPU.
 - A vLLM engine with TP x PP > 1 runs its workers through vLLM's Ray executor, as Ray's own
   ``ray.data.llm`` does: the actor itself takes no GPU, and a placement group of TP x PP bundles
-  ``{"GPU": 1, "CPU": 1}`` is created for it, ``STRICT_PACK`` (one node) when it is tensor parallel
+  ``{"GPU": 1, "CPU": 1}`` is created for it (the actor itself runs in it, on one bundle's CPU), ``STRICT_PACK`` (one node) when it is tensor parallel
   only, ``PACK`` when pipeline stages may span nodes. vLLM places its workers in that group
   (``placement_group_capture_child_tasks``), so each engine's GPUs are its own.
 """
@@ -23,7 +23,7 @@ def engine_bundles(tensor_parallel_size: int, pipeline_parallel_size: int) -> tu
 
 
 def _placement_group_strategy(bundles: list[dict], strategy: str) -> dict:
-    """``ray_remote_args_fn``: called once per actor Ray starts, so every engine gets a group of its own."""
+    """Called once per engine actor, so every engine gets a group of its own."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -33,11 +33,13 @@ def _placement_group_strategy(bundles: list[dict], strategy: str) -> dict:
 
 def actor_options(name: str, gpus_per_actor: float, cpus_per_actor: int, tensor_parallel_size: int = 1,
                   pipeline_parallel_size: int = 1) -> dict:
-    """Ray resources (as ``map_batches``/``.options`` keyword arguments) for one engine actor."""
+    """Ray resources for one engine actor (``.options`` keyword arguments). For a multi-GPU vLLM
+    engine, ``"placement"`` is a function that makes the engine's placement group and returns the
+    scheduling strategy to start the actor with."""
     from functools import partial
 
     parallel = tensor_parallel_size * pipeline_parallel_size
     if name == "vllm" and gpus_per_actor > 0 and parallel > 1:
         bundles, strategy = engine_bundles(tensor_parallel_size, pipeline_parallel_size)
-        return {"num_cpus": 0, "num_gpus": 0, "ray_remote_args_fn": partial(_placement_group_strategy, bundles, strategy)}
+        return {"num_cpus": 1, "num_gpus": 0, "placement": partial(_placement_group_strategy, bundles, strategy)}
     return {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "scheduling_strategy": "SPREAD"}

@@ -82,15 +82,16 @@ class _Forward:
 class EngineFleet:
     """N engine actors for one run; ``map`` streams a dataset through them; ``close`` frees them."""
 
-    def __init__(self, run_dir: str, engine: dict, actors: int, options: dict, batch_size: int, threads: int):
+    def __init__(self, run_dir: str, engine: dict, actors: int, options: dict, batch_size: int, threads: int,
+                 actor_class: type = EngineActor):
         import ray
 
         options = dict(options)
-        make_options = options.pop("ray_remote_args_fn", None)  # one placement group per engine
-        remote = ray.remote(EngineActor)
+        make_group = options.pop("placement", None)  # one placement group per engine
+        remote = ray.remote(actor_class)
         self.actors, self.groups = [], []
         for _ in range(actors):
-            placed = make_options() if make_options else {}
+            placed = make_group() if make_group else {}
             if placed:
                 self.groups.append(placed["scheduling_strategy"].placement_group)
             self.actors.append(remote.options(**options, **placed).remote(run_dir, engine, threads))
