@@ -131,3 +131,58 @@ def test_more_gpus_than_the_cluster_has_is_refused():
     plan = make_plan(_cfg(engine={"tensor_parallel_size": 8, "gpus_per_actor": 8, "actors": 1}),
                      Resources(nodes=4, gpus_per_node=4, gpu_memory_gib=80, host_memory_gib=1000))
     assert any("more than the 4 GPUs of one node" in p for p in plan.problems())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,message", [
+    ({"engine": {"gpus_per_actor": 1}}, "engine.gpus_per_actor=1 but the cluster has no GPUs"),
+    ({"target_base": LLAMA_70B}, "of host RAM per node"),
+])
+def test_transplant_refuses_a_plan_that_cannot_fit_before_any_model_loads(tiny_model_dirs, tmp_path, local_ray, override, message):
+    from titok.config import ConfigError
+    from titok.pipeline import transplant
+    from tests.conftest import tiny_transplant_config
+
+    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run")
+    cfg = cfg.model_copy(update={k: (cfg.engine.model_copy(update=v) if k == "engine" else v) for k, v in override.items()})
+    with pytest.raises(ConfigError, match=message) as refused:
+        transplant(cfg)
+    assert "does not fit the cluster" in str(refused.value)
+    assert not (tmp_path / "run").exists()  # nothing written, no model loaded
+
+
+def test_dry_run_prints_the_plan_and_computes_nothing(tiny_model_dirs, tmp_path, capsys):
+    import yaml
+
+    from titok.cli import main
+    from tests.conftest import tiny_transplant_config
+
+    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run")
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    main(["transplant", "--config", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "| train |" in out and "dry run: the config is valid and its plan fits" in out
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as refused:
+        main(["transplant", "--config", str(path), "--dry-run", "--set", "engine.gpus_per_actor=2"])
+    assert refused.value.code == 2 and "no GPUs" in capsys.readouterr().err
+
+
+def test_plan_command_for_a_cluster_given_on_the_command_line(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from titok.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_cfg().model_dump()))
+    main(["plan", "--config", str(path), "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory-gib", "80",
+          "--host-memory-gib", "1800", "--json", str(tmp_path / "plan.json")])
+    assert "resources (command line): 2 node(s) x 8 GPU(s) (80 GiB)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["fits"] and [s["stage"] for s in saved["stages"]] == ["engine: queries, labels, scores", "train"]
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", "--config", str(path), "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "24"])
+    assert refused.value.code == 1 and "DOES NOT FIT" in capsys.readouterr().out

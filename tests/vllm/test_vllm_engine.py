@@ -22,7 +22,8 @@ RESPONSES = ["2+2 equals 4.", "Blue, like the sea.", "not True = False. False an
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = get_peft_model(load_model("smollm2-135m"), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+    # rank 12: not a rank vLLM accepts for max_lora_rank, so the engine must round it up (to 16)
+    model = get_peft_model(load_model("smollm2-135m"), LoraConfig(r=12, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                                    init_lora_weights=False))
     path = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(path)
@@ -36,7 +37,8 @@ def hf(adapter_dir):
 
 @pytest.fixture(scope="module")
 def vllm_engine(adapter_dir):
-    return build_engine("vllm", "smollm2-135m", adapter_dir, dtype="float32", max_length=256, vllm_score_tolerance=1e-2)
+    return build_engine("vllm", "smollm2-135m", adapter_dir, dtype="float32", max_length=256,
+                        vllm={"vllm_score_tolerance": 1e-2, "max_loras": 2, "max_cpu_loras": 3})
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +76,27 @@ def test_scoring_is_verified_before_it_is_trusted(vllm_engine, hf):
         assert vllm_engine.scoring_backend.startswith("transformers (")
     # and generation still runs on vLLM after the verdict
     assert vllm_engine.generate(QUERIES[:1], GenerationParams(8), use_adapter=True)[0]
+
+
+def test_engine_arguments_reach_vllm(vllm_engine):
+    config = vllm_engine.llm.llm_engine.vllm_config
+    assert config.lora_config.max_lora_rank == 16  # rank 12 rounded up to an accepted rank
+    assert (config.lora_config.max_loras, config.lora_config.max_cpu_loras) == (2, 3)
+    assert config.parallel_config.tensor_parallel_size == 1 and config.model_config.max_model_len == 256
+
+
+@pytest.mark.parametrize("tp,pp", [(4, 1), (2, 2)])
+def test_parallel_sizes_survive_an_adapter_and_vllm_accepts_the_arguments(tp, pp):
+    from vllm.config import LoRAConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from titok.engines.vllm_engine import vllm_engine_args
+
+    args = vllm_engine_args("some/model", "bfloat16", 2048, False, adapter_rank=24, tensor_parallel_size=tp,
+                            pipeline_parallel_size=pp, max_loras=4)
+    assert (args["tensor_parallel_size"], args["pipeline_parallel_size"]) == (tp, pp)
+    assert args["enable_lora"] and args["max_lora_rank"] == 32 and args["distributed_executor_backend"] == "ray"
+    EngineArgs(**args)  # every name and value is one vLLM's engine takes
+    LoRAConfig(max_lora_rank=args["max_lora_rank"], max_loras=args["max_loras"], max_cpu_loras=args["max_cpu_loras"])
+    with pytest.raises(Exception):
+        LoRAConfig(max_lora_rank=24)  # why the rank is rounded: vLLM refuses ranks outside its list
