@@ -186,3 +186,22 @@ def test_plan_command_for_a_cluster_given_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["plan", "--config", str(path), "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "24"])
     assert refused.value.code == 1 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_end_to_end_on_a_small_model(tmp_path):
+    """bench/gpu_check.py is run once where a GPU is lent; a smoke run here keeps it working."""
+    import json
+    import subprocess
+    import sys
+
+    from titok.models import resolve_model_path
+
+    out = tmp_path / "gpu_check.json"
+    subprocess.run([sys.executable, str(CONFIGS.parents[2] / "bench" / "gpu_check.py"), "--config", resolve_model_path("smollm2-135m"),
+                    "--device", "cpu", "--layers", "2", "--sequences", "4", "--batch", "2", "--prompt", "16", "--response", "32",
+                    "--micro", "2", "--seq", "64", "--matmul", "256", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["scorer"]["response_tokens_per_s"] > 0 and result["machine"]["cpu_capability"]
+    assert [row["gradient_checkpointing"] for row in result["train_step"]] == [True, False]
+    assert all(row["plan_total_gib"] > 0 and all(map(lambda x: x == x, row["losses"])) for row in result["train_step"])

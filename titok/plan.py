@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "make_plan", "vllm_lora_rank", "zero_model_states"]
+__all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "activation_bytes", "cluster_resources", "local_resources",
+           "logits_bytes", "make_plan", "vllm_lora_rank", "zero_model_states"]
 
 GIB = 1024**3
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -37,6 +38,7 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "B200": 180, "GH200": 96, "A100-80G": 80, "A100-40G": 40, "A100": 40,
                   "L40S": 48, "L4": 24, "A10G": 24, "T4": 16, "V100": 16}
 CUDA_RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, allocator slack: never planned for tensors
+ENGINE_PROCESS_BYTES = 4 * GIB  # host RAM of one GPU engine process (Python, CUDA, tokenizer, pinned buffers)
 
 
 def vllm_lora_rank(rank: int) -> int:
@@ -156,7 +158,8 @@ class Plan:
         a = self.assumptions
         lines += ["", f"assumptions: MFU {a.mfu_train:.0%} training, {a.mfu_inference:.0%} inference; "
                       f"{r.gpu_tflops:g} TFLOP/s bf16 per GPU; weights load at {a.load_gbps:g} GB/s per node; "
-                      f"{_gib(CUDA_RESERVE_BYTES)} per GPU kept free for CUDA/NCCL"]
+                      f"{_gib(CUDA_RESERVE_BYTES)} per GPU kept free for CUDA/NCCL; "
+                      f"{_gib(ENGINE_PROCESS_BYTES)} host RAM per GPU engine process"]
         return "\n".join(lines)
 
 
@@ -209,12 +212,12 @@ def _engine_stage(cfg, shape, adapter_rank: int, res: Resources, a: Assumptions)
                 stage.problems.append(f"weights {_gib(weights / shards)} + LoRA {_gib(e.max_loras * slot / shards)} + "
                                       f"activations leave room for {kv_tokens} KV tokens per engine, fewer than "
                                       f"max_length={seq}, within {e.gpu_memory_utilization:g} x {res.gpu_memory_gib:g} GiB")
-        stage.host["engine process"] = 4 * GIB * e.actors // max(res.nodes, 1)
+        stage.host["engine processes"] = ENGINE_PROCESS_BYTES * e.actors // max(res.nodes, 1)
     elif on_gpu:  # transformers, device_map over the actor's GPUs; logits of a batch land on one GPU
         kv = e.batch_size * seq * shape.kv_bytes_per_token(wbytes)
         logits = e.batch_size * seq * shape.vocab * (wbytes + 8)
         stage.gpu = {"weights": weights // shards, "KV cache (generation)": kv // shards, "logits (scoring)": logits}
-        stage.host["engine process"] = 4 * GIB * e.actors // max(res.nodes, 1)
+        stage.host["engine processes"] = ENGINE_PROCESS_BYTES * e.actors // max(res.nodes, 1)
     else:
         per_actor = weights + e.batch_size * seq * (shape.kv_bytes_per_token(wbytes) + shape.vocab * (wbytes + 8))
         actors_per_node = math.ceil(e.actors / max(res.nodes, 1))
@@ -262,11 +265,23 @@ def _check_engine_fit(stage: StagePlan, e, shards: int, res: Resources) -> None:
 
 # ---------------------------------------------------------------- training (target model)
 
+def activation_bytes(shape, sequences: int, seq: int, dtype_bytes: int, checkpointing: bool) -> int:
+    """Activations kept for the backward pass of ``sequences`` x ``seq`` tokens."""
+    per_token_layer = (7 * shape.hidden + 4 * shape.intermediate) * dtype_bytes
+    if checkpointing:  # each layer's input, plus one layer recomputed at a time
+        return sequences * seq * (shape.layers * shape.hidden * dtype_bytes + per_token_layer)
+    return sequences * seq * shape.layers * per_token_layer
+
+
+def logits_bytes(shape, sequences: int, response: int) -> int:
+    """Logits of the response positions: bf16 logits, their fp32 copy, log-softmax and gradient."""
+    return sequences * response * shape.vocab * 14
+
+
 def _train_memory(shape, lora_params: int, t, micro: int, seq: int, response: int, res: Resources,
                   workers: int, on_gpu: bool, checkpointing: bool) -> tuple[dict, dict]:
     """``(per device, per node)`` byte components for one training setting."""
-    dtype = _plan_dtype(t.dtype, on_gpu)
-    wbytes = _dtype_bytes(dtype)
+    wbytes = _dtype_bytes(_plan_dtype(t.dtype, on_gpu))
     gpus_per_node = min(res.gpus_per_node, workers) if on_gpu else math.ceil(workers / max(res.nodes, 1))
     nodes = math.ceil(workers / gpus_per_node)
     states_gpu, states_host = zero_model_states(shape.params, lora_params, shape.largest_module_params, gpus_per_node,
@@ -274,15 +289,9 @@ def _train_memory(shape, lora_params: int, t, micro: int, seq: int, response: in
                                                 load_bytes=wbytes)
     if wbytes == 4:  # fp32 training holds fp32 weights where DeepSpeed's accounting assumes 16-bit ones
         states_gpu += (2 * shape.params) // (workers if t.deepspeed_stage == 3 else 1)
-    per_token_layer = (7 * shape.hidden + 4 * shape.intermediate) * wbytes
-    if checkpointing:
-        activations = micro * seq * (shape.layers * shape.hidden * wbytes + per_token_layer)
-    else:
-        activations = micro * seq * shape.layers * per_token_layer
-    logits = micro * response * shape.vocab * 14
-    device = {"model states": states_gpu, "activations": activations, "logits": logits}
-    host = {"model states, loading": states_host}
-    return device, host
+    device = {"model states": states_gpu, "activations": activation_bytes(shape, micro, seq, wbytes, checkpointing),
+              "logits": logits_bytes(shape, micro, response)}
+    return device, {"model states, loading": states_host}
 
 
 def _train_stage(cfg, shape, res: Resources, a: Assumptions) -> StagePlan:
@@ -322,7 +331,8 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions) -> StagePlan:
     samples = t.max_steps * t.global_batch_size if t.max_steps else rows * t.epochs
     tokens = samples * (a.prompt_tokens + cfg.queries.max_new_tokens + cfg.labels.max_new_tokens)
     stage.flops = (4 + (2 if checkpointing else 0)) * shape.params * tokens
-    stage.notes.append(f"trained tokens: {tokens:,} ({samples:,} samples, upper bound)")
+    budget = f"{t.max_steps} steps x {t.global_batch_size}" if t.max_steps else f"{rows} samples x {t.epochs} epochs"
+    stage.notes.append(f"trained tokens: {tokens:,} ({budget}, upper bound)")
     stage.devices = t.workers if on_gpu else 0
     rate = t.workers * (res.gpu_tflops * 1e12 if on_gpu else t.cpus_per_worker * res.cpu_gflops_per_core * 1e9)
     stage.compute_s = stage.flops / (rate * a.mfu_train)
