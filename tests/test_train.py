@@ -136,3 +136,11 @@ def test_a_worker_killed_mid_training_resumes_from_its_checkpoint(zero2_two_work
     assert {e["step"] for e in resumes} == {2} and len(resumes) == 2  # both ranks, from the step-2 checkpoint
     assert len([e for e in resumed["events"] if e["event"] == "model_load"]) == 4  # the group was rebuilt once
     _assert_same_adapter(resumed["weights"], zero2_two_workers["weights"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_ends_the_run_once_instead_of_retrying(target_dir, tmp_path, local_ray):
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        _train(local_ray, target_dir, tmp_path, lr=1e30, max_failures=2)
+    loads = [e for e in RunDir(tmp_path).events() if e["event"] == "model_load"]
+    assert len(loads) == 2  # one attempt per worker: the divergence is not retried

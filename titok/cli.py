@@ -1,4 +1,4 @@
-"""``titok`` command line: ``transplant``, ``plan``, ``sft``, ``eval``, ``compare``, ``demo-excess``."""
+"""``titok`` command line: ``transplant``, ``plan``, ``migrate``, ``sft``, ``eval``, ``compare``, ``demo-excess``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,20 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def _migrate(args: argparse.Namespace) -> None:
+    from titok.zoo import ZooManifest, load_manifest, migrate
+
+    if args.help_config:
+        print("\n".join(describe_fields(ZooManifest)))
+        return
+    if not args.manifest:
+        raise ConfigError("give --manifest ZOO.yaml (see configs/zoo-demo.yaml)")
+    record = migrate(load_manifest(args.manifest, args.set))
+    out = record["manifest"]["out_dir"]
+    print(open(f"{out}/summary.md").read())
+    print(f"zoo: {out}  (adapters/, zoo.json, summary.md, summary.csv, lora-modules.json, serve.sh)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="titok", description="Transplant LoRA adapters between LLM backbones (TiTok).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +184,16 @@ def main(argv: list[str] | None = None) -> None:
                      help="override a compare field (eval.examples=20, transplant.filter.top_m=16); repeatable")
     cmp.add_argument("--help-config", action="store_true", help="list every compare field")
     cmp.set_defaults(run=_compare)
+
+    mg = commands.add_parser("migrate", help="move a whole adapter zoo onto a new base in one job",
+                             description="Transplant every adapter of a manifest with shared engines (the source model "
+                                         "loads once per actor), isolated failures, resume, a release gate per adapter, "
+                                         "and a zoo folder with provenance, summaries and a vLLM serving file.")
+    mg.add_argument("--manifest", help="zoo manifest YAML (see configs/zoo-demo.yaml)")
+    mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a manifest field (out_dir=..., gate.examples=20, defaults.train.epochs=4)")
+    mg.add_argument("--help-config", action="store_true", help="list every manifest field")
+    mg.set_defaults(run=_migrate)
 
     demo = commands.add_parser("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
     demo.add_argument("--out", default="runs/demo-excess", help="where the demo adapter is kept (reused on rerun)")

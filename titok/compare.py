@@ -14,10 +14,7 @@ evaluation, so a stopped compare resumes and a changed report costs nothing. The
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -26,6 +23,7 @@ from pydantic import Field, field_validator
 
 from titok.config import (
     ConfigError,
+    EvalSettings,
     TrainConfig,
     TransplantConfig,
     _Section,
@@ -36,11 +34,13 @@ from titok.config import (
     validated,
 )
 
-__all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare"]
+from titok.evaluate import cached_evaluation
+from titok.layout import share_stages, short_name
+
+__all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
 
 METHODS = ("kd", "random_m", "top_m_only", "top_k_only", "titok")
 _PER_CELL_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir", "seed", "split_seed")
-_SHARED_STAGES = ("queries", "labels", "scores")
 
 
 class SourceSettings(_Section):
@@ -48,16 +48,6 @@ class SourceSettings(_Section):
         {}, description="task -> an existing source LoRA on source_base; tasks without one get `titok sft`")
     train_examples: int = Field(256, ge=1, description="training examples for a `titok sft` source expert")
     train: dict = Field({}, description="training overrides on titok sft's defaults (epochs, lr, lora.rank, ...)")
-
-
-class EvalSettings(_Section):
-    examples: int = Field(50, ge=1, description="held-out examples per task (the same ones for every row)")
-    max_new_tokens: int | None = Field(
-        None, ge=1, description="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
-    batch_size: int = Field(16, ge=1, description="examples per generation batch")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="inference dtype")
-    cpus_per_actor: int = Field(1, ge=1, description="CPU cores (torch threads) per evaluation actor")
-    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
 
 
 class CompareConfig(_Section):
@@ -97,11 +87,6 @@ def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int 
     if seeds is not None:
         data["seeds"] = seeds
     return validated(CompareConfig, data, "compare")
-
-
-def short_name(spec: str) -> str:
-    """A model or task spec as a folder name: ``gemma3-270m``, ``my_task`` for ``/data/my_task.json``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec.rstrip("/")).stem if "/" in spec or "." in spec else spec)
 
 
 def run_config(cfg: CompareConfig, task: str, seed: int, target: str, method: str, source_adapter: str) -> TransplantConfig:
@@ -154,49 +139,6 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     return str(out)
 
 
-def share_upstream_stages(source_run: Path, run_dir: Path) -> None:
-    """Copy the complete queries/labels/scores stages of one target's run into another's: they do not
-    depend on the target, so the pipeline finds matching fingerprints and reuses them."""
-    for stage in _SHARED_STAGES:
-        if (source_run / stage / "_COMPLETE.json").is_file() and not (run_dir / stage / "_COMPLETE.json").is_file():
-            shutil.rmtree(run_dir / stage, ignore_errors=True)
-            shutil.copytree(source_run / stage, run_dir / stage)
-    progress = source_run / "queries.progress.json"
-    if progress.is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(progress, run_dir / progress.name)
-
-
-def _adapter_digest(path: str | None) -> str | None:
-    if path is None:
-        return None
-    return hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
-
-
-def cached_evaluation(cfg: CompareConfig, path: Path, base: str, variants: dict[str, str | None], task: str) -> dict:
-    """Reports per variant; reused from ``path`` while the base, the adapters' weights and the eval
-    settings are unchanged."""
-    from titok.evaluate import evaluate_variants
-
-    settings = cfg.eval.model_dump(exclude={"cpus_per_actor", "gpus_per_actor"})  # where it runs, not what it measures
-    key = {"base": base, "task": task, "split": cfg.split_seed, "eval": settings,
-           "variants": {name: _adapter_digest(adapter) for name, adapter in variants.items()}}
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["reports"]
-    e = cfg.eval
-    started = time.perf_counter()
-    reports = evaluate_variants(base, variants, task, seed=cfg.split_seed, n_test=e.examples, dtype=e.dtype,
-                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor)
-    for report in reports.values():
-        report["eval_seconds"] = round(time.perf_counter() - started, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "reports": reports}, indent=2))
-    return reports
-
-
 def _row(report: dict, task: str, target: str, method: str, seed: int | None) -> dict:
     row = {"task": task, "target": target, "method": method, "seed": "" if seed is None else seed, "n": report["n"],
            "exact_match": report["exact_match"], "majority_rate": report["majority_rate"]}
@@ -221,7 +163,7 @@ def run_compare(cfg: CompareConfig) -> Path:
     rows, timings = [], []
     for task in cfg.tasks:
         adapter = source_adapter(cfg, task)
-        expert = cached_evaluation(cfg, out / "evals" / short_name(task) / "source-expert.json", cfg.source_base,
+        expert = cached_evaluation(cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / "source-expert.json", cfg.source_base,
                                    {"expert": adapter}, task)["expert"]
         rows.append(_row(expert, task, cfg.source_base, "source expert", None))
         for seed in range(cfg.seeds):
@@ -229,7 +171,7 @@ def run_compare(cfg: CompareConfig) -> Path:
             for target in cfg.targets:
                 variants: dict[str, str | None] = {"vanilla": None}
                 if first_run is not None:
-                    share_upstream_stages(first_run, Path(run_config(cfg, task, seed, target, "titok", adapter).run_dir))
+                    share_stages(first_run, Path(run_config(cfg, task, seed, target, "titok", adapter).run_dir))
                 for method in cfg.methods:
                     run = run_config(cfg, task, seed, target, method, adapter)
                     print(f"[compare] {task} seed {seed} -> {target}: {method}", flush=True)
@@ -244,7 +186,7 @@ def run_compare(cfg: CompareConfig) -> Path:
                 if seed > 0:
                     variants.pop("vanilla")
                 reports = cached_evaluation(
-                    cfg, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target, variants, task)
+                    cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target, variants, task)
                 for name, report in reports.items():
                     rows.append(_row(report, task, target, name, None if name == "vanilla" else seed))
     elapsed = time.perf_counter() - started

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "ConfigError",
     "EngineConfig",
+    "EvalSettings",
     "FilterConfig",
     "LabelsConfig",
     "LoraShape",
@@ -182,6 +183,21 @@ class TrainConfig(_Section):
         if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
             raise ValueError(f"deepspeed_config: {self.deepspeed_config} does not exist")
         return self
+
+
+class EvalSettings(_Section):
+    """Held-out evaluation (``titok compare``'s table, ``titok migrate``'s release gate)."""
+
+    # where it runs, not what it measures (kept out of cache keys)
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("cpus_per_actor", "gpus_per_actor")
+
+    examples: int = Field(50, ge=1, description="held-out examples per task (the same ones for every row)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
+    batch_size: int = Field(16, ge=1, description="examples per generation batch")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="inference dtype")
+    cpus_per_actor: int = Field(1, ge=1, description="CPU cores (torch threads) per evaluation actor")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
 
 
 class TransplantConfig(_Section):

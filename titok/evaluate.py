@@ -20,7 +20,7 @@ from titok.engines import GenerationParams, build_engine
 from titok.metrics import exact_match, extract_answer, majority_rate, option_loglik_choices, rouge
 from titok.tasks import load_task, reference_response
 
-__all__ = ["EvaluateBatch", "evaluate", "evaluate_variants", "write_report"]
+__all__ = ["EvaluateBatch", "cached_evaluation", "evaluate", "evaluate_variants", "write_report"]
 
 
 class EvaluateBatch:
@@ -122,3 +122,28 @@ def evaluate(base: str, adapter: str | None, task_spec: str, seed: int = 0, n_te
 def write_report(report: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2))
+
+
+def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants: dict[str, str | None], task: str) -> dict:
+    """Reports per variant (``settings``: ``config.EvalSettings``); reused from ``path`` while the
+    base, the adapters' weights and the eval settings are unchanged."""
+    import time
+
+    from titok.layout import adapter_digest
+
+    key = {"base": base, "task": task, "split": split_seed,
+           "eval": settings.model_dump(exclude=set(settings.PLACEMENT_FIELDS)),
+           "variants": {name: adapter_digest(adapter) for name, adapter in variants.items()}}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["reports"]
+    started = time.perf_counter()
+    reports = evaluate_variants(base, variants, task, seed=split_seed, n_test=settings.examples, dtype=settings.dtype,
+                                max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                                cpus_per_actor=settings.cpus_per_actor, gpus_per_actor=settings.gpus_per_actor)
+    for report in reports.values():
+        report["eval_seconds"] = round(time.perf_counter() - started, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "reports": reports}, indent=2))
+    return reports

@@ -21,6 +21,7 @@ from titok import columns as C
 from titok.config import ConfigError, TransplantConfig, validate_inputs
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
+from titok.layout import SOURCE_STAGES
 from titok.plan import Plan, Resources, cluster_resources, make_plan
 from titok.runstate import RunDir, dataset_of, run_stage
 from titok.stages.alignment import AlignToTarget
@@ -29,26 +30,26 @@ from titok.stages.fleet import EngineFleet
 from titok.stages.queries import write_query_pool
 from titok.train.ray_train import copy_adapter, run_training
 
-__all__ = ["STAGES", "check_plan", "format_summary", "transplant"]
+__all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "transplant"]
 
 STAGES = ("queries", "labels", "scores", "filter", "align", "train", "export")
-SOURCE_STAGES = ("queries", "labels", "scores")  # served by the source engines; shared by every filter method
 
 
 class SourceEngines:
-    """The source model's engine fleet, started on first use and closed once scoring is done."""
+    """The source model's engine fleet with its adapters (``{name: folder}``), started on first use and
+    closed once scoring is done. A transplant has one adapter, ``default``; a zoo has them all."""
 
-    def __init__(self, cfg: TransplantConfig, run: RunDir):
-        self.cfg, self.run, self.fleet = cfg, run, None
+    def __init__(self, cfg: TransplantConfig, run_dir: str, adapters: dict[str, str]):
+        self.cfg, self.run_dir, self.adapters, self.fleet = cfg, run_dir, adapters, None
 
     def __call__(self) -> EngineFleet:
         if self.fleet is None:
             e, cfg = self.cfg.engine, self.cfg
-            engine = {"name": e.name, "base": cfg.source_base, "adapter": cfg.source_adapter, "dtype": e.dtype,
+            engine = {"name": e.name, "base": cfg.source_base, "adapter": self.adapters, "dtype": e.dtype,
                       "max_length": e.max_length, "batch_size": e.batch_size, "trust_remote_code": cfg.trust_remote_code,
                       "vllm": e.model_dump(include=set(VLLM_FIELDS)), "gpus": e.gpus_per_actor}
             options = actor_options(e.name, e.gpus_per_actor, e.cpus_per_actor, e.tensor_parallel_size, e.pipeline_parallel_size)
-            self.fleet = EngineFleet(str(self.run.root), engine, e.actors, options, e.batch_size, e.cpus_per_actor)
+            self.fleet = EngineFleet(self.run_dir, engine, e.actors, options, e.batch_size, e.cpus_per_actor)
         return self.fleet
 
     def close(self) -> None:
@@ -61,15 +62,15 @@ VLLM_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_uti
                "max_loras", "max_cpu_loras", "max_lora_rank", "vllm_score_tolerance")
 
 
-def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEngines):
-    """The expert (source base + adapter) answers every query, greedy by default."""
+def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEngines, adapter: str):
+    """The expert (source base + ``adapter``) answers every query, greedy by default."""
     params = {"max_new_tokens": cfg.labels.max_new_tokens, "temperature": cfg.labels.temperature, "seed": cfg.seed}
-    return engines().map(queries, "labels", params)
+    return engines().map(queries, "labels", {"generation": params, "adapter": adapter})
 
 
-def score_excess(cfg: TransplantConfig, labels: pa.Table, engines: SourceEngines):
+def score_excess(cfg: TransplantConfig, labels: pa.Table, engines: SourceEngines, adapter: str):
     """Expert and amateur log-probs of every response token, one base copy per engine."""
-    return engines().map(labels, "scores")
+    return engines().map(labels, "scores", {"adapter": adapter})
 
 
 def filter_samples_and_tokens(cfg: TransplantConfig, scores: pa.Table):
@@ -137,6 +138,47 @@ def _stage_fields(cfg: TransplantConfig) -> dict:
     }
 
 
+class StageRunner:
+    """One run directory's stages, in order: ``run(name)`` runs or reuses the next one.
+
+    The fingerprint chain and each stage's rows pass from one call to the next, so a caller may run
+    the stages of several run directories interleaved (a zoo runs every adapter's scores before
+    any training), and each directory ends exactly as a lone transplant would leave it.
+    """
+
+    def __init__(self, cfg: TransplantConfig, engines: SourceEngines, adapter: str = "default"):
+        self.cfg, self.run = cfg, RunDir(cfg.run_dir)
+        self.fields, self.timings, self.fingerprint, self.rows = _stage_fields(cfg), {}, "", None
+        self.steps = {
+            "queries": lambda _: write_query_pool(cfg, self.run, engines),
+            "labels": lambda queries: label_responses(cfg, queries, engines, adapter),
+            "scores": lambda labels: score_excess(cfg, labels, engines, adapter),
+            "filter": lambda scores: filter_samples_and_tokens(cfg, scores),
+            "align": lambda kept: align_to_target(cfg, kept),
+            "train": lambda aligned: train_target(cfg, self.run, aligned),
+        }
+
+    def fingerprint_of(self, name: str) -> str:
+        """The fingerprint stage ``name`` will have (stages before it need not have run)."""
+        fingerprint = ""
+        for stage in STAGES[: STAGES.index(name) + 1]:
+            fingerprint = self.run.fingerprint(fingerprint, self.fields[stage])
+        return fingerprint
+
+    def run_next(self, name: str) -> None:
+        if name == "export":
+            self.timings["export"] = {"status": "ran"}
+            self.adapter_path = export(self.cfg, self.run)
+            return
+        self.fingerprint = self.run.fingerprint(self.fingerprint, self.fields[name])
+        self.rows = run_stage(self.run, _stage_path(self.cfg, name), self.fingerprint, lambda: self.steps[name](self.rows),
+                              self.timings)
+
+    def result(self) -> dict:
+        out = {"run_dir": str(self.run.root), "stages": self.timings}
+        return {**out, "adapter": self.adapter_path} if hasattr(self, "adapter_path") else out
+
+
 def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
     """Run (or resume) a transplant; returns per-stage status/timings and the adapter path."""
     import ray
@@ -151,29 +193,16 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
     (run.root / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
-    engines = SourceEngines(cfg, run)
-    steps = {
-        "queries": lambda _: write_query_pool(cfg, run, engines),
-        "labels": lambda queries: label_responses(cfg, queries, engines),
-        "scores": lambda labels: score_excess(cfg, labels, engines),
-        "filter": lambda scores: filter_samples_and_tokens(cfg, scores),
-        "align": lambda kept: align_to_target(cfg, kept),
-        "train": lambda aligned: train_target(cfg, run, aligned),
-    }
-    last = STAGES.index(until) if until else len(STAGES) - 1
-    fields, timings, fingerprint, upstream = _stage_fields(cfg), {}, "", None
+    engines = SourceEngines(cfg, str(run.root), {"default": cfg.source_adapter})
+    runner = StageRunner(cfg, engines)
     try:
-        for name in STAGES[: last + 1]:
+        for name in STAGES[: STAGES.index(until or "export") + 1]:
             if name not in SOURCE_STAGES:
                 engines.close()  # the source model is done: free its devices for training
-            if name == "export":
-                timings["export"] = {"status": "ran"}
-                return {"run_dir": str(run.root), "stages": timings, "adapter": export(cfg, run)}
-            fingerprint = run.fingerprint(fingerprint, fields[name])
-            upstream = run_stage(run, _stage_path(cfg, name), fingerprint, lambda: steps[name](upstream), timings)
+            runner.run_next(name)
     finally:
         engines.close()
-    return {"run_dir": str(run.root), "stages": timings}
+    return runner.result()
 
 
 def check_plan(cfg: TransplantConfig, resources: Resources) -> Plan:

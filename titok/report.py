@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from titok import columns as C
-from titok.compare import run_config, short_name
+from titok.compare import run_config
+from titok.layout import short_name
 
 __all__ = ["aggregate", "markdown_tables", "shade_tokens", "write_compare_report"]
 

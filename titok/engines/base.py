@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 from titok.excess import TokenScores
 
-__all__ = ["GenerationParams", "InferenceEngine"]
+__all__ = ["GenerationParams", "InferenceEngine", "named_adapters"]
+
+
+def named_adapters(adapter: str | dict[str, str] | None) -> dict[str, str]:
+    """One adapter folder is named ``default`` (PEFT's name); a zoo passes ``{name: folder}``."""
+    if not adapter:
+        return {}
+    return {"default": str(adapter)} if isinstance(adapter, (str, bytes)) or hasattr(adapter, "__fspath__") else dict(adapter)
 
 
 @dataclass(frozen=True)
@@ -20,12 +27,16 @@ class GenerationParams:
 
 
 class InferenceEngine(ABC):
-    """One base model (plus optional LoRA) loaded once per actor."""
+    """One base model (plus optional LoRAs, one active at a time) loaded once per actor."""
 
     @abstractmethod
     def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
         """Answer each user message (``chat``: the engine applies the chat template) or continue each
         raw prompt (``chat=False``); returns the generated texts."""
+
+    @abstractmethod
+    def select_adapter(self, name: str) -> None:
+        """Make the adapter called ``name`` the expert for the calls that follow."""
 
     @abstractmethod
     def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:

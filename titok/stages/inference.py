@@ -23,6 +23,11 @@ def _check(stage: str, batch: dict, required: tuple[str, ...]) -> None:
         raise KeyError(f"{stage} stage needs columns {missing}; got {sorted(batch)}")
 
 
+def _select_adapter(engine: InferenceEngine, params: dict) -> None:
+    """The expert for this batch: a pass serves one adapter, so a batch never mixes adapters."""
+    engine.select_adapter(params["adapter"])
+
+
 def write_queries(engine: InferenceEngine, batch: dict, params: dict) -> dict:
     """Raw few-shot prompt -> one new query, continued by the source base (adapter off)."""
     _check("queries", batch, (C.SAMPLE_ID, C.MESSAGE))
@@ -36,13 +41,15 @@ def write_queries(engine: InferenceEngine, batch: dict, params: dict) -> dict:
 def label_responses(engine: InferenceEngine, batch: dict, params: dict) -> dict:
     """The expert (source base + adapter) answers each query."""
     _check("labels", batch, (C.SAMPLE_ID, C.QUERY))
-    responses = engine.generate(list(batch[C.QUERY]), GenerationParams(**params), use_adapter=True)
+    _select_adapter(engine, params)
+    responses = engine.generate(list(batch[C.QUERY]), GenerationParams(**params["generation"]), use_adapter=True)
     return {**batch, C.RESPONSE: np.array(responses, dtype=object)}
 
 
-def score_excess(engine: InferenceEngine, batch: dict, params: dict | None = None):
+def score_excess(engine: InferenceEngine, batch: dict, params: dict):
     """Expert and amateur log-probs of every response token, from one base copy."""
     _check("scores", batch, (C.SAMPLE_ID, C.QUERY, C.RESPONSE))
+    _select_adapter(engine, params)
     scored = engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]))
     excess = [s.excess for s in scored]
     return table({

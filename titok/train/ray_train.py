@@ -8,7 +8,9 @@ and picks its rows itself, so the rows of step s never depend on how many worker
 Checkpoints (every ``train.checkpoint_every_steps`` optimizer steps and at the end of each epoch)
 carry the LoRA, optimizer and scheduler partitions plus the step, so after a worker dies Ray Train
 restarts the group (``FailureConfig``) and ``get_checkpoint()`` resumes it mid-epoch at the exact
-rows. Dropout is seeded per micro-batch, so a resumed run equals an uninterrupted one. The final
+rows. Dropout is seeded per micro-batch, so a resumed run equals an uninterrupted one. A
+non-finite loss is not retried (it would recur): all ranks stop at the same micro-step and the
+driver raises it. The final
 checkpoint also holds the adapter as a PEFT folder (``adapter_config.json`` +
 ``adapter_model.safetensors``) at its root.
 """
@@ -43,6 +45,17 @@ def _micro_batch_seed(seed: int, global_step: int, plan, rank: int, j: int) -> i
     return seed * 1_000_003 + global_step * micro_per_step + rank * plan.accumulation + j
 
 
+def _all_ranks_finite(ok: bool) -> bool:
+    """True only if every rank's loss is finite (one scalar all-reduce per micro-step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _mean_over_workers(value: float) -> float:
     import torch.distributed as dist
 
@@ -56,7 +69,6 @@ def _mean_over_workers(value: float) -> float:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's ``train_func``: runs on every worker."""
     import ray.train
-    from peft import PeftModel
 
     from titok.hardware import resolve_dtype
     from titok.loss import build_training_batch
@@ -119,9 +131,13 @@ def train_loop_per_worker(config: dict) -> None:
             batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
                                          [r[C.TARGET_WEIGHTS] for r in picked], config["max_length"])
             try:
-                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], config["k"]))
-            except FloatingPointError as err:  # DeepSpeed on CPU/gloo has known bugs: never train on garbage
-                raise FloatingPointError(f"rank {rank}, step {step}: {err}") from None
+                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], config["k"],
+                                                  all_finite=_all_ranks_finite))
+            except FloatingPointError as err:
+                # every rank gets here at the same micro-step; a retry would diverge the same way, so the
+                # run ends (no exception: Ray Train would restart the group) and the driver raises it
+                _report_failure(f"step {step}: {err}", step, rank)
+                return
         state = {"step": step + 1, "losses": state["losses"] + [_mean_over_workers(float(np.mean(micro_losses)))]}
         if rank == 0 and (state["step"] % max(1, plan.total_steps // 10) == 0 or state["step"] == plan.total_steps):
             print(f"  train step {state['step']}/{plan.total_steps}  loss {state['losses'][-1]:.4f}", flush=True)
@@ -150,6 +166,18 @@ def _report(engine, model, state: dict, plan, rank: int, final: bool) -> None:
             model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
             Path(tmp, "losses.json").write_text(json.dumps(losses))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _report_failure(reason: str, step: int, rank: int) -> None:
+    """End the run with ``reason`` as its result (Ray Train keeps a checkpoint's metrics as the result's)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            Path(tmp, "failed.json").write_text(json.dumps({"reason": reason, "step": step}))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"failed": reason, "step": step}, checkpoint=checkpoint)
 
 
 def _inject_fault(config: dict, step: int, rank: int, world: int) -> None:
@@ -209,6 +237,8 @@ def copy_adapter(fit, out_dir: str | Path) -> Path:
 
     if fit.error:
         raise fit.error
+    if (fit.metrics or {}).get("failed"):
+        raise FloatingPointError(fit.metrics["failed"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with fit.checkpoint.as_directory() as directory:

@@ -56,12 +56,16 @@ def selective_loss(
 
 
 def training_step(engine, batch: TrainingBatch, normalization: Normalization = "selected_mean",
-                  k: float | None = None) -> float:
-    """Train mode, forward, backward, step. Raises on a non-finite loss instead of training on it."""
+                  k: float | None = None, all_finite=bool) -> float:
+    """Train mode, forward, backward, step. Raises on a non-finite loss instead of training on it.
+
+    ``all_finite(ok)`` says whether every data-parallel rank's loss is finite (the default: this
+    one's), so that all ranks stop together instead of one waiting in a collective for another.
+    """
     engine.train()
     loss = selective_loss(engine, batch, normalization, k)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss {loss.item()}")
+    if not all_finite(bool(torch.isfinite(loss))):
+        raise FloatingPointError(f"non-finite training loss ({loss.item()} on this rank)")
     engine.backward(loss)
     engine.step()
     return loss.item()

@@ -1,0 +1,213 @@
+"""``titok migrate`` on tiny models over the real SmolLM2 / Gemma-3 tokenizers: shared engines (the
+source model loads once per actor), failures isolated per adapter, kill after scores and resume,
+the same adapter as a lone transplant, and every manifest error reported before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from titok import columns as C
+from titok.config import ConfigError
+from titok.runstate import RunDir
+from titok.zoo import load_manifest, migrate, validate_manifest
+from titok.zoo_report import gate_rule, serving_modules
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def zoo_adapters(tiny_model_dirs, tmp_path_factory):
+    """Two more source adapters (other seeds, other targets), one truncated copy, one from another base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("zoo-adapters")
+    made = {"bool-a": tiny_model_dirs["adapter"]}
+    for name, seed, modules in (("count-b", 1, ["q_proj", "k_proj", "v_proj"]), ("count-c", 2, ["o_proj"])):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["source"])
+        get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False)).save_pretrained(root / name)
+        made[name] = str(root / name)
+    shutil.copytree(made["count-b"], root / "torn")
+    weights = root / "torn" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    made["torn"] = str(root / "torn")
+    shutil.copytree(made["count-b"], root / "other-base")
+    config = json.loads((root / "other-base" / "adapter_config.json").read_text())
+    (root / "other-base" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/else"}))
+    made["other-base"] = str(root / "other-base")
+    return made
+
+
+def _manifest(dirs: dict, adapters: dict, out: Path) -> dict:
+    return {
+        "source_base": dirs["source"], "target_base": dirs["target"], "out_dir": str(out),
+        "defaults": {"engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
+                     "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3},
+                     "labels": {"max_new_tokens": 20}, "filter": {"top_m": 6, "k": 0.7},
+                     "train": {"workers": 2, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3,
+                               "dtype": "float32"}},
+        "adapters": [
+            {"name": "bool-a", "path": adapters["bool-a"], "task": "boolean_expressions"},
+            {"name": "bool-torn", "path": adapters["torn"], "task": "boolean_expressions"},
+            {"name": "count-b", "path": adapters["count-b"], "task": "object_counting"},
+            # a learning rate that blows the weights up: a non-finite loss at its second step, its failure alone
+            {"name": "count-c", "path": adapters["count-c"], "task": "object_counting",
+             "overrides": {"train": {"lr": 1.0e30}}},
+        ],
+        "gate": {"examples": 4, "batch_size": 4, "dtype": "float32", "max_new_tokens": 8},
+    }
+
+
+def _model_loads(root: Path) -> list[dict]:
+    return [e for path in sorted(root.rglob("events.jsonl")) for e in RunDir(path.parent).events() if e["event"] == "model_load"]
+
+
+def _migrate_until_scores_then_kill(manifest_path: Path, out: Path, live: list[str]) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "titok.cli", "migrate", "--manifest", str(manifest_path)], cwd=REPO,
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    try:
+        deadline = time.time() + 900
+        while not all((out / "runs" / name / "scores" / "_COMPLETE.json").is_file() for name in live):
+            assert process.poll() is None, "the migration ended before every adapter was scored"
+            assert time.time() < deadline, "scores did not complete in 15 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not any((out / "runs" / name / "train" / "_COMPLETE.json").exists() for name in live)
+
+
+@pytest.mark.slow
+def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_model_dirs, zoo_adapters, tmp_path, local_ray):
+    out = tmp_path / "zoo"
+    manifest_path = tmp_path / "zoo.yaml"
+    manifest_path.write_text(yaml.safe_dump(_manifest(tiny_model_dirs, zoo_adapters, out)))
+    manifest = load_manifest(str(manifest_path))
+
+    _migrate_until_scores_then_kill(manifest_path, out, ["bool-a", "count-b", "count-c"])
+    engine_loads = [e for e in RunDir(out).events() if e["event"] == "model_load"]
+    assert len(engine_loads) == manifest.defaults["engine"].get("actors", 1) == 1  # not once per adapter
+    assert engine_loads[0]["stage"] == "engine"
+
+    record = migrate(manifest)  # the resubmitted job
+    rows = {row["name"]: row for row in record["adapters"]}
+    assert {n: r["status"] for n, r in rows.items()} == {"bool-a": "migrated", "bool-torn": "failed",
+                                                        "count-b": "migrated", "count-c": "failed"}
+    assert "cannot be read as safetensors" in rows["bool-torn"]["reason"] and rows["bool-torn"]["stage"] == "validate"
+    assert rows["count-c"]["stage"] == "train" and "non-finite" in rows["count-c"]["reason"]
+    # resumed after scores: no engine started again, only the trainings loaded a model
+    assert [e for e in RunDir(out).events() if e["event"] == "model_load"] == engine_loads
+    assert (out / "runs" / "count-c" / "queries" / "_COMPLETE.json").read_text() == \
+        (out / "runs" / "count-b" / "queries" / "_COMPLETE.json").read_text()  # written once for the task, shared
+    for name in ("bool-a", "count-b"):
+        assert rows[name]["stages"]["scores"] == "cached" and rows[name]["stages"]["train"] == "ran"
+        assert {e["stage"] for e in RunDir(out / "runs" / name).events() if e["event"] == "model_load"} == {"train"}
+
+    # the zoo folder
+    for name in ("bool-a", "count-b"):
+        folder = out / "adapters" / name
+        assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "titok.json", "provenance.json"} <= \
+            {p.name for p in folder.iterdir()}
+        origin = json.loads((folder / "provenance.json").read_text())
+        assert origin["source_adapter"]["path"] == zoo_adapters[name] and origin["config"]["task"] == rows[name]["task"]
+        assert origin["source_base"]["config_sha256"] and origin["target_base"]["chat_template_sha256"]
+        gate = rows[name]["gate"]
+        assert gate["n"] == 4 and gate["metric"] == "exact_match" and isinstance(gate["passed"], bool)
+    assert json.loads((out / "lora-modules.json").read_text()) == serving_modules(
+        tiny_model_dirs["target"], {n: str(out / "adapters" / n) for n in ("bool-a", "count-b")})
+    summary = (out / "summary.md").read_text()
+    assert "2 of 4 adapters migrated" in summary and "| bool-torn | boolean_expressions | failed |" in summary
+    assert len(pd.read_csv(out / "summary.csv")) == 4
+
+    # a rerun redoes no finished adapter (it loads a model only to retry the failed count-c's training)
+    loads = _model_loads(out)
+    weights = (out / "adapters" / "bool-a" / "adapter_model.safetensors").read_bytes()
+    again = {row["name"]: row for row in migrate(manifest)["adapters"]}
+    retried = _model_loads(out)[len(loads):]
+    assert len(retried) == 2 and all(e["stage"] == "train" and e["pid"] not in {x["pid"] for x in loads} for e in retried)
+    assert [e for e in RunDir(out / "runs" / "count-c").events() if e["event"] == "model_load"][-2:] == retried
+    assert again["count-c"]["status"] == "failed"
+    assert all(set(again[n]["stages"].values()) <= {"cached", "ran"} and again[n]["stages"]["train"] == "cached"
+               for n in ("bool-a", "count-b"))
+    assert (out / "adapters" / "bool-a" / "adapter_model.safetensors").read_bytes() == weights
+
+    # the zoo's count-b (not the engines' first adapter) equals a lone transplant of it: no other
+    # adapter leaked into its batches
+    from titok.pipeline import transplant
+    from titok.zoo import adapter_config
+
+    alone_cfg = adapter_config(manifest, manifest.adapters[2]).model_copy(update={"run_dir": str(tmp_path / "alone")})
+    alone = transplant(alone_cfg)
+    for stage in ("labels", "scores"):
+        zoo_rows = pd.read_parquet(out / "runs" / "count-b" / stage).sort_values(C.SAMPLE_ID).reset_index(drop=True)
+        alone_rows = pd.read_parquet(tmp_path / "alone" / stage).sort_values(C.SAMPLE_ID).reset_index(drop=True)
+        assert list(zoo_rows[C.RESPONSE]) == list(alone_rows[C.RESPONSE])
+        if stage == "scores":
+            for a, b in zip(zoo_rows[C.EXCESS], alone_rows[C.EXCESS]):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+    zoo_weights = load_file(out / "adapters" / "count-b" / "adapter_model.safetensors")
+    alone_weights = load_file(Path(alone["adapter"]) / "adapter_model.safetensors")
+    assert zoo_weights.keys() == alone_weights.keys()
+    for key in zoo_weights:
+        torch.testing.assert_close(zoo_weights[key], alone_weights[key], atol=1e-5, rtol=0)
+
+
+def test_every_manifest_error_is_reported_at_once_before_any_model_loads(tiny_model_dirs, zoo_adapters, tmp_path):
+    import ray
+
+    data = _manifest(tiny_model_dirs, zoo_adapters, tmp_path / "zoo")
+    data["adapters"] = [
+        {"name": "bool-a", "path": zoo_adapters["bool-a"], "task": "boolean_expressions"},
+        {"name": "missing", "path": str(tmp_path / "nowhere"), "task": "boolean_expressions"},
+        {"name": "elsewhere", "path": zoo_adapters["other-base"], "task": "object_counting"},
+        {"name": "no-task", "path": zoo_adapters["count-b"], "task": "no_such_task"},
+    ]
+    manifest = load_manifest(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
+    with pytest.raises(ConfigError) as refused:
+        validate_manifest(manifest)
+    message = str(refused.value)
+    assert "adapters[missing].path" in message and "does not exist" in message
+    assert "adapters[elsewhere].path" in message and "was trained on 'someone/else'" in message
+    assert "adapters[no-task].task" in message
+    assert "bool-a" not in message
+    assert not (tmp_path / "zoo").exists() and not ray.is_initialized()
+
+    data["adapters"].append(dict(data["adapters"][0]))
+    with pytest.raises(ConfigError, match=r"adapter names listed twice: \['bool-a'\]"):
+        load_manifest(None, [f"adapters={json.dumps(data['adapters'])}", f"source_base={data['source_base']}",
+                             f"target_base={data['target_base']}"])
+
+
+def test_shared_settings_cannot_be_overridden_per_adapter(tiny_model_dirs, zoo_adapters, tmp_path):
+    data = _manifest(tiny_model_dirs, zoo_adapters, tmp_path / "zoo")
+    data["adapters"][0]["overrides"] = {"engine": {"batch_size": 2}}
+    with pytest.raises(ConfigError, match="cannot differ between adapters"):
+        load_manifest(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
+
+
+@pytest.mark.parametrize("expert,vanilla,migrated,min_retained,passed,retained", [
+    (0.8, 0.2, 0.5, 0.5, True, 0.5),
+    (0.8, 0.2, 0.4, 0.5, False, 1 / 3),
+    (0.8, 0.2, 0.9, 0.5, True, 7 / 6),
+    (0.2, 0.2, 0.9, 0.5, False, None),  # the expert gained nothing over vanilla: nothing to keep
+])
+def test_gate_rule(expert, vanilla, migrated, min_retained, passed, retained):
+    ok, share, why = gate_rule(expert, vanilla, migrated, min_retained)
+    assert ok is passed and why
+    assert share == (None if retained is None else pytest.approx(retained))

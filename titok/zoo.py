@@ -1,0 +1,239 @@
+"""``titok migrate``: move a whole adapter zoo from one base model to another in one job.
+
+    titok migrate --manifest configs/zoo-demo.yaml
+
+A zoo is the transplant's own stages looped over adapters, each adapter in its own run directory
+(``out_dir/runs/<name>``, exactly what a lone ``titok transplant`` would leave), with the costly
+work shared:
+- the source base is loaded once per engine actor with every adapter (``SourceEngines``) and serves
+  all adapters' queries, labels and scores; each pass serves one adapter, so a batch never mixes them;
+- queries are written once per task (and query settings) and copied to the other adapters of it;
+- filter and align run per adapter; trainings run ``concurrent_trainings`` at a time.
+One adapter's failure (unreadable weights, no surviving queries, a non-finite loss) marks its row
+failed with the reason; the others finish. A rerun reuses every finished stage, so a finished
+adapter costs nothing again. Then each adapter goes through the release gate (``zoo_report``), and
+the zoo folder gets the migrated adapters with provenance, ``zoo.json``, ``summary.md``/``.csv``
+and a vLLM serving file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from titok.config import ConfigError, EvalSettings, TransplantConfig, _Section, check_model, check_task, read_yaml, validated
+from titok.layout import share_stages
+
+__all__ = ["GateSettings", "ZooAdapter", "ZooManifest", "load_manifest", "migrate", "validate_manifest"]
+
+_PER_ADAPTER_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir")
+_SHARED_SECTIONS = ("engine", "trust_remote_code")  # one engine fleet serves every adapter
+
+
+class ZooAdapter(_Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="unique; names the output folder")
+    path: str = Field(..., description="the source PEFT adapter folder (trained on source_base)")
+    task: str = Field(..., description="built-in task name, BBH/BIG-bench/MMLU/LaMP file, or hf:ID[:CONFIG]")
+    overrides: dict = Field({}, description="transplant fields for this adapter only (filter, train, labels, queries, seed)")
+
+    @field_validator("overrides")
+    @classmethod
+    def _not_shared(cls, values: dict) -> dict:
+        clashes = [k for k in values if k in _PER_ADAPTER_FIELDS + _SHARED_SECTIONS]
+        if clashes:
+            raise ValueError(f"{clashes} cannot differ between adapters (set them at the top of the manifest or in defaults)")
+        return values
+
+
+class GateSettings(EvalSettings):
+    """Release gate: evaluation of expert, vanilla target and migrated target on held-out examples."""
+
+    enabled: bool = Field(True, description="evaluate and gate every migrated adapter")
+    min_retained: float = Field(
+        0.5, ge=0.0, description="pass when (migrated - vanilla) >= min_retained x (expert - vanilla) on the task's "
+        "metric (exact match; ROUGE-L for free-text tasks), and the expert beats vanilla at all")
+
+
+class ZooManifest(_Section):
+    source_base: str = Field(..., description="the base every source adapter was trained on")
+    target_base: str = Field(..., description="the base to move them to")
+    out_dir: str = Field("runs/zoo", description="run directories, migrated adapters and summaries go here")
+    defaults: dict = Field({}, description="transplant fields shared by every adapter (engine, queries, labels, "
+                                           "filter, train, seed, split_seed, trust_remote_code)")
+    adapters: list[ZooAdapter] = Field(..., min_length=1, description="the zoo")
+    concurrent_trainings: int = Field(1, ge=1, description="target trainings running at once on the cluster")
+    gate: GateSettings = Field(default_factory=GateSettings)
+
+    @field_validator("defaults")
+    @classmethod
+    def _no_per_adapter_fields(cls, values: dict) -> dict:
+        clashes = [k for k in values if k in _PER_ADAPTER_FIELDS]
+        if clashes:
+            raise ValueError(f"{clashes} are set per adapter by the manifest")
+        return values
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ZooManifest":
+        names = [a.name for a in self.adapters]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapter names listed twice: {twice}")
+        return self
+
+
+def load_manifest(path: str | None, overrides: list[str] = ()) -> ZooManifest:
+    return validated(ZooManifest, read_yaml(path, overrides), "zoo manifest")
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def adapter_config(manifest: ZooManifest, adapter: ZooAdapter) -> TransplantConfig:
+    fields = _merged(manifest.defaults, adapter.overrides)
+    fields.update(source_base=manifest.source_base, target_base=manifest.target_base, source_adapter=adapter.path,
+                  task=adapter.task, run_dir=str(Path(manifest.out_dir) / "runs" / adapter.name))
+    return validated(TransplantConfig, fields, f"adapter {adapter.name!r}")
+
+
+def validate_manifest(manifest: ZooManifest) -> tuple[dict[str, TransplantConfig], dict[str, str]]:
+    """Every adapter's config, and the adapters whose weights cannot be used (isolated: reason per name).
+
+    Raises one ConfigError listing every problem of the manifest itself: configs that do not
+    validate, adapters that are missing, trained on another base or aimed at projections the base
+    lacks, tasks that do not load, models that do not resolve. Nothing has loaded a model yet.
+    """
+    from titok.models import resolve_model_path
+    from titok.validate import adapter_config_problems, adapter_weight_problems
+
+    problems, configs, unusable = [], {}, {}
+    for field, spec in (("source_base", manifest.source_base), ("target_base", manifest.target_base)):
+        try:
+            check_model(field, spec)
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("zoo manifest:\n  " + "\n  ".join(problems))
+    source_path = resolve_model_path(manifest.source_base)
+    tasks: dict[str, str | None] = {}
+    for adapter in manifest.adapters:
+        field = f"adapters[{adapter.name}]"
+        try:
+            cfg = configs[adapter.name] = adapter_config(manifest, adapter)
+        except ConfigError as err:
+            problems.append(f"{field}: {err}")
+            continue
+        found = adapter_config_problems(f"{field}.path", adapter.path, manifest.source_base, source_path, cfg.trust_remote_code)
+        problems += found
+        if not found:
+            weights = adapter_weight_problems(f"{field}.path", adapter.path, manifest.source_base, cfg.trust_remote_code)
+            if weights:
+                unusable[adapter.name] = weights[0]
+        if adapter.task not in tasks:
+            try:
+                task = check_task(f"{field}.task", adapter.task, cfg.split_seed)
+                tasks[adapter.task] = None if len(task.seed_examples) >= cfg.queries.few_shot else \
+                    f"{field}.task: {adapter.task!r} has {len(task.seed_examples)} seed examples, queries.few_shot is {cfg.queries.few_shot}"
+            except ConfigError as err:
+                tasks[adapter.task] = str(err)
+        if tasks[adapter.task]:
+            problems.append(tasks[adapter.task])
+    if problems:
+        raise ConfigError("zoo manifest (nothing was run):\n  " + "\n  ".join(dict.fromkeys(problems)))
+    return configs, unusable
+
+
+def _failure(err: BaseException) -> str:
+    """One line: the exception's own message (Ray wraps worker errors around it)."""
+    cause = err
+    while getattr(cause, "cause", None) is not None or cause.__cause__ is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def migrate(manifest: ZooManifest) -> dict:
+    """Migrate every adapter (resuming what is done); returns the zoo record written to ``zoo.json``."""
+    import ray
+
+    from titok.pipeline import SourceEngines, StageRunner, check_plan
+    from titok.plan import cluster_resources
+    from titok.runstate import RunDir
+    from titok.zoo_report import gate_and_write
+
+    configs, unusable = validate_manifest(manifest)
+    if not ray.is_initialized():
+        ray.init()
+    resources = cluster_resources()
+    for cfg in {json.dumps(c.model_dump(exclude={"source_adapter", "run_dir", "task"}), sort_keys=True): c
+                for c in configs.values()}.values():
+        check_plan(cfg, resources)  # before any model loads
+    out = Path(manifest.out_dir).resolve()
+    RunDir(out)  # the zoo's own event log: engine loads land here
+    started = time.perf_counter()
+    rows = {a.name: {"name": a.name, "task": a.task, "source_adapter": a.path, "status": "pending", "reason": ""}
+            for a in manifest.adapters}
+    for name, reason in unusable.items():
+        rows[name].update(status="failed", reason=reason, stage="validate")
+    live = [a for a in manifest.adapters if a.name not in unusable]
+    engines = SourceEngines(configs[live[0].name], str(out), {a.name: a.path for a in live}) if live else None
+    runners = {a.name: StageRunner(configs[a.name], engines, adapter=a.name) for a in live}
+    by_task = sorted(runners, key=lambda n: rows[n]["task"])
+
+    def step(stage: str) -> None:
+        for name in _alive(rows, by_task):
+            _attempt(rows[name], runners[name], stage)
+
+    try:
+        for name in by_task:  # queries once per task: copy a finished sibling's before writing any
+            _share_queries(runners, name, by_task)
+            _attempt(rows[name], runners[name], "queries")
+        step("labels")
+        step("scores")
+    finally:
+        if engines is not None:
+            engines.close()  # free the source model's devices before training
+    step("filter")
+    step("align")
+    with ThreadPoolExecutor(max_workers=manifest.concurrent_trainings) as pool:
+        list(pool.map(lambda n: _attempt(rows[n], runners[n], "train"), _alive(rows, by_task)))
+    step("export")
+    for name, runner in runners.items():
+        rows[name]["stages"] = {stage: info.get("status") for stage, info in runner.timings.items()}
+        rows[name]["stage_seconds"] = {stage: info.get("seconds") for stage, info in runner.timings.items()
+                                       if info.get("status") == "ran"}  # this job's compute, not an earlier one's
+    return gate_and_write(manifest, configs, rows, runners, out, time.perf_counter() - started)
+
+
+def _alive(rows: dict, names: list[str]) -> list[str]:
+    return [n for n in names if rows[n]["status"] != "failed"]
+
+
+def _attempt(row: dict, runner, stage: str) -> None:
+    """Run one stage of one adapter; a failure is that adapter's alone."""
+    try:
+        runner.run_next(stage)
+        row["status"] = "migrated" if stage == "export" else "running"
+    except Exception as err:  # noqa: BLE001 - isolation: any error of one adapter must not stop the zoo
+        row.update(status="failed", stage=stage, reason=_failure(err))
+        print(f"[migrate] {row['name']}: {stage} failed: {row['reason']}", flush=True)
+        runner.run.log_event(event="adapter_failed", stage=stage, reason=row["reason"], trace=traceback.format_exc()[-2000:])
+
+
+def _share_queries(runners: dict, name: str, order: list[str]) -> None:
+    """Copy the queries stage of an adapter with the same task and query settings, if one has it."""
+    wanted = runners[name].fingerprint_of("queries")
+    for other in order:
+        if other != name and runners[other].fingerprint_of("queries") == wanted and \
+                runners[other].run.is_complete("queries", wanted):
+            share_stages(runners[other].run.root, runners[name].run.root, ("queries",))
+            return
+

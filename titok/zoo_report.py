@@ -1,0 +1,193 @@
+"""What a zoo migration hands over: the migrated adapters with provenance, the release gate, the
+summaries and a serving file.
+
+Release gate (per adapter, on held-out examples of its task; one evaluation pass per base and task,
+adapters switched): the task's metric (exact match; ROUGE-L for free-text tasks) for the source
+expert (source base + adapter), the vanilla target and the migrated target. The adapter passes when
+the expert beats vanilla and the migrated target keeps at least ``gate.min_retained`` of that gain:
+``(migrated - vanilla) >= min_retained x (expert - vanilla)``. An expert that does not beat vanilla
+has nothing to keep: such an adapter does not pass (its row says why).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+
+from titok.layout import adapter_digest, file_digest
+
+__all__ = ["gate_rule", "gate_and_write", "provenance", "serving_modules"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def gate_rule(expert: float, vanilla: float, migrated: float, min_retained: float) -> tuple[bool, float | None, str]:
+    """``(passed, retained share of the expert's gain, why)``."""
+    gain = expert - vanilla
+    if gain <= 0:
+        return False, None, f"the expert ({expert:.3f}) does not beat the vanilla target ({vanilla:.3f}): nothing to retain"
+    retained = (migrated - vanilla) / gain
+    passed = retained >= min_retained - 1e-9  # a share computed from rates: 0.3 / 0.6 must count as 0.5
+    return passed, retained, f"{'keeps' if passed else 'keeps only'} {retained:.0%} of the expert's gain (needs {min_retained:.0%})"
+
+
+def _model_fingerprint(spec: str, trust_remote_code: bool) -> dict:
+    from titok.models import load_tokenizer, resolve_model_path
+
+    path = Path(resolve_model_path(spec))
+    record = {"spec": spec, "path": str(path)}
+    if (path / "config.json").is_file():
+        record["config_sha256"] = file_digest(path / "config.json")
+        tokenizer = hashlib.sha256()
+        for name in _TOKENIZER_FILES:
+            if (path / name).is_file():
+                tokenizer.update(name.encode() + (path / name).read_bytes())
+        record["tokenizer_sha256"] = tokenizer.hexdigest()[:16]
+    template = load_tokenizer(spec, trust_remote_code).chat_template or ""
+    record["chat_template_sha256"] = hashlib.sha256(str(template).encode()).hexdigest()[:16]
+    return record
+
+
+def _stage_digest(run_root: Path, stages: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for stage in stages:
+        for path in sorted((run_root / stage).glob("*.parquet")):
+            digest.update(stage.encode() + file_digest(path, 64).encode())
+    return digest.hexdigest()[:16]
+
+
+def provenance(cfg, run_root: Path) -> dict:
+    """Where a migrated adapter came from, enough to tell whether two of them can differ."""
+    source = Path(cfg.source_adapter)
+    return {
+        "titok_version": importlib.metadata.version("titok"),
+        "source_adapter": {"path": str(source), "weights_sha256": adapter_digest(source),
+                           "config_sha256": file_digest(source / "adapter_config.json")},
+        "source_base": _model_fingerprint(cfg.source_base, cfg.trust_remote_code),
+        "target_base": _model_fingerprint(cfg.target_base, cfg.trust_remote_code),
+        "synthetic_data_sha256": _stage_digest(run_root, ("queries", "labels", "scores")),
+        "training_data_sha256": _stage_digest(run_root, ("filter", "align")),
+        "config": cfg.model_dump(),
+    }
+
+
+def serving_modules(target_path: str, adapters: dict[str, str]) -> list[dict]:
+    """vLLM ``--lora-modules`` entries (its JSON form: name, path, base_model_name)."""
+    return [{"name": name, "path": path, "base_model_name": target_path} for name, path in adapters.items()]
+
+
+def _metric(task: str, split_seed: int) -> str:
+    from titok.tasks import load_task
+
+    return "rougeL" if load_task(task, seed=split_seed).metric == "rouge" else "exact_match"
+
+
+def _gate(manifest, configs: dict, rows: dict, out: Path) -> None:
+    from titok.config import EvalSettings
+    from titok.evaluate import cached_evaluation
+    from titok.layout import short_name
+
+    gate = EvalSettings(**manifest.gate.model_dump(include=set(EvalSettings.model_fields)))  # the eval cache's key
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name, row in rows.items():
+        if row["status"] == "migrated":
+            groups.setdefault((row["task"], configs[name].split_seed), []).append(name)
+    for (task, split), names in groups.items():
+        metric = _metric(task, split)
+        folder = out / "evals" / f"{short_name(task)}-split{split}"
+        experts = cached_evaluation(gate, split, folder / "source.json", manifest.source_base,
+                                    {n: rows[n]["source_adapter"] for n in names}, task)
+        targets = cached_evaluation(gate, split, folder / "target.json", manifest.target_base,
+                                    {"vanilla": None, **{n: rows[n]["adapter"] for n in names}}, task)
+        for name in names:
+            scores = {"expert": experts[name], "vanilla": targets["vanilla"], "migrated": targets[name]}
+            passed, retained, why = gate_rule(scores["expert"][metric], scores["vanilla"][metric],
+                                              scores["migrated"][metric], manifest.gate.min_retained)
+            rows[name]["gate"] = {
+                "metric": metric, "n": targets[name]["n"], "passed": passed, "retained": retained, "why": why,
+                **{f"{who}_{m}": report[m] for who, report in scores.items()
+                   for m in ("exact_match", "option_accuracy", "rougeL") if m in report},
+                "majority_rate": targets[name]["majority_rate"]}
+
+
+def _summary_rows(rows: dict) -> list[dict]:
+    table = []
+    for row in rows.values():
+        gate = row.get("gate") or {}
+        metric = gate.get("metric", "")
+        table.append({"adapter": row["name"], "task": row["task"], "status": row["status"],
+                      "failed_stage": row.get("stage", "") if row["status"] == "failed" else "",
+                      "kept_samples": row.get("train_rows", ""), "first_loss": row.get("first_loss", ""),
+                      "last_loss": row.get("loss", ""), "metric": metric,
+                      "expert": gate.get(f"expert_{metric}", ""), "vanilla": gate.get(f"vanilla_{metric}", ""),
+                      "migrated": gate.get(f"migrated_{metric}", ""), "majority_rate": gate.get("majority_rate", ""),
+                      "retained": "" if gate.get("retained") is None else round(gate["retained"], 3),
+                      "gate": "" if not gate else ("pass" if gate["passed"] else "fail"),
+                      "reason": row.get("reason") or gate.get("why", ""),
+                      "seconds": round(sum(v for v in (row.get("stage_seconds") or {}).values() if v), 1)})
+    return table
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path, seconds: float) -> dict:
+    """Copy the migrated adapters out with provenance, run the gate, write zoo.json, the summaries and
+    the serving file; returns the zoo record."""
+    from titok.models import resolve_model_path
+
+    adapters_dir = out / "adapters"
+    for name, row in rows.items():
+        if row["status"] != "migrated":
+            continue
+        runner = runners[name]
+        summary = runner.run.summary("train")
+        metrics = summary.get("metrics", {})
+        row.update(train_rows=summary.get("rows"), first_loss=metrics.get("first_loss"), loss=metrics.get("loss"))
+        final = adapters_dir / name
+        staging = adapters_dir / f".{name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(runner.adapter_path, staging)
+        (staging / "provenance.json").write_text(json.dumps(provenance(configs[name], runner.run.root), indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # the old copy goes only once the new one is whole
+        row["adapter"] = str(final)
+    if manifest.gate.enabled:
+        _gate(manifest, configs, rows, out)
+    migrated = {n: r["adapter"] for n, r in rows.items() if r["status"] == "migrated"}
+    target_path = resolve_model_path(manifest.target_base)
+    modules = serving_modules(target_path, migrated)
+    (out / "lora-modules.json").write_text(json.dumps(modules, indent=2))
+    ranks = [configs[n].train.lora.rank for n in migrated] or [8]
+    (out / "serve.sh").write_text(
+        "#!/usr/bin/env bash\n# Serve the migrated adapters with vLLM (one base, every adapter by name).\n"
+        f"vllm serve {target_path} --enable-lora --max-loras {max(1, len(modules))} --max-lora-rank {max(ranks)} \\\n"
+        "    --lora-modules " + " ".join(f"'{json.dumps(m)}'" for m in modules) + "\n")
+    from titok.runstate import RunDir
+
+    loads = [e for e in RunDir(out).events() if e.get("event") == "model_load"]
+    record = {"source_base": manifest.source_base, "target_base": manifest.target_base, "seconds": round(seconds, 1),
+              "source_model_loads": len(loads), "adapters": list(rows.values()), "manifest": manifest.model_dump()}
+    (out / "zoo.json").write_text(json.dumps(record, indent=2, default=str))
+    table = _summary_rows(rows)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    header = ["adapter", "task", "status", "kept_samples", "metric", "expert", "vanilla", "migrated", "majority_rate",
+              "retained", "gate", "reason"]
+    lines = [f"# Zoo migration: {manifest.source_base} -> {manifest.target_base}", "",
+             f"{len(migrated)} of {len(rows)} adapters migrated, "
+             f"{sum(1 for r in rows.values() if (r.get('gate') or {}).get('passed'))} pass the release gate "
+             f"(min_retained {manifest.gate.min_retained:g}); source model loads: {len(loads)}; {seconds / 60:.1f} min.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in table]
+    lines += ["", "Fit to ship: the rows whose gate is `pass`. `serve.sh` / `lora-modules.json` serve every migrated "
+                  "adapter with vLLM; `adapters/<name>/provenance.json` says what each was made from."]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return record
