@@ -15,12 +15,13 @@ import csv
 import hashlib
 import importlib.metadata
 import json
+import shlex
 import shutil
 from pathlib import Path
 
 from titok.layout import adapter_digest, file_digest
 
-__all__ = ["gate_rule", "gate_and_write", "provenance", "serving_modules"]
+__all__ = ["gate_and_write", "gate_rule", "provenance", "serving_modules", "write_serving_files"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -78,6 +79,19 @@ def provenance(cfg, run_root: Path) -> dict:
 def serving_modules(target_path: str, adapters: dict[str, str]) -> list[dict]:
     """vLLM ``--lora-modules`` entries (its JSON form: name, path, base_model_name)."""
     return [{"name": name, "path": path, "base_model_name": target_path} for name, path in adapters.items()]
+
+
+def write_serving_files(out: Path, target_path: str, adapters: dict[str, str], max_rank: int) -> None:
+    """``lora-modules.json`` (vLLM's JSON entries) and ``serve.sh`` (``vllm serve`` with all of them)."""
+    from titok.plan import vllm_lora_rank
+
+    modules = serving_modules(target_path, adapters)
+    (out / "lora-modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "serve.sh").write_text(
+        "#!/usr/bin/env bash\n# Serve the migrated adapters with vLLM (one base, every adapter by name).\n"
+        f"vllm serve {shlex.quote(target_path)} --enable-lora --max-loras {max(1, len(modules))} "
+        f"--max-lora-rank {vllm_lora_rank(max_rank)} \\\n    --lora-modules "
+        + " ".join(shlex.quote(json.dumps(m)) for m in modules) + "\n")
 
 
 def _metric(task: str, split_seed: int) -> str:
@@ -160,14 +174,8 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
     if manifest.gate.enabled:
         _gate(manifest, configs, rows, out)
     migrated = {n: r["adapter"] for n, r in rows.items() if r["status"] == "migrated"}
-    target_path = resolve_model_path(manifest.target_base)
-    modules = serving_modules(target_path, migrated)
-    (out / "lora-modules.json").write_text(json.dumps(modules, indent=2))
-    ranks = [configs[n].train.lora.rank for n in migrated] or [8]
-    (out / "serve.sh").write_text(
-        "#!/usr/bin/env bash\n# Serve the migrated adapters with vLLM (one base, every adapter by name).\n"
-        f"vllm serve {target_path} --enable-lora --max-loras {max(1, len(modules))} --max-lora-rank {max(ranks)} \\\n"
-        "    --lora-modules " + " ".join(f"'{json.dumps(m)}'" for m in modules) + "\n")
+    write_serving_files(out, resolve_model_path(manifest.target_base), migrated,
+                        max([configs[n].train.lora.rank for n in migrated] or [8]))
     from titok.runstate import RunDir
 
     loads = [e for e in RunDir(out).events() if e.get("event") == "model_load"]

@@ -100,3 +100,37 @@ def test_parallel_sizes_survive_an_adapter_and_vllm_accepts_the_arguments(tp, pp
     LoRAConfig(max_lora_rank=args["max_lora_rank"], max_loras=args["max_loras"], max_cpu_loras=args["max_cpu_loras"])
     with pytest.raises(Exception):
         LoRAConfig(max_lora_rank=24)  # why the rank is rounded: vLLM refuses ranks outside its list
+
+
+def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adapter_dir, tmp_path):
+    """The files ``titok migrate`` writes for serving, read by vLLM's own ``vllm serve`` parser; each
+    listed adapter then serves a request in a vLLM engine."""
+    import shlex
+    import shutil
+
+    from vllm import LLM, SamplingParams
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.lora.request import LoRARequest
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from titok.models import resolve_model_path
+    from titok.zoo_report import write_serving_files
+
+    adapters = {}
+    for name in ("boolean", "counting"):
+        shutil.copytree(adapter_dir, tmp_path / name)
+        adapters[name] = str(tmp_path / name)
+    base = resolve_model_path("smollm2-135m")
+    write_serving_files(tmp_path, base, adapters, max_rank=12)
+    command = shlex.split((tmp_path / "serve.sh").read_text().split("\n", 2)[2].replace("\\\n", " "))
+    assert command[:3] == ["vllm", "serve", base]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
+    assert args.enable_lora and args.max_lora_rank == 16 and args.max_loras == 2
+    assert [(m.name, m.path, m.base_model_name) for m in args.lora_modules] == [(n, p, base) for n, p in adapters.items()]
+
+    llm = LLM(model=base, dtype="float32", max_model_len=128, enable_lora=True, max_loras=args.max_loras,
+              max_lora_rank=args.max_lora_rank, enforce_eager=True, compilation_config={"mode": 0})
+    for index, module in enumerate(args.lora_modules, start=1):
+        out = llm.generate(["Name a color."], SamplingParams(max_tokens=4, temperature=0.0),
+                           lora_request=LoRARequest(module.name, index, module.path), use_tqdm=False)
+        assert out[0].outputs[0].token_ids
