@@ -169,3 +169,15 @@ def test_a_baseline_reuses_the_scored_data_and_keeps_titoks_outputs(tiny_model_d
     assert kd["adapter"] == str(run_dir / "kd" / "adapter")
     assert Path(titok["adapter"], "adapter_model.safetensors").read_bytes() == titok_weights
     assert json.loads(Path(kd["adapter"], "titok.json").read_text())["method"] == "kd"
+
+
+def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
+    run = RunDir(tmp_path)
+    path = run.start("train", "fp1", resumable=("ray",))
+    (path / "ray").mkdir()
+    (path / "ray" / "checkpoint").write_text("step 2")
+    (path / "adapter").mkdir()
+    run.start("train", "fp1", resumable=("ray",))  # the same attempt, resubmitted
+    assert (path / "ray" / "checkpoint").read_text() == "step 2" and not (path / "adapter").exists()
+    run.start("train", "fp2", resumable=("ray",))  # another config: nothing of the old attempt is reused
+    assert not (path / "ray").exists()

@@ -144,3 +144,16 @@ def test_a_non_finite_loss_ends_the_run_once_instead_of_retrying(target_dir, tmp
         _train(local_ray, target_dir, tmp_path, lr=1e30, max_failures=2)
     loads = [e for e in RunDir(tmp_path).events() if e["event"] == "model_load"]
     assert len(loads) == 2  # one attempt per worker: the divergence is not retried
+
+
+@pytest.mark.slow
+def test_a_resubmitted_run_goes_on_from_its_last_checkpoint(zero2_two_workers, target_dir, tmp_path, local_ray):
+    """The job dies (no retries left); the same training started again on the same storage resumes."""
+    marker = tmp_path / "fault.txt"
+    with pytest.raises(Exception):
+        _train(local_ray, target_dir, tmp_path, checkpoint_every_steps=2, max_failures=0, fault_at_step=3,
+               fault_marker=str(marker))
+    assert marker.is_file()
+    again = _train(local_ray, target_dir, tmp_path, checkpoint_every_steps=2)
+    assert {e["step"] for e in again["events"] if e["event"] == "train_resumed"} == {2}
+    _assert_same_adapter(again["weights"], zero2_two_workers["weights"], atol=1e-5)

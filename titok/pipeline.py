@@ -172,7 +172,7 @@ class StageRunner:
             return
         self.fingerprint = self.run.fingerprint(self.fingerprint, self.fields[name])
         self.rows = run_stage(self.run, _stage_path(self.cfg, name), self.fingerprint, lambda: self.steps[name](self.rows),
-                              self.timings)
+                              self.timings, resumable=("ray",) if name == "train" else ())  # Ray Train's checkpoints
 
     def result(self) -> dict:
         out = {"run_dir": str(self.run.root), "stages": self.timings}

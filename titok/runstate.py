@@ -21,6 +21,13 @@ from typing import Any
 __all__ = ["RunDir", "dataset_of", "run_stage"]
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -38,11 +45,19 @@ class RunDir:
         marker = self.stage_dir(stage) / "_COMPLETE.json"
         return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
-    def start(self, stage: str) -> Path:
-        """An empty folder for a stage that (re)runs; whatever an interrupted attempt left is dropped."""
+    def start(self, stage: str, fingerprint: str = "", resumable: tuple[str, ...] = ()) -> Path:
+        """The folder of a stage that (re)runs. What an interrupted attempt left is dropped, except the
+        ``resumable`` entries of an attempt with the same fingerprint (training checkpoints: a killed
+        job, resubmitted, goes on from its last checkpoint instead of from step 0)."""
         path = self.stage_dir(stage)
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
+        started = path / "_STARTED.json"
+        same = started.is_file() and _read_json(started).get("fingerprint") == fingerprint
+        if path.is_dir():
+            for entry in path.iterdir():
+                if not (same and entry.name in resumable):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"fingerprint": fingerprint, "started": time.time()}))
         return path
 
     def complete(self, stage: str, fingerprint: str, **summary: Any) -> None:
@@ -63,11 +78,12 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict):
+def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, resumable: tuple[str, ...] = ()):
     """Reuse a complete stage, or compute it and mark it complete; returns the stage's rows (Arrow).
 
     ``compute`` returns an Arrow table or a Ray Dataset (persisted as Parquet), or a dict of summary
-    fields (a stage that writes its own files, like train). Rows are read back on the driver: stage
+    fields (a stage that writes its own files, like train; ``resumable`` names what of an interrupted
+    attempt it can go on from). Rows are read back on the driver: stage
     data is small (text and per-token arrays), and while the source engines hold every core of a
     small node a Ray read task would wait forever.
     """
@@ -81,7 +97,7 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict):
     else:
         print(f"[{name}] running", flush=True)
         started = time.perf_counter()
-        run.start(name)
+        run.start(name, fingerprint, resumable=resumable)
         produced = compute()
         summary = produced if isinstance(produced, dict) else {}
         if isinstance(produced, pa.Table):

@@ -3,13 +3,15 @@
 Ray Data's ``map_batches`` (and ``ray.data.llm``, which builds on it) starts a fresh actor pool for
 every pass, so three stages, and every query-writing round, would load the source model again: for
 a 70B source that is minutes and 141 GB read each time. Here N engine actors are started once per
-run (``EngineFleet``), each holding the source base and adapter (the adapter is switched off for
-query writing and for the amateur pass), and every stage streams its rows through them: a Ray Data
-``map_batches`` over N lightweight forwarders, one bound to each engine.
+run (``EngineFleet``), each holding the source base and its adapters (an adapter is switched off to
+write queries and for the amateur pass), and every stage sends its rows through them in batches,
+``ray.util.ActorPool`` keeping each engine busy. Ray Data is not used for this hop because it cannot
+stream through actors it did not start: forwarding actors stall as soon as the engines hold every
+CPU of a node (its executor waits for a free CPU; seen on the 2-core machine, where one engine with
+``cpus_per_actor: 2`` holds both). Stage rows are small (text and per-token arrays) and travel as
+Arrow tables.
 
-Placement follows ``engines.placement`` (a placement group per tensor-parallel vLLM engine). The
-forwarders and the Parquet writes while the fleet lives take no CPU of their own: on a small node
-the engines may hold every core, and a Ray Data task that waits for one would wait forever.
+Placement follows ``engines.placement`` (a placement group per tensor-parallel vLLM engine).
 """
 
 from __future__ import annotations
@@ -42,45 +44,21 @@ class EngineActor:
     def ready(self) -> bool:
         return True
 
-    def run(self, operation: str, batch: dict, params: dict | None):
+    def run(self, operation: str, rows: pa.Table, params: dict | None) -> pa.Table:
+        from titok.stages.arrow import table
         from titok.stages.inference import OPERATIONS
 
+        batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
         out = OPERATIONS[operation](self.engine, batch, params)
         backend = getattr(self.engine, "scoring_backend", None)
         if operation == "scores" and backend and not self._backend_logged:  # vLLM's calibration verdict
             self.run_dir.log_event(event="scoring_backend", stage="scores", backend=backend)
             self._backend_logged = True
-        return out
-
-
-class _Slots:
-    """Hands out engine indices 0, 1, ... to the forwarders of one pass."""
-
-    def __init__(self):
-        self.next = 0
-
-    def take(self) -> int:
-        self.next += 1
-        return self.next - 1
-
-
-class _Forward:
-    """Ray Data UDF bound to one engine actor: passes its batches through."""
-
-    def __init__(self, actors: list, slots, operation: str, params: dict | None):
-        import ray
-
-        self.actor = actors[ray.get(slots.take.remote()) % len(actors)]
-        self.operation, self.params = operation, params
-
-    def __call__(self, batch: dict):
-        import ray
-
-        return ray.get(self.actor.run.remote(self.operation, batch, self.params))
+        return out if isinstance(out, pa.Table) else table(out)
 
 
 class EngineFleet:
-    """N engine actors for one run; ``map`` streams a dataset through them; ``close`` frees them."""
+    """N engine actors for one run; ``map`` sends rows through them; ``close`` frees them."""
 
     def __init__(self, run_dir: str, engine: dict, actors: int, options: dict, batch_size: int, threads: int,
                  actor_class: type = EngineActor):
@@ -98,20 +76,16 @@ class EngineFleet:
         ray.get([a.ready.remote() for a in self.actors])  # surface a load error here, once
         self.batch_size = batch_size
 
-    def map(self, rows: pa.Table, operation: str, params: dict | None = None):
-        """``rows`` through ``operation`` on every engine; returns a Ray Dataset."""
-        import ray
+    def map(self, rows: pa.Table, operation: str, params: dict | None = None) -> pa.Table:
+        """``rows`` through ``operation``, ``batch_size`` rows at a time on whichever engine is free;
+        the result keeps the rows' order."""
+        from ray.util import ActorPool
 
-        if rows.num_rows == 0:
-            return ray.data.from_arrow(rows)
-        # one block per batch, made on the driver (no CPU task runs while the engines hold the cores);
-        # each block is passed on whole (batch_size=None)
-        blocks = [rows.slice(start, self.batch_size) for start in range(0, rows.num_rows, self.batch_size)]
-        slots = ray.remote(num_cpus=0)(_Slots).remote()
-        return ray.data.from_arrow(blocks).map_batches(
-            _Forward, fn_constructor_kwargs={"actors": self.actors, "slots": slots, "operation": operation, "params": params},
-            compute=ray.data.ActorPoolStrategy(size=min(len(self.actors), len(blocks))), num_cpus=0,
-            batch_size=None, batch_format="numpy")
+        batches = [rows.slice(start, self.batch_size) for start in range(0, rows.num_rows, self.batch_size)]
+        if not batches:
+            return rows
+        done = ActorPool(self.actors).map(lambda actor, batch: actor.run.remote(operation, batch, params), batches)
+        return pa.concat_tables(list(done), promote_options="default")
 
     def close(self) -> None:
         """Free the engines (and their placement groups) for the stages after scoring."""

@@ -46,7 +46,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
         written = progress["written"]
         prompts = pa.table({C.SAMPLE_ID: np.arange(written, written + n_prompts, dtype=np.int64),
                             C.MESSAGE: [build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng) for _ in range(n_prompts)]})
-        generated = engines().map(prompts, "queries", params).take_all()
+        generated = engines().map(prompts, "queries", params).to_pylist()
         for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
             if len(diversity.kept) < cfg.pool_size:
                 diversity.offer(row[C.QUERY])
