@@ -38,10 +38,10 @@ def test_missing_required_field_is_named():
 
 def test_adapter_checks_run_before_any_model_loads(tmp_path, tiny_model_dirs):
     cfg = load_config(None, [], **{**BASE, "source_adapter": str(tmp_path / "missing")})
-    with pytest.raises(ConfigError, match="no adapter_config.json"):
+    with pytest.raises(ConfigError, match="missing does not exist"):
         validate_inputs(cfg)
     (tmp_path / "weightless").mkdir()
-    (tmp_path / "weightless" / "adapter_config.json").write_text("{}")
+    (tmp_path / "weightless" / "adapter_config.json").write_text('{"r": 8}')
     with pytest.raises(ConfigError, match="no adapter_model.safetensors"):
         validate_inputs(load_config(None, [], **{**BASE, "source_adapter": str(tmp_path / "weightless")}))
     # the tiny adapter was trained on the tiny source model, not on SmolLM2-135M

@@ -70,20 +70,23 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _sft(args: argparse.Namespace) -> None:
-    from titok.config import TrainConfig, apply_overrides
-    from titok.sft import SFT_DEFAULTS, train_source_adapter
+    import copy
 
-    try:
-        train = TrainConfig.model_validate(apply_overrides({**SFT_DEFAULTS}, args.set))
-    except Exception as err:
-        raise ConfigError(f"invalid sft training config: {err}") from None
-    path = train_source_adapter(args.base, args.task, args.out, train, args.seed, args.n_train)
+    from titok.config import TrainConfig, apply_overrides, validated
+    from titok.sft import SFT_DEFAULTS, train_source_adapter
+    from titok.validate import check_sft
+
+    train = validated(TrainConfig, apply_overrides(copy.deepcopy(SFT_DEFAULTS), args.set), "sft training")
+    check_sft(args.base, args.task, args.out, args.seed, args.max_length)
+    path = train_source_adapter(args.base, args.task, args.out, train, args.seed, args.n_train, args.max_length)
     print(f"source adapter: {path}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from titok.evaluate import evaluate, write_report
+    from titok.validate import check_eval
 
+    check_eval(args.base, args.adapter, args.task, args.seed, args.n)
     report = evaluate(args.base, args.adapter, args.task, args.seed, args.n, args.dtype, args.max_new_tokens)
     summary = {k: v for k, v in report.items() if k != "examples"}
     print(json.dumps(summary, indent=2))
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     sft.add_argument("--out", required=True, help="folder for the PEFT adapter")
     sft.add_argument("--seed", type=int, default=0, help="seed for the task split and training")
     sft.add_argument("--n-train", type=int, default=256, help="training examples to use")
+    sft.add_argument("--max-length", type=int, default=512, help="max prompt+response tokens of a training example")
     sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a training field (epochs=1, lr=5e-4, workers=2, deepspeed_stage=3, lora.rank=16)")
     sft.set_defaults(run=_sft)

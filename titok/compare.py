@@ -36,6 +36,7 @@ from titok.config import (
 
 from titok.evaluate import cached_evaluation
 from titok.layout import share_stages, short_name
+from titok.runstate import RunDir
 
 __all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
 
@@ -108,6 +109,10 @@ def sft_train_config(cfg: CompareConfig) -> TrainConfig:
 
 def validate_compare(cfg: CompareConfig) -> None:
     """Every run's config, every model, task and given adapter, checked before anything computes."""
+    from titok.validate import run_dir_problems
+
+    for problem in run_dir_problems("out_dir", cfg.out_dir):
+        raise ConfigError(problem)
     unknown = sorted(set(cfg.source.adapters) - set(cfg.tasks))
     if unknown:
         raise ConfigError(f"source.adapters: {unknown} are not among tasks {cfg.tasks}")
@@ -159,6 +164,7 @@ def run_compare(cfg: CompareConfig) -> Path:
     if not ray.is_initialized():
         ray.init()
     out = Path(cfg.out_dir)
+    RunDir(out).claim()
     started = time.perf_counter()
     rows, timings = [], []
     for task in cfg.tasks:

@@ -9,7 +9,6 @@ adapter trained on the source base) run in ``validate_inputs`` before any model 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -250,7 +249,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key.strip()}: {raw!r} is not a YAML value") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
@@ -258,7 +261,14 @@ def read_yaml(path: str | Path | None, overrides: list[str] = (), **fields: Any)
     """A YAML mapping (optional) with keyword fields and ``--set`` overrides applied, not yet validated."""
     data: dict = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config is a YAML mapping")
         data.update(loaded)
@@ -281,55 +291,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **fie
 
 
 def validate_inputs(cfg: TransplantConfig) -> None:
-    """Checks that need the file system or the task, run before any model is loaded."""
-    from titok.models import resolve_model_path
+    """Every check that needs the file system, the models' configs or the task, before any model
+    loads or Ray starts; all problems are reported together (``titok.validate``)."""
+    from titok.validate import transplant_problems
 
-    adapter = Path(cfg.source_adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"source_adapter: {adapter} has no adapter_config.json (not a PEFT adapter folder)")
-    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise ConfigError(f"source_adapter: {adapter} has no adapter_model.safetensors")
-    adapter_base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    source = resolve_model_path(cfg.source_base)
-    if adapter_base and adapter_base not in (cfg.source_base, source):
-        raise ConfigError(
-            f"source_adapter: {adapter} was trained on {adapter_base!r}, not on source_base {cfg.source_base!r} ({source})"
-        )
-    for field in ("source_base", "target_base"):
-        check_model(field, getattr(cfg, field), cfg.trust_remote_code)
-    task = check_task("task", cfg.task, cfg.split_seed)
-    if len(task.seed_examples) < cfg.queries.few_shot:
-        raise ConfigError(
-            f"queries.few_shot={cfg.queries.few_shot} but task {cfg.task!r} has only {len(task.seed_examples)} seed examples"
-        )
+    problems = transplant_problems(cfg)
+    if problems:
+        raise ConfigError("\n  ".join(["the transplant cannot start:", *problems]))
 
 
 def check_model(field: str, spec: str, trust_remote_code: bool = False) -> None:
-    """A model spec resolves (short names convert their GGUF once) and its config loads: a folder
-    without a model or a hub id that does not exist (or is unreachable) fails here, not in an actor."""
-    from transformers import AutoConfig
+    """A model spec resolves, its config loads and a local folder's weights are all there (the
+    first problem, as a ConfigError): a folder without a model or an unreachable hub id fails here,
+    not in an actor."""
+    from titok.validate import model_problems
 
-    from titok.models import resolve_model_path
-
-    try:
-        resolved = resolve_model_path(spec)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{field}: {err}") from None
-    if Path(resolved).exists() and not (Path(resolved) / "config.json").is_file():
-        raise ConfigError(f"{field}: {resolved} has no config.json (not a model folder)")
-    try:
-        AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{field}: cannot load the model config of {spec!r}: {str(err).splitlines()[0]}") from None
+    problems = model_problems(field, spec, trust_remote_code)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def check_task(field: str, spec: str, split_seed: int):
-    from titok.tasks import load_task
+    from titok.validate import task_problems
 
-    try:
-        return load_task(spec, seed=split_seed)
-    except ValueError as err:
-        raise ConfigError(f"{field}: {err}") from None
+    task, problems = task_problems(field, spec, split_seed)
+    if problems:
+        raise ConfigError(problems[0])
+    return task
 
 
 def describe_fields(model: type[BaseModel] = TransplantConfig, prefix: str = "") -> list[str]:

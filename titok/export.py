@@ -12,8 +12,12 @@ __all__ = ["export_adapter"]
 
 
 def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, target_base: str, card: dict) -> Path:
-    """Copy the trained adapter, point it at a loadable target base, and write README.md."""
-    out_dir = Path(out_dir)
+    """Copy the trained adapter, point it at a loadable target base, and write README.md.
+
+    Built in a staging folder and swapped in whole: until the new adapter is complete, the old one
+    (if any) stays where it was."""
+    final = Path(out_dir)
+    out_dir = final.with_name(f".{final.name}.partial")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -28,7 +32,13 @@ def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, target_base:
         "---\nlibrary_name: peft\n---\n# LoRA transplanted with titok (TiTok)\n\n"
         f"Base model: `{adapter_config['base_model_name_or_path']}`\n\n"
         "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({adapter_config['base_model_name_or_path']!r}), {str(out_dir)!r})\n```\n\n"
+        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({adapter_config['base_model_name_or_path']!r}), {str(final)!r})\n```\n\n"
         f"| field | value |\n|---|---|\n{rows}\n"
     )
-    return out_dir
+    previous = final.with_name(f".{final.name}.old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        final.rename(previous)
+    out_dir.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final

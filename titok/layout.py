@@ -18,8 +18,13 @@ SOURCE_STAGES = ("queries", "labels", "scores")
 
 
 def short_name(spec: str) -> str:
-    """A model or task spec as a folder name: ``gemma3-270m``, ``my_task`` for ``/data/my_task.json``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec.rstrip("/")).stem if "/" in spec or "." in spec else spec)
+    """A model or task spec as a folder name, unique by construction: a plain name as it is
+    (``gemma3-270m``), a path or hub id as its last part plus a hash of the whole spec
+    (``task-3f2a9c`` for ``a/task.json``, another for ``b/task.json``)."""
+    if "/" not in spec and "." not in spec and ":" not in spec:
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", spec)
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec.rstrip("/").split(":")[-1]).stem or "spec")
+    return f"{readable}-{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
 
 
 def file_digest(path: str | Path, length: int = 16) -> str:

@@ -190,6 +190,7 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
         ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts a local Ray
     plan = check_plan(cfg, cluster_resources())  # before any model loads
     run = RunDir(cfg.run_dir)
+    run.claim()
     (run.root / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 

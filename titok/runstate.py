@@ -14,11 +14,36 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "dataset_of", "run_stage"]
+__all__ = ["RunDir", "dataset_of", "run_stage", "write_atomic"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+_MARKERS = ("_COMPLETE.json", "_STARTED.json")
+_NOT_OUTPUTS = ("ray",)  # Ray Train's checkpoints: resumable state, not the stage's product
+
+
+def _outputs_digest(folder: Path) -> str:
+    """Digest of a stage's output files (names and contents), markers and checkpoints aside."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if relative.name in _MARKERS or relative.parts[0] in _NOT_OUTPUTS or relative.name.startswith("."):
+            continue
+        with open(path, "rb") as f:
+            contents = hashlib.file_digest(f, "sha256").hexdigest()
+        digest.update(f"{relative}:{contents};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:
@@ -33,6 +58,14 @@ class RunDir:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def claim(self) -> None:
+        """Mark the folder as a titok run (titok only ever clears stage folders of its own runs)."""
+        from titok.validate import RUN_MANIFEST
+
+        manifest = self.root / RUN_MANIFEST
+        if not manifest.is_file():
+            write_atomic(manifest, json.dumps({"tool": "titok", "created": time.time()}))
+
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
@@ -42,8 +75,25 @@ class RunDir:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def is_complete(self, stage: str, fingerprint: str) -> bool:
+        """Complete with this fingerprint, and its outputs are the ones the marker recorded. A torn
+        marker or outputs changed since (a truncated Parquet, a deleted adapter) are recomputed,
+        with a warning, never trusted."""
         marker = self.stage_dir(stage) / "_COMPLETE.json"
-        return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+        if not marker.is_file():
+            return False
+        record = _read_json(marker)
+        if not record:
+            return self._recompute(stage, f"its completion marker {marker} is unreadable")
+        if record.get("fingerprint") != fingerprint:
+            return False  # the config changed: a different stage, not a damaged one
+        if "outputs" in record and _outputs_digest(self.stage_dir(stage)) != record["outputs"]:
+            return self._recompute(stage, "its outputs changed since it completed (torn, edited or deleted files)")
+        return True
+
+    def _recompute(self, stage: str, reason: str) -> bool:
+        print(f"warning: [{stage}] {reason}; recomputing it", file=sys.stderr, flush=True)
+        self.log_event(event="stage_recomputed", stage=stage, reason=reason)
+        return False
 
     def start(self, stage: str, fingerprint: str = "", resumable: tuple[str, ...] = ()) -> Path:
         """The folder of a stage that (re)runs. What an interrupted attempt left is dropped, except the
@@ -57,12 +107,14 @@ class RunDir:
                 if not (same and entry.name in resumable):
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         path.mkdir(parents=True, exist_ok=True)
-        started.write_text(json.dumps({"fingerprint": fingerprint, "started": time.time()}))
+        write_atomic(started, json.dumps({"fingerprint": fingerprint, "started": time.time()}))
         return path
 
     def complete(self, stage: str, fingerprint: str, **summary: Any) -> None:
-        record = {"fingerprint": fingerprint, "finished": time.time(), **summary}
-        (self.stage_dir(stage) / "_COMPLETE.json").write_text(json.dumps(record, indent=2, default=str))
+        """Write the completion marker last, with a digest of the stage's outputs (checked on reuse)."""
+        record = {"fingerprint": fingerprint, "finished": time.time(),
+                  "outputs": _outputs_digest(self.stage_dir(stage)), **summary}
+        write_atomic(self.stage_dir(stage) / "_COMPLETE.json", json.dumps(record, indent=2, default=str))
 
     def summary(self, stage: str) -> dict:
         return json.loads((self.stage_dir(stage) / "_COMPLETE.json").read_text())

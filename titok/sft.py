@@ -39,6 +39,7 @@ def train_source_adapter(base: str, task: str, out_dir: str | Path, train: Train
                      C.TARGET_WEIGHTS: np.ones(n_tokens, dtype=np.float32)})
     out_dir = Path(out_dir).resolve()
     run = RunDir(out_dir.parent / f"{out_dir.name}-sft")
+    run.claim()
     config = {"train": train.model_dump(), "target_base": base, "seed": seed, "run_dir": str(run.root),
               "max_length": max_length, "k": 1.0, "trust_remote_code": trust_remote_code}
     fit = run_training(ray.data.from_items(rows), config, storage_path=str(run.root / "ray"))

@@ -9,6 +9,7 @@ names the field or file; callers report them all at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -101,3 +102,173 @@ def adapter_weight_problems(field: str, folder: str | Path, base: str, trust_rem
             return [f"{field}: tensor {key} has shape {list(dims)}, but {base}'s {module} with rank {r} "
                     f"needs {list(expected)}"]
     return []
+
+
+def model_problems(field: str, spec: str, trust_remote_code: bool = False, need_weights: bool = True) -> list[str]:
+    """A model resolves, its config loads and (for a local folder) its safetensors weights are all
+    there and open; hub ids are checked by their config only (the weights download later)."""
+    from transformers import AutoConfig
+
+    from titok.models import resolve_model_path
+
+    try:
+        resolved = resolve_model_path(spec)
+    except FileNotFoundError as err:
+        return [f"{field}: {err}"]
+    folder = Path(resolved)
+    if folder.exists():
+        if not folder.is_dir():
+            return [f"{field}: {folder} is a file, not a model folder"]
+        if not (folder / "config.json").is_file():
+            return [f"{field}: {folder} has no config.json (not a model folder)"]
+    try:
+        AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        return [f"{field}: cannot load the model config of {spec!r}: {str(err).splitlines()[0]}"]
+    if not (folder.exists() and need_weights):
+        return []
+    return _weight_problems(field, folder)
+
+
+def _weight_problems(field: str, folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            return [f"{field}: {index} is not a valid weight index ({err})"]
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        return [f"{field}: {folder} has " + (f"only pickle weights {pickled}, which titok never loads; convert them to "
+                                             "safetensors" if pickled else "a config but no weights (titok plan works "
+                                             "from a config alone; a transplant needs the weights)")]
+    for shard in shards:
+        path = folder / shard
+        if not path.is_file():
+            return [f"{field}: weight shard {path} is missing"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                next(iter(f.keys()), None)
+        except Exception as err:  # torn or foreign file
+            return [f"{field}: {path} cannot be read as safetensors ({type(err).__name__}: {err})"]
+    return []
+
+
+def task_problems(field: str, spec: str, split_seed: int, few_shot: int | None = None, min_test: int = 0):
+    """``(task or None, problems)``: the task loads (parsed, deduplicated, targets present)."""
+    from titok.tasks import load_task
+
+    try:
+        task = load_task(spec, seed=split_seed)
+    except ValueError as err:
+        return None, [f"{field}: {err}"]
+    problems = []
+    if few_shot is not None and len(task.seed_examples) < few_shot:
+        problems.append(f"queries.few_shot={few_shot} but task {spec!r} has only {len(task.seed_examples)} seed examples")
+    if len(task.test_examples) < min_test:
+        problems.append(f"{field}: task {spec!r} has {len(task.test_examples)} held-out examples, {min_test} were asked for")
+    return task, problems
+
+
+@functools.lru_cache(maxsize=64)
+def template_tokens(spec: str, trust_remote_code: bool = False) -> int:
+    """Tokens of the chat template around an empty user message (what every prompt costs)."""
+    from titok.models import format_prompt, load_tokenizer
+
+    tokenizer = load_tokenizer(spec, trust_remote_code)
+    return len(tokenizer(format_prompt(tokenizer, ""), add_special_tokens=False)["input_ids"])
+
+
+def length_problems(cfg) -> list[str]:
+    """The chat template plus the longest synthetic query must leave room for a response in
+    ``engine.max_length`` on both tokenizers (else scoring or training cuts every response to nothing)."""
+    problems = []
+    for field in ("source_base", "target_base"):
+        template = template_tokens(getattr(cfg, field), cfg.trust_remote_code)
+        needed = template + cfg.queries.max_new_tokens + 1
+        if needed > cfg.engine.max_length:
+            problems.append(f"engine.max_length={cfg.engine.max_length} is shorter than {field}'s chat template "
+                            f"({template} tokens) + a query (queries.max_new_tokens={cfg.queries.max_new_tokens}) + one "
+                            f"response token = {needed}")
+    return problems
+
+
+RUN_MANIFEST = ".titok-run.json"
+
+
+def is_titok_folder(folder: Path) -> bool:
+    """A folder titok made: its run manifest, or (runs from before the manifest) titok's own files."""
+    if (folder / RUN_MANIFEST).is_file() or (folder / "events.jsonl").is_file():
+        return True
+    return any((child / "_COMPLETE.json").is_file() or (child / "_STARTED.json").is_file()
+               for child in folder.iterdir() if child.is_dir())
+
+
+def run_dir_problems(field: str, path: str | Path) -> list[str]:
+    """A run directory titok may write into: new, empty, or one of titok's own (never a user's folder)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        return [f"{field}: {folder} is a file"]
+    if folder.is_dir() and any(folder.iterdir()) and not is_titok_folder(folder):
+        return [f"{field}: {folder} holds files titok did not write; titok clears stage folders in its run "
+                "directories, so it only uses a new or empty folder (or one of its own runs)"]
+    return []
+
+
+def transplant_problems(cfg) -> list[str]:
+    """Everything a transplant config needs that the file system and the models can tell, at once."""
+    from titok.models import resolve_model_path
+
+    problems = run_dir_problems("run_dir", cfg.run_dir)
+    for field in ("source_base", "target_base"):
+        problems += model_problems(field, getattr(cfg, field), cfg.trust_remote_code)
+    if problems:
+        return problems  # the checks below need the models
+    problems += adapter_problems("source_adapter", cfg.source_adapter, cfg.source_base,
+                                 resolve_model_path(cfg.source_base), cfg.trust_remote_code)
+    _, found = task_problems("task", cfg.task, cfg.split_seed, cfg.queries.few_shot)
+    problems += found
+    problems += length_problems(cfg)
+    return problems
+
+
+def _raise_all(what: str, problems: list[str]) -> None:
+    from titok.config import ConfigError
+
+    if problems:
+        raise ConfigError("\n  ".join([f"{what} cannot start:", *problems]))
+
+
+def check_eval(base: str, adapter: str | None, task: str, seed: int, n: int) -> None:
+    """``titok eval``'s inputs, before Ray starts: the base, an adapter trained on it, the task."""
+    from titok.models import resolve_model_path
+
+    problems = [] if n >= 1 else [f"--n: {n} held-out examples; give at least 1"]
+    problems += model_problems("--base", base)
+    if adapter and not problems:
+        problems += adapter_problems("--adapter", adapter, base, resolve_model_path(base))
+    problems += task_problems("--task", task, seed)[1]
+    _raise_all("the evaluation", problems)
+
+
+def check_sft(base: str, task: str, out: str, seed: int, max_length: int) -> None:
+    """``titok sft``'s inputs, before Ray starts: the base, the task, an output folder titok may fill,
+    and a max length the chat template leaves room in."""
+    out_path = Path(out)
+    problems = model_problems("--base", base)
+    if out_path.exists() and not out_path.is_dir():
+        problems.append(f"--out: {out_path} is a file")
+    elif out_path.is_dir() and any(out_path.iterdir()) and not (out_path / "titok.json").is_file():
+        problems.append(f"--out: {out_path} holds files titok did not write (a new adapter would replace them); "
+                        "give a new or empty folder")
+    problems += task_problems("--task", task, seed)[1]
+    if not problems:
+        template = template_tokens(base)
+        if template + 8 > max_length:
+            problems.append(f"--max-length={max_length} leaves no room for an example after the chat template "
+                            f"({template} tokens)")
+    _raise_all("titok sft", problems)

@@ -114,7 +114,9 @@ def validate_manifest(manifest: ZooManifest) -> tuple[dict[str, TransplantConfig
     from titok.models import resolve_model_path
     from titok.validate import adapter_config_problems, adapter_weight_problems
 
-    problems, configs, unusable = [], {}, {}
+    from titok.validate import run_dir_problems
+
+    problems, configs, unusable = run_dir_problems("out_dir", manifest.out_dir), {}, {}
     for field, spec in (("source_base", manifest.source_base), ("target_base", manifest.target_base)):
         try:
             check_model(field, spec)
@@ -177,7 +179,7 @@ def migrate(manifest: ZooManifest) -> dict:
                 for c in configs.values()}.values():
         check_plan(cfg, resources)  # before any model loads
     out = Path(manifest.out_dir).resolve()
-    RunDir(out)  # the zoo's own event log: engine loads land here
+    RunDir(out).claim()  # the zoo's own folder; its event log gets the engine loads
     started = time.perf_counter()
     rows = {a.name: {"name": a.name, "task": a.task, "source_adapter": a.path, "status": "pending", "reason": ""}
             for a in manifest.adapters}

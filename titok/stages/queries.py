@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import numpy as np
 import pyarrow as pa
 
 from titok import columns as C
 from titok.queries import DiversityFilter, build_query_prompt
-from titok.runstate import RunDir
+from titok.runstate import RunDir, write_atomic
 from titok.tasks import load_task
 
 __all__ = ["write_query_pool"]
+
+
+def _read_progress(path) -> dict:
+    """The kept pool of an earlier attempt; a torn file only costs the rounds it held."""
+    if not path.is_file():
+        return {}
+    try:
+        progress = json.loads(path.read_text())
+        if isinstance(progress, dict) and isinstance(progress.get("kept"), list):
+            return progress
+    except ValueError:
+        pass
+    print(f"warning: {path} is unreadable; writing the query pool from the start", file=sys.stderr, flush=True)
+    return {}
 
 
 def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
@@ -32,7 +47,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
     progress_path = run.root / "queries.progress.json"
     key = run.fingerprint("", {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed, "split": cfg.split_seed,
                                "queries": cfg.queries.model_dump(exclude={"max_rounds"}), "pool": cfg.pool_size})
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    progress = _read_progress(progress_path)
     if progress.get("key") != key:
         progress = {"key": key, "kept": [], "written": 0, "rounds": 0}
     diversity.kept = list(progress["kept"])
@@ -51,7 +66,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
             if len(diversity.kept) < cfg.pool_size:
                 diversity.offer(row[C.QUERY])
         progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1)
-        progress_path.write_text(json.dumps(progress))
+        write_atomic(progress_path, json.dumps(progress))
         print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of "
               f"{progress['written']} written", flush=True)
     if len(diversity.kept) < cfg.pool_size:

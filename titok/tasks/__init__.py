@@ -16,6 +16,7 @@ option log-likelihood accuracy; ``task.metric`` says how to score.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,23 @@ def _generate(spec: str, rng: random.Random, n_total: int) -> list[Example]:
     raise ValueError(f"task {spec!r} cannot produce {n_total} distinct examples")
 
 
+def _distinct(examples: list[Example], spec: str) -> list[Example]:
+    """One example per input (a duplicated input would land in two splits and leak a test answer into
+    training), with a real target and, where options are given, a non-empty set holding the target."""
+    seen: dict[str, Example] = {}
+    for i, example in enumerate(examples):
+        target = example.get("target")
+        if target is None or target == "None" or not str(target).strip():
+            raise ValueError(f"task {spec!r}: example {i} has no target ({target!r})")
+        if "options" in example and not example["options"]:
+            raise ValueError(f"task {spec!r}: example {i} has an empty option set")
+        previous = seen.setdefault(example["input"], example)
+        if previous is not example and previous["target"] != example["target"]:
+            raise ValueError(f"task {spec!r}: input {example['input'][:60]!r} appears twice with different targets "
+                             f"({previous['target']!r}, {example['target']!r})")
+    return list(seen.values())
+
+
 def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_test: int = 200) -> Task:
     """A built-in task name or a task file -> seeded, disjoint seed/train/test splits."""
     rng = random.Random(f"{spec}:{seed}")
@@ -87,9 +105,13 @@ def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_t
     if spec.startswith("hf:"):
         examples, metric = read_hub_dataset(spec, rng)
     elif path.is_file():
-        examples, metric = read_examples(path, rng)
+        try:
+            examples, metric = read_examples(path, rng)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"task file {path} is not valid JSON: {err}") from None
     else:
         raise ValueError(f"task {spec!r} is neither a built-in task {sorted(BUILTIN_TASKS)}, a file nor hf:ID")
+    examples = _distinct(examples, spec)
     rng.shuffle(examples)
     targets = sorted({e["target"] for e in examples})
     has_options = all("options" in e for e in examples)

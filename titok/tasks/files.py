@@ -20,6 +20,9 @@ def _lettered(question: str, options: list[str]) -> str:
 
 def _multiple_choice(raw: dict, rng: random.Random) -> dict:
     """BIG-bench ``target_scores``: options shuffled (sources often list the right one first)."""
+    if not isinstance(raw["target_scores"], dict) or not raw["target_scores"]:
+        raise ValueError(f"BIG-bench 'target_scores' must be a non-empty mapping option -> score, got "
+                         f"{type(raw['target_scores']).__name__} {str(raw['target_scores'])[:60]}")
     options = list(raw["target_scores"])
     rng.shuffle(options)
     best = max(options, key=lambda o: raw["target_scores"][o])
@@ -58,10 +61,17 @@ def examples_from_rows(rows, source: str, rng: random.Random) -> tuple[list[dict
     """(examples, metric) from raw rows; every row must have the same layout."""
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{source}: expected a non-empty list of rows: {_LAYOUTS}")
+    for i, row in enumerate(rows):
+        for key in ("target", "output"):
+            if key in row and row[key] is None:
+                raise ValueError(f"{source}: row {i} has {key!r}: null")
     if all({"input", "output"} <= r.keys() for r in rows):  # LaMP-style generation
         return [{"input": str(r["input"]), "target": str(r["output"])} for r in rows], "rouge"
     if all({"input", "target_scores"} <= r.keys() for r in rows):
-        return [_multiple_choice(r, rng) for r in rows], "accuracy"
+        try:
+            return [_multiple_choice(r, rng) for r in rows], "accuracy"
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
     if all({"input", "target"} <= r.keys() for r in rows):
         return [{"input": str(r["input"]), "target": str(r["target"])} for r in rows], "accuracy"
     if all({"question", "choices", "answer"} <= r.keys() for r in rows):  # MMLU as the hub has it (cais/mmlu)
