@@ -108,3 +108,61 @@ def test_mismatched_lengths_rejected(smollm2_tokenizer):
     model = get_peft_model(tiny_llama(smollm2_tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="2 queries but 1 responses"):
         score_pairs(model, smollm2_tokenizer, ["a", "b"], ["c"])
+
+
+@pytest.mark.slow
+def test_expert_logprobs_kept_from_generation_equal_the_two_pass_scorer(adapter_dir):
+    """The labels stage keeps each generated token's expert log-prob (raw logits, one step held at a
+    time); where the answer re-tokenizes to the same tokens, scoring then runs only the amateur."""
+    from titok.engines import GenerationParams, build_engine
+
+    engine = build_engine("transformers", "smollm2-135m", str(adapter_dir), dtype="float32", batch_size=4, max_length=256)
+    queries = [q for q, _ in PAIRS]
+    labels = engine.label(queries, GenerationParams(max_new_tokens=24, temperature=0.0))
+    responses = [label.text for label in labels]
+    assert responses == engine.generate(queries, GenerationParams(max_new_tokens=24, temperature=0.0), use_adapter=True)
+    kept = [label.expert_logprobs for label in labels]
+    canonical = sum(k is not None for k in kept)
+    assert canonical >= len(PAIRS) - 2, f"only {canonical} of {len(PAIRS)} answers re-tokenize to their generated tokens"
+    from_generation = engine.score(queries, responses, known_expert=kept)
+    two_passes = engine.score(queries, responses)
+    for got, ref, known in zip(from_generation, two_passes, kept):
+        np.testing.assert_allclose(got.expert_logprobs, ref.expert_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got.excess, ref.excess, atol=1e-4, rtol=0)
+        if known is not None:
+            np.testing.assert_array_equal(got.expert_logprobs, known)  # taken as given, not recomputed
+    assert np.abs(np.concatenate([s.excess for s in two_passes])).max() > 0.5
+
+
+def test_known_expert_logprobs_skip_the_expert_pass(smollm2_tokenizer):
+    from tests.conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(smollm2_tokenizer), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    queries, responses = ["What is 2+2?", "Name a color."], ["2+2 equals 4.", "Blue."]
+    full = score_pairs(model, smollm2_tokenizer, queries, responses)
+    marked = [np.full(len(full[0].token_ids), -7.0, dtype=np.float32), None]
+    mixed = score_pairs(model, smollm2_tokenizer, queries, responses, known_expert=marked)
+    np.testing.assert_array_equal(mixed[0].expert_logprobs, marked[0])
+    np.testing.assert_allclose(mixed[1].expert_logprobs, full[1].expert_logprobs, atol=1e-6)
+    np.testing.assert_allclose(mixed[0].amateur_logprobs, full[0].amateur_logprobs, atol=1e-6)
+
+
+def test_selective_log_softmax_equals_the_full_one():
+    from titok.excess import token_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 1000, dtype=torch.bfloat16) * 5
+    targets = torch.randint(0, 1000, (3, 7))
+    full = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(token_logprobs(logits, targets), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lengths,rows,tokens,expected", [
+    ([5, 1, 3, 2], 2, None, [[1, 3], [2, 0]]),
+    ([10, 10, 10, 40], 4, 30, [[0, 1, 2], [3]]),  # a sequence over the budget goes alone
+    ([4, 4, 8, 8], 4, 16, [[0, 1], [2, 3]]),
+])
+def test_token_budget_batches(lengths, rows, tokens, expected):
+    from titok.excess import token_budget_batches
+
+    assert token_budget_batches(lengths, rows, tokens) == expected

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--task", default="boolean_expressions", help="built-in task or task file")
     ev.add_argument("--seed", type=int, default=0, help="seed of the task split")
     ev.add_argument("--n", type=int, default=100, help="held-out examples to score")
-    ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="inference dtype")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="inference dtype (auto: bf16 where the device runs it fast, else fp32)")
     ev.add_argument("--max-new-tokens", type=int,
                     help="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
     ev.add_argument("--out", help="write the full report (with example predictions) as JSON here")

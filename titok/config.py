@@ -79,7 +79,10 @@ class EngineConfig(_Section):
     max_lora_rank: int | None = Field(
         None, ge=1, description="vllm: largest adapter rank (default: the source adapter's), rounded up to a rank vLLM "
         "accepts")
-    batch_size: int = Field(8, ge=1, description="rows per map_batches call")
+    batch_size: int = Field(8, ge=1, description="rows per engine call (and most rows per scoring batch)")
+    max_batch_tokens: int | None = Field(
+        None, ge=16, description="transformers scoring: most padded tokens per batch over length-sorted pairs (none: "
+        "batch_size rows)")
     max_length: int = Field(512, ge=16, description="max prompt+response tokens when scoring and training")
     vllm_score_tolerance: float = Field(
         0.05, gt=0.0, description="max |prefill - decode| log-prob on the calibration sample before vLLM scoring is refused"
@@ -194,7 +197,8 @@ class EvalSettings(_Section):
     max_new_tokens: int | None = Field(
         None, ge=1, description="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
     batch_size: int = Field(16, ge=1, description="examples per generation batch")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="inference dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="inference dtype; auto = bf16 where the device runs it fast, else fp32")
     cpus_per_actor: int = Field(1, ge=1, description="CPU cores (torch threads) per evaluation actor")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
 

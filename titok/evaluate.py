@@ -72,7 +72,7 @@ def answer_budget(base: str, examples: list[dict]) -> int:
 
 
 def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str, seed: int = 0, n_test: int = 100,
-                      dtype: str = "bfloat16", max_new_tokens: int | None = None, batch_size: int = 16,
+                      dtype: str = "auto", max_new_tokens: int | None = None, batch_size: int = 16,
                       actors: int = 1, cpus_per_actor: int = 1, gpus_per_actor: float = 0.0) -> dict[str, dict]:
     """One report per variant, all on the same held-out examples of the task split ``seed``."""
     import ray
@@ -112,7 +112,7 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
 
 
 def evaluate(base: str, adapter: str | None, task_spec: str, seed: int = 0, n_test: int = 100,
-             dtype: str = "bfloat16", max_new_tokens: int | None = None, batch_size: int = 16, actors: int = 1) -> dict:
+             dtype: str = "auto", max_new_tokens: int | None = None, batch_size: int = 16, actors: int = 1) -> dict:
     """One base with one adapter (or none)."""
     name = "adapter" if adapter else "vanilla"
     return evaluate_variants(base, {name: adapter}, task_spec, seed, n_test, dtype, max_new_tokens, batch_size,

@@ -4,7 +4,14 @@ amateur (the same base without the LoRA).
     S(y_i) = log P_expert(y_i | q, y_<i) - log P_amateur(y_i | q, y_<i)
 
 One copy of the base weights serves both: the expert pass runs the PEFT model as is, the amateur
-pass runs it inside ``disable_adapter()``. Only response tokens are scored.
+pass runs it inside ``disable_adapter()``. Only response tokens are scored, and only where it counts:
+- logits from the first position that predicts a response token on (``logits_to_keep``);
+- log-probabilities of the actual tokens as ``logit - logsumexp`` in fp32 chunks, never a full fp32
+  log-softmax over the vocabulary (Gemma's is 262k wide);
+- batches by a token budget over length-sorted pairs (``max_batch_tokens``), so short pairs are not
+  padded to the longest;
+- the expert pass only for pairs whose expert log-probs are not known yet: the labels stage keeps
+  the log-prob of every token the expert generated, so the scores stage runs the amateur alone.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from transformers import PreTrainedTokenizerBase
 
 from titok.sequences import Batch, EncodedPair, collate, encode_pair
 
-__all__ = ["TokenScores", "response_logprobs", "score_batch", "score_pairs"]
+__all__ = ["TokenScores", "response_logprobs", "score_batch", "score_pairs", "token_budget_batches", "token_logprobs"]
+
+_CHUNK_ELEMENTS = 1 << 24  # fp32 values per log-sum-exp chunk (64 MB)
 
 
 @dataclass
@@ -35,40 +44,75 @@ class TokenScores:
         return self.expert_logprobs - self.amateur_logprobs
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[..., target]`` in fp32, as ``logit[target] - logsumexp(logits)``.
+
+    logits: (..., V) in any float dtype; targets: (...) int64. Rows are upcast a chunk at a time, so
+    memory is one chunk of fp32 logits, not a full-vocabulary fp32 copy of all of them.
+    """
+    vocab = logits.shape[-1]
+    flat, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start : start + rows].float()
+        picked = chunk.gather(-1, flat_targets[start : start + rows, None])[:, 0]
+        out[start : start + rows] = picked - torch.logsumexp(chunk, dim=-1)
+    return out.view(targets.shape)
+
+
 @torch.no_grad()
 def response_logprobs(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
-    """log P(token | prefix) for each sequence's response tokens: a list of B float32 tensors.
-
-    Logits are computed only from the first position that predicts a response token onwards
-    (``logits_to_keep``), which bounds memory for large vocabularies.
-    """
+    """log P(token | prefix) for each sequence's response tokens: a list of B float32 tensors."""
     batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
     logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from).logits
     # logits[:, j] predicts input token keep_from + j + 1
-    predicted = batch.input_ids[:, keep_from + 1 :]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
+    logprobs = token_logprobs(logits[:, :-1], batch.input_ids[:, keep_from + 1 :])
     mask = batch.response_mask[:, keep_from + 1 :]
     return [row[row_mask] for row, row_mask in zip(logprobs, mask)]
 
 
-def score_batch(model: PeftModel, pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "left") -> list[TokenScores]:
-    """Expert and amateur log-probs of one padded batch, with a single copy of the base weights."""
+def score_batch(model: PeftModel, pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "left",
+                known_expert: list[np.ndarray | None] | None = None) -> list[TokenScores]:
+    """Expert and amateur log-probs of one padded batch, with a single copy of the base weights.
+
+    ``known_expert[i]``, when given, are pair i's expert log-probs already (from generation): the
+    expert pass then runs only for the pairs without them.
+    """
     if not isinstance(model, PeftModel):
         raise TypeError(f"the expert must be a peft.PeftModel (base + source adapter), got {type(model).__name__}")
-    batch = collate(pairs, pad_token_id, padding_side)
-    expert = response_logprobs(model, batch)
+    known = known_expert or [None] * len(pairs)
     with model.disable_adapter():
-        amateur = response_logprobs(model, batch)
+        amateur = response_logprobs(model, collate(pairs, pad_token_id, padding_side))
+    unknown = [i for i, k in enumerate(known) if k is None]
+    expert: list = list(known)
+    if unknown:
+        for i, lp in zip(unknown, response_logprobs(model, collate([pairs[i] for i in unknown], pad_token_id, padding_side))):
+            expert[i] = lp.cpu().numpy()
     return [
         TokenScores(
             token_ids=np.asarray(pair.response_ids, dtype=np.int64),
             offsets=np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2),
-            expert_logprobs=e.cpu().numpy(),
+            expert_logprobs=np.asarray(e, dtype=np.float32),
             amateur_logprobs=a.cpu().numpy(),
         )
         for pair, e, a in zip(pairs, expert, amateur)
     ]
+
+
+def token_budget_batches(lengths: list[int], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices in batches over length-sorted sequences: at most ``max_rows`` rows and, when given,
+    ``max_tokens`` padded tokens (rows x longest) per batch; a sequence longer than the budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (len(current) == max_rows or (max_tokens and longest * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
 
 
 def score_pairs(
@@ -79,18 +123,23 @@ def score_pairs(
     batch_size: int = 8,
     padding_side: str = "left",
     max_length: int | None = None,
+    max_batch_tokens: int | None = None,
+    known_expert: list[np.ndarray | None] | None = None,
 ) -> list[TokenScores]:
-    """Score (query, response) pairs in batches; sequences are sorted by length to waste little padding."""
+    """Score (query, response) pairs in length-sorted batches (``batch_size`` rows, ``max_batch_tokens``)."""
     if len(queries) != len(responses):
         raise ValueError(f"{len(queries)} queries but {len(responses)} responses")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs = [encode_pair(tokenizer, q, r, max_length) for q, r in zip(queries, responses)]
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + len(pairs[i].response_ids))
+    known = known_expert or [None] * len(pairs)
+    for i, (pair, k) in enumerate(zip(pairs, known)):
+        if k is not None and len(k) != len(pair.response_ids):
+            known[i] = None  # cut by max_length, or another tokenization: score it here
     results: list[TokenScores | None] = [None] * len(pairs)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        scored = score_batch(model, [pairs[i] for i in chunk], tokenizer.pad_token_id, padding_side)
+    lengths = [len(p.prompt_ids) + len(p.response_ids) for p in pairs]
+    for chunk in token_budget_batches(lengths, batch_size, max_batch_tokens):
+        scored = score_batch(model, [pairs[i] for i in chunk], tokenizer.pad_token_id, padding_side, [known[i] for i in chunk])
         for i, item in zip(chunk, scored):
             results[i] = item
     return results

@@ -41,13 +41,15 @@ class SourceEngines:
 
     def __init__(self, cfg: TransplantConfig, run_dir: str, adapters: dict[str, str]):
         self.cfg, self.run_dir, self.adapters, self.fleet = cfg, run_dir, adapters, None
+        self.run_log = RunDir(run_dir)
 
     def __call__(self) -> EngineFleet:
         if self.fleet is None:
             e, cfg = self.cfg.engine, self.cfg
             engine = {"name": e.name, "base": cfg.source_base, "adapter": self.adapters, "dtype": e.dtype,
                       "max_length": e.max_length, "batch_size": e.batch_size, "trust_remote_code": cfg.trust_remote_code,
-                      "vllm": e.model_dump(include=set(VLLM_FIELDS)), "gpus": e.gpus_per_actor}
+                      "vllm": e.model_dump(include=set(VLLM_FIELDS)), "gpus": e.gpus_per_actor,
+                      "max_batch_tokens": e.max_batch_tokens}
             options = actor_options(e.name, e.gpus_per_actor, e.cpus_per_actor, e.tensor_parallel_size, e.pipeline_parallel_size)
             self.fleet = EngineFleet(self.run_dir, engine, e.actors, options, e.batch_size, e.cpus_per_actor)
         return self.fleet
@@ -65,7 +67,12 @@ VLLM_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_uti
 def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEngines, adapter: str):
     """The expert (source base + ``adapter``) answers every query, greedy by default."""
     params = {"max_new_tokens": cfg.labels.max_new_tokens, "temperature": cfg.labels.temperature, "seed": cfg.seed}
-    return engines().map(queries, "labels", {"generation": params, "adapter": adapter})
+    labels = engines().map(queries, "labels", {"generation": params, "adapter": adapter})
+    rescore = labels.column(C.EXPERT_LOGPROBS).null_count  # answers that do not re-tokenize to their own tokens
+    print(f"  labels: {labels.num_rows - rescore} answers keep their expert log-probs from generation, "
+          f"{rescore} are rescored", flush=True)
+    engines.run_log.log_event(event="expert_logprobs_from_generation", kept=labels.num_rows - rescore, rescored=rescore)
+    return labels
 
 
 def score_excess(cfg: TransplantConfig, labels: pa.Table, engines: SourceEngines, adapter: str):
@@ -175,7 +182,9 @@ class StageRunner:
                               self.timings, resumable=("ray",) if name == "train" else ())  # Ray Train's checkpoints
 
     def result(self) -> dict:
-        out = {"run_dir": str(self.run.root), "stages": self.timings}
+        # which dtype each model ran in, and why (dtype: auto decides per device)
+        dtypes = {e["stage"]: e["dtype"] for e in self.run.events() if e.get("event") == "model_load" and e.get("dtype")}
+        out = {"run_dir": str(self.run.root), "stages": self.timings, "dtypes": dtypes}
         return {**out, "adapter": self.adapter_path} if hasattr(self, "adapter_path") else out
 
 
@@ -220,6 +229,8 @@ def format_summary(result: dict) -> str:
     lines = [f"{'stage':8s} {'status':7s} {'rows':>6s} {'seconds':>8s}"]
     for name, info in result["stages"].items():
         lines.append(f"{name:8s} {info['status']:7s} {str(info.get('rows', '')):>6s} {str(info.get('seconds', '')):>8s}")
+    for stage, (dtype, reason) in result.get("dtypes", {}).items():
+        lines.append(f"{stage} dtype: {dtype} ({reason})")
     lines.append(f"run dir: {result['run_dir']}")
     if "adapter" in result:
         lines.append(f"adapter: {result['adapter']}  (load with peft.PeftModel.from_pretrained)")

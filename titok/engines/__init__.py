@@ -22,13 +22,14 @@ def build_engine(
     trust_remote_code: bool = False,
     gpus: float = 0.0,
     vllm: dict | None = None,
+    max_batch_tokens: int | None = None,
 ) -> InferenceEngine:
     """An engine over ``base`` (+ ``adapter``). ``gpus``: the GPUs this actor holds (the transformers
     engine splits the model over them); ``vllm``: vLLM's settings (``EngineConfig``'s vLLM fields)."""
     if name == "transformers":
         from titok.engines.hf import TransformersEngine
 
-        return TransformersEngine(base, adapter, dtype, max_length, batch_size, trust_remote_code)
+        return TransformersEngine(base, adapter, dtype, max_length, batch_size, trust_remote_code, max_batch_tokens)
     if name == "vllm":
         from titok.engines.vllm_engine import VLLMEngine
 

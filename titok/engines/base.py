@@ -6,9 +6,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from titok.excess import TokenScores
+import numpy as np
 
-__all__ = ["GenerationParams", "InferenceEngine", "named_adapters"]
+from titok.excess import TokenScores
+from titok.sequences import encode_response
+
+__all__ = ["GenerationParams", "InferenceEngine", "Label", "canonical_logprobs", "named_adapters"]
 
 
 def named_adapters(adapter: str | dict[str, str] | None) -> dict[str, str]:
@@ -26,6 +29,21 @@ class GenerationParams:
     seed: int = 0
 
 
+@dataclass
+class Label:
+    """An expert answer and, when its generated tokens are exactly how the text tokenizes, the
+    expert's log-prob of each of them (so scoring needs only the amateur pass)."""
+
+    text: str
+    expert_logprobs: np.ndarray | None
+
+
+def canonical_logprobs(tokenizer, text: str, generated: list[int], logprobs: list[float]) -> np.ndarray | None:
+    """The generated tokens' log-probs if re-tokenizing ``text`` gives those very tokens, else None
+    (a non-canonical tokenization, or whitespace the answer was stripped of: that pair is rescored)."""
+    return np.asarray(logprobs, dtype=np.float32) if encode_response(tokenizer, text)[0] == list(generated) else None
+
+
 class InferenceEngine(ABC):
     """One base model (plus optional LoRAs, one active at a time) loaded once per actor."""
 
@@ -35,9 +53,14 @@ class InferenceEngine(ABC):
         raw prompt (``chat=False``); returns the generated texts."""
 
     @abstractmethod
+    def label(self, messages: list[str], params: GenerationParams) -> list[Label]:
+        """The expert answers each user message (chat template), keeping each answer token's log-prob."""
+
+    @abstractmethod
     def select_adapter(self, name: str) -> None:
         """Make the adapter called ``name`` the expert for the calls that follow."""
 
     @abstractmethod
-    def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:
-        """Expert (with adapter) and amateur (without) log-probs of each response's tokens."""
+    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
+        """Expert (with adapter) and amateur (without) log-probs of each response's tokens; the expert
+        pass is skipped for pairs whose ``known_expert`` log-probs are given."""

@@ -11,17 +11,53 @@ import contextlib
 import torch
 from peft import PeftModel
 
-from titok.engines.base import GenerationParams, InferenceEngine, named_adapters
-from titok.excess import TokenScores, score_pairs
+from titok.engines.base import GenerationParams, InferenceEngine, Label, canonical_logprobs, named_adapters
+from titok.excess import TokenScores, score_pairs, token_logprobs
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_model, load_tokenizer
 
 __all__ = ["TransformersEngine"]
 
 
+class _StepLogprobs:
+    """While ``generate`` runs: the log-prob of each generated token under the model's raw logits
+    (before temperature, top-p or any other processor), one step of logits held at a time.
+
+    A hook on the LM head keeps the last position's logits of each step; the next step's forward
+    receives the token chosen from them, and its log-prob is taken then (``output_logits`` would hold
+    every step's full-vocabulary logits until the end instead).
+    """
+
+    def __init__(self, model):
+        self.model, self.previous, self.steps = model, None, []
+
+    def _on_logits(self, module, inputs, output):
+        self.previous = output[:, -1, :].float()
+
+    def _on_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.previous is not None and ids is not None:
+            self.steps.append(token_logprobs(self.previous, ids[:, -1]))
+
+    def __enter__(self):
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        self.hooks = [base.get_output_embeddings().register_forward_hook(self._on_logits),
+                      base.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) log-probs of ``new_tokens``; the last step's token never fed a forward pass."""
+        steps = self.steps + [token_logprobs(self.previous, new_tokens[:, -1])]
+        return torch.stack(steps[-new_tokens.shape[1] :], dim=1).cpu()
+
+
 class TransformersEngine(InferenceEngine):
     def __init__(self, base: str, adapter: str | dict[str, str] | None, dtype: str = "auto", max_length: int = 512,
-                 batch_size: int = 8, trust_remote_code: bool = False):
+                 batch_size: int = 8, trust_remote_code: bool = False, max_batch_tokens: int | None = None):
         self.tokenizer = load_tokenizer(base, trust_remote_code)
         self.tokenizer.padding_side = "left"  # generation continues at the right edge
         self.dtype_choice = resolve_dtype(dtype)
@@ -30,8 +66,7 @@ class TransformersEngine(InferenceEngine):
         model = load_model(base, getattr(torch, self.dtype_choice[0]), trust_remote_code, device_map=device_map)
         self.model = model
         self.load_adapters(named_adapters(adapter))
-        self.max_length = max_length
-        self.batch_size = batch_size
+        self.max_length, self.batch_size, self.max_batch_tokens = max_length, batch_size, max_batch_tokens
 
     def load_adapters(self, adapters: dict[str, str]) -> None:
         """More named adapters on the same base copy (``set_adapter(name)`` picks one): evaluating
@@ -53,23 +88,41 @@ class TransformersEngine(InferenceEngine):
         return contextlib.nullcontext() if use_adapter or not isinstance(self.model, PeftModel) else self.model.disable_adapter()
 
     @torch.no_grad()
-    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
+    def _generate(self, prompts: list[str], params: GenerationParams, use_adapter: bool, chat: bool, logits: bool):
+        """(new token ids per row, cut at the end of the answer; their raw log-probs or None) per batch."""
         device = self.model.get_input_embeddings().weight.device  # where inputs go under a device_map
-        prompts = [format_prompt(self.tokenizer, m) for m in messages] if chat else list(messages)
-        outputs: list[str] = []
         torch.manual_seed(params.seed)
+        stop = set(self.model.generation_config.eos_token_id if isinstance(self.model.generation_config.eos_token_id, list)
+                   else [self.model.generation_config.eos_token_id]) | {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         for start in range(0, len(prompts), self.batch_size):
             # chat prompts carry their own BOS (the template); raw prompts get the tokenizer's
             enc = self.tokenizer(prompts[start : start + self.batch_size], add_special_tokens=not chat,
                                  padding=True, return_tensors="pt").to(device)
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
                 if params.temperature > 0 else {"do_sample": False}
-            with self.adapter_context(use_adapter):
+            recorder = _StepLogprobs(self.model) if logits else contextlib.nullcontext()
+            with self.adapter_context(use_adapter), recorder:
                 out = self.model.generate(**enc, max_new_tokens=params.max_new_tokens,
                                           pad_token_id=self.tokenizer.pad_token_id, **sampling)
             new_tokens = out[:, enc["input_ids"].shape[1] :]
-            outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        return [text.strip() for text in outputs]
+            steps = recorder.finish(new_tokens) if logits else None
+            for row, tokens in enumerate(new_tokens.tolist()):
+                end = next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
+                yield tokens[:end], (steps[row, :end].tolist() if logits else None)
 
-    def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:
-        return score_pairs(self.model, self.tokenizer, queries, responses, self.batch_size, "left", self.max_length)
+    def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
+        prompts = [format_prompt(self.tokenizer, m) for m in messages] if chat else list(messages)
+        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                for tokens, _ in self._generate(prompts, params, use_adapter, chat, logits=False)]
+
+    def label(self, messages: list[str], params: GenerationParams) -> list[Label]:
+        prompts = [format_prompt(self.tokenizer, m) for m in messages]
+        labels = []
+        for tokens, logprobs in self._generate(prompts, params, use_adapter=True, chat=True, logits=True):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            labels.append(Label(text, canonical_logprobs(self.tokenizer, text, tokens, logprobs)))
+        return labels
+
+    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
+        return score_pairs(self.model, self.tokenizer, queries, responses, self.batch_size, "left", self.max_length,
+                           self.max_batch_tokens, known_expert)

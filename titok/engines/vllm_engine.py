@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from titok.engines.base import GenerationParams, InferenceEngine, named_adapters
+from titok.engines.base import GenerationParams, InferenceEngine, Label, canonical_logprobs, named_adapters
 from titok.excess import TokenScores
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_tokenizer, resolve_model_path
@@ -143,6 +143,25 @@ class VLLMEngine(InferenceEngine):
         outputs = self.llm.generate(prompts, sampling, lora_request=self._lora(use_adapter), use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
+    def label(self, messages: list[str], params: GenerationParams) -> list[Label]:
+        if self.llm is None:
+            return self._transformers.label(messages, params)
+        from vllm import SamplingParams, TokensPrompt
+
+        # logprobs=0: the chosen token's log-prob, from the raw logits (vLLM's default logprobs mode)
+        sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature, logprobs=0,
+                                  top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=self._prompt_ids(m)) for m in messages], sampling,
+                                    lora_request=self._lora(True), use_tqdm=False)
+        labels = []
+        for output in outputs:
+            out = output.outputs[0]
+            tokens = [t for t in out.token_ids if t not in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)]
+            logprobs = [step[t].logprob for t, step in zip(out.token_ids, out.logprobs)][: len(tokens)]
+            text = out.text.strip()
+            labels.append(Label(text, canonical_logprobs(self.tokenizer, text, tokens, logprobs)))
+        return labels
+
     def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:
         """vLLM prompt log-probs of each response's tokens, at most ``batch_size`` sequences per call
         (prompt_logprobs materializes full-vocabulary logits for every prompt token)."""
@@ -215,15 +234,18 @@ class VLLMEngine(InferenceEngine):
                                                 self.batch_size, self.trust_remote_code)
         self._transformers.select_adapter(self.adapter)
 
-    def score(self, queries: list[str], responses: list[str]) -> list[TokenScores]:
+    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
         if self.scoring_backend is None:
             self._calibrate(queries[0])
         if self.scoring_backend != "vllm":
-            return self._transformers.score(queries, responses)
+            return self._transformers.score(queries, responses, known_expert)
         pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
         items = [(p.prompt_ids, p.prompt_ids + p.response_ids) for p in pairs]
-        expert = self._prompt_logprobs_batch(items, use_adapter=True)
         amateur = self._prompt_logprobs_batch(items, use_adapter=False)
+        expert = list(known_expert or [None] * len(pairs))
+        unknown = [i for i, (k, p) in enumerate(zip(expert, pairs)) if k is None or len(k) != len(p.response_ids)]
+        for i, lp in zip(unknown, self._prompt_logprobs_batch([items[i] for i in unknown], use_adapter=True)):
+            expert[i] = lp
         return [TokenScores(np.asarray(pair.response_ids, dtype=np.int64),
-                            np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2), e, a)
+                            np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2), np.asarray(e, dtype=np.float32), a)
                 for pair, e, a in zip(pairs, expert, amateur)]

@@ -25,8 +25,8 @@ _LIST_TYPES = {
 def table(columns: dict) -> pa.Table:
     arrays = {}
     for name, values in columns.items():
-        if name in _LIST_TYPES:
-            arrays[name] = pa.array([np.asarray(v).tolist() for v in values], type=_LIST_TYPES[name])
+        if name in _LIST_TYPES:  # None stays null: "not known" (e.g. expert log-probs to be rescored)
+            arrays[name] = pa.array([None if v is None else np.asarray(v).tolist() for v in values], type=_LIST_TYPES[name])
         else:
             arrays[name] = pa.array(list(values) if isinstance(values, np.ndarray) and values.dtype == object else values)
     return pa.table(arrays)

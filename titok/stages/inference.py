@@ -42,15 +42,19 @@ def label_responses(engine: InferenceEngine, batch: dict, params: dict) -> dict:
     """The expert (source base + adapter) answers each query."""
     _check("labels", batch, (C.SAMPLE_ID, C.QUERY))
     _select_adapter(engine, params)
-    responses = engine.generate(list(batch[C.QUERY]), GenerationParams(**params["generation"]), use_adapter=True)
-    return {**batch, C.RESPONSE: np.array(responses, dtype=object)}
+    labels = engine.label(list(batch[C.QUERY]), GenerationParams(**params["generation"]))
+    # the expert's log-prob of each answer token, kept from generation: scoring then runs the amateur
+    # only (null where the generated tokens are not the answer's own tokenization: rescored)
+    return table({**batch, C.RESPONSE: [label.text for label in labels],
+                  C.EXPERT_LOGPROBS: [label.expert_logprobs for label in labels]})
 
 
 def score_excess(engine: InferenceEngine, batch: dict, params: dict):
     """Expert and amateur log-probs of every response token, from one base copy."""
     _check("scores", batch, (C.SAMPLE_ID, C.QUERY, C.RESPONSE))
     _select_adapter(engine, params)
-    scored = engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]))
+    known = list(batch[C.EXPERT_LOGPROBS]) if C.EXPERT_LOGPROBS in batch else None
+    scored = engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]), known)
     excess = [s.excess for s in scored]
     return table({
         **{name: batch[name] for name in (C.SAMPLE_ID, C.QUERY, C.RESPONSE)},

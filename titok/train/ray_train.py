@@ -97,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpointing == "auto":
         checkpointing = n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
     run.log_event(event="model_load", stage="train", rank=rank, node_id=ray.get_runtime_context().get_node_id(),
-                  dtype=dtype, dtype_reason=dtype_reason, zero_stage=train["deepspeed_stage"],
+                  dtype=[dtype, dtype_reason], zero_stage=train["deepspeed_stage"],
                   partitioned=all(strategy.is_partitioned(p) for p in model.parameters()),
                   local_numel=sum(p.numel() for p in model.parameters()), params=n_params,
                   gradient_checkpointing=checkpointing, micro_batch=plan.micro_batch, accumulation=plan.accumulation)
