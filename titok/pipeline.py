@@ -57,6 +57,7 @@ class SourceEngines:
     def close(self) -> None:
         if self.fleet is not None:
             self.fleet.close()
+            self.run_log.log_event(event="engines_closed", stage="engine", peak_rss_mib=self.fleet.peak_rss_mib)
             self.fleet = None
 
 

@@ -44,6 +44,11 @@ class EngineActor:
     def ready(self) -> bool:
         return True
 
+    def peak_rss_mib(self) -> float:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
     def run(self, operation: str, rows: pa.Table, params: dict | None) -> pa.Table:
         from titok.stages.arrow import table
         from titok.stages.inference import OPERATIONS
@@ -92,6 +97,10 @@ class EngineFleet:
         import ray
         from ray.util import remove_placement_group
 
+        try:  # what each engine held at its peak, for the run's record
+            self.peak_rss_mib = ray.get([actor.peak_rss_mib.remote() for actor in self.actors], timeout=30)
+        except Exception:  # noqa: BLE001 - a dead engine has no peak to report
+            self.peak_rss_mib = None
         for actor in self.actors:
             ray.kill(actor)
         for group in self.groups:

@@ -145,6 +145,10 @@ def train_loop_per_worker(config: dict) -> None:
         final = state["step"] == plan.total_steps
         if final or state["step"] % plan.steps_per_epoch == 0 or (every and state["step"] % every == 0):
             _report(engine, model, state, plan, rank, final)
+    import resource
+
+    run.log_event(event="train_done", stage="train", rank=rank,
+                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
 def _report(engine, model, state: dict, plan, rank: int, final: bool) -> None:
