@@ -122,3 +122,30 @@ def test_identical_tokenizers_give_the_identity_map(text, seed, which):
     values = np.random.default_rng(seed).normal(size=len(ids))
     assert all(len(s) == 1 and len(t) == 1 for s, t in alignment_groups(offsets, offsets, len(text)))
     np.testing.assert_array_equal(align_values(offsets, values, offsets, len(text)), values)
+
+
+# ---------- target-aware selection: the group arithmetic ----------
+
+def test_identical_tokenizers_reduce_to_per_token_differences():
+    from titok.reference import target_token_scores
+
+    offsets = [(0, 3), (3, 8), (8, 12)]
+    expert, amateur, target = [-0.5, -1.0, -2.0], [-0.7, -3.0, -2.5], [-1.5, -0.2, -2.0]
+    np.testing.assert_allclose(target_token_scores(offsets, expert, amateur, offsets, target, 12, "target_base"),
+                               np.subtract(expert, target))
+    both = target_token_scores(offsets, expert, amateur, offsets, target, 12, "both")
+    np.testing.assert_allclose(both, np.maximum(np.subtract(expert, target), np.subtract(expert, amateur)))
+
+
+def test_a_split_token_scores_the_same_whichever_side_splits_it():
+    """'righteousness' as three source tokens and one target token, then the other way round: the
+    group compares the same span's total log-probabilities, so the score is the same."""
+    from titok.reference import target_token_scores
+
+    text_length = len("righteousness")
+    pieces, whole = [(0, 5), (5, 9), (9, 13)], [(0, 13)]
+    piece_lp, whole_lp = [-1.0, -0.5, -0.25], [-3.0]
+    split_source = target_token_scores(pieces, piece_lp, [0, 0, 0], whole, whole_lp, text_length, "target_base")
+    split_target = target_token_scores(whole, [-1.75], [0], pieces, [-1.0, -1.0, -1.0], text_length, "target_base")
+    assert split_source.tolist() == [-1.75 + 3.0]  # sum of the pieces against the whole
+    assert split_target.tolist() == [-1.75 + 3.0] * 3  # the whole against the sum of the pieces, on every piece

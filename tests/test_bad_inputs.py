@@ -291,7 +291,7 @@ def test_compare_inputs(tiny_model_dirs, workspace, tmp_path, refused):
     path.write_text(yaml.safe_dump({**data, "targets": [tiny_model_dirs["target"]] * 2}))
     refused(["compare", "--config", str(path)], "listed twice")
     path.write_text(yaml.safe_dump({**data, "transplant": {"filter": {"method": "kd"}}}))
-    refused(["compare", "--config", str(path)], "filter.method is set per run by compare")
+    refused(["compare", "--config", str(path)], "filter.method and filter.reference are set per run by compare")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     path.write_text(yaml.safe_dump({**data, "out_dir": str(tmp_path / "mine")}))

@@ -36,10 +36,11 @@ def _compare_yaml(tmp_path, dirs, **fields) -> str:
 
 
 @pytest.mark.parametrize("override, named", [
-    ("transplant.filter.method=kd", "filter.method is set per run"),
+    ("transplant.filter.method=kd", "filter.method and filter.reference are set per run"),
     ("transplant.task=word_sorting", "set per run by compare"),
     ("methods=[titok, titok]", "listed twice"),
-    ("methods=[titok, distill]", "methods.1"),
+    ("methods=[titok, distill]", "'distill' is not a method"),
+    ("methods=[titok, titok:nobody]", "'titok:nobody' is not a method"),
     ("tasks=[boolean_expressions, no_such_task]", "tasks: task 'no_such_task'"),
     ("source.adapters={object_counting: /nowhere}", "source.adapters: ['object_counting']"),
     ("transplant.filter.top_m=100", "top_m=100 is larger than queries.pool_size=8"),
@@ -54,35 +55,52 @@ def test_bad_compare_configs_are_named_before_any_compute(tmp_path, tiny_model_d
     assert not (tmp_path / "compare").exists()
 
 
+def test_the_steps_budget_gives_every_method_the_same_optimizer_steps(tmp_path, tiny_model_dirs):
+    from titok.compare import run_config
+
+    cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="both",
+                                            methods=["kd", "random_m", "top_m_only", "top_k_only", "titok", "titok:both"]))
+    runs = {(m, b): run_config(cfg, "boolean_expressions", 0, tiny_model_dirs["target"], m, "adapter", b)
+            for m in cfg.methods for b in ("epochs", "steps")}
+    assert {runs[(m, "steps")].train.max_steps for m in cfg.methods} == {2}  # pool 8 / global batch 4 x 1 epoch
+    assert {runs[(m, "epochs")].train.max_steps for m in cfg.methods} == {None}
+    assert runs[("titok", "epochs")].run_dir != runs[("titok", "steps")].run_dir  # both budgets kept side by side
+    assert runs[("titok:both", "steps")].filter.reference == "both"
+
+
 def test_seeds_flag_overrides_the_config(tmp_path, tiny_model_dirs):
     assert load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs), seeds=3).seeds == 3
     with pytest.raises(ConfigError, match="seeds"):
         load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs), seeds=0)
 
 
-def test_aggregate_and_table_by_hand():
-    rows = [
-        {"task": "t", "target": "g", "method": "titok", "seed": 0, "n": 4, "exact_match": 0.5, "majority_rate": 0.5},
-        {"task": "t", "target": "g", "method": "titok", "seed": 1, "n": 4, "exact_match": 0.75, "majority_rate": 0.5},
-        {"task": "t", "target": "g", "method": "kd", "seed": 0, "n": 4, "exact_match": 0.25, "majority_rate": 0.5},
-        {"task": "t", "target": "g", "method": "kd", "seed": 1, "n": 4, "exact_match": 0.25, "majority_rate": 0.5},
-        {"task": "t", "target": "g", "method": "vanilla", "seed": "", "n": 4, "exact_match": 1.0, "majority_rate": 0.5},
-        {"task": "t", "target": "s", "method": "source expert", "seed": "", "n": 4, "exact_match": 0.9,
-         "majority_rate": 0.5},
-    ]
+def _rows(method, seeds, per_example, target="g"):
+    return [{"task": "t", "target": target, "method": method, "seed": seed, "n": len(scores),
+             "exact_match": float(np.mean(scores)), "majority_rate": 0.5, "per_example": {"exact_match": scores}}
+            for seed, scores in zip(seeds, per_example)]
+
+
+def test_aggregate_table_and_paired_tests_by_hand():
+    from titok.report import paired_tests
+
+    rows = (_rows("titok", [0, 1], [[1, 0, 1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]])
+            + _rows("kd", [0, 1], [[0, 0, 1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]])
+            + _rows("vanilla", [""], [[1, 1, 1, 1, 1, 1, 1, 1]])
+            + _rows("source expert", [""], [[1, 1, 1, 1, 1, 1, 1, 0]], target="s"))
     stats = aggregate(rows, "exact_match")
-    assert stats[("t", "g", "titok")] == pytest.approx((0.625, np.std([0.5, 0.75], ddof=1), 2))
-    assert stats[("t", "g", "kd")] == (0.25, 0.0, 2)
+    mean, low, high, seeds, examples = stats[("t", "g", "titok")]
+    assert (mean, seeds, examples) == (0.8125, 2, 8) and low < mean < high <= 1.0
+    assert stats[("t", "g", "vanilla")][:3] == (1.0, 1.0, 1.0)  # no spread, no interval
     table = markdown_tables(rows, ["t"], ["kd", "titok"]).splitlines()
     body = [line for line in table if line.startswith("| ") and "---" not in line][1:]
-    assert body == [
-        "| s | source expert | 0.900 |",
-        "| g | vanilla | 1.000 |",  # a reference row is never bold, even when it is the best
-        "| g | kd | 0.250 ± 0.000 |",
-        "| g | titok | **0.625 ± 0.177** |",
-        "| | majority rate | 0.500 |",
-    ]
+    assert [line.split(" | ")[1] for line in body] == ["source expert", "vanilla", "kd", "titok", "majority rate"]
+    assert body[1] == "| g | vanilla | 1.000 |"  # a reference row is never bold, even when it is the best
+    assert re.fullmatch(r"\| g \| titok \| \*\*0\.812 \[0\.\d\d, 1\.00\]\*\* \|", body[3]), body[3]
     assert "Option log-likelihood" not in "\n".join(table)  # no row has that metric
+    tests = {t["versus"]: t for t in paired_tests(rows, ["t"], ["kd", "titok"], "exact_match")}
+    assert set(tests) == {"vanilla", "kd"}
+    assert tests["kd"]["difference"] == pytest.approx(0.8125 - 0.125) and tests["kd"]["significant"]
+    assert tests["vanilla"]["difference"] == pytest.approx(-0.1875) and not tests["vanilla"]["significant"]
 
 
 def test_token_shading_escapes_text_and_underlines_kept_tokens():
@@ -105,11 +123,18 @@ def _csv_rows(path) -> list[dict]:
 
 @pytest.mark.slow
 def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, tiny_model_dirs, local_ray):
-    cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs))
+    cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="steps"))
     report = run_compare(cfg)
 
     assert {p.name for p in report.iterdir()} == {"results.md", "results.csv", "accuracy.png",
-                                                 "excess_histogram.png", "tokens.html"}
+                                                 "excess_histogram.png", "tokens.html", "paired_tests.json"}
+    # equal steps: kd (all 8 samples) and titok (top 4) took the same number of optimizer steps
+    runs = tmp_path / "compare" / "runs" / "boolean_expressions" / "seed0"
+    steps = {method: json.loads((runs / short_name(tiny_model_dirs["target"]) / folder / "_COMPLETE.json").read_text())
+             ["metrics"]["optimizer_steps"] for method, folder in (("titok", "train"), ("kd", "kd/train"))}
+    assert steps == {"titok": 2, "kd": 2}  # kd's 8 samples / global batch 4 x 1 epoch
+    assert "2 optimizer steps each" in (report / "results.md").read_text()
+    assert "Paired tests" in (report / "results.md").read_text()
     for image in ("accuracy.png", "excess_histogram.png"):
         assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _csv_rows(report / "results.csv")
@@ -129,7 +154,6 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     assert html.count('class="sample"') == 5 and "underline" in html
 
     # the second target reused the first one's queries, labels and scores: no model loaded for them
-    runs = tmp_path / "compare" / "runs" / "boolean_expressions" / "seed0"
     second = [json.loads(line) for line in (runs / short_name(target) / "events.jsonl").read_text().splitlines()]
     assert {e.get("stage") for e in second if e.get("event") == "model_load"} <= {"train"}
     assert (runs / source / "scores" / "_COMPLETE.json").read_text() == \

@@ -181,3 +181,25 @@ def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
     assert (path / "ray" / "checkpoint").read_text() == "step 2" and not (path / "adapter").exists()
     run.start("train", "fp2", resumable=("ray",))  # another config: nothing of the old attempt is reused
     assert not (path / "ray").exists()
+
+
+@pytest.mark.slow
+def test_target_aware_token_selection_end_to_end(tiny_model_dirs, tmp_path, local_ray):
+    """filter.reference=target_base: the target base scores the kept samples, and the top-k% target
+    tokens by (expert - target) over aligned spans are trained; the source stages are reused."""
+    run_dir = tmp_path / "run"
+    transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
+    loads = len([e for e in RunDir(run_dir).events() if e["event"] == "model_load"])
+    result = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, filter__reference="target_base"))
+    assert result["adapter"] == str(run_dir / "titok-target_base" / "adapter")
+    assert {name: info["status"] for name, info in result["stages"].items()}["scores"] == "cached"
+    assert {e["stage"] for e in RunDir(run_dir).events()[loads:] if e["event"] == "model_load"} <= {"train"}
+    aligned = pd.read_parquet(run_dir / "titok-target_base" / "align")
+    target_tok = load_tokenizer(tiny_model_dirs["target"])
+    for _, row in aligned.iterrows():
+        weights = np.asarray(row[C.TARGET_WEIGHTS])
+        n = len(encode_response(target_tok, row[C.RESPONSE])[0])
+        assert len(weights) == len(row[C.TARGET_LOGPROBS]) == n
+        assert set(np.unique(weights)) <= {0.0, 1.0} and weights.sum() == keep_count(n, 0.7)
+        assert (np.asarray(row[C.TARGET_LOGPROBS]) <= 0).all()
+    assert json.loads(Path(result["adapter"], "titok.json").read_text())["method"] == "titok:target_base"

@@ -136,13 +136,26 @@ def test_more_gpus_than_the_cluster_has_is_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ({"engine": {"gpus_per_actor": 1}}, "engine.gpus_per_actor=1 but the cluster has no GPUs"),
-    ({"target_base": LLAMA_70B}, "of host RAM per node"),
+    ({"target_base": "70b-with-weights"}, "of host RAM per node"),
 ])
 def test_transplant_refuses_a_plan_that_cannot_fit_before_any_model_loads(tiny_model_dirs, tmp_path, local_ray, override, message):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
     from titok.config import ConfigError
     from titok.pipeline import transplant
     from tests.conftest import tiny_transplant_config
 
+    if override.get("target_base") == "70b-with-weights":
+        # the published 70B config beside a tokenizer and a readable safetensors file: the inputs pass
+        # their checks (which read weight headers, not 140 GB), so only the plan can refuse it
+        folder = tmp_path / "llama-70b"
+        shutil.copytree(tiny_model_dirs["source"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        shutil.copy(Path(LLAMA_70B) / "config.json", folder / "config.json")
+        save_file({"lm_head.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+        override = {"target_base": str(folder)}
     cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run")
     cfg = cfg.model_copy(update={k: (cfg.engine.model_copy(update=v) if k == "engine" else v) for k, v in override.items()})
     with pytest.raises(ConfigError, match=message) as refused:

@@ -15,3 +15,4 @@ SAMPLE_SCORE = "sample_score"  # float64, mean excess (-inf for an empty respons
 KEEP = "keep"  # list<bool>, top-k% token mask (source tokenizer)
 TARGET_TOKEN_IDS = "target_token_ids"  # list<int64>, target-tokenizer response tokens
 TARGET_WEIGHTS = "target_weights"  # list<float32>, keep mask aligned to target tokens, in [0, 1]
+TARGET_LOGPROBS = "target_logprobs"  # list<float32>, the target base's log-probs (filter.reference target_base/both)

@@ -36,11 +36,14 @@ from titok.config import (
 
 from titok.evaluate import cached_evaluation
 from titok.layout import share_stages, short_name
+from titok.reference import REFERENCES
+from titok.stages.filtering import FILTER_METHODS
 from titok.runstate import RunDir
 
 __all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
 
-METHODS = ("kd", "random_m", "top_m_only", "top_k_only", "titok")
+METHODS = tuple(FILTER_METHODS)
+BUDGETS = ("epochs", "steps")
 _PER_CELL_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir", "seed", "split_seed")
 
 
@@ -55,8 +58,16 @@ class CompareConfig(_Section):
     source_base: str = Field(..., description="the source base model every source expert is trained on")
     targets: list[str] = Field(..., min_length=1, description="target bases (same or other tokenizer)")
     tasks: list[str] = Field(..., min_length=1, description="built-in task names or task files")
-    methods: list[Literal["kd", "random_m", "top_m_only", "top_k_only", "titok"]] = Field(
-        list(METHODS), min_length=1, description="trained rows of the table (vanilla is always evaluated)")
+    methods: list[str] = Field(
+        list(METHODS), min_length=1, description="trained rows of the table (vanilla is always evaluated): a filter "
+        f"method {list(METHODS)}, optionally with its token reference, method:reference ({list(REFERENCES)}), e.g. "
+        "titok:target_base")
+    budget: Literal["epochs", "steps", "both"] = Field(
+        "epochs", description="training budget of every method: train.epochs each (methods on fewer samples take "
+        "fewer steps), the same number of optimizer steps each (steps), or both side by side")
+    steps: int | None = Field(
+        None, ge=1, description="optimizer steps under budget steps (default: what kd, on the whole pool, takes in "
+        "train.epochs epochs)")
     seeds: int = Field(3, ge=1, description="transplant seeds 0..seeds-1 (queries, sampling, filters, init)")
     split_seed: int = Field(0, description="seed of every task's seed/train/test split, the same for all rows")
     out_dir: str = Field("runs/compare", description="runs, evaluations and the report go here")
@@ -64,6 +75,15 @@ class CompareConfig(_Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     transplant: dict = Field({}, description="transplant sections shared by every run: engine, queries, labels, "
                                              "filter (not method), train, trust_remote_code")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_variants(cls, values: list) -> list:
+        for value in values:
+            method, _, reference = value.partition(":")
+            if method not in METHODS or (reference and reference not in REFERENCES):
+                raise ValueError(f"{value!r} is not a method {list(METHODS)} or method:reference {list(REFERENCES)}")
+        return values
 
     @field_validator("methods", "targets", "tasks")
     @classmethod
@@ -78,8 +98,8 @@ class CompareConfig(_Section):
         clashes = [k for k in values if k in _PER_CELL_FIELDS]
         if clashes:
             raise ValueError(f"{clashes} are set per run by compare (use tasks/targets/seeds/source)")
-        if "method" in (values.get("filter") or {}):
-            raise ValueError("filter.method is set per run by compare (use methods)")
+        if {"method", "reference"} & set(values.get("filter") or {}):
+            raise ValueError("filter.method and filter.reference are set per run by compare (use methods)")
         return values
 
 
@@ -90,12 +110,30 @@ def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int 
     return validated(CompareConfig, data, "compare")
 
 
-def run_config(cfg: CompareConfig, task: str, seed: int, target: str, method: str, source_adapter: str) -> TransplantConfig:
+def budgets(cfg: CompareConfig) -> tuple[str, ...]:
+    return BUDGETS if cfg.budget == "both" else (cfg.budget,)
+
+
+def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: str, source_adapter: str,
+               budget: str = "epochs") -> TransplantConfig:
+    """One cell's transplant config; ``variant`` is ``method`` or ``method:reference``."""
+    folder = short_name(target) + ("-steps" if budget == "steps" and cfg.budget == "both" else "")
     fields = {**cfg.transplant, "source_base": cfg.source_base, "source_adapter": source_adapter,
               "target_base": target, "task": task, "seed": seed, "split_seed": cfg.split_seed,
-              "run_dir": str(Path(cfg.out_dir) / "runs" / short_name(task) / f"seed{seed}" / short_name(target))}
-    fields["filter"] = {**fields.get("filter", {}), "method": method}
-    return validated(TransplantConfig, fields, f"compare (task {task}, target {target}, method {method})")
+              "run_dir": str(Path(cfg.out_dir) / "runs" / short_name(task) / f"seed{seed}" / folder)}
+    method, _, reference = variant.partition(":")
+    fields["filter"] = {**fields.get("filter", {}), "method": method, "reference": reference or "source_amateur"}
+    what = f"compare (task {task}, target {target}, method {variant}, budget {budget})"
+    cfg_run = validated(TransplantConfig, fields, what)
+    if budget == "steps":
+        fields["train"] = {**fields.get("train", {}), "max_steps": cfg.steps or equal_steps(cfg_run)}
+        cfg_run = validated(TransplantConfig, fields, what)
+    return cfg_run
+
+
+def equal_steps(run: TransplantConfig) -> int:
+    """The optimizer steps kd (every sample of the pool) takes in train.epochs epochs."""
+    return -(-run.pool_size // run.train.global_batch_size) * run.train.epochs
 
 
 def sft_train_config(cfg: CompareConfig) -> TrainConfig:
@@ -144,12 +182,18 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     return str(out)
 
 
+def row_label(cfg: CompareConfig, variant: str, budget: str) -> str:
+    """A trained row's name in the tables: the variant, and its budget when both budgets are compared."""
+    return f"{variant} ({budget})" if cfg.budget == "both" else variant
+
+
 def _row(report: dict, task: str, target: str, method: str, seed: int | None) -> dict:
     row = {"task": task, "target": target, "method": method, "seed": "" if seed is None else seed, "n": report["n"],
            "exact_match": report["exact_match"], "majority_rate": report["majority_rate"]}
     for name in ("option_accuracy", "rouge1", "rougeL"):
         if name in report:
             row[name] = report[name]
+    row["per_example"] = report.get("per_example", {})
     return row
 
 
@@ -176,18 +220,19 @@ def run_compare(cfg: CompareConfig) -> Path:
             first_run: Path | None = None
             for target in cfg.targets:
                 variants: dict[str, str | None] = {"vanilla": None}
-                if first_run is not None:
-                    share_stages(first_run, Path(run_config(cfg, task, seed, target, "titok", adapter).run_dir))
-                for method in cfg.methods:
-                    run = run_config(cfg, task, seed, target, method, adapter)
-                    print(f"[compare] {task} seed {seed} -> {target}: {method}", flush=True)
-                    cell_started = time.perf_counter()
-                    result = transplant(run)
-                    timings.append({"task": task, "seed": seed, "target": target, "method": method,
-                                    "seconds": round(time.perf_counter() - cell_started, 1),
-                                    "stages": {k: v.get("status") for k, v in result["stages"].items()}})
-                    variants[method] = result["adapter"]
-                first_run = first_run or Path(run.run_dir).resolve()
+                for budget in budgets(cfg):
+                    if first_run is not None:  # the source stages do not depend on target or budget
+                        share_stages(first_run, Path(run_config(cfg, task, seed, target, "titok", adapter, budget).run_dir))
+                    for variant in cfg.methods:
+                        run = run_config(cfg, task, seed, target, variant, adapter, budget)
+                        print(f"[compare] {task} seed {seed} -> {target}: {variant} ({budget})", flush=True)
+                        cell_started = time.perf_counter()
+                        result = transplant(run)
+                        timings.append({"task": task, "seed": seed, "target": target, "method": variant, "budget": budget,
+                                        "max_steps": run.train.max_steps, "seconds": round(time.perf_counter() - cell_started, 1),
+                                        "stages": {k: v.get("status") for k, v in result["stages"].items()}})
+                        variants[row_label(cfg, variant, budget)] = result["adapter"]
+                    first_run = first_run or Path(run.run_dir).resolve()
                 # greedy decoding on a fixed split: the vanilla target is the same for every seed
                 if seed > 0:
                     variants.pop("vanilla")

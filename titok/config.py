@@ -15,6 +15,11 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from titok.loss import Normalization
+from titok.reference import Reference
+from titok.select import TokenScope
+from titok.stages.filtering import FILTER_METHODS, FilterMethodName
+
 __all__ = [
     "ConfigError",
     "EngineConfig",
@@ -123,15 +128,34 @@ class LabelsConfig(_Section):
 class FilterConfig(_Section):
     top_m: int = Field(250, ge=1, description="M: samples kept by mean excess")
     k: float = Field(0.7, gt=0.0, le=1.0, description="fraction of tokens kept inside the kept samples")
-    token_scope: Literal["per_sample", "per_batch", "global"] = Field(
+    token_scope: TokenScope = Field(
         "per_sample", description="rank tokens per sample, per group of group_size samples, or over all kept samples"
     )
     group_size: int = Field(4, ge=1, description="samples per group for token_scope=per_batch")
-    method: Literal["titok", "kd", "random_m", "top_m_only", "top_k_only"] = Field(
-        "titok", description="titok = top-M samples + top-k% tokens; baselines/ablations on the same synthetic data: "
-        "kd = all samples, all tokens; random_m = M random samples, all tokens; top_m_only = top-M samples, all "
-        "tokens; top_k_only = all samples, top-k% tokens"
-    )
+    method: FilterMethodName = Field(
+        "titok", description="how samples and tokens are picked (baselines and ablations share the synthetic data): "
+        + "; ".join(f"{name} = {m.description}" for name, m in FILTER_METHODS.items()))
+    reference: Reference = Field(
+        "source_amateur", description="what the expert is compared with to pick the top-k% tokens: source_amateur "
+        "(the paper), target_base (the target's own log-probs of each aligned span: keeps what the target has "
+        "not learned even where the source base predicts it) or both (kept if either finds it taught)")
+
+    @model_validator(mode="after")
+    def _reference_scope(self) -> "FilterConfig":
+        if self.reference != "source_amateur" and self.token_scope != "per_sample":
+            raise ValueError(f"reference={self.reference} ranks target tokens per sample: set token_scope=per_sample")
+        return self
+
+    @property
+    def token_reference(self) -> str:
+        """The reference that picks tokens: only methods with a token filter have one."""
+        return self.reference if FILTER_METHODS[self.method].token_filter else "source_amateur"
+
+    @property
+    def variant(self) -> str:
+        """The method, with its token reference where it is not the paper's: ``titok:target_base``."""
+        reference = self.token_reference
+        return self.method if reference == "source_amateur" else f"{self.method}:{reference}"
 
 
 class TrainConfig(_Section):
@@ -162,7 +186,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of all steps")
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")
-    normalization: Literal["selected_mean", "rho1"] = Field("selected_mean", description="selective-loss normalization")
+    normalization: Normalization = Field("selected_mean", description="selective-loss normalization")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training dtype of the target base; auto = bf16 where the device runs it fast (CUDA "
         "with bf16, CPUs with AMX/AVX512-BF16), else fp32")

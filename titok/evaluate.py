@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from titok.engines import GenerationParams, build_engine
-from titok.metrics import exact_match, extract_answer, majority_rate, option_loglik_choices, rouge
+from titok.metrics import exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge_per_example
 from titok.tasks import load_task, reference_response
 
 __all__ = ["EvaluateBatch", "cached_evaluation", "evaluate", "evaluate_variants", "write_report"]
@@ -97,14 +97,16 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
     for name, adapter in variants.items():
         mine = sorted((r for r in out if r["variant"] == name), key=lambda r: r["index"])
         predictions = [r["prediction"] for r in mine]
-        report = {"base": base, "adapter": adapter, "task": task.name, "seed": seed, "n": len(examples),
-                  "max_new_tokens": max_new_tokens,
-                  "exact_match": exact_match(predictions, targets), "majority_rate": majority_rate(targets)}
+        # per example too (the same examples for every variant): compare's intervals and paired tests
+        per_example = {"exact_match": exact_matches(predictions, targets)}
         if rows[0]["options"]:
-            report["option_accuracy"] = float(np.mean(
-                [row["options"][r["choice"]] == t for row, r, t in zip(rows, mine, targets, strict=True)]))
+            per_example["option_accuracy"] = [float(row["options"][r["choice"]] == t)
+                                              for row, r, t in zip(rows, mine, targets, strict=True)]
         if task.metric == "rouge":
-            report.update(rouge(predictions, targets))
+            per_example.update(rouge_per_example(predictions, targets))
+        report = {"base": base, "adapter": adapter, "task": task.name, "seed": seed, "n": len(examples),
+                  "max_new_tokens": max_new_tokens, "majority_rate": majority_rate(targets),
+                  **{name: float(np.mean(values)) for name, values in per_example.items()}, "per_example": per_example}
         report["examples"] = [{"input": e["input"], "target": t, "prediction": p, "extracted": extract_answer(p)}
                               for e, t, p in list(zip(examples, targets, predictions))[:5]]
         reports[name] = report

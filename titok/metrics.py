@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerBase
 from titok.excess import response_logprobs
 from titok.sequences import collate, encode_pair
 
-__all__ = ["exact_match", "extract_answer", "majority_rate", "option_loglik_choices", "rouge"]
+__all__ = ["exact_match", "exact_matches", "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
+           "rouge_per_example"]
 
 _ANSWER_MARKER = "the answer is"
 
@@ -38,12 +39,16 @@ def extract_answer(text: str) -> str:
     return lines[0].rstrip(".").strip() if lines else ""
 
 
-def exact_match(predictions: list[str], targets: list[str]) -> float:
-    """Share of predictions whose extracted answer equals the target (normalized)."""
+def exact_matches(predictions: list[str], targets: list[str]) -> list[float]:
+    """1.0 where the extracted answer equals the target (normalized), else 0.0: one per example."""
     if not targets:
         raise ValueError("no targets to compare with")
-    hits = [_normalize(extract_answer(p)) == _normalize(t) for p, t in zip(predictions, targets, strict=True)]
-    return float(np.mean(hits))
+    return [float(_normalize(extract_answer(p)) == _normalize(t)) for p, t in zip(predictions, targets, strict=True)]
+
+
+def exact_match(predictions: list[str], targets: list[str]) -> float:
+    """Share of predictions whose extracted answer equals the target (normalized)."""
+    return float(np.mean(exact_matches(predictions, targets)))
 
 
 def majority_rate(targets: list[str]) -> float:
@@ -53,11 +58,16 @@ def majority_rate(targets: list[str]) -> float:
     return Counter(_normalize(t) for t in targets).most_common(1)[0][1] / len(targets)
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1 and ROUGE-L F1 (rouge-score, stemming on, as in LaMP's evaluation)."""
+def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1 and ROUGE-L F1 of each example (rouge-score, stemming on, as in LaMP's evaluation)."""
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
-    return {name: float(np.mean([s[name].fmeasure for s in scores])) for name in ("rouge1", "rougeL")}
+    return {name: [float(s[name].fmeasure) for s in scores] for name in ("rouge1", "rougeL")}
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F1."""
+    return {name: float(np.mean(values)) for name, values in rouge_per_example(predictions, references).items()}
 
 
 @torch.no_grad()

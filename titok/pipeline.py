@@ -90,9 +90,14 @@ def filter_samples_and_tokens(cfg: TransplantConfig, scores: pa.Table):
 
 def align_to_target(cfg: TransplantConfig, kept: pa.Table):
     """Keep masks carried onto the target tokenizer (a tokenizer only: cheap CPU actors)."""
+    reference = cfg.filter.token_reference
+    with_model = reference != "source_amateur"  # the target base scores the kept samples
     return dataset_of(kept, cfg.engine.batch_size).map_batches(
-        AlignToTarget, fn_constructor_kwargs={"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code},
-        concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=1)
+        AlignToTarget, fn_constructor_kwargs={"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code,
+                                              "reference": reference, "k": cfg.filter.k, "dtype": cfg.engine.dtype,
+                                              "batch_size": cfg.engine.batch_size},
+        concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
+        num_gpus=1 if with_model and cfg.train.use_gpu else 0)
 
 
 def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table) -> dict:
@@ -114,7 +119,7 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table) -> dict:
 def export(cfg: TransplantConfig, run: RunDir) -> str:
     summary = run.summary(_stage_path(cfg, "train"))
     card = {"source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
-            "task": cfg.task, "method": cfg.filter.method, "top_m": cfg.filter.top_m, "k": cfg.filter.k,
+            "task": cfg.task, "method": cfg.filter.variant, "top_m": cfg.filter.top_m, "k": cfg.filter.k,
             "token_scope": cfg.filter.token_scope,
             "pool_size": cfg.pool_size, "deepspeed_stage": cfg.train.deepspeed_stage, "workers": cfg.train.workers,
             "train_metrics": summary.get("metrics", {}), "train_rows": summary.get("rows")}
@@ -126,9 +131,10 @@ def _stage_path(cfg: TransplantConfig, stage: str) -> str:
     """Where a stage's output lives in the run dir. Baselines and ablations share queries, labels and
     scores with TiTok and keep their own filter/align/train/adapter under ``<method>/``, so trying
     every method in one run dir loses nothing."""
-    if cfg.filter.method == "titok" or stage in SOURCE_STAGES:
+    variant = cfg.filter.variant
+    if variant == "titok" or stage in SOURCE_STAGES:
         return stage
-    return f"{cfg.filter.method}/{stage}"
+    return f"{variant.replace(':', '-')}/{stage}"
 
 
 def _stage_fields(cfg: TransplantConfig) -> dict:
@@ -141,7 +147,7 @@ def _stage_fields(cfg: TransplantConfig) -> dict:
         "labels": {"adapter": cfg.source_adapter, "labels": cfg.labels.model_dump()},
         "scores": {"max_length": cfg.engine.max_length},
         "filter": cfg.filter.model_dump(),
-        "align": {"target_base": cfg.target_base},
+        "align": {"target_base": cfg.target_base, "reference": cfg.filter.token_reference},
         "train": cfg.train.model_dump(exclude=set(cfg.train.PLACEMENT_FIELDS)),
     }
 

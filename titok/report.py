@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from titok import columns as C
-from titok.compare import run_config
+from titok.compare import budgets, row_label, run_config
 from titok.layout import short_name
+from titok.stats import bootstrap_interval, paired_test
 
 __all__ = ["aggregate", "markdown_tables", "shade_tokens", "write_compare_report"]
 
@@ -29,13 +31,67 @@ _METRICS = {"exact_match": "Exact match", "option_accuracy": "Option log-likelih
 _REFERENCE_ROWS = ("source expert", "vanilla")
 
 
-def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple[float, float, int]]:
-    """(task, target, method) -> (mean, sample std over seeds (0 for one value), number of values)."""
+def _matrix(rows: list[dict], key: tuple, metric: str) -> np.ndarray | None:
+    """(seeds, examples) per-example scores of one (task, target, method), seeds in order."""
+    task, target, method = key
+    mine = sorted((r for r in rows if (r["task"], r["target"], r["method"]) == key and metric in r.get("per_example", {})),
+                  key=lambda r: str(r["seed"]))
+    return np.array([r["per_example"][metric] for r in mine], dtype=np.float64) if mine else None
+
+
+def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple[float, float, float, int, int]]:
+    """(task, target, method) -> (mean, 95% low, 95% high, seeds, examples). The interval is a
+    bootstrap over examples and seeds (``titok.stats``) where per-example scores exist, else the
+    mean ± the sample std over seeds."""
     values: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         if row.get(metric) is not None:
             values[(row["task"], row["target"], row["method"])].append(float(row[metric]))
-    return {key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for key, v in values.items()}
+    out = {}
+    for key, v in values.items():
+        matrix = _matrix(rows, key, metric)
+        if matrix is not None:
+            mean, low, high = bootstrap_interval(matrix)
+            out[key] = (mean, low, high, matrix.shape[0], matrix.shape[1])
+        else:
+            std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+            out[key] = (float(np.mean(v)), float(np.mean(v)) - std, float(np.mean(v)) + std, len(v), 0)
+    return out
+
+
+def paired_tests(rows: list[dict], tasks: list[str], methods: list[str], metric: str) -> list[dict]:
+    """Each TiTok row against every other trained row and vanilla, per task and target, on the same
+    examples (vanilla, one greedy run, is paired with every seed)."""
+    tests = []
+    for task in tasks:
+        for target in dict.fromkeys(r["target"] for r in rows if r["task"] == task and r["method"] != "source expert"):
+            for mine in (m for m in methods if m.startswith("titok")):
+                a = _matrix(rows, (task, target, mine), metric)
+                for other in ["vanilla", *(m for m in methods if m != mine)]:
+                    b = _matrix(rows, (task, target, other), metric)
+                    if a is None or b is None:
+                        continue
+                    if b.shape[0] == 1 and a.shape[0] > 1:
+                        b = np.repeat(b, a.shape[0], axis=0)
+                    if a.shape != b.shape:
+                        continue
+                    difference, p = paired_test(a, b)
+                    tests.append({"task": task, "target": target, "method": mine, "versus": other, "metric": metric,
+                                  "difference": difference, "p": p, "significant": p < 0.05, "n": int(a.size)})
+    return tests
+
+
+def paired_markdown(tests: list[dict]) -> str:
+    if not tests:
+        return ""
+    lines = ["### Paired tests (TiTok against each other row, same examples)", "",
+             "| task | target | method | versus | metric | difference | p | |", "|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        lines.append(f"| {t['task']} | {short_name(t['target'])} | {t['method']} | {t['versus']} | {t['metric']} | "
+                     f"{t['difference']:+.3f} | {t['p']:.3f} | {'significant' if t['significant'] else 'n.s.'} |")
+    lines += ["", "Two-sided sign-flip permutation test over examples (each example's difference averaged over "
+                  "seeds); n.s.: p >= 0.05, the difference may be noise."]
+    return "\n".join(lines)
 
 
 def _table_rows(rows: list[dict], methods: list[str]) -> list[tuple[str, str]]:
@@ -61,7 +117,7 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
             continue
         stats = aggregate(rows, metric)
         trained = defaultdict(list)
-        for (task, target, method), (mean, _, _) in stats.items():
+        for (task, target, method), (mean, *_) in stats.items():
             if method not in _REFERENCE_ROWS:
                 trained[(task, target)].append(mean)
         best = {key: _strictly_best(means) for key, means in trained.items()}
@@ -73,8 +129,8 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
                 if (task, target, method) not in stats:
                     cells.append("")
                     continue
-                mean, std, n = stats[(task, target, method)]
-                cell = f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+                mean, low, high, _, _ = stats[(task, target, method)]
+                cell = f"{mean:.3f} [{low:.2f}, {high:.2f}]" if high > low else f"{mean:.3f}"
                 bold = method not in _REFERENCE_ROWS and mean == best.get((task, target))
                 cells.append(f"**{cell}**" if bold else cell)
             lines.append(f"| {short_name(target)} | {method} | " + " | ".join(cells) + " |")
@@ -98,8 +154,9 @@ _HOW_TO_READ = """\
   first line), so for small models it is partly a format test. Option log-likelihood accuracy picks
   the answer option with the highest mean log-prob per token: it needs no format, but it scores the
   answer right after the question, with no room for the step-by-step reasoning the adapters learn.
-- ± is the sample standard deviation over seeds; vanilla and the source expert use greedy decoding on
-  one fixed test split, so they are one run each. Differences smaller than the ± are noise.
+- [low, high] is a 95% bootstrap interval over the held-out examples and the seeds; vanilla and the
+  source expert use greedy decoding on one fixed test split, so they are one run each. The paired
+  tests say which differences between TiTok and another row are more than noise (n.s.: they are not).
 - `excess_histogram.png`: a wide spread with a clear upper tail means the excess separates what the
   adapter taught from what the base already knew; the top-M cut takes that tail.
 - `tokens.html`: the shaded tokens are where the expert and the amateur disagree; if the underlined
@@ -110,7 +167,8 @@ _HOW_TO_READ = """\
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ["task", "target", "method", "seed", "n", "exact_match", "option_accuracy", "rouge1", "rougeL", "majority_rate"]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        # per-example scores stay out of the CSV (one row per run); the paired tests use them
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -229,10 +287,22 @@ def _pool_samples(run_dir: Path, top_m: int, n_top: int = 3, n_bottom: int = 2) 
     return np.array([r[C.SAMPLE_SCORE] for r in pool], dtype=np.float64), shown
 
 
+def _budget_text(cfg, run) -> str:
+    from titok.compare import equal_steps
+
+    epochs = f"{run.train.epochs} epoch(s) each"
+    steps = f"{cfg.steps or equal_steps(run)} optimizer steps each"
+    return {"epochs": epochs, "steps": steps, "both": f"{epochs}, and {steps} (rows marked (steps))"}[cfg.budget]
+
+
 def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    methods = list(cfg.methods)
+    methods = [row_label(cfg, variant, budget) for budget in budgets(cfg) for variant in cfg.methods]
     write_csv(rows, folder / "results.csv")
+    primary = {t: "rougeL" if any(r["task"] == t and "rougeL" in r.get("per_example", {}) for r in rows) else "exact_match"
+               for t in cfg.tasks}
+    tests = [test for task in cfg.tasks for test in paired_tests(rows, [task], methods, primary[task])]
+    (folder / "paired_tests.json").write_text(json.dumps(tests, indent=2))
     plot_accuracy(rows, cfg.tasks, methods, folder / "accuracy.png")
     scores, samples = {}, {}
     top_m = None
@@ -246,9 +316,11 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
         f"# titok compare\n\nSource: `{cfg.source_base}` with one expert LoRA per task; targets: "
         + ", ".join(f"`{t}`" for t in cfg.targets)
         + f". {cfg.seeds} seed(s); {rows[0]['n']} held-out examples per task (split seed {cfg.split_seed}, the same "
-        f"for every row). M = {top_m}, k = {run.filter.k}, pool = {run.pool_size}, {run.train.epochs} epoch(s). "
+        f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
+        f"{rows[0]['n']}. M = {top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {_budget_text(cfg, run)}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
         "Files: `results.csv`, `accuracy.png`, `excess_histogram.png`, `tokens.html`.\n\n"
     )
-    (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n" + _HOW_TO_READ)
+    (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n"
+                                       + paired_markdown(tests) + "\n\n" + _HOW_TO_READ)
     return folder

@@ -6,6 +6,8 @@ import numpy as np
 
 from titok import columns as C
 from titok.align import align_values
+from titok.reference import target_token_scores
+from titok.select import select_tokens
 from titok.models import load_tokenizer
 from titok.sequences import encode_response
 from titok.stages.arrow import table
@@ -14,24 +16,58 @@ __all__ = ["AlignToTarget"]
 
 
 class AlignToTarget:
-    """Holds the target tokenizer; no model, so it is cheap and runs on CPU actors."""
+    """Holds the target tokenizer (and, for a target-aware token filter, the target base itself);
+    with the paper's reference it needs no model, so it is cheap and runs on CPU actors."""
 
     required_columns = (C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.OFFSET_STARTS, C.OFFSET_ENDS, C.KEEP)
 
-    def __init__(self, target_base: str, trust_remote_code: bool = False):
+    def __init__(self, target_base: str, trust_remote_code: bool = False, reference: str = "source_amateur",
+                 k: float = 0.7, dtype: str = "auto", batch_size: int = 8):
         self.tokenizer = load_tokenizer(target_base, trust_remote_code)
+        self.reference, self.k, self.batch_size = reference, k, batch_size
+        self.model = None
+        if reference != "source_amateur":  # the target base scores the kept samples
+            import torch
+
+            from titok.hardware import resolve_dtype
+            from titok.models import load_model
+
+            self.model = load_model(target_base, getattr(torch, resolve_dtype(dtype)[0]), trust_remote_code,
+                                    device_map="cuda" if torch.cuda.is_available() else None)
+
+    def _target_logprobs(self, queries, responses) -> list[np.ndarray]:
+        from titok.excess import response_logprobs
+        from titok.sequences import collate, encode_pair
+
+        pairs = [encode_pair(self.tokenizer, q, r) for q, r in zip(queries, responses)]
+        out = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            out += [lp.float().cpu().numpy() for lp in response_logprobs(self.model, collate(chunk, self.tokenizer.pad_token_id))]
+        return out
 
     def __call__(self, batch: dict):
         missing = [c for c in self.required_columns if c not in batch]
         if missing:
             raise KeyError(f"align stage needs columns {missing}; got {sorted(batch)}")
-        target_ids, target_weights = [], []
-        for response, starts, ends, keep in zip(batch[C.RESPONSE], batch[C.OFFSET_STARTS], batch[C.OFFSET_ENDS], batch[C.KEEP]):
+        target_ids, target_weights, target_lps = [], [], []
+        scored = self._target_logprobs(batch[C.QUERY], batch[C.RESPONSE]) if self.model is not None else None
+        for row, (response, starts, ends, keep) in enumerate(zip(batch[C.RESPONSE], batch[C.OFFSET_STARTS],
+                                                                 batch[C.OFFSET_ENDS], batch[C.KEEP])):
             ids, offsets = encode_response(self.tokenizer, response)
-            if len(ids) and len(starts):
-                weights = align_values(np.stack([starts, ends], axis=1), np.asarray(keep, dtype=np.float64), offsets, len(response))
-            else:  # nothing on one side to align: the sample teaches nothing
+            source_offsets = np.stack([starts, ends], axis=1)
+            if not (len(ids) and len(starts)):  # nothing on one side to align: the sample teaches nothing
                 weights = np.zeros(len(ids))
+            elif scored is None:
+                weights = align_values(source_offsets, np.asarray(keep, dtype=np.float64), offsets, len(response))
+            else:
+                scores = target_token_scores(source_offsets, batch[C.EXPERT_LOGPROBS][row], batch[C.AMATEUR_LOGPROBS][row],
+                                             offsets, scored[row], len(response), self.reference)
+                weights = select_tokens([scores], self.k, "per_sample")[0].astype(np.float64)
             target_ids.append(np.asarray(ids, dtype=np.int64))
             target_weights.append(weights.astype(np.float32))
-        return table({**batch, C.TARGET_TOKEN_IDS: target_ids, C.TARGET_WEIGHTS: target_weights})
+            target_lps.append(None if scored is None else scored[row])
+        columns = {**batch, C.TARGET_TOKEN_IDS: target_ids, C.TARGET_WEIGHTS: target_weights}
+        if scored is not None:
+            columns[C.TARGET_LOGPROBS] = target_lps
+        return table(columns)

@@ -19,6 +19,7 @@ _LIST_TYPES = {
     C.KEEP: pa.list_(pa.bool_()),
     C.TARGET_TOKEN_IDS: pa.list_(pa.int64()),
     C.TARGET_WEIGHTS: pa.list_(pa.float32()),
+    C.TARGET_LOGPROBS: pa.list_(pa.float32()),
 }
 
 

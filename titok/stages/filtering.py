@@ -14,13 +14,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Literal
+
 import numpy as np
 
 from titok import columns as C
 from titok.select import keep_count, select_tokens, validate_k, validate_m
 from titok.stages.arrow import table
 
-__all__ = ["apply_filter_method", "global_token_cutoff", "keep_all_tokens", "select_random_m", "select_tokens_distributed",
+__all__ = ["FILTER_METHODS", "FilterMethod", "FilterMethodName", "apply_filter_method", "global_token_cutoff", "keep_all_tokens", "select_random_m", "select_tokens_distributed",
            "select_top_m"]
 
 
@@ -44,19 +47,37 @@ def keep_all_tokens(ds):
     return ds.map_batches(_keep_all, batch_format="numpy")
 
 
+@dataclass(frozen=True)
+class FilterMethod:
+    """A way to pick training samples and tokens from the scored pool (TiTok, its baselines, ablations)."""
+
+    description: str
+    select: Callable  # (ds, m, k, scope, group_size, seed) -> ds with a keep column
+    token_filter: bool  # picks tokens (so a token reference applies), or keeps every token
+
+
+# The one list of filter methods: config, compare and the pipeline read it from here. Adding a method
+# is an entry here plus its tests.
+FILTER_METHODS: dict[str, FilterMethod] = {
+    "titok": FilterMethod("top-M samples + top-k% tokens (the paper)",
+                          lambda ds, m, k, scope, g, seed: select_tokens_distributed(select_top_m(ds, m), k, scope, g), True),
+    "kd": FilterMethod("all samples, all tokens (the expert's answers as plain labels)",
+                       lambda ds, m, k, scope, g, seed: keep_all_tokens(ds), False),
+    "random_m": FilterMethod("M random samples, all tokens",
+                             lambda ds, m, k, scope, g, seed: keep_all_tokens(select_random_m(ds, m, seed)), False),
+    "top_m_only": FilterMethod("top-M samples, all tokens (the sample filter alone)",
+                               lambda ds, m, k, scope, g, seed: keep_all_tokens(select_top_m(ds, m)), False),
+    "top_k_only": FilterMethod("all samples, top-k% tokens (the token filter alone)",
+                               lambda ds, m, k, scope, g, seed: select_tokens_distributed(ds, k, scope, g), True),
+}
+FilterMethodName = Literal[tuple(FILTER_METHODS)]
+
+
 def apply_filter_method(ds, method: str, m: int, k: float, scope: str, group_size: int, seed: int):
     """TiTok's two filters, or one of the baselines/ablations that share the same scored data."""
-    if method == "titok":
-        return select_tokens_distributed(select_top_m(ds, m), k, scope, group_size)
-    if method == "kd":
-        return keep_all_tokens(ds)
-    if method == "random_m":
-        return keep_all_tokens(select_random_m(ds, m, seed))
-    if method == "top_m_only":
-        return keep_all_tokens(select_top_m(ds, m))
-    if method == "top_k_only":
-        return select_tokens_distributed(ds, k, scope, group_size)
-    raise ValueError(f"unknown filter method {method!r}")
+    if method not in FILTER_METHODS:
+        raise ValueError(f"unknown filter method {method!r}: expected one of {list(FILTER_METHODS)}")
+    return FILTER_METHODS[method].select(ds, m, k, scope, group_size, seed)
 
 
 def _keep_in_batch(batch: dict, k: float, scope: str):

@@ -85,7 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
     plan = plan_batches(len(rows), train["global_batch_size"], world, train["micro_batch_size"], train["epochs"],
                         train["max_steps"])
 
-    dtype, dtype_reason = resolve_dtype(train["dtype"], train["use_gpu"])
+    dtype, dtype_reason = resolve_dtype(train["dtype"], train["use_gpu"], training=True)
     ds_config = strategy.deepspeed_config(train["deepspeed_stage"], plan.micro_batch, plan.accumulation,
                                           train["max_grad_norm"], dtype == "bfloat16", train["offload_optimizer"],
                                           train["offload_params"], train["deepspeed_config"])
@@ -115,8 +115,12 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = strategy.load_state(engine, directory)
-        run.log_event(event="train_resumed", stage="train", rank=rank, step=state["step"])
+            failed = Path(directory, "failed.json")
+            if failed.is_file():  # a resubmitted run that diverged: it has no state to resume, so start over
+                run.log_event(event="train_restarted", stage="train", rank=rank, after=json.loads(failed.read_text()))
+            else:
+                state = strategy.load_state(engine, directory)
+                run.log_event(event="train_resumed", stage="train", rank=rank, step=state["step"])
 
     every = train["checkpoint_every_steps"]
     order_epoch, order = -1, None
