@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from titok.excess import score_batch  # noqa: E402
-from titok.loss import TrainingBatch  # noqa: E402
+from titok.sequences import TrainingBatch  # noqa: E402
 from titok.model_shape import model_shape  # noqa: E402
 from titok.plan import activation_bytes, logits_bytes, zero_model_states  # noqa: E402
 from titok.sequences import EncodedPair, collate  # noqa: E402

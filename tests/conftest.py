@@ -87,7 +87,8 @@ def tiny_model_dirs(tmp_path_factory):
     return {"source": str(root / "source"), "adapter": str(root / "source-adapter"), "target": str(root / "target")}
 
 
-def tiny_transplant_config(dirs: dict, run_dir, **overrides):
+def tiny_transplant_config(dirs: dict, run_dir, *overrides: str):
+    """The pipeline-sized config; ``overrides`` are ``--set`` strings (``"filter.k=0.5"``), parsed as the CLI does."""
     from titok.config import load_config
 
     fields = {
@@ -99,10 +100,4 @@ def tiny_transplant_config(dirs: dict, run_dir, **overrides):
         "filter": {"top_m": 6, "k": 0.7},
         "train": {"workers": 2, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
     }
-    for key, value in overrides.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            fields.setdefault(section, {})[leaf] = value
-        else:
-            fields[key] = value
-    return load_config(**fields)
+    return load_config(overrides=list(overrides), **fields)

@@ -246,6 +246,7 @@ def test_task_settings_that_do_not_fit(tiny_model_dirs, workspace, tmp_path, ref
     refused(_transplant(config, "task=no_such_task"), "neither a built-in task")
     refused(_transplant(config, "queries.few_shot=9"), "queries.few_shot=9 but task 'boolean_expressions' has only 8")
     refused(_transplant(config, "engine.max_length=20"), "engine.max_length=20 is shorter than")
+    refused(_transplant(config, "train.max_length=20"), "train.max_length=20 is shorter than")
 
 
 # ---------- where it writes ----------
@@ -270,7 +271,8 @@ def test_sft_inputs(tiny_model_dirs, workspace, tmp_path, refused):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     refused(base + ["--out", str(tmp_path / "mine")], "--out: ")
-    refused(base + ["--out", str(tmp_path / "new"), "--max-length", "10"], "--max-length=10")
+    refused(base + ["--out", str(tmp_path / "new"), "--max-length", "20"], "max_length=20 (--max-length) leaves no room")
+    refused(base + ["--out", str(tmp_path / "new"), "--max-length", "10"], "max_length: Input should be greater than or equal to 16")
     refused(base + ["--out", str(tmp_path / "new"), "--set", "lr=-1"], "lr")
     refused(base + ["--out", str(tmp_path / "new"), "--task", "no_such_task"], "--task")
     refused(["sft", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")], "--base")

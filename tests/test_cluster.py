@@ -36,7 +36,7 @@ def _shutdown_in_process_ray():
 def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path):
     _shutdown_in_process_ray()  # `ray stop` below must not pull the rug from under another test's Ray
     run_dir = tmp_path / "run"
-    cfg = tiny_transplant_config(tiny_model_dirs, run_dir, filter__top_m=4, queries__pool_size=8)
+    cfg = tiny_transplant_config(tiny_model_dirs, run_dir, "filter.top_m=4", "queries.pool_size=8")
     config_path = tmp_path / "transplant.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump()))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
@@ -78,7 +78,7 @@ def test_stage_actors_spread_over_two_nodes(tiny_model_dirs, tmp_path):
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", engine__actors=2, engine__batch_size=2)
+        cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "engine.actors=2", "engine.batch_size=2")
         transplant(cfg, until="labels")
         loads = [e for e in RunDir(tmp_path / "run").events() if e["event"] == "model_load"]
         assert len(loads) == 2 and {e["stage"] for e in loads} == {"engine"}  # queries and labels share the engines

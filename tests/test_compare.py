@@ -56,7 +56,7 @@ def test_bad_compare_configs_are_named_before_any_compute(tmp_path, tiny_model_d
 
 
 def test_the_steps_budget_gives_every_method_the_same_optimizer_steps(tmp_path, tiny_model_dirs):
-    from titok.compare import run_config
+    from titok.layout import run_config
 
     cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="both",
                                             methods=["kd", "random_m", "top_m_only", "top_k_only", "titok", "titok:both"]))

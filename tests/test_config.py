@@ -1,7 +1,8 @@
 
 import pytest
 
-from titok.config import ConfigError, describe_fields, load_config, validate_inputs
+from titok.config import ConfigError, describe_fields, load_config
+from titok.validate import validate_inputs
 from titok.cli import main
 
 BASE = {"source_base": "smollm2-135m", "source_adapter": "x", "target_base": "gemma3-270m", "task": "boolean_expressions"}

@@ -71,13 +71,26 @@ def test_matches_naive_two_model_reference(expert, smollm2_tokenizer, naive_refe
 
 @pytest.mark.slow
 def test_only_response_tokens_are_scored(expert, smollm2_tokenizer):
+    """The scored tokens spell the response and nothing else: their text is the response, their
+    spans cover it in order, and in the full chat rendering they sit between the assistant header and the
+    end-of-turn token (no template token is scored, none of the response is missed)."""
     queries, responses = zip(*PAIRS)
     scores = score_pairs(expert, smollm2_tokenizer, list(queries), list(responses), batch_size=4)
-    for response, got in zip(responses, scores):
-        plain = smollm2_tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-        assert got.token_ids.tolist() == plain["input_ids"]  # no <|im_start|>, header or <|im_end|>
-        assert got.offsets.tolist() == [list(o) for o in plain["offset_mapping"]]
-        assert len(got.expert_logprobs) == len(got.amateur_logprobs) == len(got.token_ids)
+    end_of_turn = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for query, response, got in zip(queries, responses, scores):
+        ids = got.token_ids.tolist()
+        assert smollm2_tokenizer.decode(ids) == response
+        spans = got.offsets.tolist()
+        assert spans == sorted(spans) and all(0 <= a <= b <= len(response) for a, b in spans)
+        covered = {i for a, b in spans for i in range(a, b)}  # every visible character (spaces may be trimmed)
+        assert all(i in covered for i, ch in enumerate(response) if not ch.isspace())
+        chat = smollm2_tokenizer.apply_chat_template(
+            [{"role": "user", "content": query}, {"role": "assistant", "content": response}], tokenize=False)
+        full = smollm2_tokenizer(chat, add_special_tokens=False)["input_ids"]
+        end = len(full) - 1 - full[::-1].index(end_of_turn)  # the assistant turn's end
+        assert full[end - len(ids) : end + 1] == ids + [end_of_turn]
+        assert smollm2_tokenizer.decode(full[: end - len(ids)]).endswith("<|im_start|>assistant\n")
+        assert len(got.expert_logprobs) == len(got.amateur_logprobs) == len(ids)
         assert (got.expert_logprobs <= 0).all() and (got.amateur_logprobs <= 0).all()
 
 

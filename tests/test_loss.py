@@ -2,7 +2,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from titok.loss import build_training_batch, selective_cross_entropy
+from titok.loss import selective_cross_entropy
+from titok.sequences import build_training_batch
 from titok.train.step import TorchEngine, attach_fresh_lora, selective_loss, training_step
 from tests.conftest import tiny_gemma3, tiny_llama
 
@@ -16,15 +17,20 @@ def _batch(tokenizer, weights_fn):
 
 
 def test_hand_computed_normalizations():
-    logits = torch.zeros(1, 4, 3)  # uniform: CE = log 3 everywhere
-    input_ids = torch.tensor([[0, 1, 2, 0]])
+    """Each predicted token has its own CE (a different logit for it, 0 for the two others), so a
+    wrong weight, a token counted twice or a wrong denominator changes the value."""
+    import math
+
+    input_ids = torch.tensor([[0, 1, 2, 0]])  # position t predicts input_ids[t + 1]
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 0, 1], logits[0, 1, 2], logits[0, 2, 0] = 2.0, 0.0, -1.0
+    ce = [math.log(math.exp(v) + 2) - v for v in (2.0, 0.0, -1.0)]  # -log softmax of the target
     response = torch.tensor([[False, True, True, True]])
-    weights = torch.tensor([[1.0, 1.0, 0.0, 0.5]])
-    ce = torch.log(torch.tensor(3.0))
+    weights = torch.tensor([[1.0, 1.0, 0.0, 0.5]])  # the first is a prompt position: never counts
     mean = selective_cross_entropy(logits, input_ids, weights, response, "selected_mean")
-    torch.testing.assert_close(mean, ce)  # (1 + 0.5) * ce / 1.5
+    torch.testing.assert_close(mean, torch.tensor((1.0 * ce[0] + 0.5 * ce[2]) / 1.5))
     rho1 = selective_cross_entropy(logits, input_ids, weights, response, "rho1", k=0.5)
-    torch.testing.assert_close(rho1, 1.5 * ce / (0.5 * 3))
+    torch.testing.assert_close(rho1, torch.tensor((1.0 * ce[0] + 0.5 * ce[2]) / (0.5 * 3)))
     with pytest.raises(ValueError, match="rho1 normalization needs k"):
         selective_cross_entropy(logits, input_ids, weights, response, "rho1")
     with pytest.raises(ValueError, match="normalization must be"):

@@ -2,16 +2,20 @@ from pathlib import Path
 
 import pytest
 
-from titok.models import PLAIN_CHAT_TEMPLATE, SHORT_NAMES, format_prompt, resolve_model_path
+from titok.models import PLAIN_CHAT_TEMPLATE, SHORT_NAMES, cache_dir, format_prompt, resolve_model_path
 
 
 def test_short_names_resolve_to_cached_hf_folders():
+    """A short name becomes a dequantized HF folder in the cache, converted once: resolving it again
+    returns the same folder without writing its weights again (same file, same modification time)."""
     for name in SHORT_NAMES:
-        path = resolve_model_path(name)
-        assert Path(path).name.startswith(f"{name}-")
-        assert (Path(path) / "model.safetensors").is_file()
-    # a second resolution hits the cache and returns the same folder
-    assert resolve_model_path("smollm2-135m") == resolve_model_path("smollm2-135m")
+        path = Path(resolve_model_path(name))
+        assert path.parent == cache_dir() / "models" and path.name.startswith(f"{name}-")
+        weights = path / "model.safetensors"
+        before = weights.stat()
+        assert resolve_model_path(name) == str(path)
+        after = weights.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
 def test_hub_ids_and_folders_pass_through():

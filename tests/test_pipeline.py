@@ -142,8 +142,8 @@ def test_transplant_killed_after_scores_resumes_and_reruns_without_model_work(ti
 
 @pytest.mark.slow
 def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local_ray):
-    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", filter__token_scope="global",
-                                 train__deepspeed_stage=3)
+    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
+                                 "train.deepspeed_stage=3")
     result = transplant(cfg)
     kept = pd.read_parquet(tmp_path / "run" / "filter")
     total = int(kept[C.N_TOKENS].sum())
@@ -159,7 +159,7 @@ def test_a_baseline_reuses_the_scored_data_and_keeps_titoks_outputs(tiny_model_d
     titok_weights = Path(titok["adapter"], "adapter_model.safetensors").read_bytes()
     loads = len(RunDir(run_dir).events())
 
-    kd = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, filter__method="kd"))
+    kd = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.method=kd"))
     status = {name: info["status"] for name, info in kd["stages"].items()}
     assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "kd/filter": "ran",
                       "kd/align": "ran", "kd/train": "ran", "export": "ran"}
@@ -190,7 +190,7 @@ def test_target_aware_token_selection_end_to_end(tiny_model_dirs, tmp_path, loca
     run_dir = tmp_path / "run"
     transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
     loads = len([e for e in RunDir(run_dir).events() if e["event"] == "model_load"])
-    result = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, filter__reference="target_base"))
+    result = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.reference=target_base"))
     assert result["adapter"] == str(run_dir / "titok-target_base" / "adapter")
     assert {name: info["status"] for name, info in result["stages"].items()}["scores"] == "cached"
     assert {e["stage"] for e in RunDir(run_dir).events()[loads:] if e["event"] == "model_load"} <= {"train"}

@@ -30,7 +30,7 @@ def _dry_run(cfg) -> None:
     """Everything ``transplant`` checks before compute, and the plan; no weights are read."""
     import os
 
-    from titok.config import validate_inputs
+    from titok.validate import validate_inputs
     from titok.pipeline import check_plan
     from titok.plan import cluster_resources, local_resources
 
@@ -70,15 +70,13 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _sft(args: argparse.Namespace) -> None:
-    import copy
-
-    from titok.config import TrainConfig, apply_overrides, validated
-    from titok.sft import SFT_DEFAULTS, train_source_adapter
+    from titok.sft import sft_train_config, train_source_adapter
     from titok.validate import check_sft
 
-    train = validated(TrainConfig, apply_overrides(copy.deepcopy(SFT_DEFAULTS), args.set), "sft training")
-    check_sft(args.base, args.task, args.out, args.seed, args.max_length)
-    path = train_source_adapter(args.base, args.task, args.out, train, args.seed, args.n_train, args.max_length)
+    length = [f"max_length={args.max_length}"] if args.max_length is not None else []
+    train = sft_train_config(overrides=[*args.set, *length])
+    check_sft(args.base, args.task, args.out, args.seed, train.max_length)
+    path = train_source_adapter(args.base, args.task, args.out, train, args.seed, args.n_train)
     print(f"source adapter: {path}")
 
 
@@ -162,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     sft.add_argument("--out", required=True, help="folder for the PEFT adapter")
     sft.add_argument("--seed", type=int, default=0, help="seed for the task split and training")
     sft.add_argument("--n-train", type=int, default=256, help="training examples to use")
-    sft.add_argument("--max-length", type=int, default=512, help="max prompt+response tokens of a training example")
+    sft.add_argument("--max-length", type=int, default=None,
+                     help="max prompt+response tokens of a training example (same as --set max_length=N; default 512)")
     sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a training field (epochs=1, lr=5e-4, workers=2, deepspeed_stage=3, lora.rank=16)")
     sft.set_defaults(run=_sft)

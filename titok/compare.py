@@ -25,36 +25,32 @@ from titok.config import (
     ConfigError,
     EvalSettings,
     TrainConfig,
-    TransplantConfig,
-    _Section,
-    check_model,
-    check_task,
+    Section,
     read_yaml,
-    validate_inputs,
     validated,
 )
 
 from titok.evaluate import cached_evaluation
-from titok.layout import share_stages, short_name
+from titok.layout import budgets, row_label, run_config, share_stages, short_name
 from titok.reference import REFERENCES
 from titok.stages.filtering import FILTER_METHODS
 from titok.runstate import RunDir
+from titok.validate import check_model, check_task, validate_inputs
 
 __all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
 
 METHODS = tuple(FILTER_METHODS)
-BUDGETS = ("epochs", "steps")
 _PER_CELL_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir", "seed", "split_seed")
 
 
-class SourceSettings(_Section):
+class SourceSettings(Section):
     adapters: dict[str, str] = Field(
         {}, description="task -> an existing source LoRA on source_base; tasks without one get `titok sft`")
     train_examples: int = Field(256, ge=1, description="training examples for a `titok sft` source expert")
     train: dict = Field({}, description="training overrides on titok sft's defaults (epochs, lr, lora.rank, ...)")
 
 
-class CompareConfig(_Section):
+class CompareConfig(Section):
     source_base: str = Field(..., description="the source base model every source expert is trained on")
     targets: list[str] = Field(..., min_length=1, description="target bases (same or other tokenizer)")
     tasks: list[str] = Field(..., min_length=1, description="built-in task names or task files")
@@ -110,39 +106,10 @@ def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int 
     return validated(CompareConfig, data, "compare")
 
 
-def budgets(cfg: CompareConfig) -> tuple[str, ...]:
-    return BUDGETS if cfg.budget == "both" else (cfg.budget,)
-
-
-def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: str, source_adapter: str,
-               budget: str = "epochs") -> TransplantConfig:
-    """One cell's transplant config; ``variant`` is ``method`` or ``method:reference``."""
-    folder = short_name(target) + ("-steps" if budget == "steps" and cfg.budget == "both" else "")
-    fields = {**cfg.transplant, "source_base": cfg.source_base, "source_adapter": source_adapter,
-              "target_base": target, "task": task, "seed": seed, "split_seed": cfg.split_seed,
-              "run_dir": str(Path(cfg.out_dir) / "runs" / short_name(task) / f"seed{seed}" / folder)}
-    method, _, reference = variant.partition(":")
-    fields["filter"] = {**fields.get("filter", {}), "method": method, "reference": reference or "source_amateur"}
-    what = f"compare (task {task}, target {target}, method {variant}, budget {budget})"
-    cfg_run = validated(TransplantConfig, fields, what)
-    if budget == "steps":
-        fields["train"] = {**fields.get("train", {}), "max_steps": cfg.steps or equal_steps(cfg_run)}
-        cfg_run = validated(TransplantConfig, fields, what)
-    return cfg_run
-
-
-def equal_steps(run: TransplantConfig) -> int:
-    """The optimizer steps kd (every sample of the pool) takes in train.epochs epochs."""
-    return -(-run.pool_size // run.train.global_batch_size) * run.train.epochs
-
-
 def sft_train_config(cfg: CompareConfig) -> TrainConfig:
-    from titok.sft import SFT_DEFAULTS
+    from titok.sft import sft_train_config as with_defaults
 
-    data = json.loads(json.dumps(SFT_DEFAULTS))  # a deep copy
-    for key, value in cfg.source.train.items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return validated(TrainConfig, data, "compare source.train")
+    return with_defaults(cfg.source.train, what="compare source.train")
 
 
 def validate_compare(cfg: CompareConfig) -> None:
@@ -180,11 +147,6 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
         train_source_adapter(cfg.source_base, task, out, sft_train_config(cfg), seed=cfg.split_seed,
                              n_train=cfg.source.train_examples)
     return str(out)
-
-
-def row_label(cfg: CompareConfig, variant: str, budget: str) -> str:
-    """A trained row's name in the tables: the variant, and its budget when both budgets are compared."""
-    return f"{variant} ({budget})" if cfg.budget == "both" else variant
 
 
 def _row(report: dict, task: str, target: str, method: str, seed: int | None) -> dict:

@@ -4,7 +4,7 @@
 
 Every field has a description (``titok transplant --help-config`` prints them all). Unknown keys and
 wrong types are errors that name the field; cross-field checks (M <= pool, adapter files present,
-adapter trained on the source base) run in ``validate_inputs`` before any model loads.
+adapter trained on the source base) run in ``titok.validate.validate_inputs`` before any model loads.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from titok.stages.filtering import FILTER_METHODS, FilterMethodName
 
 __all__ = [
     "ConfigError",
+    "Section",
     "EngineConfig",
     "EvalSettings",
     "FilterConfig",
@@ -31,12 +32,9 @@ __all__ = [
     "TrainConfig",
     "TransplantConfig",
     "apply_overrides",
-    "check_model",
-    "check_task",
     "describe_fields",
     "load_config",
     "read_yaml",
-    "validate_inputs",
     "validated",
 ]
 
@@ -45,18 +43,20 @@ class ConfigError(ValueError):
     """A config value that cannot work, named by its dotted field path."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors (a typo never passes silently), assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LoraShape(_Section):
+class LoraShape(Section):
     rank: int = Field(8, ge=1, description="LoRA rank r of the target adapter")
     alpha: int = Field(8, ge=1, description="LoRA alpha (scaling = alpha / rank)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
     target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="module names that get LoRA")
 
 
-class EngineConfig(_Section):
+class EngineConfig(Section):
     # where and on what the engines run: never changes what they compute (kept out of fingerprints)
     PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = (
         "actors", "gpus_per_actor", "cpus_per_actor", "tensor_parallel_size", "pipeline_parallel_size",
@@ -109,7 +109,7 @@ class EngineConfig(_Section):
         return self
 
 
-class QueriesConfig(_Section):
+class QueriesConfig(Section):
     few_shot: int = Field(3, ge=1, description="seed examples shown in each query-writing prompt")
     pool_size: int | None = Field(None, ge=1, description="synthetic queries to collect (default 2 x filter.top_m)")
     rouge_l_max: float = Field(0.7, gt=0.0, le=1.0, description="keep a query only if its ROUGE-L to every kept query and seed is below this")
@@ -120,12 +120,12 @@ class QueriesConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="token budget of one synthetic query")
 
 
-class LabelsConfig(_Section):
+class LabelsConfig(Section):
     max_new_tokens: int = Field(128, ge=1, description="token budget of one expert response")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy expert responses")
 
 
-class FilterConfig(_Section):
+class FilterConfig(Section):
     top_m: int = Field(250, ge=1, description="M: samples kept by mean excess")
     k: float = Field(0.7, gt=0.0, le=1.0, description="fraction of tokens kept inside the kept samples")
     token_scope: TokenScope = Field(
@@ -158,7 +158,7 @@ class FilterConfig(_Section):
         return self.method if reference == "source_amateur" else f"{self.method}:{reference}"
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     # where and how training runs: the same adapter whatever they are (kept out of fingerprints)
     PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = (
         "workers", "use_gpu", "cpus_per_worker", "deepspeed_stage", "deepspeed_config", "gradient_checkpointing",
@@ -174,6 +174,9 @@ class TrainConfig(_Section):
     deepspeed_config: str | None = Field(
         None, description="your DeepSpeed JSON (start from titok/train/deepspeed/zero{2,3}.json); its 'auto' fields "
         "and the offload sections are filled from this config")
+    max_length: int | None = Field(
+        None, ge=16, description="max prompt+response tokens of a training example on the trained model's tokenizer "
+        "(default: engine.max_length in a transplant, 512 in titok sft)")
     epochs: int = Field(2, ge=1, description="passes over the selected data")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps in all (overrides epochs when set)")
     global_batch_size: int = Field(
@@ -188,8 +191,8 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")
     normalization: Normalization = Field("selected_mean", description="selective-loss normalization")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="training dtype of the target base; auto = bf16 where the device runs it fast (CUDA "
-        "with bf16, CPUs with AMX/AVX512-BF16), else fp32")
+        "auto", description="training dtype of the target base; auto = bf16 on CUDA GPUs with bf16, fp32 on CPUs "
+        "(bf16 backward is slower there; titok.hardware)")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in the backward pass (less memory, ~30% more compute); "
         "auto = on for targets of 1B parameters or more")
@@ -211,7 +214,7 @@ class TrainConfig(_Section):
         return self
 
 
-class EvalSettings(_Section):
+class EvalSettings(Section):
     """Held-out evaluation (``titok compare``'s table, ``titok migrate``'s release gate)."""
 
     # where it runs, not what it measures (kept out of cache keys)
@@ -227,7 +230,7 @@ class EvalSettings(_Section):
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
 
 
-class TransplantConfig(_Section):
+class TransplantConfig(Section):
     source_base: str = Field(..., description="source base model: short name, .gguf file, HF folder or hub id")
     source_adapter: str = Field(..., description="folder of the source PEFT LoRA trained on source_base")
     target_base: str = Field(..., description="target base model (same forms as source_base)")
@@ -258,7 +261,13 @@ class TransplantConfig(_Section):
 
     @property
     def pool_size(self) -> int:
+        """Synthetic queries to collect: ``queries.pool_size``, by default twice ``filter.top_m``."""
         return self.queries.pool_size or 2 * self.filter.top_m
+
+    @property
+    def train_max_length(self) -> int:
+        """Tokens of a training example: ``train.max_length``, by default the length the engines score."""
+        return self.train.max_length or self.engine.max_length
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -316,36 +325,6 @@ def validated(model: type[BaseModel], data: dict, what: str):
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **fields: Any) -> TransplantConfig:
     """Read YAML (optional), apply overrides and keyword fields, validate types and ranges."""
     return validated(TransplantConfig, read_yaml(path, overrides, **fields), "transplant")
-
-
-def validate_inputs(cfg: TransplantConfig) -> None:
-    """Every check that needs the file system, the models' configs or the task, before any model
-    loads or Ray starts; all problems are reported together (``titok.validate``)."""
-    from titok.validate import transplant_problems
-
-    problems = transplant_problems(cfg)
-    if problems:
-        raise ConfigError("\n  ".join(["the transplant cannot start:", *problems]))
-
-
-def check_model(field: str, spec: str, trust_remote_code: bool = False) -> None:
-    """A model spec resolves, its config loads and a local folder's weights are all there (the
-    first problem, as a ConfigError): a folder without a model or an unreachable hub id fails here,
-    not in an actor."""
-    from titok.validate import model_problems
-
-    problems = model_problems(field, spec, trust_remote_code)
-    if problems:
-        raise ConfigError(problems[0])
-
-
-def check_task(field: str, spec: str, split_seed: int):
-    from titok.validate import task_problems
-
-    task, problems = task_problems(field, spec, split_seed)
-    if problems:
-        raise ConfigError(problems[0])
-    return task
 
 
 def describe_fields(model: type[BaseModel] = TransplantConfig, prefix: str = "") -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from titok.excess import score_pairs
-from titok.loss import build_training_batch
+from titok.sequences import build_training_batch
 from titok.models import format_prompt, load_model, load_tokenizer
 from titok.train.step import TorchEngine, attach_fresh_lora, training_step
 

@@ -1,7 +1,9 @@
 """Where things live under a run directory, a compare folder or a zoo folder, in one place.
 
 compare, report and migrate all name folders after models, tasks and adapters, and share the source
-stages (queries, labels, scores) between run directories by copying them: both are decided here.
+stages (queries, labels, scores) between run directories by copying them: both are decided here, as
+is each compare cell's run (its config and folder, its training budget, its row in the tables), so
+that ``titok.report`` reads a compare folder without importing ``titok.compare``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ import hashlib
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["SOURCE_STAGES", "adapter_digest", "file_digest", "share_stages", "short_name"]
+if TYPE_CHECKING:
+    from titok.compare import CompareConfig
+    from titok.config import TransplantConfig
+
+__all__ = ["BUDGETS", "SOURCE_STAGES", "adapter_digest", "budgets", "equal_steps", "file_digest", "row_label", "run_config",
+           "share_stages", "short_name"]
 
 # the stages that depend only on the source side (base, adapter, task, seed): shareable between runs
 SOURCE_STAGES = ("queries", "labels", "scores")
+# a compare's training budgets: train.epochs for every method, or the same optimizer steps for every method
+BUDGETS = ("epochs", "steps")
 
 
 def short_name(spec: str) -> str:
@@ -52,3 +62,37 @@ def share_stages(source_run: Path, run_dir: Path, stages: tuple[str, ...] = SOUR
     if "queries" in stages and progress.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy2(progress, run_dir / progress.name)
+
+
+def budgets(cfg: CompareConfig) -> tuple[str, ...]:
+    """The budgets a compare trains every method under."""
+    return BUDGETS if cfg.budget == "both" else (cfg.budget,)
+
+
+def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: str, source_adapter: str,
+               budget: str = "epochs") -> TransplantConfig:
+    """One compare cell's transplant config and run folder; ``variant`` is ``method`` or ``method:reference``."""
+    from titok.config import TransplantConfig, validated
+
+    folder = short_name(target) + ("-steps" if budget == "steps" and cfg.budget == "both" else "")
+    fields = {**cfg.transplant, "source_base": cfg.source_base, "source_adapter": source_adapter,
+              "target_base": target, "task": task, "seed": seed, "split_seed": cfg.split_seed,
+              "run_dir": str(Path(cfg.out_dir) / "runs" / short_name(task) / f"seed{seed}" / folder)}
+    method, _, reference = variant.partition(":")
+    fields["filter"] = {**fields.get("filter", {}), "method": method, "reference": reference or "source_amateur"}
+    what = f"compare (task {task}, target {target}, method {variant}, budget {budget})"
+    cfg_run = validated(TransplantConfig, fields, what)
+    if budget == "steps":
+        fields["train"] = {**fields.get("train", {}), "max_steps": cfg.steps or equal_steps(cfg_run)}
+        cfg_run = validated(TransplantConfig, fields, what)
+    return cfg_run
+
+
+def equal_steps(run: TransplantConfig) -> int:
+    """The optimizer steps kd (every sample of the pool) takes in train.epochs epochs."""
+    return -(-run.pool_size // run.train.global_batch_size) * run.train.epochs
+
+
+def row_label(cfg: CompareConfig, variant: str, budget: str) -> str:
+    """A trained row's name in the tables: the variant, and its budget when both budgets are compared."""
+    return f"{variant} ({budget})" if cfg.budget == "both" else variant

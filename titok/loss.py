@@ -12,16 +12,12 @@ Two normalizations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
 
-from titok.sequences import Batch, collate, encode_pair, encode_response
-
-__all__ = ["Normalization", "TrainingBatch", "build_training_batch", "selective_cross_entropy"]
+__all__ = ["Normalization", "selective_cross_entropy"]
 
 Normalization = Literal["selected_mean", "rho1"]
 
@@ -52,38 +48,3 @@ def selective_cross_entropy(
             raise ValueError(f"rho1 normalization needs k in (0, 1], got {k!r}")
         return total / (k * response_mask[:, 1:].sum()).clamp(min=1e-8)
     raise ValueError(f"normalization must be 'selected_mean' or 'rho1', got {normalization!r}")
-
-
-@dataclass
-class TrainingBatch(Batch):
-    """A right-padded ``Batch`` plus (B, T) token weights for ``selective_cross_entropy``."""
-
-    token_weights: torch.Tensor
-
-
-def build_training_batch(
-    tokenizer: PreTrainedTokenizerBase,
-    queries: list[str],
-    responses: list[str],
-    response_weights: list,
-    max_length: int | None = None,
-) -> TrainingBatch:
-    """Tokenize pairs for the target model; ``response_weights[i]`` has one weight per target response token.
-
-    The end-of-turn token after each response is always trained (weight 1), so the target learns
-    where an answer ends; it is not a scored token, so no filter weight exists for it.
-    """
-    pairs = [encode_pair(tokenizer, q, r, max_length, append_eos=True) for q, r in zip(queries, responses)]
-    batch = collate(pairs, tokenizer.pad_token_id, padding_side="right")
-    token_weights = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    for row, (pair, response, weights) in enumerate(zip(pairs, responses, response_weights)):
-        weights = torch.as_tensor(weights, dtype=torch.float32)
-        n_text = len(encode_response(tokenizer, response)[0])
-        if len(weights) != n_text:
-            raise ValueError(
-                f"sample {row}: {len(weights)} token weights for {n_text} response tokens; "
-                "weights must be aligned to the target tokenizer first"
-            )
-        # max_length may have cut the response (and its end-of-turn token): keep the weights that fit
-        token_weights[row, batch.response_mask[row]] = torch.cat([weights, torch.ones(1)])[: len(pair.response_ids)]
-    return TrainingBatch(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask, token_weights)

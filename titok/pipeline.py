@@ -18,7 +18,7 @@ import pyarrow as pa
 import yaml
 
 from titok import columns as C
-from titok.config import ConfigError, TransplantConfig, validate_inputs
+from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
 from titok.layout import SOURCE_STAGES
@@ -29,6 +29,7 @@ from titok.stages.filtering import apply_filter_method
 from titok.stages.fleet import EngineFleet
 from titok.stages.queries import write_query_pool
 from titok.train.ray_train import copy_adapter, run_training
+from titok.validate import validate_inputs
 
 __all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "transplant"]
 
@@ -107,7 +108,7 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table) -> dict:
     teaches = pa.array([float(np.sum(w)) > 0 for w in aligned.column(C.TARGET_WEIGHTS).to_pylist()], type=pa.bool_())
     rows = aligned.filter(teaches).select([C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS])
     config = {"train": cfg.train.model_dump(), "target_base": cfg.target_base, "seed": cfg.seed,
-              "run_dir": str(run.root), "max_length": cfg.engine.max_length, "k": cfg.filter.k,
+              "run_dir": str(run.root), "max_length": cfg.train_max_length, "k": cfg.filter.k,
               "trust_remote_code": cfg.trust_remote_code}
     stage = run.stage_dir(_stage_path(cfg, "train"))
     fit = run_training(ray.data.from_arrow(rows), config, storage_path=str(stage / "ray"))

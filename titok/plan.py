@@ -369,7 +369,7 @@ def _train_suggestions(cfg, shape, lora_params: int, res: Resources, response: i
             trial = trial.model_copy(update={"global_batch_size": trial.workers * max(1, t.global_batch_size // trial.workers)})
             changes["global_batch_size"] = trial.global_batch_size
         micro = min(trial.micro_batch_size, trial.global_batch_size // trial.workers)
-        device, host = _train_memory(shape, lora_params, trial, micro, cfg.engine.max_length, response, res,
+        device, host = _train_memory(shape, lora_params, trial, micro, cfg.train_max_length, response, res,
                                      trial.workers, True, trial.gradient_checkpointing is True)
         fits_gpu = sum(device.values()) + CUDA_RESERVE_BYTES <= res.gpu_memory_gib * GIB
         fits_host = not res.host_memory_gib or sum(host.values()) <= res.host_memory_gib * GIB

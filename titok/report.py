@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from titok import columns as C
-from titok.compare import budgets, row_label, run_config
-from titok.layout import short_name
+from titok.layout import budgets, equal_steps, row_label, run_config, short_name
 from titok.stats import bootstrap_interval, paired_test
 
 __all__ = ["aggregate", "markdown_tables", "shade_tokens", "write_compare_report"]
@@ -288,7 +287,6 @@ def _pool_samples(run_dir: Path, top_m: int, n_top: int = 3, n_bottom: int = 2) 
 
 
 def _budget_text(cfg, run) -> str:
-    from titok.compare import equal_steps
 
     epochs = f"{run.train.epochs} epoch(s) each"
     steps = f"{cfg.steps or equal_steps(run)} optimizer steps each"

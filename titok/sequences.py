@@ -3,7 +3,8 @@
 The prompt (chat template + query) and the response are tokenized separately and concatenated,
 so response tokens are known exactly: template tokens (BOS, role headers, the end-of-turn text)
 are never counted as response tokens, and every response token has character offsets into the
-response text, which cross-tokenizer alignment needs.
+response text, which cross-tokenizer alignment needs. Training batches (``build_training_batch``)
+add one weight per token, so all tokenization for training and scoring lives in this module.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from transformers import PreTrainedTokenizerBase
 
 from titok.models import format_prompt
 
-__all__ = ["Batch", "EncodedPair", "OffsetsUnavailableError", "collate", "encode_pair", "encode_response"]
+__all__ = [
+    "Batch", "EncodedPair", "OffsetsUnavailableError", "TrainingBatch", "build_training_batch", "collate", "encode_pair",
+    "encode_response",
+]
 
 
 class OffsetsUnavailableError(ValueError):
@@ -119,3 +123,38 @@ def collate(pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "le
         response_mask[row, start + len(pair.prompt_ids) : start + len(ids)] = True
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return Batch(input_ids, attention_mask, position_ids, response_mask)
+
+
+@dataclass
+class TrainingBatch(Batch):
+    """A right-padded ``Batch`` plus (B, T) token weights for ``selective_cross_entropy``."""
+
+    token_weights: torch.Tensor
+
+
+def build_training_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    queries: list[str],
+    responses: list[str],
+    response_weights: list,
+    max_length: int | None = None,
+) -> TrainingBatch:
+    """Tokenize pairs for the target model; ``response_weights[i]`` has one weight per target response token.
+
+    The end-of-turn token after each response is always trained (weight 1), so the target learns
+    where an answer ends; it is not a scored token, so no filter weight exists for it.
+    """
+    pairs = [encode_pair(tokenizer, q, r, max_length, append_eos=True) for q, r in zip(queries, responses)]
+    batch = collate(pairs, tokenizer.pad_token_id, padding_side="right")
+    token_weights = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    for row, (pair, response, weights) in enumerate(zip(pairs, responses, response_weights)):
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        n_text = len(encode_response(tokenizer, response)[0])
+        if len(weights) != n_text:
+            raise ValueError(
+                f"sample {row}: {len(weights)} token weights for {n_text} response tokens; "
+                "weights must be aligned to the target tokenizer first"
+            )
+        # max_length may have cut the response (and its end-of-turn token): keep the weights that fit
+        token_weights[row, batch.response_mask[row]] = torch.cat([weights, torch.ones(1)])[: len(pair.response_ids)]
+    return TrainingBatch(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask, token_weights)

@@ -3,12 +3,13 @@ the same DeepSpeed training stage as the transplant (every response token weight
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 
 from titok import columns as C
-from titok.config import TrainConfig
+from titok.config import TrainConfig, apply_overrides, validated
 from titok.export import export_adapter
 from titok.models import load_tokenizer
 from titok.runstate import RunDir
@@ -16,15 +17,24 @@ from titok.sequences import encode_response
 from titok.tasks import load_task, reference_response
 from titok.train.ray_train import copy_adapter, run_training
 
-__all__ = ["SFT_DEFAULTS", "train_source_adapter"]
+__all__ = ["SFT_DEFAULTS", "sft_train_config", "train_source_adapter"]
 
 # A source expert should learn its task quickly: a larger rank, all attention projections, higher lr.
 SFT_DEFAULTS = {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-                "lr": 1e-3, "epochs": 2, "max_grad_norm": 1.0}
+                "lr": 1e-3, "epochs": 2, "max_grad_norm": 1.0, "max_length": 512}
+
+
+def sft_train_config(settings: dict | None = None, overrides: list[str] = (), what: str = "sft training") -> TrainConfig:
+    """``SFT_DEFAULTS`` under a YAML section (``settings``, e.g. compare's ``source.train``) and
+    ``--set`` strings, validated; the defaults themselves are never changed."""
+    data = copy.deepcopy(SFT_DEFAULTS)
+    for key, value in (settings or {}).items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return validated(TrainConfig, apply_overrides(data, list(overrides)), what)
 
 
 def train_source_adapter(base: str, task: str, out_dir: str | Path, train: TrainConfig, seed: int = 0,
-                         n_train: int = 256, max_length: int = 512, trust_remote_code: bool = False) -> Path:
+                         n_train: int = 256, trust_remote_code: bool = False) -> Path:
     import ray
 
     if not ray.is_initialized():
@@ -41,7 +51,7 @@ def train_source_adapter(base: str, task: str, out_dir: str | Path, train: Train
     run = RunDir(out_dir.parent / f"{out_dir.name}-sft")
     run.claim()
     config = {"train": train.model_dump(), "target_base": base, "seed": seed, "run_dir": str(run.root),
-              "max_length": max_length, "k": 1.0, "trust_remote_code": trust_remote_code}
+              "max_length": train.max_length or SFT_DEFAULTS["max_length"], "k": 1.0, "trust_remote_code": trust_remote_code}
     fit = run_training(ray.data.from_items(rows), config, storage_path=str(run.root / "ray"))
     checkpoint = copy_adapter(fit, run.root / "checkpoint")
     card = {"kind": "source adapter (titok sft)", "base": base, "task": task, "train_examples": len(rows),

@@ -14,7 +14,12 @@ import json
 import re
 from pathlib import Path
 
-__all__ = ["adapter_config_problems", "adapter_problems", "adapter_weight_problems"]
+from titok.config import ConfigError
+
+__all__ = [
+    "adapter_config_problems", "adapter_problems", "adapter_weight_problems", "check_eval", "check_model", "check_sft",
+    "check_task", "model_problems", "task_problems", "transplant_problems", "validate_inputs",
+]
 
 _LORA_KEY = re.compile(r"layers\.(\d+)\..*?([A-Za-z0-9_]+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
@@ -185,13 +190,18 @@ def template_tokens(spec: str, trust_remote_code: bool = False) -> int:
 
 def length_problems(cfg) -> list[str]:
     """The chat template plus the longest synthetic query must leave room for a response in
-    ``engine.max_length`` on both tokenizers (else scoring or training cuts every response to nothing)."""
+    ``engine.max_length`` on both tokenizers and in the training length on the target's (else scoring
+    or training cuts every response to nothing)."""
     problems = []
-    for field in ("source_base", "target_base"):
+    limits = [("source_base", "engine.max_length", cfg.engine.max_length),
+              ("target_base", "engine.max_length", cfg.engine.max_length)]
+    if cfg.train.max_length is not None:
+        limits.append(("target_base", "train.max_length", cfg.train.max_length))
+    for field, setting, limit in limits:
         template = template_tokens(getattr(cfg, field), cfg.trust_remote_code)
         needed = template + cfg.queries.max_new_tokens + 1
-        if needed > cfg.engine.max_length:
-            problems.append(f"engine.max_length={cfg.engine.max_length} is shorter than {field}'s chat template "
+        if needed > limit:
+            problems.append(f"{setting}={limit} is shorter than {field}'s chat template "
                             f"({template} tokens) + a query (queries.max_new_tokens={cfg.queries.max_new_tokens}) + one "
                             f"response token = {needed}")
     return problems
@@ -236,9 +246,32 @@ def transplant_problems(cfg) -> list[str]:
     return problems
 
 
-def _raise_all(what: str, problems: list[str]) -> None:
-    from titok.config import ConfigError
+def validate_inputs(cfg) -> None:
+    """Every check of a transplant that needs the file system, the models' configs or the task,
+    before any model loads or Ray starts; all problems are reported together."""
+    problems = transplant_problems(cfg)
+    if problems:
+        raise ConfigError("\n  ".join(["the transplant cannot start:", *problems]))
 
+
+def check_model(field: str, spec: str, trust_remote_code: bool = False) -> None:
+    """A model spec resolves, its config loads and a local folder's weights are all there (the
+    first problem, as a ConfigError): a folder without a model or an unreachable hub id fails here,
+    not in an actor."""
+    problems = model_problems(field, spec, trust_remote_code)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def check_task(field: str, spec: str, split_seed: int):
+    """The task ``spec`` names, loaded; its first problem as a ConfigError."""
+    task, problems = task_problems(field, spec, split_seed)
+    if problems:
+        raise ConfigError(problems[0])
+    return task
+
+
+def _raise_all(what: str, problems: list[str]) -> None:
     if problems:
         raise ConfigError("\n  ".join([f"{what} cannot start:", *problems]))
 
@@ -269,6 +302,6 @@ def check_sft(base: str, task: str, out: str, seed: int, max_length: int) -> Non
     if not problems:
         template = template_tokens(base)
         if template + 8 > max_length:
-            problems.append(f"--max-length={max_length} leaves no room for an example after the chat template "
+            problems.append(f"max_length={max_length} (--max-length) leaves no room for an example after the chat template "
                             f"({template} tokens)")
     _raise_all("titok sft", problems)

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from titok.config import ConfigError, EvalSettings, TransplantConfig, _Section, check_model, check_task, read_yaml, validated
+from titok.config import ConfigError, EvalSettings, Section, TransplantConfig, read_yaml, validated
 from titok.layout import share_stages
+from titok.validate import check_model, check_task
 
 __all__ = ["GateSettings", "ZooAdapter", "ZooManifest", "load_manifest", "migrate", "validate_manifest"]
 
@@ -35,7 +36,7 @@ _PER_ADAPTER_FIELDS = ("source_base", "source_adapter", "target_base", "task", "
 _SHARED_SECTIONS = ("engine", "trust_remote_code")  # one engine fleet serves every adapter
 
 
-class ZooAdapter(_Section):
+class ZooAdapter(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="unique; names the output folder")
     path: str = Field(..., description="the source PEFT adapter folder (trained on source_base)")
     task: str = Field(..., description="built-in task name, BBH/BIG-bench/MMLU/LaMP file, or hf:ID[:CONFIG]")
@@ -59,7 +60,7 @@ class GateSettings(EvalSettings):
         "metric (exact match; ROUGE-L for free-text tasks), and the expert beats vanilla at all")
 
 
-class ZooManifest(_Section):
+class ZooManifest(Section):
     source_base: str = Field(..., description="the base every source adapter was trained on")
     target_base: str = Field(..., description="the base to move them to")
     out_dir: str = Field("runs/zoo", description="run directories, migrated adapters and summaries go here")

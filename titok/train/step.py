@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from titok.loss import Normalization, TrainingBatch, selective_cross_entropy
+from titok.loss import Normalization, selective_cross_entropy
+from titok.sequences import TrainingBatch
 
 __all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "selective_loss", "training_step"]
 

@@ -1,0 +1,73 @@
+"""The package's module graph: every module imports, and no two modules import each other.
+
+Cycles are found from the source (every ``import``/``from`` statement outside ``if TYPE_CHECKING:``),
+so the test does not depend on which module happens to load first.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import titok
+
+PACKAGE = Path(titok.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    found = {"titok": PACKAGE / "__init__.py"}
+    for info in pkgutil.walk_packages([str(PACKAGE)], prefix="titok."):
+        path = PACKAGE.joinpath(*info.name.split(".")[1:])
+        found[info.name] = path / "__init__.py" if info.ispkg else path.with_suffix(".py")
+    return found
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The titok modules ``name`` imports anywhere (inside functions too: a lazy import that closes a
+    cycle still ties the two modules together), except under ``if TYPE_CHECKING:``."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    stack = [ast.parse(path.read_text())]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            targets |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets |= {base} | {f"{base}.{a.name}" for a in node.names}
+        stack.extend(ast.iter_child_nodes(node))
+    return {t for t in targets if t in known and t not in (name, "titok")}
+
+
+def test_every_module_imports():
+    for name in sorted(_modules()):
+        importlib.import_module(name)
+
+
+def test_imports_form_no_cycle():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert graph["titok.report"] and "titok.compare" not in graph["titok.report"]
