@@ -96,7 +96,7 @@ def align_to_target(cfg: TransplantConfig, kept: pa.Table):
     return dataset_of(kept, cfg.engine.batch_size).map_batches(
         AlignToTarget, fn_constructor_kwargs={"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code,
                                               "reference": reference, "k": cfg.filter.k, "dtype": cfg.engine.dtype,
-                                              "batch_size": cfg.engine.batch_size},
+                                              "batch_size": cfg.engine.batch_size, "run_dir": cfg.run_dir},
         concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
         num_gpus=1 if with_model and cfg.train.use_gpu else 0)
 

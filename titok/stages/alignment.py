@@ -22,7 +22,7 @@ class AlignToTarget:
     required_columns = (C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.OFFSET_STARTS, C.OFFSET_ENDS, C.KEEP)
 
     def __init__(self, target_base: str, trust_remote_code: bool = False, reference: str = "source_amateur",
-                 k: float = 0.7, dtype: str = "auto", batch_size: int = 8):
+                 k: float = 0.7, dtype: str = "auto", batch_size: int = 8, run_dir: str | None = None):
         self.tokenizer = load_tokenizer(target_base, trust_remote_code)
         self.reference, self.k, self.batch_size = reference, k, batch_size
         self.model = None
@@ -31,9 +31,13 @@ class AlignToTarget:
 
             from titok.hardware import resolve_dtype
             from titok.models import load_model
+            from titok.runstate import RunDir
 
-            self.model = load_model(target_base, getattr(torch, resolve_dtype(dtype)[0]), trust_remote_code,
+            dtype_choice = resolve_dtype(dtype)
+            self.model = load_model(target_base, getattr(torch, dtype_choice[0]), trust_remote_code,
                                     device_map="cuda" if torch.cuda.is_available() else None)
+            if run_dir is not None:  # events.jsonl logs every model load
+                RunDir(run_dir).log_event(event="model_load", stage="align", model=target_base, dtype=list(dtype_choice))
 
     def _target_logprobs(self, queries, responses) -> list[np.ndarray]:
         from titok.excess import response_logprobs
