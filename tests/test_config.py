@@ -56,7 +56,12 @@ def test_adapter_checks_run_before_any_model_loads(tmp_path, tiny_model_dirs):
 
 
 def test_a_target_that_does_not_exist_is_named_before_any_model_loads(tmp_path, tiny_model_dirs, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is not cached cannot be reached: the same error path
+    import huggingface_hub.constants
+
+    # a hub id that is not cached cannot be reached offline: the same error path, without network timeouts
+    # (the hub library reads HF_HUB_OFFLINE once, when imported, so the setting itself is patched too)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     ok = load_config(None, [], source_base=tiny_model_dirs["source"], source_adapter=tiny_model_dirs["adapter"],
                      target_base=tiny_model_dirs["target"], task="boolean_expressions")
     with pytest.raises(ConfigError, match="target_base: cannot load the model config of 'no-such-org/no-such-model'"):

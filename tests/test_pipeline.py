@@ -152,23 +152,47 @@ def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["target"]), result["adapter"])
 
 
+def _model_loads_since(run_dir: Path, count: int) -> list[dict]:
+    return [e for e in RunDir(run_dir).events() if e["event"] == "model_load"][count:]
+
+
 @pytest.mark.slow
-def test_a_baseline_reuses_the_scored_data_and_keeps_titoks_outputs(tiny_model_dirs, tmp_path, local_ray):
+def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_dirs, tmp_path, local_ray):
+    """kd and filter.reference=target_base in TiTok's run dir: both reuse its queries, labels and
+    scores, keep their own filter/align/train/adapter, and leave TiTok's adapter untouched. With
+    target_base the target base scores the kept samples, and the top-k% target tokens by
+    (expert - target) over aligned spans are trained."""
     run_dir = tmp_path / "run"
     titok = transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
     titok_weights = Path(titok["adapter"], "adapter_model.safetensors").read_bytes()
-    loads = len(RunDir(run_dir).events())
+    loads = len(_model_loads_since(run_dir, 0))
 
     kd = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.method=kd"))
     status = {name: info["status"] for name, info in kd["stages"].items()}
     assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "kd/filter": "ran",
                       "kd/align": "ran", "kd/train": "ran", "export": "ran"}
-    assert {e["stage"] for e in RunDir(run_dir).events()[loads:] if e["event"] == "model_load"} == {"train"}
+    assert {e["stage"] for e in _model_loads_since(run_dir, loads)} == {"train"}
     kept = pd.read_parquet(run_dir / "kd" / "filter")
     assert len(kept) == 12 and all(np.asarray(k, dtype=bool).all() for k in kept[C.KEEP])  # all samples, all tokens
     assert kd["adapter"] == str(run_dir / "kd" / "adapter")
-    assert Path(titok["adapter"], "adapter_model.safetensors").read_bytes() == titok_weights
     assert json.loads(Path(kd["adapter"], "titok.json").read_text())["method"] == "kd"
+
+    loads = len(_model_loads_since(run_dir, 0))
+    aware = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.reference=target_base"))
+    assert aware["adapter"] == str(run_dir / "titok-target_base" / "adapter")
+    assert all(aware["stages"][name]["status"] == "cached" for name in ("queries", "labels", "scores"))
+    # no source model again: the target base once for alignment, then the training workers
+    assert [e["stage"] for e in _model_loads_since(run_dir, loads)] == ["align", "train", "train"]
+    aligned = pd.read_parquet(run_dir / "titok-target_base" / "align")
+    target_tok = load_tokenizer(tiny_model_dirs["target"])
+    for _, row in aligned.iterrows():
+        weights = np.asarray(row[C.TARGET_WEIGHTS])
+        n = len(encode_response(target_tok, row[C.RESPONSE])[0])
+        assert len(weights) == len(row[C.TARGET_LOGPROBS]) == n
+        assert set(np.unique(weights)) <= {0.0, 1.0} and weights.sum() == keep_count(n, 0.7)
+        assert (np.asarray(row[C.TARGET_LOGPROBS]) <= 0).all()
+    assert json.loads(Path(aware["adapter"], "titok.json").read_text())["method"] == "titok:target_base"
+    assert Path(titok["adapter"], "adapter_model.safetensors").read_bytes() == titok_weights
 
 
 def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
@@ -181,25 +205,3 @@ def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
     assert (path / "ray" / "checkpoint").read_text() == "step 2" and not (path / "adapter").exists()
     run.start("train", "fp2", resumable=("ray",))  # another config: nothing of the old attempt is reused
     assert not (path / "ray").exists()
-
-
-@pytest.mark.slow
-def test_target_aware_token_selection_end_to_end(tiny_model_dirs, tmp_path, local_ray):
-    """filter.reference=target_base: the target base scores the kept samples, and the top-k% target
-    tokens by (expert - target) over aligned spans are trained; the source stages are reused."""
-    run_dir = tmp_path / "run"
-    transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
-    loads = len([e for e in RunDir(run_dir).events() if e["event"] == "model_load"])
-    result = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.reference=target_base"))
-    assert result["adapter"] == str(run_dir / "titok-target_base" / "adapter")
-    assert {name: info["status"] for name, info in result["stages"].items()}["scores"] == "cached"
-    assert {e["stage"] for e in RunDir(run_dir).events()[loads:] if e["event"] == "model_load"} <= {"train"}
-    aligned = pd.read_parquet(run_dir / "titok-target_base" / "align")
-    target_tok = load_tokenizer(tiny_model_dirs["target"])
-    for _, row in aligned.iterrows():
-        weights = np.asarray(row[C.TARGET_WEIGHTS])
-        n = len(encode_response(target_tok, row[C.RESPONSE])[0])
-        assert len(weights) == len(row[C.TARGET_LOGPROBS]) == n
-        assert set(np.unique(weights)) <= {0.0, 1.0} and weights.sum() == keep_count(n, 0.7)
-        assert (np.asarray(row[C.TARGET_LOGPROBS]) <= 0).all()
-    assert json.loads(Path(result["adapter"], "titok.json").read_text())["method"] == "titok:target_base"

@@ -202,13 +202,18 @@ def test_shared_settings_cannot_be_overridden_per_adapter(tiny_model_dirs, zoo_a
         load_manifest(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
 
 
-@pytest.mark.parametrize("expert,vanilla,migrated,min_retained,passed,retained", [
-    (0.8, 0.2, 0.5, 0.5, True, 0.5),
-    (0.8, 0.2, 0.4, 0.5, False, 1 / 3),
-    (0.8, 0.2, 0.9, 0.5, True, 7 / 6),
-    (0.2, 0.2, 0.9, 0.5, False, None),  # the expert gained nothing over vanilla: nothing to keep
+@pytest.mark.parametrize("expert,vanilla,migrated,min_retained,majority,passed,retained", [
+    (0.8, 0.2, 0.5, 0.5, None, True, 0.5),
+    (0.8, 0.2, 0.4, 0.5, None, False, 1 / 3),
+    (0.8, 0.2, 0.9, 0.5, 0.55, True, 7 / 6),
+    (0.2, 0.2, 0.9, 0.5, None, False, None),  # the expert gained nothing over vanilla: nothing to keep
+    # the zoo demo's arithmetic row: one example of 20 right, below always answering the most common answer
+    (0.05, 0.0, 0.05, 0.5, 0.10, False, 1.0),
+    (0.20, 0.0, 0.15, 0.5, 0.20, False, 0.75),  # equal to the majority rate is no skill either
 ])
-def test_gate_rule(expert, vanilla, migrated, min_retained, passed, retained):
-    ok, share, why = gate_rule(expert, vanilla, migrated, min_retained)
+def test_gate_rule(expert, vanilla, migrated, min_retained, majority, passed, retained):
+    ok, share, why = gate_rule(expert, vanilla, migrated, min_retained, majority)
     assert ok is passed and why
+    if majority is not None and not passed:
+        assert "majority rate" in why
     assert share == (None if retained is None else pytest.approx(retained))

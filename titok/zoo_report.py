@@ -26,12 +26,21 @@ __all__ = ["gate_and_write", "gate_rule", "provenance", "serving_modules", "writ
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def gate_rule(expert: float, vanilla: float, migrated: float, min_retained: float) -> tuple[bool, float | None, str]:
-    """``(passed, retained share of the expert's gain, why)``."""
+def gate_rule(expert: float, vanilla: float, migrated: float, min_retained: float,
+              majority_rate: float | None = None) -> tuple[bool, float | None, str]:
+    """``(passed, retained share of the expert's gain, why)``.
+
+    ``majority_rate`` (exact match on a closed answer set: the score of always giving the most common
+    answer): an expert that does not beat it shows no skill, so whatever the target keeps of its
+    "gain" is no evidence, and the adapter does not pass.
+    """
     gain = expert - vanilla
     if gain <= 0:
         return False, None, f"the expert ({expert:.3f}) does not beat the vanilla target ({vanilla:.3f}): nothing to retain"
     retained = (migrated - vanilla) / gain
+    if majority_rate is not None and expert <= majority_rate:
+        return False, retained, (f"the expert ({expert:.3f}) does not beat the majority rate ({majority_rate:.3f}, always "
+                                 "the most common answer): no skill to retain")
     passed = retained >= min_retained - 1e-9  # a share computed from rates: 0.3 / 0.6 must count as 0.5
     return passed, retained, f"{'keeps' if passed else 'keeps only'} {retained:.0%} of the expert's gain (needs {min_retained:.0%})"
 
@@ -119,8 +128,9 @@ def _gate(manifest, configs: dict, rows: dict, out: Path) -> None:
                                     {"vanilla": None, **{n: rows[n]["adapter"] for n in names}}, task)
         for name in names:
             scores = {"expert": experts[name], "vanilla": targets["vanilla"], "migrated": targets[name]}
+            floor = targets[name]["majority_rate"] if metric == "exact_match" else None
             passed, retained, why = gate_rule(scores["expert"][metric], scores["vanilla"][metric],
-                                              scores["migrated"][metric], manifest.gate.min_retained)
+                                              scores["migrated"][metric], manifest.gate.min_retained, floor)
             rows[name]["gate"] = {
                 "metric": metric, "n": targets[name]["n"], "passed": passed, "retained": retained, "why": why,
                 **{f"{who}_{m}": report[m] for who, report in scores.items()
