@@ -24,7 +24,6 @@ from pydantic import Field, field_validator
 from titok.config import (
     ConfigError,
     EvalSettings,
-    TrainConfig,
     Section,
     read_yaml,
     validated,
@@ -35,6 +34,7 @@ from titok.layout import budgets, row_label, run_config, share_stages, short_nam
 from titok.reference import REFERENCES
 from titok.stages.filtering import FILTER_METHODS
 from titok.runstate import RunDir
+from titok.sft import sft_train_config, train_source_adapter
 from titok.validate import check_model, check_task, validate_inputs
 
 __all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
@@ -106,12 +106,6 @@ def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int 
     return validated(CompareConfig, data, "compare")
 
 
-def sft_train_config(cfg: CompareConfig) -> TrainConfig:
-    from titok.sft import sft_train_config as with_defaults
-
-    return with_defaults(cfg.source.train, what="compare source.train")
-
-
 def validate_compare(cfg: CompareConfig) -> None:
     """Every run's config, every model, task and given adapter, checked before anything computes."""
     from titok.validate import run_dir_problems
@@ -121,7 +115,7 @@ def validate_compare(cfg: CompareConfig) -> None:
     unknown = sorted(set(cfg.source.adapters) - set(cfg.tasks))
     if unknown:
         raise ConfigError(f"source.adapters: {unknown} are not among tasks {cfg.tasks}")
-    sft_train_config(cfg)
+    sft_train_config(cfg.source.train, what="compare source.train")
     check_model("source_base", cfg.source_base)
     for target in cfg.targets:
         check_model("targets", target)
@@ -139,13 +133,11 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     """The given source expert, or one trained by ``titok sft`` (once; reused when its folder is complete)."""
     if task in cfg.source.adapters:
         return cfg.source.adapters[task]
-    from titok.sft import train_source_adapter
-
     out = Path(cfg.out_dir) / "sources" / short_name(task)
     if not (out / "adapter_model.safetensors").is_file():
         print(f"[compare] training the source expert for {task} (titok sft)", flush=True)
-        train_source_adapter(cfg.source_base, task, out, sft_train_config(cfg), seed=cfg.split_seed,
-                             n_train=cfg.source.train_examples)
+        train = sft_train_config(cfg.source.train, what="compare source.train")
+        train_source_adapter(cfg.source_base, task, out, train, seed=cfg.split_seed, n_train=cfg.source.train_examples)
     return str(out)
 
 

@@ -25,7 +25,8 @@ from transformers import PreTrainedTokenizerBase
 
 from titok.sequences import Batch, EncodedPair, collate, encode_pair
 
-__all__ = ["TokenScores", "response_logprobs", "score_batch", "score_pairs", "token_budget_batches", "token_logprobs"]
+__all__ = ["TokenScores", "response_logprobs", "score_batch", "score_pairs", "text_logprobs", "token_budget_batches",
+           "token_logprobs"]
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 values per log-sum-exp chunk (64 MB)
 
@@ -71,6 +72,18 @@ def response_logprobs(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor
     logprobs = token_logprobs(logits[:, :-1], batch.input_ids[:, keep_from + 1 :])
     mask = batch.response_mask[:, keep_from + 1 :]
     return [row[row_mask] for row, row_mask in zip(logprobs, mask)]
+
+
+def text_logprobs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str], responses: list[str],
+                  batch_size: int = 16) -> list[np.ndarray]:
+    """One model's log-probs of each response's tokens after its chat prompt, ``batch_size`` pairs
+    per forward (left padding): what option choices and a target-aware reference both need."""
+    pairs = [encode_pair(tokenizer, q, r) for q, r in zip(queries, responses, strict=True)]
+    out: list[np.ndarray] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = collate(pairs[start : start + batch_size], tokenizer.pad_token_id, "left")
+        out += [lp.float().cpu().numpy() for lp in response_logprobs(model, chunk)]
+    return out
 
 
 def score_batch(model: PeftModel, pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "left",

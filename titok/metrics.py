@@ -17,8 +17,7 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import PreTrainedTokenizerBase
 
-from titok.excess import response_logprobs
-from titok.sequences import collate, encode_pair
+from titok.excess import text_logprobs
 
 __all__ = ["exact_match", "exact_matches", "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
@@ -77,12 +76,8 @@ def option_loglik_choices(
 ) -> list[int]:
     """Index of the candidate with the highest mean token log-prob, for each query."""
     flat = [(qi, option) for qi, query_options in enumerate(options) for option in query_options]
-    pairs = [encode_pair(tokenizer, queries[qi], option) for qi, option in flat]
-    means: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        logprobs = response_logprobs(model, collate(chunk, tokenizer.pad_token_id, "left"))
-        means.extend(float(lp.mean()) if len(lp) else -np.inf for lp in logprobs)
+    logprobs = text_logprobs(model, tokenizer, [queries[qi] for qi, _ in flat], [option for _, option in flat], batch_size)
+    means = [float(lp.mean()) if len(lp) else -np.inf for lp in logprobs]
     choices, position = [], 0
     for query_options in options:
         scores = means[position : position + len(query_options)]

@@ -39,23 +39,16 @@ class AlignToTarget:
             if run_dir is not None:  # events.jsonl logs every model load
                 RunDir(run_dir).log_event(event="model_load", stage="align", model=target_base, dtype=list(dtype_choice))
 
-    def _target_logprobs(self, queries, responses) -> list[np.ndarray]:
-        from titok.excess import response_logprobs
-        from titok.sequences import collate, encode_pair
-
-        pairs = [encode_pair(self.tokenizer, q, r) for q, r in zip(queries, responses)]
-        out = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            out += [lp.float().cpu().numpy() for lp in response_logprobs(self.model, collate(chunk, self.tokenizer.pad_token_id))]
-        return out
-
     def __call__(self, batch: dict):
         missing = [c for c in self.required_columns if c not in batch]
         if missing:
             raise KeyError(f"align stage needs columns {missing}; got {sorted(batch)}")
         target_ids, target_weights, target_lps = [], [], []
-        scored = self._target_logprobs(batch[C.QUERY], batch[C.RESPONSE]) if self.model is not None else None
+        scored = None
+        if self.model is not None:
+            from titok.excess import text_logprobs
+
+            scored = text_logprobs(self.model, self.tokenizer, list(batch[C.QUERY]), list(batch[C.RESPONSE]), self.batch_size)
         for row, (response, starts, ends, keep) in enumerate(zip(batch[C.RESPONSE], batch[C.OFFSET_STARTS],
                                                                  batch[C.OFFSET_ENDS], batch[C.KEEP])):
             ids, offsets = encode_response(self.tokenizer, response)
