@@ -16,7 +16,7 @@ from titok.runstate import RunDir
 from titok.sequences import encode_response
 from titok.tasks import load_task, reference_response
 from titok.train.batching import epoch_order, plan_batches, worker_micro_batches
-from titok.train.ray_train import copy_adapter, run_training
+from titok.train.ray_train import copy_adapter, group_jobs, run_training, train_adapter
 from tests.conftest import real_tokenizer, tiny_llama
 
 
@@ -77,15 +77,19 @@ def _rows(n: int = 12) -> list[dict]:
     return rows
 
 
-def _train(local_ray, target_dir, run_dir, **train_fields) -> dict:
+def _job(target_dir, run_dir, **train_fields) -> dict:
     fields = {"workers": 2, "epochs": 2, "global_batch_size": 4, "micro_batch_size": 2, "lr": 5e-3, "dtype": "float32",
               "lora": {"rank": 4, "alpha": 8, "dropout": 0.1}, **train_fields}
-    config = {"train": TrainConfig(**{k: v for k, v in fields.items() if not k.startswith("fault")}).model_dump(),
-              "target_base": target_dir, "seed": 0, "run_dir": str(run_dir), "max_length": 160, "k": 0.7,
-              "trust_remote_code": False, **{k: v for k, v in fields.items() if k.startswith("fault")}}
-    fit = run_training(local_ray.data.from_items(_rows()), config, storage_path=str(run_dir / "ray"))
-    adapter = copy_adapter(fit, run_dir / "adapter")
-    return {"weights": load_file(adapter / "adapter_model.safetensors"), "metrics": fit.metrics,
+    return {"train": TrainConfig(**{k: v for k, v in fields.items() if not k.startswith("fault")}).model_dump(),
+            "target_base": target_dir, "seed": 0, "run_dir": str(run_dir), "max_length": 160, "k": 0.7,
+            "trust_remote_code": False, **{k: v for k, v in fields.items() if k.startswith("fault")}}
+
+
+def _train(local_ray, target_dir, run_dir, **train_fields) -> dict:
+    config = _job(target_dir, run_dir, **train_fields)
+    outcome = train_adapter(local_ray.data.from_items(_rows()), config, storage_path=str(run_dir / "ray"))
+    adapter = copy_adapter(outcome, run_dir / "adapter")
+    return {"weights": load_file(adapter / "adapter_model.safetensors"), "metrics": outcome.metrics,
             "events": RunDir(run_dir).events()}
 
 
@@ -157,3 +161,33 @@ def test_a_resubmitted_run_goes_on_from_its_last_checkpoint(zero2_two_workers, t
     again = _train(local_ray, target_dir, tmp_path, checkpoint_every_steps=2)
     assert {e["step"] for e in again["events"] if e["event"] == "train_resumed"} == {2}
     _assert_same_adapter(again["weights"], zero2_two_workers["weights"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_worker_group_trains_several_adapters_each_as_if_alone(zero2_two_workers, target_dir, tmp_path, local_ray):
+    """A zoo's trainings share one worker group and one loaded target: a diverging job fails alone,
+    and the job after it trains exactly the adapter it trains on a fresh group (nothing of the
+    diverged LoRA, its optimizer or its engine is left on the base)."""
+    jobs = {"diverges": (local_ray.data.from_items(_rows()), _job(target_dir, tmp_path / "diverges", lr=1e30)),
+            "fine": (local_ray.data.from_items(_rows()), _job(target_dir, tmp_path / "fine"))}
+    assert group_jobs({n: c for n, (_, c) in jobs.items()}) == [["diverges", "fine"]]
+    outcomes = run_training(jobs, storage_path=str(tmp_path / "ray"), log_dir=str(tmp_path))
+    assert isinstance(outcomes["diverges"].error, FloatingPointError) and "non-finite" in str(outcomes["diverges"].error)
+    weights = load_file(copy_adapter(outcomes["fine"], tmp_path / "adapter") / "adapter_model.safetensors")
+    _assert_same_adapter(weights, zero2_two_workers["weights"], atol=1e-5)
+    loads = [e for e in RunDir(tmp_path).events() if e["event"] == "model_load"]
+    assert len(loads) == 2 and all(e["adapters"] == ["diverges", "fine"] for e in loads)  # one load per worker
+
+    # called again, a finished job is not trained again and a failed one is retried
+    again = run_training(jobs, storage_path=str(tmp_path / "ray"), log_dir=str(tmp_path))
+    assert again["fine"].adapter_dir == outcomes["fine"].adapter_dir and again["diverges"].error is not None
+    retried = [e for e in RunDir(tmp_path).events() if e["event"] == "model_load"][2:]
+    assert len(retried) == 2 and all(e["adapters"] == ["diverges"] for e in retried)
+
+
+def test_jobs_share_a_worker_group_only_when_target_and_worker_settings_agree(target_dir, tmp_path):
+    configs = {"a": _job(target_dir, tmp_path), "b": _job(target_dir, tmp_path, lr=1e-3, epochs=1),
+               "c": _job(target_dir, tmp_path, workers=1), "d": _job(target_dir, tmp_path),
+               "z3a": _job(target_dir, tmp_path, deepspeed_stage=3), "z3b": _job(target_dir, tmp_path, deepspeed_stage=3)}
+    assert group_jobs(configs) == [["a", "b", "d"], ["c"], ["z3a"], ["z3b"]]  # recipes may differ, workers may not
+    assert group_jobs(configs, groups_at_once=2) == [["a", "d"], ["b"], ["c"], ["z3a"], ["z3b"]]

@@ -28,7 +28,7 @@ from titok.stages.alignment import AlignToTarget
 from titok.stages.filtering import apply_filter_method
 from titok.stages.fleet import EngineFleet
 from titok.stages.queries import write_query_pool
-from titok.train.ray_train import copy_adapter, run_training
+from titok.train.ray_train import TrainOutcome, copy_adapter, train_adapter
 from titok.validate import validate_inputs
 
 __all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "transplant"]
@@ -101,8 +101,8 @@ def align_to_target(cfg: TransplantConfig, kept: pa.Table):
         num_gpus=1 if with_model and cfg.train.use_gpu else 0)
 
 
-def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table) -> dict:
-    """A fresh LoRA on the target base, Ray Train + DeepSpeed; the adapter lands in ``train/adapter``."""
+def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table):
+    """``(dataset, worker config)`` of the target training: the aligned samples that teach something."""
     import ray
 
     teaches = pa.array([float(np.sum(w)) > 0 for w in aligned.column(C.TARGET_WEIGHTS).to_pylist()], type=pa.bool_())
@@ -110,11 +110,18 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table) -> dict:
     config = {"train": cfg.train.model_dump(), "target_base": cfg.target_base, "seed": cfg.seed,
               "run_dir": str(run.root), "max_length": cfg.train_max_length, "k": cfg.filter.k,
               "trust_remote_code": cfg.trust_remote_code}
+    return ray.data.from_arrow(rows), config
+
+
+def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained: TrainOutcome | None = None) -> dict:
+    """A fresh LoRA on the target base, Ray Train + DeepSpeed; the adapter lands in ``train/adapter``.
+    ``trained``: the outcome of a training already run with others (a zoo's worker group)."""
+    ds, config = training_job(cfg, run, aligned)
     stage = run.stage_dir(_stage_path(cfg, "train"))
-    fit = run_training(ray.data.from_arrow(rows), config, storage_path=str(stage / "ray"))
-    copy_adapter(fit, stage / "adapter")
-    metrics = {k: v for k, v in (fit.metrics or {}).items() if isinstance(v, (int, float, str))}
-    return {"rows": rows.num_rows, "metrics": metrics}
+    outcome = trained or train_adapter(ds, config, storage_path=str(stage / "ray"))
+    copy_adapter(outcome, stage / "adapter")
+    metrics = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str))}
+    return {"rows": ds.count(), "metrics": metrics}
 
 
 def export(cfg: TransplantConfig, run: RunDir) -> str:
@@ -164,13 +171,14 @@ class StageRunner:
     def __init__(self, cfg: TransplantConfig, engines: SourceEngines, adapter: str = "default"):
         self.cfg, self.run = cfg, RunDir(cfg.run_dir)
         self.fields, self.timings, self.fingerprint, self.rows = _stage_fields(cfg), {}, "", None
+        self.trained: TrainOutcome | None = None  # set by a caller that trains several runs' adapters together
         self.steps = {
             "queries": lambda _: write_query_pool(cfg, self.run, engines),
             "labels": lambda queries: label_responses(cfg, queries, engines, adapter),
             "scores": lambda labels: score_excess(cfg, labels, engines, adapter),
             "filter": lambda scores: filter_samples_and_tokens(cfg, scores),
             "align": lambda kept: align_to_target(cfg, kept),
-            "train": lambda aligned: train_target(cfg, self.run, aligned),
+            "train": lambda aligned: train_target(cfg, self.run, aligned, self.trained),
         }
 
     def fingerprint_of(self, name: str) -> str:
@@ -179,6 +187,14 @@ class StageRunner:
         for stage in STAGES[: STAGES.index(name) + 1]:
             fingerprint = self.run.fingerprint(fingerprint, self.fields[stage])
         return fingerprint
+
+    def is_complete(self, name: str) -> bool:
+        """Stage ``name`` is already done for this config (a rerun will reuse it)."""
+        return self.run.is_complete(_stage_path(self.cfg, name), self.fingerprint_of(name))
+
+    def training_job(self):
+        """The target training's ``(dataset, config)``, once align has run (see ``training_job``)."""
+        return training_job(self.cfg, self.run, self.rows)
 
     def run_next(self, name: str) -> None:
         if name == "export":

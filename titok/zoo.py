@@ -8,7 +8,9 @@ work shared:
 - the source base is loaded once per engine actor with every adapter (``SourceEngines``) and serves
   all adapters' queries, labels and scores; each pass serves one adapter, so a batch never mixes them;
 - queries are written once per task (and query settings) and copied to the other adapters of it;
-- filter and align run per adapter; trainings run ``concurrent_trainings`` at a time.
+- filter and align run per adapter; the trainings share worker groups: each group starts its Ray
+  Train workers and loads the target once, then trains its adapters one after another
+  (``ray_train.group_jobs``), ``concurrent_trainings`` groups side by side.
 One adapter's failure (unreadable weights, no surviving queries, a non-finite loss) marks its row
 failed with the reason; the others finish. A rerun reuses every finished stage, so a finished
 adapter costs nothing again. Then each adapter goes through the release gate (``zoo_report``), and
@@ -18,7 +20,9 @@ and a vLLM serving file.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +71,9 @@ class ZooManifest(Section):
     defaults: dict = Field({}, description="transplant fields shared by every adapter (engine, queries, labels, "
                                            "filter, train, seed, split_seed, trust_remote_code)")
     adapters: list[ZooAdapter] = Field(..., min_length=1, description="the zoo")
-    concurrent_trainings: int = Field(1, ge=1, description="target trainings running at once on the cluster")
+    concurrent_trainings: int = Field(
+        1, ge=1, description="training worker groups running at once on the cluster; the adapters are spread over "
+        "them, and each group loads the target once for all of its adapters")
     gate: GateSettings = Field(default_factory=GateSettings)
 
     @field_validator("defaults")
@@ -206,8 +212,9 @@ def migrate(manifest: ZooManifest) -> dict:
             engines.close()  # free the source model's devices before training
     step("filter")
     step("align")
-    with ThreadPoolExecutor(max_workers=manifest.concurrent_trainings) as pool:
-        list(pool.map(lambda n: _attempt(rows[n], runners[n], "train"), _alive(rows, by_task)))
+    _train_in_groups(runners, _alive(rows, by_task), manifest.concurrent_trainings, out)
+    step("train")  # each adapter's train stage takes its outcome from its group
+    shutil.rmtree(out / "trainings", ignore_errors=True)  # the groups' checkpoints: every outcome is taken
     step("export")
     for name, runner in runners.items():
         rows[name]["stages"] = {stage: info.get("status") for stage, info in runner.timings.items()}
@@ -229,6 +236,34 @@ def _attempt(row: dict, runner, stage: str) -> None:
         row.update(status="failed", stage=stage, reason=_failure(err))
         print(f"[migrate] {row['name']}: {stage} failed: {row['reason']}", flush=True)
         runner.run.log_event(event="adapter_failed", stage=stage, reason=row["reason"], trace=traceback.format_exc()[-2000:])
+
+
+def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: Path) -> None:
+    """Train every adapter whose train stage is not complete, in as few worker groups as can share a
+    loaded target; each runner gets its outcome (an adapter or the error that ended it)."""
+    from titok.train.ray_train import TrainOutcome, group_jobs, run_training
+
+    jobs = {}
+    for name in names:
+        if runners[name].is_complete("train"):
+            continue
+        try:
+            jobs[name] = runners[name].training_job()
+        except Exception as err:  # noqa: BLE001 - that adapter's failure alone
+            runners[name].trained = TrainOutcome(name, error=err)
+
+    def fit(group: list[str]) -> dict:
+        key = hashlib.sha256(json.dumps([[n, runners[n].fingerprint_of("train")] for n in group]).encode()).hexdigest()[:12]
+        print(f"[migrate] training {group} on one worker group", flush=True)
+        try:  # the same group, resubmitted, resumes from its checkpoints in the same folder
+            return run_training({n: jobs[n] for n in group}, str(out / "trainings" / key), log_dir=str(out))
+        except Exception as err:  # noqa: BLE001 - the group's failure is its adapters', not the zoo's
+            return {n: TrainOutcome(n, error=err) for n in group}
+
+    with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
+        for outcomes in pool.map(fit, group_jobs({n: config for n, (_, config) in jobs.items()}, groups_at_once)):
+            for name, outcome in outcomes.items():
+                runners[name].trained = outcome
 
 
 def _share_queries(runners: dict, name: str, order: list[str]) -> None:

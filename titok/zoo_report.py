@@ -188,9 +188,10 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
                         max([configs[n].train.lora.rank for n in migrated] or [8]))
     from titok.runstate import RunDir
 
-    loads = [e for e in RunDir(out).events() if e.get("event") == "model_load"]
+    loads = [e.get("stage") for e in RunDir(out).events() if e.get("event") == "model_load"]
+    loads = {"source_engines": loads.count("engine"), "training_workers": loads.count("train")}  # over every job on out
     record = {"source_base": manifest.source_base, "target_base": manifest.target_base, "seconds": round(seconds, 1),
-              "source_model_loads": len(loads), "adapters": list(rows.values()), "manifest": manifest.model_dump()}
+              "model_loads": loads, "adapters": list(rows.values()), "manifest": manifest.model_dump()}
     (out / "zoo.json").write_text(json.dumps(record, indent=2, default=str))
     table = _summary_rows(rows)
     with open(out / "summary.csv", "w", newline="") as f:
@@ -202,7 +203,8 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
     lines = [f"# Zoo migration: {manifest.source_base} -> {manifest.target_base}", "",
              f"{len(migrated)} of {len(rows)} adapters migrated, "
              f"{sum(1 for r in rows.values() if (r.get('gate') or {}).get('passed'))} pass the release gate "
-             f"(min_retained {manifest.gate.min_retained:g}); source model loads: {len(loads)}; {seconds / 60:.1f} min.", "",
+             f"(min_retained {manifest.gate.min_retained:g}); model loads: source engines {loads['source_engines']}, "
+             f"training workers {loads['training_workers']}; {seconds / 60:.1f} min.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in table]
     lines += ["", "Fit to ship: the rows whose gate is `pass`. `serve.sh` / `lora-modules.json` serve every migrated "

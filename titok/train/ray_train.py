@@ -1,25 +1,34 @@
 """Target-LoRA training on Ray Train: the worker function and the trainer around it.
 
-Each worker builds the target (partitioned as it loads under ZeRO-3, see ``strategy``), attaches a
-fresh LoRA, and runs ``step.training_step`` on its micro-batches of each global batch
-(``batching``). Every worker reads all the (few hundred) selected samples from its dataset shard
-and picks its rows itself, so the rows of step s never depend on how many workers run it.
+One Ray Train run trains one adapter or several (a zoo's): each worker builds the target once
+(partitioned as it loads under ZeRO-3, see ``strategy``) and then, job after job, attaches a fresh
+LoRA, runs ``step.training_step`` on its micro-batches of each global batch (``batching``) with
+that job's recipe, and unloads the LoRA again. Starting a worker group and loading the target cost
+more than training a small adapter, so a zoo pays them once per worker group, not once per adapter.
+Jobs share a group only when they agree on the target and the worker settings
+(``WORKER_GROUP_FIELDS``) and do not use ZeRO-3 (its hooks bind the base to one DeepSpeed engine).
+Every worker reads all the (few hundred) selected samples of a job from its dataset and picks its
+rows itself, so the rows of step s never depend on how many workers run it.
 
 Checkpoints (every ``train.checkpoint_every_steps`` optimizer steps and at the end of each epoch)
-carry the LoRA, optimizer and scheduler partitions plus the step, so after a worker dies Ray Train
-restarts the group (``FailureConfig``) and ``get_checkpoint()`` resumes it mid-epoch at the exact
-rows. Dropout is seeded per micro-batch, so a resumed run equals an uninterrupted one. A
-non-finite loss is not retried (it would recur): all ranks stop at the same micro-step and the
-driver raises it. The final
-checkpoint also holds the adapter as a PEFT folder (``adapter_config.json`` +
-``adapter_model.safetensors``) at its root.
+carry the LoRA, optimizer and scheduler partitions, the step and which jobs are done, so after a
+worker dies Ray Train restarts the group (``FailureConfig``) and ``get_checkpoint()`` resumes the
+job it was on, mid-epoch at the exact rows. Dropout is seeded per micro-batch, so a resumed run
+equals an uninterrupted one. A non-finite loss is not retried (it would recur): all ranks stop that
+job at the same micro-step and go on with the next. Rank 0 writes each finished job's adapter (a
+PEFT folder) and metrics, or its failure, under ``<storage_path>/<name>-outcomes/<job>/``, which
+the driver reads back (``TrainOutcome``); like Ray Train's checkpoints this needs storage every node
+sees.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +36,29 @@ import torch
 
 from titok import columns as C
 
-__all__ = ["ADAPTER_FILES", "GRADIENT_CHECKPOINTING_MIN_PARAMS", "copy_adapter", "run_training", "train_loop_per_worker"]
+__all__ = ["ADAPTER_FILES", "GRADIENT_CHECKPOINTING_MIN_PARAMS", "WORKER_GROUP_FIELDS", "TrainOutcome", "copy_adapter",
+           "group_jobs", "run_training", "train_adapter", "train_loop_per_worker"]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 # gradient_checkpointing "auto": on from this target size (activations dominate memory beyond it)
 GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
+
+# train settings that shape the worker group and the loaded target: jobs that share a group agree on them
+WORKER_GROUP_FIELDS = ("workers", "use_gpu", "cpus_per_worker", "dtype", "deepspeed_stage", "deepspeed_config",
+                       "gradient_checkpointing", "offload_optimizer", "offload_params", "max_failures")
+
+_PROGRESS = "progress.json"  # in every checkpoint: the run's attempt, finished jobs, the job in progress
+
+
+@dataclass
+class TrainOutcome:
+    """One job's result: its adapter folder and final metrics, or the error that ended it."""
+
+    name: str
+    adapter_dir: Path | None = None
+    metrics: dict = field(default_factory=dict)
+    error: BaseException | None = None
 
 
 def _linear_warmup_decay(total_steps: int, warmup: int):
@@ -66,98 +92,167 @@ def _mean_over_workers(value: float) -> float:
     return float(tensor.item()) / dist.get_world_size()
 
 
+def _job_plan(job: dict, n_rows: int, world: int):
+    from titok.train.batching import plan_batches
+
+    train = job["train"]
+    return plan_batches(n_rows, train["global_batch_size"], world, train["micro_batch_size"], train["epochs"],
+                        train["max_steps"])
+
+
+def _job_deepspeed_config(job: dict, plan, bf16: bool) -> dict:
+    from titok.train import strategy
+
+    train = job["train"]
+    return strategy.deepspeed_config(train["deepspeed_stage"], plan.micro_batch, plan.accumulation,
+                                     train["max_grad_norm"], bf16, train["offload_optimizer"], train["offload_params"],
+                                     train["deepspeed_config"])
+
+
+def _read_progress(attempt: str):
+    """From the checkpoint Ray Train hands a (re)started group: the jobs not to run again (finished,
+    or failed in this same attempt: a divergence would recur), and the job to resume with its checkpoint."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return set(), None, None
+    with checkpoint.as_directory() as directory:
+        path = Path(directory, _PROGRESS)
+        progress = json.loads(path.read_text()) if path.is_file() else {}
+    skip = set(progress.get("done", [])) | (set(progress.get("failed", [])) if progress.get("attempt") == attempt else set())
+    return skip, progress.get("job"), checkpoint
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's ``train_func``: runs on every worker."""
+    """Ray Train's ``train_func``: runs on every worker; trains ``config["jobs"]`` one after another."""
     import ray.train
 
     from titok.hardware import resolve_dtype
-    from titok.sequences import build_training_batch
     from titok.models import load_tokenizer
     from titok.runstate import RunDir
     from titok.train import strategy
-    from titok.train.batching import epoch_order, plan_batches, worker_micro_batches
-    from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
 
-    train = config["train"]
+    train = config["train"]  # the worker settings every job of the group shares
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r[C.SAMPLE_ID])
-    plan = plan_batches(len(rows), train["global_batch_size"], world, train["micro_batch_size"], train["epochs"],
-                        train["max_steps"])
+    skip, resume_job, checkpoint = _read_progress(config["attempt"])
+    jobs = [job for job in config["jobs"] if job["name"] not in skip]
+    if not jobs:
+        return
+    rows = {job["name"]: sorted(ray.train.get_dataset_shard(job["name"]).iter_rows(), key=lambda r: r[C.SAMPLE_ID])
+            for job in jobs}
 
     dtype, dtype_reason = resolve_dtype(train["dtype"], train["use_gpu"], training=True)
-    ds_config = strategy.deepspeed_config(train["deepspeed_stage"], plan.micro_batch, plan.accumulation,
-                                          train["max_grad_norm"], dtype == "bfloat16", train["offload_optimizer"],
-                                          train["offload_params"], train["deepspeed_config"])
-    run = RunDir(config["run_dir"])
+    first = jobs[0]
+    load_config = _job_deepspeed_config(first, _job_plan(first, len(rows[first["name"]]), world), dtype == "bfloat16")
     tokenizer = load_tokenizer(config["target_base"], config["trust_remote_code"])
-    model, _zero3 = strategy.load_target(config["target_base"], getattr(torch, dtype), ds_config, config["trust_remote_code"])
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    base, _zero3 = strategy.load_target(config["target_base"], getattr(torch, dtype), load_config, config["trust_remote_code"])
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
     checkpointing = train["gradient_checkpointing"]
     if checkpointing == "auto":
         checkpointing = n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
-    run.log_event(event="model_load", stage="train", rank=rank, node_id=ray.get_runtime_context().get_node_id(),
-                  dtype=[dtype, dtype_reason], zero_stage=train["deepspeed_stage"],
-                  partitioned=all(strategy.is_partitioned(p) for p in model.parameters()),
-                  local_numel=sum(p.numel() for p in model.parameters()), params=n_params,
-                  gradient_checkpointing=checkpointing, micro_batch=plan.micro_batch, accumulation=plan.accumulation)
+    RunDir(config["log_dir"]).log_event(
+        event="model_load", stage="train", rank=rank, node_id=ray.get_runtime_context().get_node_id(),
+        dtype=[dtype, dtype_reason], zero_stage=train["deepspeed_stage"],
+        partitioned=all(strategy.is_partitioned(p) for p in base.parameters()),
+        local_numel=sum(p.numel() for p in base.parameters()), params=n_params, gradient_checkpointing=checkpointing,
+        adapters=[job["name"] for job in jobs])
 
-    torch.manual_seed(config["seed"])  # the same fresh LoRA on every rank
+    progress = {"attempt": config["attempt"], "done": sorted(skip), "failed": [], "job": None}
+    for job in jobs:
+        resume_from = checkpoint if job["name"] == resume_job else None
+        outcome = Path(config["outcomes"]) / job["name"]
+        base = _train_job(base, tokenizer, job, rows[job["name"]], progress, outcome, resume_from, dtype, checkpointing,
+                          rank, world)
+
+
+def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, outcome: Path, resume_from, dtype: str,
+               checkpointing: bool, rank: int, world: int):
+    """Train one fresh LoRA on ``base``; returns ``base`` without it, ready for the next job."""
+    import ray.train
+
+    from titok.runstate import RunDir
+    from titok.sequences import build_training_batch
+    from titok.train import strategy
+    from titok.train.batching import epoch_order, worker_micro_batches
+    from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
+
+    train, run, name = job["train"], RunDir(job["run_dir"]), job["name"]
+    plan = _job_plan(job, len(rows), world)
+    ds_config = _job_deepspeed_config(job, plan, dtype == "bfloat16")
+    torch.manual_seed(job["seed"])  # the same fresh LoRA on every rank, whatever trained before it
     lora = train["lora"]
-    model = attach_fresh_lora(model, lora["rank"], lora["alpha"], tuple(lora["target_modules"]), lora["dropout"])
+    model = attach_fresh_lora(base, lora["rank"], lora["alpha"], tuple(lora["target_modules"]), lora["dropout"])
     if checkpointing:
         enable_gradient_checkpointing(model)
     warmup = int(train["warmup_ratio"] * plan.total_steps)
     engine = strategy.build_engine(model, ds_config, train["lr"], train["weight_decay"],
                                    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _linear_warmup_decay(plan.total_steps, warmup)))
-
+    progress["job"] = name
     state = {"step": 0, "losses": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            failed = Path(directory, "failed.json")
-            if failed.is_file():  # a resubmitted run that diverged: it has no state to resume, so start over
-                run.log_event(event="train_restarted", stage="train", rank=rank, after=json.loads(failed.read_text()))
-            else:
-                state = strategy.load_state(engine, directory)
-                run.log_event(event="train_resumed", stage="train", rank=rank, step=state["step"])
+    if resume_from is not None:
+        with resume_from.as_directory() as directory:
+            state = strategy.load_state(engine, directory)
+        run.log_event(event="train_resumed", stage="train", rank=rank, step=state["step"])
 
     every = train["checkpoint_every_steps"]
     order_epoch, order = -1, None
-    for step in range(state["step"], plan.total_steps):
-        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(plan.rows, config["seed"], epoch, plan.global_batch)
-        micro_losses = []
-        for j, indices in enumerate(worker_micro_batches(order, plan, step_in_epoch, rank)):
-            torch.manual_seed(_micro_batch_seed(config["seed"], step, plan, rank, j))  # dropout
-            picked = [rows[i] for i in indices]
-            batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
-                                         [r[C.TARGET_WEIGHTS] for r in picked], config["max_length"])
-            try:
-                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], config["k"],
+    try:
+        for step in range(state["step"], plan.total_steps):
+            epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_order(plan.rows, job["seed"], epoch, plan.global_batch)
+            micro_losses = []
+            for j, indices in enumerate(worker_micro_batches(order, plan, step_in_epoch, rank)):
+                torch.manual_seed(_micro_batch_seed(job["seed"], step, plan, rank, j))  # dropout
+                picked = [rows[i] for i in indices]
+                batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
+                                             [r[C.TARGET_WEIGHTS] for r in picked], job["max_length"])
+                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"],
                                                   all_finite=_all_ranks_finite))
-            except FloatingPointError as err:
-                # every rank gets here at the same micro-step; a retry would diverge the same way, so the
-                # run ends (no exception: Ray Train would restart the group) and the driver raises it
-                _report_failure(f"step {step}: {err}", step, rank)
-                return
-        state = {"step": step + 1, "losses": state["losses"] + [_mean_over_workers(float(np.mean(micro_losses)))]}
-        if rank == 0 and (state["step"] % max(1, plan.total_steps // 10) == 0 or state["step"] == plan.total_steps):
-            print(f"  train step {state['step']}/{plan.total_steps}  loss {state['losses'][-1]:.4f}", flush=True)
-        _inject_fault(config, state["step"], rank, world)
-        final = state["step"] == plan.total_steps
-        if final or state["step"] % plan.steps_per_epoch == 0 or (every and state["step"] % every == 0):
-            _report(engine, model, state, plan, rank, final)
+            state = {"step": step + 1, "losses": state["losses"] + [_mean_over_workers(float(np.mean(micro_losses)))]}
+            if rank == 0 and (state["step"] % max(1, plan.total_steps // 10) == 0 or state["step"] == plan.total_steps):
+                print(f"  train {name} step {state['step']}/{plan.total_steps}  loss {state['losses'][-1]:.4f}", flush=True)
+            _inject_fault(job, state["step"], rank, world)
+            final = state["step"] == plan.total_steps
+            if final or state["step"] % plan.steps_per_epoch == 0 or (every and state["step"] % every == 0):
+                _report(engine, model, state, plan, rank, progress, outcome if final else None)
+    except FloatingPointError as err:
+        # every rank gets here at the same micro-step; a retry would diverge the same way, so this job
+        # ends with its reason as its outcome and the group goes on with the next
+        _report_failure(f"step {step}: {err}", step, rank, progress, outcome)
     import resource
 
     run.log_event(event="train_done", stage="train", rank=rank,
                   peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return _detach(model, engine, checkpointing)
 
 
-def _report(engine, model, state: dict, plan, rank: int, final: bool) -> None:
-    """Every rank saves its partition; rank 0 adds the adapter and the metrics. Ray Train merges the
-    ranks' folders into one checkpoint."""
+def _detach(model, engine, checkpointing: bool):
+    """The base without the job's LoRA, its DeepSpeed engine freed (the next job builds its own)."""
+    import gc
+
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_disable()
+        model.base_model.model.disable_input_require_grads()
+    engine.destroy()
+    base = model.unload()  # the original modules back in place of the LoRA layers, weights untouched
+    del engine, model
+    gc.collect()
+    return base
+
+
+def _finish(progress: dict, name: str, failed: bool) -> dict:
+    progress["failed" if failed else "done"].append(name)
+    progress["job"] = None
+    return dict(progress, done=list(progress["done"]), failed=list(progress["failed"]))
+
+
+def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome: Path | None) -> None:
+    """Every rank saves its partition; rank 0 adds the adapter, the metrics and the progress. Ray Train
+    merges the ranks' folders into one checkpoint. At a job's end (``outcome``) rank 0 also writes
+    the adapter and metrics where the driver reads them."""
     import ray.train
 
     from titok.train import strategy
@@ -165,30 +260,50 @@ def _report(engine, model, state: dict, plan, rank: int, final: bool) -> None:
     adapter = strategy.lora_state_dict(model)  # a collective under ZeRO-3: every rank takes part
     losses = state["losses"]
     steps_per_epoch = plan.steps_per_epoch
-    metrics = {"step": state["step"], "epoch": (state["step"] - 1) // steps_per_epoch, "final": final,
+    metrics = {"step": state["step"], "epoch": (state["step"] - 1) // steps_per_epoch, "final": outcome is not None,
                "loss": float(np.mean(losses[-steps_per_epoch:])), "first_loss": losses[0],
                "optimizer_steps": plan.total_steps, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation}
+    job = progress["job"]
+    record = _finish(progress, job, failed=False) if outcome is not None else dict(progress)
     with tempfile.TemporaryDirectory() as tmp:
         strategy.save_state(engine, tmp, state)
         if rank == 0:
             model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
             Path(tmp, "losses.json").write_text(json.dumps(losses))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            Path(tmp, _PROGRESS).write_text(json.dumps(record))
+            if outcome is not None:
+                _write_outcome(outcome, {"metrics": metrics, "losses": losses}, adapter_from=tmp)
+        ray.train.report({**metrics, "job": job}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _report_failure(reason: str, step: int, rank: int) -> None:
-    """End the run with ``reason`` as its result (Ray Train keeps a checkpoint's metrics as the result's)."""
+def _report_failure(reason: str, step: int, rank: int, progress: dict, outcome: Path) -> None:
+    """End a job with ``reason`` as its outcome; the checkpoint records it so a restart skips it."""
     import ray.train
 
+    record = _finish(progress, progress["job"], failed=True)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            Path(tmp, "failed.json").write_text(json.dumps({"reason": reason, "step": step}))
+            Path(tmp, _PROGRESS).write_text(json.dumps(record))
+            _write_outcome(outcome, {"failed": reason, "step": step})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"failed": reason, "step": step}, checkpoint=checkpoint)
 
 
-def _inject_fault(config: dict, step: int, rank: int, world: int) -> None:
+def _write_outcome(folder: Path, result: dict, adapter_from: str | None = None) -> None:
+    """A job's outcome folder, whole or not at all (built aside, then renamed into place)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in ADAPTER_FILES if adapter_from else ():
+        shutil.copy2(Path(adapter_from) / name, tmp / name)
+    (tmp / "result.json").write_text(json.dumps(result))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _inject_fault(job: dict, step: int, rank: int, world: int) -> None:
     """Test hook: the last worker dies once, after optimizer step ``fault_at_step``.
 
     It dies a few seconds later, as a real crash comes a while after the last checkpoint: Ray Train's
@@ -197,7 +312,7 @@ def _inject_fault(config: dict, step: int, rank: int, world: int) -> None:
     """
     import time
 
-    at, marker = config.get("fault_at_step"), config.get("fault_marker")
+    at, marker = job.get("fault_at_step"), job.get("fault_marker")
     if at is None or step != at or rank != world - 1 or Path(marker).exists():
         return
     Path(marker).write_text(f"worker {rank} killed after step {step}")
@@ -205,26 +320,91 @@ def _inject_fault(config: dict, step: int, rank: int, world: int) -> None:
     os._exit(1)
 
 
-def run_training(ds, config: dict, storage_path: str, name: str = "train"):
-    """Fit on ``ds`` (columns: sample_id, query, response, target_weights); returns the Ray Train Result.
+def _group_key(config: dict) -> str:
+    train = config["train"]
+    return json.dumps({"target_base": config["target_base"], "trust_remote_code": config["trust_remote_code"],
+                       **{f: train[f] for f in WORKER_GROUP_FIELDS}}, sort_keys=True, default=str)
 
-    ``config``: ``train`` (TrainConfig as a dict), ``target_base``, ``seed``, ``run_dir``,
-    ``max_length``, ``k``, ``trust_remote_code``; tests may add ``fault_at_step`` + ``fault_marker``.
+
+def group_jobs(configs: dict[str, dict], groups_at_once: int = 1) -> list[list[str]]:
+    """Job names in worker groups: jobs that can share a loaded target, spread over ``groups_at_once``
+    groups (the trainings a cluster runs side by side); a ZeRO-3 job always trains alone."""
+    by_key: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        by_key.setdefault(_group_key(config), []).append(name)
+    groups = []
+    for names in by_key.values():
+        if configs[names[0]]["train"]["deepspeed_stage"] == 3:
+            groups += [[n] for n in names]
+        else:
+            n_groups = min(groups_at_once, len(names))
+            groups += [names[i::n_groups] for i in range(n_groups)]
+    return groups
+
+
+def _read_outcome(folder: Path, name: str) -> TrainOutcome | None:
+    path = folder / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if "failed" in result:
+        return TrainOutcome(name, error=FloatingPointError(result["failed"]))
+    return TrainOutcome(name, adapter_dir=folder, metrics=result["metrics"])
+
+
+def run_training(jobs: dict[str, tuple[object, dict]], storage_path: str, name: str = "train",
+                 log_dir: str | None = None) -> dict[str, TrainOutcome]:
+    """Train every job on one worker group; ``{job name: TrainOutcome}``, one failure per job.
+
+    ``jobs``: ``{name: (dataset, config)}``, the dataset with columns sample_id, query, response,
+    target_weights; the config with ``train`` (TrainConfig as a dict), ``target_base``, ``seed``,
+    ``run_dir`` (the job's event log), ``max_length``, ``k``, ``trust_remote_code`` (tests may add
+    ``fault_at_step`` + ``fault_marker``). Every job must have the same ``group_jobs`` key. A job
+    whose adapter is already under the outcomes folder is not trained again; the same ``storage_path``
+    and ``name`` resume an interrupted run from its last checkpoint. Model loads are logged in
+    ``log_dir`` (default: the first job's ``run_dir``).
     """
+    if len({_group_key(config) for _, config in jobs.values()}) > 1:
+        raise ValueError(f"jobs {list(jobs)} differ in target or worker settings {WORKER_GROUP_FIELDS}: "
+                         "they cannot share one worker group (group_jobs splits them)")
+    outcomes_dir = Path(storage_path) / f"{name}-outcomes"
+    outcomes = {n: _read_outcome(outcomes_dir / n, n) for n in jobs}
+    todo = {}
+    for job_name, (ds, config) in jobs.items():
+        if outcomes[job_name] is not None and outcomes[job_name].error is None:
+            continue  # trained before this call (a resubmitted job)
+        shutil.rmtree(outcomes_dir / job_name, ignore_errors=True)  # an earlier divergence: retried
+        outcomes[job_name] = None
+        # Materialized first: the workers hold the CPUs, and a lazy read would wait for one forever.
+        ds = ds.materialize()
+        try:
+            _job_plan(config, ds.count(), config["train"]["workers"])  # a recipe that cannot run fails here, alone
+        except ValueError as err:
+            outcomes[job_name] = TrainOutcome(job_name, error=err)
+            continue
+        todo[job_name] = (ds, config)
+    if todo:
+        error = _fit(todo, storage_path, name, outcomes_dir, log_dir)
+        for job_name in todo:
+            outcomes[job_name] = _read_outcome(outcomes_dir / job_name, job_name) or TrainOutcome(
+                job_name, error=error or RuntimeError(f"training of {job_name!r} ended without an adapter"))
+    return outcomes
+
+
+def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: str | None) -> BaseException | None:
+    """One Ray Train run over ``jobs``; the error that ended it, if one did."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from titok.train.batching import plan_batches
-
-    train = config["train"]
-    # Materialized first: the workers hold the CPUs, and a lazy read would wait for one forever.
-    ds = ds.materialize()
-    plan_batches(ds.count(), train["global_batch_size"], train["workers"], train["micro_batch_size"], train["epochs"],
-                 train["max_steps"])
+    configs = [dict(config, name=job_name) for job_name, (_, config) in jobs.items()]
+    first = configs[0]
+    train = first["train"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if train["use_gpu"] else "cpu")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config={"target_base": first["target_base"], "trust_remote_code": first["trust_remote_code"],
+                           "train": train, "jobs": configs, "outcomes": str(outcomes_dir),
+                           "log_dir": log_dir or first["run_dir"], "attempt": uuid.uuid4().hex},
         scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
                                      resources_per_worker={"CPU": train["cpus_per_worker"],
                                                            **({"GPU": 1} if train["use_gpu"] else {})}),
@@ -233,23 +413,27 @@ def run_training(ds, config: dict, storage_path: str, name: str = "train"):
             failure_config=FailureConfig(max_failures=train["max_failures"]),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}},
         ),
-        datasets={"train": ds},
+        datasets={job_name: ds for job_name, (ds, _) in jobs.items()},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows and picks its own
     )
-    return trainer.fit()
+    try:
+        fit = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - the group's failure is each unfinished job's outcome
+        return err
+    return fit.error
 
 
-def copy_adapter(fit, out_dir: str | Path) -> Path:
-    """The trained adapter's files from a finished fit's final checkpoint (not its optimizer state)."""
-    import shutil
+def train_adapter(ds, config: dict, storage_path: str, name: str = "train") -> TrainOutcome:
+    """One job (a transplant's target LoRA, ``titok sft``'s source LoRA) on its own worker group."""
+    return run_training({"default": (ds, config)}, storage_path, name)["default"]
 
-    if fit.error:
-        raise fit.error
-    if (fit.metrics or {}).get("failed"):
-        raise FloatingPointError(fit.metrics["failed"])
+
+def copy_adapter(outcome: TrainOutcome, out_dir: str | Path) -> Path:
+    """A finished job's adapter files (not its optimizer state) into ``out_dir``; raises its error."""
+    if outcome.error is not None:
+        raise outcome.error
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with fit.checkpoint.as_directory() as directory:
-        for name in ADAPTER_FILES:
-            shutil.copy2(Path(directory) / name, out_dir / name)
+    for file in ADAPTER_FILES:
+        shutil.copy2(outcome.adapter_dir / file, out_dir / file)
     return out_dir
