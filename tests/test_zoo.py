@@ -117,6 +117,8 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
     assert zoo_loads[:1] == engine_loads and len(zoo_loads) == 1 + 2
     assert all(e["stage"] == "train" and e["adapters"] == ["bool-a", "count-b", "count-c"] for e in zoo_loads[1:])
     assert record["model_loads"] == {"source_engines": 1, "training_workers": 2}
+    shared_align = [e for e in RunDir(out).events() if e["event"] == "shared_pass"]
+    assert [e["adapters"] for e in shared_align] == [["bool-a", "count-b", "count-c"]]  # one alignment actor for all
     assert (out / "runs" / "count-c" / "queries" / "_COMPLETE.json").read_text() == \
         (out / "runs" / "count-b" / "queries" / "_COMPLETE.json").read_text()  # written once for the task, shared
     for name in ("bool-a", "count-b"):

@@ -89,14 +89,19 @@ def filter_samples_and_tokens(cfg: TransplantConfig, scores: pa.Table):
                                f.group_size, cfg.seed)
 
 
-def align_to_target(cfg: TransplantConfig, kept: pa.Table):
-    """Keep masks carried onto the target tokenizer (a tokenizer only: cheap CPU actors)."""
-    reference = cfg.filter.token_reference
-    with_model = reference != "source_amateur"  # the target base scores the kept samples
+def align_settings(cfg: TransplantConfig) -> dict:
+    """What the alignment of a kept sample depends on (runs that agree on it may align in one pass)."""
+    return {"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code,
+            "reference": cfg.filter.token_reference, "k": cfg.filter.k, "dtype": cfg.engine.dtype,
+            "batch_size": cfg.engine.batch_size}
+
+
+def align_to_target(cfg: TransplantConfig, kept: pa.Table, log_dir: str | None = None):
+    """Keep masks carried onto the target tokenizer (a tokenizer only: cheap CPU actors). Rows are
+    aligned one by one and keep their other columns, so several runs' kept rows may go in one pass."""
+    with_model = cfg.filter.token_reference != "source_amateur"  # the target base scores the kept samples
     return dataset_of(kept, cfg.engine.batch_size).map_batches(
-        AlignToTarget, fn_constructor_kwargs={"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code,
-                                              "reference": reference, "k": cfg.filter.k, "dtype": cfg.engine.dtype,
-                                              "batch_size": cfg.engine.batch_size, "run_dir": cfg.run_dir},
+        AlignToTarget, fn_constructor_kwargs={**align_settings(cfg), "run_dir": log_dir or cfg.run_dir},
         concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
         num_gpus=1 if with_model and cfg.train.use_gpu else 0)
 
@@ -171,14 +176,14 @@ class StageRunner:
     def __init__(self, cfg: TransplantConfig, engines: SourceEngines, adapter: str = "default"):
         self.cfg, self.run = cfg, RunDir(cfg.run_dir)
         self.fields, self.timings, self.fingerprint, self.rows = _stage_fields(cfg), {}, "", None
-        self.trained: TrainOutcome | None = None  # set by a caller that trains several runs' adapters together
+        self.provided: dict = {}  # "align" rows or a "train" outcome, made together with other runs' (a zoo)
         self.steps = {
             "queries": lambda _: write_query_pool(cfg, self.run, engines),
             "labels": lambda queries: label_responses(cfg, queries, engines, adapter),
             "scores": lambda labels: score_excess(cfg, labels, engines, adapter),
             "filter": lambda scores: filter_samples_and_tokens(cfg, scores),
-            "align": lambda kept: align_to_target(cfg, kept),
-            "train": lambda aligned: train_target(cfg, self.run, aligned, self.trained),
+            "align": lambda kept: self.provided.pop("align") if "align" in self.provided else align_to_target(cfg, kept),
+            "train": lambda aligned: train_target(cfg, self.run, aligned, self.provided.pop("train", None)),
         }
 
     def fingerprint_of(self, name: str) -> str:

@@ -8,7 +8,8 @@ work shared:
 - the source base is loaded once per engine actor with every adapter (``SourceEngines``) and serves
   all adapters' queries, labels and scores; each pass serves one adapter, so a batch never mixes them;
 - queries are written once per task (and query settings) and copied to the other adapters of it;
-- filter and align run per adapter; the trainings share worker groups: each group starts its Ray
+- filter runs per adapter, all adapters side by side; one alignment pass carries every adapter's
+  kept rows to the target tokenizer (rows are aligned one by one); the trainings share worker groups: each group starts its Ray
   Train workers and loads the target once, then trains its adapters one after another
   (``ray_train.group_jobs``), ``concurrent_trainings`` groups side by side.
 One adapter's failure (unreadable weights, no surviving queries, a non-finite loss) marks its row
@@ -38,6 +39,7 @@ __all__ = ["GateSettings", "ZooAdapter", "ZooManifest", "load_manifest", "migrat
 
 _PER_ADAPTER_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir")
 _SHARED_SECTIONS = ("engine", "trust_remote_code")  # one engine fleet serves every adapter
+_ADAPTER = "_zoo_adapter"  # which adapter a row of a shared pass belongs to
 
 
 class ZooAdapter(Section):
@@ -197,9 +199,9 @@ def migrate(manifest: ZooManifest) -> dict:
     runners = {a.name: StageRunner(configs[a.name], engines, adapter=a.name) for a in live}
     by_task = sorted(runners, key=lambda n: rows[n]["task"])
 
-    def step(stage: str) -> None:
-        for name in _alive(rows, by_task):
-            _attempt(rows[name], runners[name], stage)
+    def step(stage: str, at_once: int = 1) -> None:
+        with ThreadPoolExecutor(max_workers=at_once) as pool:
+            list(pool.map(lambda name: _attempt(rows[name], runners[name], stage), _alive(rows, by_task)))
 
     try:
         for name in by_task:  # queries once per task: copy a finished sibling's before writing any
@@ -210,8 +212,9 @@ def migrate(manifest: ZooManifest) -> dict:
     finally:
         if engines is not None:
             engines.close()  # free the source model's devices before training
-    step("filter")
-    step("align")
+    step("filter", at_once=len(runners))  # small distributed jobs, mostly waiting on Ray: side by side
+    _align_together(runners, _alive(rows, by_task), out)
+    step("align")  # each adapter's align stage takes its rows from the shared pass
     _train_in_groups(runners, _alive(rows, by_task), manifest.concurrent_trainings, out)
     step("train")  # each adapter's train stage takes its outcome from its group
     shutil.rmtree(out / "trainings", ignore_errors=True)  # the groups' checkpoints: every outcome is taken
@@ -238,6 +241,36 @@ def _attempt(row: dict, runner, stage: str) -> None:
         runner.run.log_event(event="adapter_failed", stage=stage, reason=row["reason"], trace=traceback.format_exc()[-2000:])
 
 
+def _align_together(runners: dict, names: list[str], out: Path) -> None:
+    """One alignment pass (one tokenizer actor, or one target model for a target-aware reference) over
+    the kept rows of every adapter whose align stage is not complete, per set of align settings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    from titok.pipeline import align_settings, align_to_target
+    from titok.runstate import RunDir
+
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if runners[name].rows is not None and not runners[name].is_complete("align"):
+            groups.setdefault(json.dumps(align_settings(runners[name].cfg), sort_keys=True), []).append(name)
+    for group in groups.values():
+        if len(group) < 2:
+            continue  # nothing to share: the adapter's own align stage runs as in a transplant
+        kept = pa.concat_tables([runners[n].rows.append_column(_ADAPTER, pa.array([n] * runners[n].rows.num_rows))
+                                 for n in group], promote_options="default")
+        try:
+            aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
+                                       promote_options="default")
+        except Exception as err:  # noqa: BLE001 - then each adapter aligns alone and fails (or not) alone
+            print(f"[migrate] aligning {group} together failed ({_failure(err)}); aligning each alone", flush=True)
+            continue
+        RunDir(out).log_event(event="shared_pass", stage="align", adapters=group, rows=kept.num_rows)
+        for name in group:
+            runners[name].provided["align"] = aligned.filter(pc.equal(aligned[_ADAPTER], name)).drop_columns([_ADAPTER])
+
+
 def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: Path) -> None:
     """Train every adapter whose train stage is not complete, in as few worker groups as can share a
     loaded target; each runner gets its outcome (an adapter or the error that ended it)."""
@@ -250,7 +283,7 @@ def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: 
         try:
             jobs[name] = runners[name].training_job()
         except Exception as err:  # noqa: BLE001 - that adapter's failure alone
-            runners[name].trained = TrainOutcome(name, error=err)
+            runners[name].provided["train"] = TrainOutcome(name, error=err)
 
     def fit(group: list[str]) -> dict:
         key = hashlib.sha256(json.dumps([[n, runners[n].fingerprint_of("train")] for n in group]).encode()).hexdigest()[:12]
@@ -263,7 +296,7 @@ def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: 
     with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
         for outcomes in pool.map(fit, group_jobs({n: config for n, (_, config) in jobs.items()}, groups_at_once)):
             for name, outcome in outcomes.items():
-                runners[name].trained = outcome
+                runners[name].provided["train"] = outcome
 
 
 def _share_queries(runners: dict, name: str, order: list[str]) -> None:
