@@ -10,7 +10,9 @@ titok's expert log-probs from generation. Then, per dtype:
 - ``titok``: what titok's scores stage runs, one copy, the amateur pass only (the expert's log-probs
   came with generation; answers that do not re-tokenize to their own tokens are rescored with both
   passes), logits only where they predict an answer token, length-sorted token-budget batches;
-- ``titok_two_pass``: titok's scorer asked for both passes (what it costs without the labels' help).
+- ``titok_two_pass``: titok's scorer asked for both passes (what it costs without the labels' help);
+- ``titok_two_pass_mixed``: the same two passes as one forward, PEFT choosing the adapter per row
+  (``mixed_batch``): measured to decide whether the scorer should fuse them.
 Reported: response tokens/s, resident weight bytes, achieved GFLOP/s (2 x non-embedding parameters x
 tokens run through the model, plus the LM head where logits are computed) against this machine's
 measured matmul peak for the dtype, and ``ratio_vs_official_shape`` (titok / official, same dtype).
@@ -105,7 +107,7 @@ def main() -> None:
     everything = list(range(len(encoded)))
     work = {"official": flops(everything, 2, True),
             "titok": flops(everything, 1, False) + flops(rescored, 1, False),
-            "titok_two_pass": flops(everything, 2, False)}
+            "titok_two_pass": flops(everything, 2, False), "titok_two_pass_mixed": flops(everything, 2, False)}
 
     dtypes = [torch.float32]
     auto, reason = resolve_dtype("auto", use_gpu=False)
@@ -124,6 +126,9 @@ def main() -> None:
                                           max_batch_tokens=args.max_batch_tokens, known_expert=list(known)), weight_bytes),
             "titok_two_pass": (lambda: score_pairs(expert, tokenizer, asked, answers, args.batch_size,
                                                    max_batch_tokens=args.max_batch_tokens), weight_bytes),
+            "titok_two_pass_mixed": (lambda: score_pairs(expert, tokenizer, asked, answers, args.batch_size,
+                                                         max_batch_tokens=args.max_batch_tokens, mixed_batch=True),
+                                     weight_bytes),
         }
         best = {k: float("inf") for k in variants}
         for fn, _ in variants.values():
@@ -139,9 +144,11 @@ def main() -> None:
                 "seconds": round(best[key], 3), "response_tokens_per_s": round(n_response / best[key], 1),
                 "resident_weight_bytes": resident, "gflop": round(work[key] / 1e9, 1), "achieved_gflops": round(achieved, 1),
                 "matmul_peak_gflops": round(peak, 1), "mfu": round(achieved / peak, 3)}
-            print(f"{key:15s} {name:9s} {best[key]:6.2f} s {n_response / best[key]:8.1f} tok/s  "
+            print(f"{key:20s} {name:9s} {best[key]:6.2f} s {n_response / best[key]:8.1f} tok/s  "
                   f"{achieved:6.1f} GFLOP/s of {peak:6.1f} peak", flush=True)
         expert = amateur = None  # free both copies before the next dtype
+    fused = {name: round(results[f"titok_two_pass_{name}"]["seconds"] / results[f"titok_two_pass_mixed_{name}"]["seconds"], 2)
+             for name in (str(d).removeprefix("torch.") for d in dtypes)}
     ratios = {name: round(results[f"official_{name}"]["seconds"] / results[f"titok_{name}"]["seconds"], 2)
               for name in (str(d).removeprefix("torch.") for d in dtypes)}
     report = {
@@ -150,7 +157,7 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "dtype_auto": [auto, reason]},
         "model": base, "pairs": args.pairs, "response_tokens": n_response,
         "prompt_tokens": sum(len(p.prompt_ids) for p in encoded), "answers_rescored_with_both_passes": len(rescored),
-        "ratio_vs_official_shape": ratios, "target": "ratio >= 1.8 at equal dtype", "results": results,
+        "ratio_vs_official_shape": ratios, "mixed_batch_speedup_over_two_passes": fused, "target": "ratio >= 1.8 at equal dtype", "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

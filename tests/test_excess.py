@@ -179,3 +179,22 @@ def test_token_budget_batches(lengths, rows, tokens, expected):
     from titok.excess import token_budget_batches
 
     assert token_budget_batches(lengths, rows, tokens) == expected
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_mixed_forward_scores_what_two_passes_score(smollm2_tokenizer, side):
+    """Amateur and expert rows in one forward (PEFT's per-row adapter) equal the two separate passes."""
+    from tests.conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(smollm2_tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False)).eval()
+    queries, responses = ["What is 2+2?", "Name a color.", "Say hi."], ["2+2 equals 4.", "Blue, or maybe red.", "Hi!"]
+    known = [None, np.full(len(encode_pair(smollm2_tokenizer, queries[1], responses[1]).response_ids), -1.0, np.float32), None]
+    two = score_pairs(model, smollm2_tokenizer, queries, responses, batch_size=3, padding_side=side, known_expert=list(known))
+    one = score_pairs(model, smollm2_tokenizer, queries, responses, batch_size=3, padding_side=side,
+                      known_expert=list(known), mixed_batch=True)
+    np.testing.assert_array_equal(one[1].expert_logprobs, known[1])  # known: neither path recomputes it
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a.expert_logprobs, b.expert_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.amateur_logprobs, b.amateur_logprobs, atol=1e-5, rtol=0)
+    assert np.abs(np.concatenate([s.excess for s in two if s is not two[1]])).max() > 1e-3  # the adapter matters

@@ -12,6 +12,9 @@ pass runs it inside ``disable_adapter()``. Only response tokens are scored, and 
   padded to the longest;
 - the expert pass only for pairs whose expert log-probs are not known yet: the labels stage keeps
   the log-prob of every token the expert generated, so the scores stage runs the amateur alone.
+- ``mixed_batch``: the amateur and expert rows of a batch in one forward, PEFT choosing the adapter
+  per row (``adapter_names``, ``"__base__"`` for the amateur). Off by default: on CPUs it measured no
+  faster than two passes (``bench/results/scoring.json``, ``titok_two_pass_mixed``).
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def response_logprobs(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
+def response_logprobs(model: torch.nn.Module, batch: Batch, **forward_kwargs) -> list[torch.Tensor]:
     """log P(token | prefix) for each sequence's response tokens: a list of B float32 tensors."""
     batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
-    logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from).logits
+    logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from, **forward_kwargs).logits
     # logits[:, j] predicts input token keep_from + j + 1
     logprobs = token_logprobs(logits[:, :-1], batch.input_ids[:, keep_from + 1 :])
     mask = batch.response_mask[:, keep_from + 1 :]
@@ -87,22 +90,29 @@ def text_logprobs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, qu
 
 
 def score_batch(model: PeftModel, pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "left",
-                known_expert: list[np.ndarray | None] | None = None) -> list[TokenScores]:
+                known_expert: list[np.ndarray | None] | None = None, mixed_batch: bool = False) -> list[TokenScores]:
     """Expert and amateur log-probs of one padded batch, with a single copy of the base weights.
 
     ``known_expert[i]``, when given, are pair i's expert log-probs already (from generation): the
-    expert pass then runs only for the pairs without them.
+    expert pass then runs only for the pairs without them. ``mixed_batch``: both passes in one forward.
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"the expert must be a peft.PeftModel (base + source adapter), got {type(model).__name__}")
     known = known_expert or [None] * len(pairs)
-    with model.disable_adapter():
-        amateur = response_logprobs(model, collate(pairs, pad_token_id, padding_side))
     unknown = [i for i, k in enumerate(known) if k is None]
     expert: list = list(known)
-    if unknown:
-        for i, lp in zip(unknown, response_logprobs(model, collate([pairs[i] for i in unknown], pad_token_id, padding_side))):
-            expert[i] = lp.cpu().numpy()
+    if mixed_batch and unknown:
+        rows = pairs + [pairs[i] for i in unknown]
+        names = ["__base__"] * len(pairs) + [model.active_adapter] * len(unknown)
+        scored = response_logprobs(model, collate(rows, pad_token_id, padding_side), adapter_names=names)
+        amateur, unknown_expert = scored[: len(pairs)], scored[len(pairs) :]
+    else:
+        with model.disable_adapter():
+            amateur = response_logprobs(model, collate(pairs, pad_token_id, padding_side))
+        unknown_expert = response_logprobs(model, collate([pairs[i] for i in unknown], pad_token_id, padding_side)) \
+            if unknown else []
+    for i, lp in zip(unknown, unknown_expert):
+        expert[i] = lp.cpu().numpy()
     return [
         TokenScores(
             token_ids=np.asarray(pair.response_ids, dtype=np.int64),
@@ -138,6 +148,7 @@ def score_pairs(
     max_length: int | None = None,
     max_batch_tokens: int | None = None,
     known_expert: list[np.ndarray | None] | None = None,
+    mixed_batch: bool = False,
 ) -> list[TokenScores]:
     """Score (query, response) pairs in length-sorted batches (``batch_size`` rows, ``max_batch_tokens``)."""
     if len(queries) != len(responses):
@@ -152,7 +163,8 @@ def score_pairs(
     results: list[TokenScores | None] = [None] * len(pairs)
     lengths = [len(p.prompt_ids) + len(p.response_ids) for p in pairs]
     for chunk in token_budget_batches(lengths, batch_size, max_batch_tokens):
-        scored = score_batch(model, [pairs[i] for i in chunk], tokenizer.pad_token_id, padding_side, [known[i] for i in chunk])
+        scored = score_batch(model, [pairs[i] for i in chunk], tokenizer.pad_token_id, padding_side, [known[i] for i in chunk],
+                             mixed_batch)
         for i, item in zip(chunk, scored):
             results[i] = item
     return results
