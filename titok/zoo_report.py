@@ -70,15 +70,20 @@ def _stage_digest(run_root: Path, stages: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def provenance(cfg, run_root: Path) -> dict:
-    """Where a migrated adapter came from, enough to tell whether two of them can differ."""
+def provenance(cfg, run_root: Path, bases: dict | None = None) -> dict:
+    """Where a migrated adapter came from, enough to tell whether two of them can differ. ``bases``:
+    the base models' fingerprints already taken (a zoo shares two bases; each takes seconds)."""
+    bases = bases if bases is not None else {}
+    for spec in (cfg.source_base, cfg.target_base):
+        if spec not in bases:
+            bases[spec] = _model_fingerprint(spec, cfg.trust_remote_code)
     source = Path(cfg.source_adapter)
     return {
         "titok_version": importlib.metadata.version("titok"),
         "source_adapter": {"path": str(source), "weights_sha256": adapter_digest(source),
                            "config_sha256": file_digest(source / "adapter_config.json")},
-        "source_base": _model_fingerprint(cfg.source_base, cfg.trust_remote_code),
-        "target_base": _model_fingerprint(cfg.target_base, cfg.trust_remote_code),
+        "source_base": bases[cfg.source_base],
+        "target_base": bases[cfg.target_base],
         "synthetic_data_sha256": _stage_digest(run_root, ("queries", "labels", "scores")),
         "training_data_sha256": _stage_digest(run_root, ("filter", "align")),
         "config": cfg.model_dump(),
@@ -166,6 +171,7 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
     from titok.models import resolve_model_path
 
     adapters_dir = out / "adapters"
+    bases: dict = {}  # fingerprinted once for all adapters
     for name, row in rows.items():
         if row["status"] != "migrated":
             continue
@@ -177,7 +183,7 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
         staging = adapters_dir / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(runner.adapter_path, staging)
-        (staging / "provenance.json").write_text(json.dumps(provenance(configs[name], runner.run.root), indent=2, default=str))
+        (staging / "provenance.json").write_text(json.dumps(provenance(configs[name], runner.run.root, bases), indent=2, default=str))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # the old copy goes only once the new one is whole
         row["adapter"] = str(final)
