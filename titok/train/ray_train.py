@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,7 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
     from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
 
     train, run, name = job["train"], RunDir(job["run_dir"]), job["name"]
+    seconds = {"setup": -time.perf_counter(), "steps": 0.0, "checkpoints": 0.0}  # where a job's time goes
     plan = _job_plan(job, len(rows), world)
     ds_config = _job_deepspeed_config(job, plan, dtype == "bfloat16")
     torch.manual_seed(job["seed"])  # the same fresh LoRA on every rank, whatever trained before it
@@ -198,8 +200,10 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
 
     every = train["checkpoint_every_steps"]
     order_epoch, order = -1, None
+    seconds["setup"] += time.perf_counter()
     try:
         for step in range(state["step"], plan.total_steps):
+            started = time.perf_counter()
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(plan.rows, job["seed"], epoch, plan.global_batch)
@@ -216,15 +220,18 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
                 print(f"  train {name} step {state['step']}/{plan.total_steps}  loss {state['losses'][-1]:.4f}", flush=True)
             _inject_fault(job, state["step"], rank, world)
             final = state["step"] == plan.total_steps
+            seconds["steps"] += time.perf_counter() - started
             if final or state["step"] % plan.steps_per_epoch == 0 or (every and state["step"] % every == 0):
+                started = time.perf_counter()
                 _report(engine, model, state, plan, rank, progress, outcome if final else None)
+                seconds["checkpoints"] += time.perf_counter() - started
     except FloatingPointError as err:
         # every rank gets here at the same micro-step; a retry would diverge the same way, so this job
         # ends with its reason as its outcome and the group goes on with the next
         _report_failure(f"step {step}: {err}", step, rank, progress, outcome)
     import resource
 
-    run.log_event(event="train_done", stage="train", rank=rank,
+    run.log_event(event="train_done", stage="train", rank=rank, seconds={k: round(v, 2) for k, v in seconds.items()},
                   peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return _detach(model, engine, checkpointing)
 
@@ -251,8 +258,8 @@ def _finish(progress: dict, name: str, failed: bool) -> dict:
 
 def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome: Path | None) -> None:
     """Every rank saves its partition; rank 0 adds the adapter, the metrics and the progress. Ray Train
-    merges the ranks' folders into one checkpoint. At a job's end (``outcome``) rank 0 also writes
-    the adapter and metrics where the driver reads them."""
+    merges the ranks' folders into one checkpoint. At a job's end (``outcome``) there is no state to
+    resume, only the progress, and rank 0 writes the adapter and metrics where the driver reads them."""
     import ray.train
 
     from titok.train import strategy
@@ -266,14 +273,16 @@ def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome
     job = progress["job"]
     record = _finish(progress, job, failed=False) if outcome is not None else dict(progress)
     with tempfile.TemporaryDirectory() as tmp:
-        strategy.save_state(engine, tmp, state)
+        if outcome is None:  # a finished job resumes nothing: its optimizer state is not saved
+            strategy.save_state(engine, tmp, state)
         if rank == 0:
             model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
             Path(tmp, "losses.json").write_text(json.dumps(losses))
             Path(tmp, _PROGRESS).write_text(json.dumps(record))
             if outcome is not None:
                 _write_outcome(outcome, {"metrics": metrics, "losses": losses}, adapter_from=tmp)
-        ray.train.report({**metrics, "job": job}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 or outcome is None else None
+        ray.train.report({**metrics, "job": job}, checkpoint=checkpoint)
 
 
 def _report_failure(reason: str, step: int, rank: int, progress: dict, outcome: Path) -> None:
@@ -310,8 +319,6 @@ def _inject_fault(job: dict, step: int, rank: int, world: int) -> None:
     controller collects reports by polling the workers (every 2 s), and a checkpoint reported an
     instant before its worker dies may never be registered.
     """
-    import time
-
     at, marker = job.get("fault_at_step"), job.get("fault_marker")
     if at is None or step != at or rank != world - 1 or Path(marker).exists():
         return
