@@ -44,9 +44,13 @@ def _compare_yaml(tmp_path, dirs, **fields) -> str:
     ("tasks=[boolean_expressions, no_such_task]", "tasks: task 'no_such_task'"),
     ("source.adapters={object_counting: /nowhere}", "source.adapters: ['object_counting']"),
     ("transplant.filter.top_m=100", "top_m=100 is larger than queries.pool_size=8"),
-    ("source.train={epochs: 0}", "source.train"),
+    ("source.train={epochs: 0}", "source.train.epochs"),
+    ("transplant.train.epochs=0", "transplant.train.epochs"),
+    ("transplant.engine.batch_sise=4", "transplant.engine.batch_sise"),
 ])
 def test_bad_compare_configs_are_named_before_any_compute(tmp_path, tiny_model_dirs, override, named):
+    """Each refused with the field's path: a section's own fields when the file is read (typed), the
+    combinations per run before anything computes."""
     path = _compare_yaml(tmp_path, tiny_model_dirs)
     with pytest.raises(ConfigError, match=re.escape(named)):
         from titok.compare import validate_compare

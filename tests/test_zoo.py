@@ -102,7 +102,7 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
 
     _migrate_until_scores_then_kill(manifest_path, out, ["bool-a", "count-b", "count-c"])
     engine_loads = [e for e in RunDir(out).events() if e["event"] == "model_load"]
-    assert len(engine_loads) == manifest.defaults["engine"].get("actors", 1) == 1  # not once per adapter
+    assert len(engine_loads) == manifest.defaults.engine.actors == 1  # not once per adapter
     assert engine_loads[0]["stage"] == "engine"
 
     record = migrate(manifest)  # the resubmitted job
@@ -205,6 +205,14 @@ def test_shared_settings_cannot_be_overridden_per_adapter(tiny_model_dirs, zoo_a
     data = _manifest(tiny_model_dirs, zoo_adapters, tmp_path / "zoo")
     data["adapters"][0]["overrides"] = {"engine": {"batch_size": 2}}
     with pytest.raises(ConfigError, match="cannot differ between adapters"):
+        load_manifest(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
+    # defaults and overrides are typed: a bad field is named where it is, when the manifest is read
+    data["adapters"][0]["overrides"] = {"filter": {"k": 2}}
+    with pytest.raises(ConfigError, match=r"adapters\.0\.overrides\.filter\.k"):
+        load_manifest(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
+    data["adapters"][0]["overrides"] = {}
+    data["defaults"]["train"]["epoch"] = 1
+    with pytest.raises(ConfigError, match=r"defaults\.train\.epoch"):
         load_manifest(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
 
 

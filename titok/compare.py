@@ -21,13 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from titok.config import (
-    ConfigError,
-    EvalSettings,
-    Section,
-    read_yaml,
-    validated,
-)
+from titok.config import ConfigError, EvalSettings, Section, TrainConfig, TransplantSettings, read_yaml, validated
 
 from titok.evaluate import cached_evaluation
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
@@ -47,7 +41,11 @@ class SourceSettings(Section):
     adapters: dict[str, str] = Field(
         {}, description="task -> an existing source LoRA on source_base; tasks without one get `titok sft`")
     train_examples: int = Field(256, ge=1, description="training examples for a `titok sft` source expert")
-    train: dict = Field({}, description="training overrides on titok sft's defaults (epochs, lr, lora.rank, ...)")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="titok sft training: the fields set here "
+                               "override titok sft's defaults (epochs, lr, lora.rank, ...); the rest keep them")
+
+    def sft_train(self) -> TrainConfig:
+        return sft_train_config(self.train.model_dump(exclude_unset=True), what="compare source.train")
 
 
 class CompareConfig(Section):
@@ -69,8 +67,9 @@ class CompareConfig(Section):
     out_dir: str = Field("runs/compare", description="runs, evaluations and the report go here")
     source: SourceSettings = Field(default_factory=SourceSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
-    transplant: dict = Field({}, description="transplant sections shared by every run: engine, queries, labels, "
-                                             "filter (not method), train, trust_remote_code")
+    transplant: TransplantSettings = Field(
+        default_factory=TransplantSettings, description="transplant sections shared by every run: engine, queries, "
+        "labels, filter (not method), train, trust_remote_code")
 
     @field_validator("methods")
     @classmethod
@@ -88,13 +87,15 @@ class CompareConfig(Section):
             raise ValueError(f"listed twice: {sorted({v for v in values if values.count(v) > 1})}")
         return values
 
-    @field_validator("transplant")
+    @field_validator("transplant", mode="before")
     @classmethod
-    def _no_per_run_fields(cls, values: dict) -> dict:
+    def _no_per_run_fields(cls, values):
+        if not isinstance(values, dict):
+            return values
         clashes = [k for k in values if k in _PER_CELL_FIELDS]
         if clashes:
             raise ValueError(f"{clashes} are set per run by compare (use tasks/targets/seeds/source)")
-        if {"method", "reference"} & set(values.get("filter") or {}):
+        if isinstance(values.get("filter"), dict) and {"method", "reference"} & set(values["filter"]):
             raise ValueError("filter.method and filter.reference are set per run by compare (use methods)")
         return values
 
@@ -115,7 +116,7 @@ def validate_compare(cfg: CompareConfig) -> None:
     unknown = sorted(set(cfg.source.adapters) - set(cfg.tasks))
     if unknown:
         raise ConfigError(f"source.adapters: {unknown} are not among tasks {cfg.tasks}")
-    sft_train_config(cfg.source.train, what="compare source.train")
+    cfg.source.sft_train()
     check_model("source_base", cfg.source_base)
     for target in cfg.targets:
         check_model("targets", target)
@@ -136,7 +137,7 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     out = Path(cfg.out_dir) / "sources" / short_name(task)
     if not (out / "adapter_model.safetensors").is_file():
         print(f"[compare] training the source expert for {task} (titok sft)", flush=True)
-        train = sft_train_config(cfg.source.train, what="compare source.train")
+        train = cfg.source.sft_train()
         train_source_adapter(cfg.source_base, task, out, train, seed=cfg.split_seed, n_train=cfg.source.train_examples)
     return str(out)
 

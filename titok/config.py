@@ -31,6 +31,7 @@ __all__ = [
     "QueriesConfig",
     "TrainConfig",
     "TransplantConfig",
+    "TransplantSettings",
     "apply_overrides",
     "describe_fields",
     "load_config",
@@ -268,6 +269,26 @@ class TransplantConfig(Section):
     def train_max_length(self) -> int:
         """Tokens of a training example: ``train.max_length``, by default the length the engines score."""
         return self.train.max_length or self.engine.max_length
+
+
+class TransplantSettings(Section):
+    """Transplant fields that a compare or a zoo sets for many runs at once (``compare.transplant``,
+    ``zoo.defaults``, a zoo adapter's ``overrides``); the per-run fields (bases, adapter, task,
+    run_dir) come from the compare grid or the manifest. Each section is checked when the file is
+    read; how sections combine (top_m against the pool, ...) is checked per run, in TransplantConfig.
+    ``fields()`` is only what was set, so every unset field keeps the run's own default."""
+
+    seed: int = TransplantConfig.model_fields["seed"]
+    split_seed: int = TransplantConfig.model_fields["split_seed"]
+    trust_remote_code: bool = TransplantConfig.model_fields["trust_remote_code"]
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    queries: QueriesConfig = Field(default_factory=QueriesConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def fields(self) -> dict:
+        return self.model_dump(exclude_unset=True)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

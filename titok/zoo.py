@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from titok.config import ConfigError, EvalSettings, Section, TransplantConfig, read_yaml, validated
+from titok.config import ConfigError, EvalSettings, Section, TransplantConfig, TransplantSettings, read_yaml, validated
 from titok.layout import share_stages
 from titok.validate import check_model, check_task
 
@@ -46,12 +46,14 @@ class ZooAdapter(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="unique; names the output folder")
     path: str = Field(..., description="the source PEFT adapter folder (trained on source_base)")
     task: str = Field(..., description="built-in task name, BBH/BIG-bench/MMLU/LaMP file, or hf:ID[:CONFIG]")
-    overrides: dict = Field({}, description="transplant fields for this adapter only (filter, train, labels, queries, seed)")
+    overrides: TransplantSettings = Field(
+        default_factory=TransplantSettings, description="transplant fields for this adapter only (filter, train, labels, "
+        "queries, seed); they override defaults")
 
-    @field_validator("overrides")
+    @field_validator("overrides", mode="before")
     @classmethod
-    def _not_shared(cls, values: dict) -> dict:
-        clashes = [k for k in values if k in _PER_ADAPTER_FIELDS + _SHARED_SECTIONS]
+    def _not_shared(cls, values):
+        clashes = [k for k in values if k in _PER_ADAPTER_FIELDS + _SHARED_SECTIONS] if isinstance(values, dict) else []
         if clashes:
             raise ValueError(f"{clashes} cannot differ between adapters (set them at the top of the manifest or in defaults)")
         return values
@@ -70,18 +72,19 @@ class ZooManifest(Section):
     source_base: str = Field(..., description="the base every source adapter was trained on")
     target_base: str = Field(..., description="the base to move them to")
     out_dir: str = Field("runs/zoo", description="run directories, migrated adapters and summaries go here")
-    defaults: dict = Field({}, description="transplant fields shared by every adapter (engine, queries, labels, "
-                                           "filter, train, seed, split_seed, trust_remote_code)")
+    defaults: TransplantSettings = Field(
+        default_factory=TransplantSettings, description="transplant fields shared by every adapter (engine, queries, "
+        "labels, filter, train, seed, split_seed, trust_remote_code)")
     adapters: list[ZooAdapter] = Field(..., min_length=1, description="the zoo")
     concurrent_trainings: int = Field(
         1, ge=1, description="training worker groups running at once on the cluster; the adapters are spread over "
         "them, and each group loads the target once for all of its adapters")
     gate: GateSettings = Field(default_factory=GateSettings)
 
-    @field_validator("defaults")
+    @field_validator("defaults", mode="before")
     @classmethod
-    def _no_per_adapter_fields(cls, values: dict) -> dict:
-        clashes = [k for k in values if k in _PER_ADAPTER_FIELDS]
+    def _no_per_adapter_fields(cls, values):
+        clashes = [k for k in values if k in _PER_ADAPTER_FIELDS] if isinstance(values, dict) else []
         if clashes:
             raise ValueError(f"{clashes} are set per adapter by the manifest")
         return values
@@ -107,7 +110,7 @@ def _merged(base: dict, extra: dict) -> dict:
 
 
 def adapter_config(manifest: ZooManifest, adapter: ZooAdapter) -> TransplantConfig:
-    fields = _merged(manifest.defaults, adapter.overrides)
+    fields = _merged(manifest.defaults.fields(), adapter.overrides.fields())
     fields.update(source_base=manifest.source_base, target_base=manifest.target_base, source_adapter=adapter.path,
                   task=adapter.task, run_dir=str(Path(manifest.out_dir) / "runs" / adapter.name))
     return validated(TransplantConfig, fields, f"adapter {adapter.name!r}")
