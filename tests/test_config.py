@@ -82,3 +82,21 @@ def test_cli_reports_config_errors_with_exit_2(capsys):
         main(["transplant", "--set", "filter.k=2"])
     assert exit_info.value.code == 2
     assert "filter.k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, first_changed", [
+    ("engine.actors=4", None), ("engine.gpus_per_actor=1", None), ("train.workers=4", None),
+    ("train.deepspeed_stage=3", None), ("filter.reference_batch_size=2", None),  # where and how fast: reused
+    ("queries.pool_size=600", "queries"), ("labels.temperature=0.7", "labels"), ("engine.max_length=400", "queries"),
+    ("filter.k=0.5", "filter"), ("filter.reference=target_base", "filter"), ("train.lr=0.01", "train"),
+])
+def test_a_run_is_reused_up_to_the_first_stage_a_setting_changes(tmp_path, override, first_changed):
+    from titok.pipeline import STAGES, StageRunner
+
+    def fingerprints(cfg):
+        runner = StageRunner(cfg.model_copy(update={"run_dir": str(tmp_path)}), engines=None)
+        return [runner.fingerprint_of(stage) for stage in STAGES[:-1]]
+
+    before, after = fingerprints(load_config(None, [], **BASE)), fingerprints(load_config(None, [override], **BASE))
+    changed = [stage for stage, a, b in zip(STAGES, before, after) if a != b]
+    assert changed == ([] if first_changed is None else list(STAGES[STAGES.index(first_changed):-1]))

@@ -127,6 +127,9 @@ class LabelsConfig(Section):
 
 
 class FilterConfig(Section):
+    # how fast, not what: kept out of fingerprints
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("reference_batch_size",)
+
     top_m: int = Field(250, ge=1, description="M: samples kept by mean excess")
     k: float = Field(0.7, gt=0.0, le=1.0, description="fraction of tokens kept inside the kept samples")
     token_scope: TokenScope = Field(
@@ -140,6 +143,8 @@ class FilterConfig(Section):
         "source_amateur", description="what the expert is compared with to pick the top-k% tokens: source_amateur "
         "(the paper), target_base (the target's own log-probs of each aligned span: keeps what the target has "
         "not learned even where the source base predicts it) or both (kept if either finds it taught)")
+    reference_batch_size: int = Field(
+        8, ge=1, description="kept samples per target-base forward when the reference scores with the target base")
 
     @model_validator(mode="after")
     def _reference_scope(self) -> "FilterConfig":

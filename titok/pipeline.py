@@ -62,6 +62,8 @@ class SourceEngines:
             self.fleet = None
 
 
+_TOKENIZER_ROWS_PER_CALL = 64  # alignment without a model: any block size gives the same rows
+
 VLLM_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_num_batched_tokens",
                "max_loras", "max_cpu_loras", "max_lora_rank", "vllm_score_tolerance")
 
@@ -93,16 +95,17 @@ def align_settings(cfg: TransplantConfig) -> dict:
     """What the alignment of a kept sample depends on (runs that agree on it may align in one pass)."""
     return {"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code,
             "reference": cfg.filter.token_reference, "k": cfg.filter.k, "dtype": cfg.engine.dtype,
-            "batch_size": cfg.engine.batch_size}
+            "batch_size": cfg.filter.reference_batch_size}
 
 
 def align_to_target(cfg: TransplantConfig, kept: pa.Table, log_dir: str | None = None):
     """Keep masks carried onto the target tokenizer (a tokenizer only: cheap CPU actors). Rows are
     aligned one by one and keep their other columns, so several runs' kept rows may go in one pass."""
     with_model = cfg.filter.token_reference != "source_amateur"  # the target base scores the kept samples
-    return dataset_of(kept, cfg.engine.batch_size).map_batches(
+    rows_per_call = cfg.filter.reference_batch_size if with_model else _TOKENIZER_ROWS_PER_CALL
+    return dataset_of(kept, rows_per_call).map_batches(
         AlignToTarget, fn_constructor_kwargs={**align_settings(cfg), "run_dir": log_dir or cfg.run_dir},
-        concurrency=1, batch_size=cfg.engine.batch_size, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
+        concurrency=1, batch_size=rows_per_call, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
         num_gpus=1 if with_model and cfg.train.use_gpu else 0)
 
 
@@ -159,7 +162,7 @@ def _stage_fields(cfg: TransplantConfig) -> dict:
                     "queries": cfg.queries.model_dump(), "pool": cfg.pool_size},
         "labels": {"adapter": cfg.source_adapter, "labels": cfg.labels.model_dump()},
         "scores": {"max_length": cfg.engine.max_length},
-        "filter": cfg.filter.model_dump(),
+        "filter": cfg.filter.model_dump(exclude=set(cfg.filter.PLACEMENT_FIELDS)),
         "align": {"target_base": cfg.target_base, "reference": cfg.filter.token_reference},
         "train": cfg.train.model_dump(exclude=set(cfg.train.PLACEMENT_FIELDS)),
     }
