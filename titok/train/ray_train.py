@@ -111,18 +111,20 @@ def _job_deepspeed_config(job: dict, plan, bf16: bool) -> dict:
 
 
 def _read_progress(attempt: str):
-    """From the checkpoint Ray Train hands a (re)started group: the jobs not to run again (finished,
-    or failed in this same attempt: a divergence would recur), and the job to resume with its checkpoint."""
+    """From the checkpoint Ray Train hands a (re)started group: the progress record to go on from
+    (finished jobs; failed ones only if they failed in this same attempt, since a divergence would
+    recur, while a resubmitted run retries them) and the checkpoint of the job it was on."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return set(), None, None
-    with checkpoint.as_directory() as directory:
-        path = Path(directory, _PROGRESS)
-        progress = json.loads(path.read_text()) if path.is_file() else {}
-    skip = set(progress.get("done", [])) | (set(progress.get("failed", [])) if progress.get("attempt") == attempt else set())
-    return skip, progress.get("job"), checkpoint
+    progress = {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            path = Path(directory, _PROGRESS)
+            progress = json.loads(path.read_text()) if path.is_file() else {}
+    same_attempt = progress.get("attempt") == attempt
+    return {"attempt": attempt, "done": list(progress.get("done", [])),
+            "failed": list(progress.get("failed", [])) if same_attempt else [], "job": progress.get("job")}, checkpoint
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -137,8 +139,9 @@ def train_loop_per_worker(config: dict) -> None:
     train = config["train"]  # the worker settings every job of the group shares
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    skip, resume_job, checkpoint = _read_progress(config["attempt"])
-    jobs = [job for job in config["jobs"] if job["name"] not in skip]
+    progress, checkpoint = _read_progress(config["attempt"])
+    resume_job = progress["job"]
+    jobs = [job for job in config["jobs"] if job["name"] not in progress["done"] + progress["failed"]]
     if not jobs:
         return
     rows = {job["name"]: sorted(ray.train.get_dataset_shard(job["name"]).iter_rows(), key=lambda r: r[C.SAMPLE_ID])
@@ -160,7 +163,6 @@ def train_loop_per_worker(config: dict) -> None:
         local_numel=sum(p.numel() for p in base.parameters()), params=n_params, gradient_checkpointing=checkpointing,
         adapters=[job["name"] for job in jobs])
 
-    progress = {"attempt": config["attempt"], "done": sorted(skip), "failed": [], "job": None}
     for job in jobs:
         resume_from = checkpoint if job["name"] == resume_job else None
         outcome = Path(config["outcomes"]) / job["name"]
