@@ -9,9 +9,10 @@ work shared:
   all adapters' queries, labels and scores; each pass serves one adapter, so a batch never mixes them;
 - queries are written once per task (and query settings) and copied to the other adapters of it;
 - filter runs per adapter, all adapters side by side; one alignment pass carries every adapter's
-  kept rows to the target tokenizer (rows are aligned one by one); the trainings share worker groups: each group starts its Ray
-  Train workers and loads the target once, then trains its adapters one after another
-  (``ray_train.group_jobs``), ``concurrent_trainings`` groups side by side.
+  kept rows to the target tokenizer (rows are aligned one by one);
+- the trainings share worker groups: each group starts its Ray Train workers and loads the target
+  once, then trains its adapters one after another (``ray_train.group_jobs``);
+  ``concurrent_trainings`` groups run side by side.
 One adapter's failure (unreadable weights, no surviving queries, a non-finite loss) marks its row
 failed with the reason; the others finish. A rerun reuses every finished stage, so a finished
 adapter costs nothing again. Then each adapter goes through the release gate (``zoo_report``), and
