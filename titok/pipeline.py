@@ -113,23 +113,25 @@ def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table):
     """``(dataset, worker config)`` of the target training: the aligned samples that teach something."""
     import ray
 
-    teaches = pa.array([float(np.sum(w)) > 0 for w in aligned.column(C.TARGET_WEIGHTS).to_pylist()], type=pa.bool_())
-    rows = aligned.filter(teaches).select([C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS])
     config = {"train": cfg.train.model_dump(), "target_base": cfg.target_base, "seed": cfg.seed,
               "run_dir": str(run.root), "max_length": cfg.train_max_length, "k": cfg.filter.k,
               "trust_remote_code": cfg.trust_remote_code}
-    return ray.data.from_arrow(rows), config
+    return ray.data.from_arrow(_teaching_rows(aligned)), config
+
+
+def _teaching_rows(aligned: pa.Table) -> pa.Table:
+    teaches = pa.array([float(np.sum(w)) > 0 for w in aligned.column(C.TARGET_WEIGHTS).to_pylist()], type=pa.bool_())
+    return aligned.filter(teaches).select([C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS])
 
 
 def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained: TrainOutcome | None = None) -> dict:
     """A fresh LoRA on the target base, Ray Train + DeepSpeed; the adapter lands in ``train/adapter``.
     ``trained``: the outcome of a training already run with others (a zoo's worker group)."""
-    ds, config = training_job(cfg, run, aligned)
     stage = run.stage_dir(_stage_path(cfg, "train"))
-    outcome = trained or train_adapter(ds, config, storage_path=str(stage / "ray"))
+    outcome = trained or train_adapter(*training_job(cfg, run, aligned), storage_path=str(stage / "ray"))
     copy_adapter(outcome, stage / "adapter")
     metrics = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str))}
-    return {"rows": ds.count(), "metrics": metrics}
+    return {"rows": _teaching_rows(aligned).num_rows, "metrics": metrics}
 
 
 def export(cfg: TransplantConfig, run: RunDir) -> str:

@@ -194,8 +194,8 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
                         max([configs[n].train.lora.rank for n in migrated] or [8]))
     from titok.runstate import RunDir
 
-    loads = [e.get("stage") for e in RunDir(out).events() if e.get("event") == "model_load"]
-    loads = {"source_engines": loads.count("engine"), "training_workers": loads.count("train")}  # over every job on out
+    stages = [e.get("stage") for e in RunDir(out).events() if e.get("event") == "model_load"]
+    loads = {"source_engines": stages.count("engine"), "training_workers": stages.count("train")}  # over every job on out
     record = {"source_base": manifest.source_base, "target_base": manifest.target_base, "seconds": round(seconds, 1),
               "model_loads": loads, "adapters": list(rows.values()), "manifest": manifest.model_dump()}
     (out / "zoo.json").write_text(json.dumps(record, indent=2, default=str))

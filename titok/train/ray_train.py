@@ -252,37 +252,37 @@ def _detach(model, engine, checkpointing: bool):
     return base
 
 
-def _finish(progress: dict, name: str, failed: bool) -> dict:
-    progress["failed" if failed else "done"].append(name)
+def _finish(progress: dict, failed: bool) -> None:
+    """The job in progress moves to the done (or failed) list."""
+    progress["failed" if failed else "done"].append(progress["job"])
     progress["job"] = None
-    return dict(progress, done=list(progress["done"]), failed=list(progress["failed"]))
 
 
 def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome: Path | None) -> None:
-    """Every rank saves its partition; rank 0 adds the adapter, the metrics and the progress. Ray Train
-    merges the ranks' folders into one checkpoint. At a job's end (``outcome``) there is no state to
-    resume, only the progress, and rank 0 writes the adapter and metrics where the driver reads them."""
+    """A checkpoint to resume from: every rank saves its partition, rank 0 adds the progress; Ray Train
+    merges the ranks' folders into one. At a job's end (``outcome``) there is nothing to resume, only
+    the progress, and rank 0 writes the adapter and metrics where the driver reads them."""
     import ray.train
 
     from titok.train import strategy
 
-    adapter = strategy.lora_state_dict(model)  # a collective under ZeRO-3: every rank takes part
     losses = state["losses"]
     steps_per_epoch = plan.steps_per_epoch
+    job = progress["job"]
     metrics = {"step": state["step"], "epoch": (state["step"] - 1) // steps_per_epoch, "final": outcome is not None,
                "loss": float(np.mean(losses[-steps_per_epoch:])), "first_loss": losses[0],
                "optimizer_steps": plan.total_steps, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation}
-    job = progress["job"]
-    record = _finish(progress, job, failed=False) if outcome is not None else dict(progress)
     with tempfile.TemporaryDirectory() as tmp:
-        if outcome is None:  # a finished job resumes nothing: its optimizer state is not saved
+        if outcome is None:
             strategy.save_state(engine, tmp, state)
-        if rank == 0:
-            model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
-            Path(tmp, "losses.json").write_text(json.dumps(losses))
-            Path(tmp, _PROGRESS).write_text(json.dumps(record))
-            if outcome is not None:
+        else:
+            adapter = strategy.lora_state_dict(model)  # a collective under ZeRO-3: every rank takes part
+            _finish(progress, failed=False)
+            if rank == 0:
+                model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
                 _write_outcome(outcome, {"metrics": metrics, "losses": losses}, adapter_from=tmp)
+        if rank == 0:
+            Path(tmp, _PROGRESS).write_text(json.dumps(progress))
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 or outcome is None else None
         ray.train.report({**metrics, "job": job}, checkpoint=checkpoint)
 
@@ -291,11 +291,11 @@ def _report_failure(reason: str, step: int, rank: int, progress: dict, outcome: 
     """End a job with ``reason`` as its outcome; the checkpoint records it so a restart skips it."""
     import ray.train
 
-    record = _finish(progress, progress["job"], failed=True)
+    _finish(progress, failed=True)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            Path(tmp, _PROGRESS).write_text(json.dumps(record))
+            Path(tmp, _PROGRESS).write_text(json.dumps(progress))
             _write_outcome(outcome, {"failed": reason, "step": step})
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"failed": reason, "step": step}, checkpoint=checkpoint)
