@@ -56,6 +56,36 @@ def test_the_same_micro_batches_whatever_the_worker_count():
 
 # ---------- Ray Train + DeepSpeed ----------
 
+def test_a_checkpoint_holds_no_frozen_tensor_even_a_tied_one(tmp_path, monkeypatch):
+    """The tiny Llama ties its LM head to its embedding, as Gemma does: DeepSpeed alone saved that
+    frozen tensor under its second name in every checkpoint (672 MB for Gemma-3-270M)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from titok.train import strategy
+    from titok.train.step import attach_fresh_lora
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed asks for it
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = attach_fresh_lora(tiny_llama(real_tokenizer("smollm2-135m")), rank=4)
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+        config = strategy.deepspeed_config(2, micro_batch=1, accumulation=1, max_grad_norm=1.0, bf16=False)
+        engine = strategy.build_engine(model, config, 1e-3, 0.0, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        strategy.save_state(engine, tmp_path, {"step": 3})
+        saved = torch.load(tmp_path / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        assert set(saved) == trainable and all("lora_" in n for n in saved)
+        assert strategy.load_state(engine, tmp_path) == {"step": 3}  # and it resumes without them
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory):
     tokenizer = real_tokenizer("smollm2-135m")

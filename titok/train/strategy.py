@@ -8,12 +8,16 @@
   DeepSpeed would move a whole model onto each rank's device.
 - Checkpoints are DeepSpeed's own (``save_checkpoint`` without the frozen base weights): each rank
   writes its optimizer/parameter partition, with our trainer state as DeepSpeed's client state, so a
-  restarted worker group continues where the last checkpoint was taken.
+  restarted worker group continues where the last checkpoint was taken. DeepSpeed drops a frozen
+  tensor under one of its names only, so a tied one (the LM head that is the embedding: Gemma,
+  small Llamas and Qwens) stayed in every checkpoint (672 MB for Gemma-3-270M); ``build_engine``
+  makes the engine drop every name of it.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -91,7 +95,19 @@ def build_engine(model, ds_config: dict, lr: float, weight_decay: float, schedul
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
                                            lr_scheduler=scheduler_fn, config=ds_config, dist_init_required=False)
+    engine.module_state_dict = functools.partial(_module_state_dict, engine)  # what save_checkpoint writes
     return engine
+
+
+def _module_state_dict(engine, exclude_frozen_parameters: bool = False, **kwargs) -> dict:
+    """DeepSpeed's ``module_state_dict``, but without a frozen tensor under any of its names (DeepSpeed
+    looks names up in ``named_parameters()``, which lists a tied tensor once)."""
+    state = type(engine).module_state_dict(engine, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+    if exclude_frozen_parameters:
+        for name, param in engine.module.named_parameters(remove_duplicate=False):
+            if not param.requires_grad:
+                state.pop(name, None)
+    return state
 
 
 def lora_state_dict(model) -> dict:
