@@ -74,3 +74,28 @@ def test_baseline_and_ablation_methods(local_ray):
     assert all(mask.sum() == keep_count(len(mask), 0.5) for mask in top_k_only.values())
     titok = run("titok")
     assert set(titok) == top and all(mask.sum() == keep_count(len(mask), 0.5) for mask in titok.values())
+
+
+@pytest.mark.parametrize("scope", ["per_sample", "per_batch", "global"])
+def test_one_pool_form_equals_the_distributed_filter(local_ray, scope):
+    """A zoo filters each adapter's pool on one worker (``filter_pool``): same rows, same masks (row order
+    carries no meaning: training orders rows by sample id)."""
+    from titok.stages.filtering import FILTER_METHODS, apply_filter_method, filter_pool
+
+    rows = _rows(3, ties=True)  # ties: the tie-breaks must agree too
+    ds = local_ray.data.from_items(rows, override_num_blocks=4)
+    pool = {name: np.empty(len(rows), dtype=object) for name in rows[0]}  # numpy columns, as map_groups hands them
+    for i, row in enumerate(rows):
+        for name, value in row.items():
+            pool[name][i] = value
+    one_pool_methods = [m for m, spec in FILTER_METHODS.items() if spec.top_m is not None]
+    assert {"titok", "kd", "top_m_only", "top_k_only"} <= set(one_pool_methods)
+    for method in one_pool_methods:
+        distributed = apply_filter_method(ds, method, m=12, k=0.6, scope=scope, group_size=3, seed=0).take_all()
+        local = filter_pool(pool, method, m=12, k=0.6, scope=scope, group_size=3)
+        got = dict(zip(local[C.SAMPLE_ID], local[C.KEEP]))
+        assert set(got) == {r[C.SAMPLE_ID] for r in distributed}, method
+        for r in distributed:
+            np.testing.assert_array_equal(got[r[C.SAMPLE_ID]], np.asarray(r[C.KEEP], dtype=bool), err_msg=method)
+    with pytest.raises(ValueError, match="no one-pool form"):
+        filter_pool(pool, "random_m", m=12, k=0.6, scope=scope, group_size=3)

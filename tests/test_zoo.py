@@ -117,8 +117,9 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
     assert zoo_loads[:1] == engine_loads and len(zoo_loads) == 1 + 2
     assert all(e["stage"] == "train" and e["adapters"] == ["bool-a", "count-b", "count-c"] for e in zoo_loads[1:])
     assert record["model_loads"] == {"source_engines": 1, "training_workers": 2}
-    shared_align = [e for e in RunDir(out).events() if e["event"] == "shared_pass"]
-    assert [e["adapters"] for e in shared_align] == [["bool-a", "count-b", "count-c"]]  # one alignment actor for all
+    shared = [e for e in RunDir(out).events() if e["event"] == "shared_pass"]
+    # one Ray Data pass filtered every pool (groupby adapter) and aligned the kept rows (one tokenizer actor)
+    assert [(e["stage"], e["adapters"]) for e in shared] == [("filter+align", ["bool-a", "count-b", "count-c"])]
     assert (out / "runs" / "count-c" / "queries" / "_COMPLETE.json").read_text() == \
         (out / "runs" / "count-b" / "queries" / "_COMPLETE.json").read_text()  # written once for the task, shared
     for name in ("bool-a", "count-b"):
@@ -160,13 +161,18 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
 
     alone_cfg = adapter_config(manifest, manifest.adapters[2]).model_copy(update={"run_dir": str(tmp_path / "alone")})
     alone = transplant(alone_cfg)
-    for stage in ("labels", "scores"):
+    for stage in ("labels", "scores", "filter", "align"):
         zoo_rows = pd.read_parquet(out / "runs" / "count-b" / stage).sort_values(C.SAMPLE_ID).reset_index(drop=True)
         alone_rows = pd.read_parquet(tmp_path / "alone" / stage).sort_values(C.SAMPLE_ID).reset_index(drop=True)
         assert list(zoo_rows[C.RESPONSE]) == list(alone_rows[C.RESPONSE])
         if stage == "scores":
             for a, b in zip(zoo_rows[C.EXCESS], alone_rows[C.EXCESS]):
                 np.testing.assert_allclose(a, b, atol=1e-5)
+        if stage in ("filter", "align"):  # the zoo's one-pool filter keeps what the distributed one keeps
+            assert sorted(zoo_rows.columns) == sorted(alone_rows.columns)
+            column = C.KEEP if stage == "filter" else C.TARGET_WEIGHTS
+            for a, b in zip(zoo_rows[column], alone_rows[column]):
+                np.testing.assert_array_equal(a, b)
     zoo_weights = load_file(out / "adapters" / "count-b" / "adapter_model.safetensors")
     alone_weights = load_file(Path(alone["adapter"]) / "adapter_model.safetensors")
     assert zoo_weights.keys() == alone_weights.keys()

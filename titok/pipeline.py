@@ -98,12 +98,14 @@ def align_settings(cfg: TransplantConfig) -> dict:
             "batch_size": cfg.filter.reference_batch_size}
 
 
-def align_to_target(cfg: TransplantConfig, kept: pa.Table, log_dir: str | None = None):
+def align_to_target(cfg: TransplantConfig, kept, log_dir: str | None = None):
     """Keep masks carried onto the target tokenizer (a tokenizer only: cheap CPU actors). Rows are
-    aligned one by one and keep their other columns, so several runs' kept rows may go in one pass."""
+    aligned one by one and keep their other columns, so several runs' kept rows may go in one pass.
+    ``kept``: an Arrow table, or a Ray Dataset still being computed (a zoo's filter pass)."""
     with_model = cfg.filter.token_reference != "source_amateur"  # the target base scores the kept samples
     rows_per_call = cfg.filter.reference_batch_size if with_model else _TOKENIZER_ROWS_PER_CALL
-    return dataset_of(kept, rows_per_call).map_batches(
+    kept = dataset_of(kept, rows_per_call) if isinstance(kept, pa.Table) else kept
+    return kept.map_batches(
         AlignToTarget, fn_constructor_kwargs={**align_settings(cfg), "run_dir": log_dir or cfg.run_dir},
         concurrency=1, batch_size=rows_per_call, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
         num_gpus=1 if with_model and cfg.train.use_gpu else 0)
@@ -181,15 +183,19 @@ class StageRunner:
     def __init__(self, cfg: TransplantConfig, engines: SourceEngines, adapter: str = "default"):
         self.cfg, self.run = cfg, RunDir(cfg.run_dir)
         self.fields, self.timings, self.fingerprint, self.rows = _stage_fields(cfg), {}, "", None
-        self.provided: dict = {}  # "align" rows or a "train" outcome, made together with other runs' (a zoo)
+        self.provided: dict = {}  # "filter"/"align" rows or a "train" outcome, made together with other runs' (a zoo)
         self.steps = {
             "queries": lambda _: write_query_pool(cfg, self.run, engines),
             "labels": lambda queries: label_responses(cfg, queries, engines, adapter),
             "scores": lambda labels: score_excess(cfg, labels, engines, adapter),
-            "filter": lambda scores: filter_samples_and_tokens(cfg, scores),
-            "align": lambda kept: self.provided.pop("align") if "align" in self.provided else align_to_target(cfg, kept),
+            "filter": self._provided_or("filter", lambda scores: filter_samples_and_tokens(cfg, scores)),
+            "align": self._provided_or("align", lambda kept: align_to_target(cfg, kept)),
             "train": lambda aligned: train_target(cfg, self.run, aligned, self.provided.pop("train", None)),
         }
+
+    def _provided_or(self, stage: str, compute):
+        """The stage's rows made together with other runs' (a zoo's shared pass), else its own."""
+        return lambda rows: self.provided.pop(stage) if stage in self.provided else compute(rows)
 
     def fingerprint_of(self, name: str) -> str:
         """The fingerprint stage ``name`` will have (stages before it need not have run)."""

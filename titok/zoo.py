@@ -41,6 +41,7 @@ __all__ = ["GateSettings", "ZooAdapter", "ZooManifest", "load_manifest", "migrat
 _PER_ADAPTER_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir")
 _SHARED_SECTIONS = ("engine", "trust_remote_code")  # one engine fleet serves every adapter
 _ADAPTER = "_zoo_adapter"  # which adapter a row of a shared pass belongs to
+_ORDER = "_zoo_order"  # a kept row's place in its adapter's filter output
 
 
 class ZooAdapter(Section):
@@ -216,7 +217,8 @@ def migrate(manifest: ZooManifest) -> dict:
     finally:
         if engines is not None:
             engines.close()  # free the source model's devices before training
-    step("filter", at_once=len(runners))  # small distributed jobs, mostly waiting on Ray: side by side
+    _filter_and_align_together(runners, _alive(rows, by_task), out)
+    step("filter", at_once=len(runners))  # what the shared pass did not provide: small distributed jobs, side by side
     _align_together(runners, _alive(rows, by_task), out)
     step("align")  # each adapter's align stage takes its rows from the shared pass
     _train_in_groups(runners, _alive(rows, by_task), manifest.concurrent_trainings, out)
@@ -245,6 +247,67 @@ def _attempt(row: dict, runner, stage: str) -> None:
         runner.run.log_event(event="adapter_failed", stage=stage, reason=row["reason"], trace=traceback.format_exc()[-2000:])
 
 
+def _filter_and_align_together(runners: dict, names: list[str], out: Path) -> None:
+    """One Ray Data pass filters every adapter's scored pool (``groupby`` on the adapter, each pool on
+    one worker by ``filter_pool``, equal to the lone transplant's distributed filter) and streams the
+    kept rows into one alignment pass, per set of align settings. Adapters whose filter method has no
+    one-pool form, or whose filter stage is complete, are left to their own stages."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    from titok import columns as C
+    from titok.pipeline import align_settings, align_to_target
+    from titok.runstate import RunDir
+    from titok.stages.filtering import FILTER_METHODS
+
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        runner = runners[name]
+        if runner.rows is not None and FILTER_METHODS[runner.cfg.filter.method].top_m is not None \
+                and not runner.is_complete("filter"):
+            groups.setdefault(json.dumps(align_settings(runner.cfg), sort_keys=True), []).append(name)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        scored = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
+        settings = {n: runners[n].cfg.filter.model_dump(include={"method", "top_m", "k", "token_scope", "group_size"})
+                    for n in group}
+        kept = ray.data.from_arrow(scored).groupby(_ADAPTER).map_groups(
+            _filter_one_pool, fn_kwargs={"settings": settings}, batch_format="numpy")
+        try:
+            aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
+                                       promote_options="default")
+        except Exception as err:  # noqa: BLE001 - then each adapter filters alone and fails (or not) alone
+            print(f"[migrate] filtering {group} together failed ({_failure(err)}); filtering each alone", flush=True)
+            continue
+        RunDir(out).log_event(event="shared_pass", stage="filter+align", adapters=group, rows=scored.num_rows)
+        for name in group:
+            mine = aligned.filter(pc.equal(aligned[_ADAPTER], name))
+            mine = mine.take(pc.sort_indices(mine[_ORDER])).drop_columns([_ADAPTER, _ORDER])  # the filter's order
+            runners[name].provided["filter"] = mine.select(runners[name].rows.column_names + [C.KEEP])
+            runners[name].provided["align"] = mine
+
+
+def _numbered(rows, name: str):
+    """A run's rows, marked with its adapter for a shared pass."""
+    import pyarrow as pa
+
+    return rows.append_column(_ADAPTER, pa.array([name] * rows.num_rows))
+
+
+def _filter_one_pool(pool: dict, settings: dict) -> dict:
+    """``map_groups``: one adapter's whole scored pool through its own filter settings."""
+    import numpy as np
+
+    from titok.stages.arrow import table
+    from titok.stages.filtering import filter_pool
+
+    f = settings[str(pool[_ADAPTER][0])]
+    kept = filter_pool(pool, f["method"], f["top_m"], f["k"], f["token_scope"], f["group_size"])
+    return table({**kept, _ORDER: np.arange(len(kept[_ADAPTER]))})
+
+
 def _align_together(runners: dict, names: list[str], out: Path) -> None:
     """One alignment pass (one tokenizer actor, or one target model for a target-aware reference) over
     the kept rows of every adapter whose align stage is not complete, per set of align settings."""
@@ -257,13 +320,12 @@ def _align_together(runners: dict, names: list[str], out: Path) -> None:
 
     groups: dict[str, list[str]] = {}
     for name in names:
-        if runners[name].rows is not None and not runners[name].is_complete("align"):
+        if runners[name].rows is not None and "align" not in runners[name].provided and not runners[name].is_complete("align"):
             groups.setdefault(json.dumps(align_settings(runners[name].cfg), sort_keys=True), []).append(name)
     for group in groups.values():
         if len(group) < 2:
             continue  # nothing to share: the adapter's own align stage runs as in a transplant
-        kept = pa.concat_tables([runners[n].rows.append_column(_ADAPTER, pa.array([n] * runners[n].rows.num_rows))
-                                 for n in group], promote_options="default")
+        kept = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
         try:
             aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
                                        promote_options="default")

@@ -10,6 +10,9 @@
   same tie-breaking as ``titok.select`` (earlier sample id, then earlier token, wins). The bracket
   widens until it provably contains the cut. Exact rather than approximate so that the kept count is
   exactly ``ceil(k * N)``, the same as the single-machine core.
+
+``filter_pool`` is the same selection on one pool held by one worker (a zoo filters every adapter's
+pool in one ``groupby(adapter).map_groups`` pass): equal rows and masks, with no Ray call inside.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from titok import columns as C
 from titok.select import keep_count, select_tokens, validate_k, validate_m
 from titok.stages.arrow import table
 
-__all__ = ["FILTER_METHODS", "FilterMethod", "FilterMethodName", "apply_filter_method", "global_token_cutoff", "keep_all_tokens", "select_random_m", "select_tokens_distributed",
-           "select_top_m"]
+__all__ = ["FILTER_METHODS", "FilterMethod", "FilterMethodName", "apply_filter_method", "filter_pool", "global_token_cutoff",
+           "keep_all_tokens", "select_random_m", "select_tokens_distributed", "select_top_m"]
 
 
 def select_top_m(ds, m: int):
@@ -54,21 +57,24 @@ class FilterMethod:
     description: str
     select: Callable  # (ds, m, k, scope, group_size, seed) -> ds with a keep column
     token_filter: bool  # picks tokens (so a token reference applies), or keeps every token
+    top_m: bool | None = None  # keeps the top-M samples (True), every sample (False); None: no one-pool form
 
 
 # The one list of filter methods: config, compare and the pipeline read it from here. Adding a method
 # is an entry here plus its tests.
 FILTER_METHODS: dict[str, FilterMethod] = {
     "titok": FilterMethod("top-M samples + top-k% tokens (the paper)",
-                          lambda ds, m, k, scope, g, seed: select_tokens_distributed(select_top_m(ds, m), k, scope, g), True),
+                          lambda ds, m, k, scope, g, seed: select_tokens_distributed(select_top_m(ds, m), k, scope, g), True,
+                          top_m=True),
     "kd": FilterMethod("all samples, all tokens (the expert's answers as plain labels)",
-                       lambda ds, m, k, scope, g, seed: keep_all_tokens(ds), False),
-    "random_m": FilterMethod("M random samples, all tokens",
+                       lambda ds, m, k, scope, g, seed: keep_all_tokens(ds), False, top_m=False),
+    "random_m": FilterMethod("M random samples, all tokens",  # Ray Data's seeded shuffle: no one-pool form
                              lambda ds, m, k, scope, g, seed: keep_all_tokens(select_random_m(ds, m, seed)), False),
     "top_m_only": FilterMethod("top-M samples, all tokens (the sample filter alone)",
-                               lambda ds, m, k, scope, g, seed: keep_all_tokens(select_top_m(ds, m)), False),
+                               lambda ds, m, k, scope, g, seed: keep_all_tokens(select_top_m(ds, m)), False, top_m=True),
     "top_k_only": FilterMethod("all samples, top-k% tokens (the token filter alone)",
-                               lambda ds, m, k, scope, g, seed: select_tokens_distributed(ds, k, scope, g), True),
+                               lambda ds, m, k, scope, g, seed: select_tokens_distributed(ds, k, scope, g), True,
+                               top_m=False),
 }
 FilterMethodName = Literal[tuple(FILTER_METHODS)]
 
@@ -78,6 +84,32 @@ def apply_filter_method(ds, method: str, m: int, k: float, scope: str, group_siz
     if method not in FILTER_METHODS:
         raise ValueError(f"unknown filter method {method!r}: expected one of {list(FILTER_METHODS)}")
     return FILTER_METHODS[method].select(ds, m, k, scope, group_size, seed)
+
+
+def filter_pool(pool: dict, method: str, m: int, k: float, scope: str, group_size: int) -> dict:
+    """``apply_filter_method`` on one pool of numpy columns: the same kept rows (best first) and masks.
+
+    Raises ValueError for a method without a one-pool form (``FilterMethod.top_m is None``).
+    """
+    spec = FILTER_METHODS[method]
+    if spec.top_m is None:
+        raise ValueError(f"filter method {method!r} has no one-pool form")
+    ids = np.asarray(pool[C.SAMPLE_ID])
+    rank = np.lexsort((ids, -np.asarray(pool[C.SAMPLE_SCORE], dtype=np.float64)))  # the distributed sort's order
+    rows = rank[: validate_m(m, len(ids))] if spec.top_m else np.arange(len(ids))
+    excess = [pool[C.EXCESS][i] for i in rows]
+    if not spec.token_filter:
+        masks = [np.ones(len(x), dtype=bool) for x in excess]
+    elif scope == "per_sample":
+        masks = select_tokens(excess, k, "per_sample")
+    else:  # ties go to the earlier sample: by rank inside per_batch groups, by sample id globally
+        rows_in_rank = np.argsort(rank)[rows]  # each kept row's position in the ranking
+        order = np.argsort(rows_in_rank if scope == "per_batch" else ids[rows], kind="stable")
+        ranked = select_tokens([excess[i] for i in order], k, scope, group_size)
+        masks = [None] * len(rows)
+        for position, i in enumerate(order):
+            masks[i] = ranked[position]
+    return {**{name: values[rows] for name, values in pool.items()}, C.KEEP: masks}
 
 
 def _keep_in_batch(batch: dict, k: float, scope: str):
