@@ -117,9 +117,13 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
     assert zoo_loads[:1] == engine_loads and len(zoo_loads) == 1 + 2
     assert all(e["stage"] == "train" and e["adapters"] == ["bool-a", "count-b", "count-c"] for e in zoo_loads[1:])
     assert record["model_loads"] == {"source_engines": 1, "training_workers": 2}
-    shared = [e for e in RunDir(out).events() if e["event"] == "shared_pass"]
-    # one Ray Data pass filtered every pool (groupby adapter) and aligned the kept rows (one tokenizer actor)
-    assert [(e["stage"], e["adapters"]) for e in shared] == [("filter+align", ["bool-a", "count-b", "count-c"])]
+    shared = [(e["stage"], e["adapters"]) for e in RunDir(out).events() if e["event"] == "shared_pass"]
+    # one Ray Data pass filtered every pool (groupby adapter) and aligned the kept rows (one tokenizer
+    # actor); one worker group trained them all; zoo.json says how long each took
+    assert shared == [("filter+align", ["bool-a", "count-b", "count-c"]), ("train", ["bool-a", "count-b", "count-c"])]
+    assert [(p["stage"], p["adapters"]) for p in record["shared_passes"]] == shared
+    assert all(p["seconds"] > 0 for p in record["shared_passes"])
+    assert "Shared passes (seconds in no adapter's row): filter+align" in (out / "summary.md").read_text()
     assert (out / "runs" / "count-c" / "queries" / "_COMPLETE.json").read_text() == \
         (out / "runs" / "count-b" / "queries" / "_COMPLETE.json").read_text()  # written once for the task, shared
     for name in ("bool-a", "count-b"):
@@ -237,3 +241,19 @@ def test_gate_rule(expert, vanilla, migrated, min_retained, majority, passed, re
     if majority is not None and not passed:
         assert "majority rate" in why
     assert share == (None if retained is None else pytest.approx(retained))
+
+
+@pytest.mark.parametrize("spec", ["smollm2-135m", "gemma3-270m"])  # its own template; none (titok's plain one)
+def test_provenance_hashes_the_chat_template_the_tokenizer_gets_without_loading_it(spec, tmp_path):
+    import hashlib
+
+    from titok.models import load_tokenizer, resolve_model_path
+    from titok.zoo_report import _chat_template_text, _model_fingerprint
+
+    expected = hashlib.sha256(load_tokenizer(spec).chat_template.encode()).hexdigest()[:16]
+    assert _chat_template_text(Path(resolve_model_path(spec))) is not None  # read from the folder
+    assert _model_fingerprint(spec, False)["chat_template_sha256"] == expected
+    folder = tmp_path / "named"  # transformers' list form of several named templates
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default", "template": "{{x}}"}]}))
+    assert _chat_template_text(folder) == {"default": "{{x}}"}

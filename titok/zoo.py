@@ -8,13 +8,14 @@ work shared:
 - the source base is loaded once per engine actor with every adapter (``SourceEngines``) and serves
   all adapters' queries, labels and scores; each pass serves one adapter, so a batch never mixes them;
 - queries are written once per task (and query settings) and copied to the other adapters of it;
-- filter runs per adapter, all adapters side by side; one alignment pass carries every adapter's
-  kept rows to the target tokenizer (rows are aligned one by one);
+- one Ray Data pass filters every adapter's scored pool (``groupby`` on the adapter, each pool whole
+  on one worker) and streams the kept rows into one alignment pass to the target tokenizer;
 - the trainings share worker groups: each group starts its Ray Train workers and loads the target
   once, then trains its adapters one after another (``ray_train.group_jobs``);
   ``concurrent_trainings`` groups run side by side.
 One adapter's failure (unreadable weights, no surviving queries, a non-finite loss) marks its row
-failed with the reason; the others finish. A rerun reuses every finished stage, so a finished
+failed with the reason; the others finish (a shared pass that fails falls back to each adapter's own
+stage, where the failure stays that adapter's). A rerun reuses every finished stage, so a finished
 adapter costs nothing again. Then each adapter goes through the release gate (``zoo_report``), and
 the zoo folder gets the migrated adapters with provenance, ``zoo.json``, ``summary.md``/``.csv``
 and a vLLM serving file.
@@ -194,7 +195,7 @@ def migrate(manifest: ZooManifest) -> dict:
         check_plan(cfg, resources)  # before any model loads
     out = Path(manifest.out_dir).resolve()
     RunDir(out).claim()  # the zoo's own folder; its event log gets the engine loads
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     rows = {a.name: {"name": a.name, "task": a.task, "source_adapter": a.path, "status": "pending", "reason": ""}
             for a in manifest.adapters}
     for name, reason in unusable.items():
@@ -229,7 +230,9 @@ def migrate(manifest: ZooManifest) -> dict:
         rows[name]["stages"] = {stage: info.get("status") for stage, info in runner.timings.items()}
         rows[name]["stage_seconds"] = {stage: info.get("seconds") for stage, info in runner.timings.items()
                                        if info.get("status") == "ran"}  # this job's compute, not an earlier one's
-    return gate_and_write(manifest, configs, rows, runners, out, time.perf_counter() - started)
+    shared = [{k: e[k] for k in ("stage", "adapters", "seconds")} for e in RunDir(out).events()
+              if e.get("event") == "shared_pass" and e["time"] >= started_at]  # work no one adapter's row holds
+    return gate_and_write(manifest, configs, rows, runners, out, time.perf_counter() - started, shared)
 
 
 def _alive(rows: dict, names: list[str]) -> list[str]:
@@ -275,13 +278,15 @@ def _filter_and_align_together(runners: dict, names: list[str], out: Path) -> No
                     for n in group}
         kept = ray.data.from_arrow(scored).groupby(_ADAPTER).map_groups(
             _filter_one_pool, fn_kwargs={"settings": settings}, batch_format="numpy")
+        started = time.perf_counter()
         try:
             aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
                                        promote_options="default")
         except Exception as err:  # noqa: BLE001 - then each adapter filters alone and fails (or not) alone
             print(f"[migrate] filtering {group} together failed ({_failure(err)}); filtering each alone", flush=True)
             continue
-        RunDir(out).log_event(event="shared_pass", stage="filter+align", adapters=group, rows=scored.num_rows)
+        RunDir(out).log_event(event="shared_pass", stage="filter+align", adapters=group, rows=scored.num_rows,
+                              seconds=round(time.perf_counter() - started, 1))
         for name in group:
             mine = aligned.filter(pc.equal(aligned[_ADAPTER], name))
             mine = mine.take(pc.sort_indices(mine[_ORDER])).drop_columns([_ADAPTER, _ORDER])  # the filter's order
@@ -326,13 +331,15 @@ def _align_together(runners: dict, names: list[str], out: Path) -> None:
         if len(group) < 2:
             continue  # nothing to share: the adapter's own align stage runs as in a transplant
         kept = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
+        started = time.perf_counter()
         try:
             aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
                                        promote_options="default")
         except Exception as err:  # noqa: BLE001 - then each adapter aligns alone and fails (or not) alone
             print(f"[migrate] aligning {group} together failed ({_failure(err)}); aligning each alone", flush=True)
             continue
-        RunDir(out).log_event(event="shared_pass", stage="align", adapters=group, rows=kept.num_rows)
+        RunDir(out).log_event(event="shared_pass", stage="align", adapters=group, rows=kept.num_rows,
+                              seconds=round(time.perf_counter() - started, 1))
         for name in group:
             runners[name].provided["align"] = aligned.filter(pc.equal(aligned[_ADAPTER], name)).drop_columns([_ADAPTER])
 
@@ -340,6 +347,7 @@ def _align_together(runners: dict, names: list[str], out: Path) -> None:
 def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: Path) -> None:
     """Train every adapter whose train stage is not complete, in as few worker groups as can share a
     loaded target; each runner gets its outcome (an adapter or the error that ended it)."""
+    from titok.runstate import RunDir
     from titok.train.ray_train import TrainOutcome, group_jobs, run_training
 
     jobs = {}
@@ -354,10 +362,14 @@ def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: 
     def fit(group: list[str]) -> dict:
         key = hashlib.sha256(json.dumps([[n, runners[n].fingerprint_of("train")] for n in group]).encode()).hexdigest()[:12]
         print(f"[migrate] training {group} on one worker group", flush=True)
+        started = time.perf_counter()
         try:  # the same group, resubmitted, resumes from its checkpoints in the same folder
-            return run_training({n: jobs[n] for n in group}, str(out / "trainings" / key), log_dir=str(out))
+            outcomes = run_training({n: jobs[n] for n in group}, str(out / "trainings" / key), log_dir=str(out))
         except Exception as err:  # noqa: BLE001 - the group's failure is its adapters', not the zoo's
-            return {n: TrainOutcome(n, error=err) for n in group}
+            outcomes = {n: TrainOutcome(n, error=err) for n in group}
+        RunDir(out).log_event(event="shared_pass", stage="train", adapters=group,
+                              seconds=round(time.perf_counter() - started, 1))
+        return outcomes
 
     with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
         for outcomes in pool.map(fit, group_jobs({n: config for n, (_, config) in jobs.items()}, groups_at_once)):

@@ -23,7 +23,8 @@ from titok.layout import adapter_digest, file_digest
 
 __all__ = ["gate_and_write", "gate_rule", "provenance", "serving_modules", "write_serving_files"]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja")
 
 
 def gate_rule(expert: float, vanilla: float, migrated: float, min_retained: float,
@@ -57,9 +58,24 @@ def _model_fingerprint(spec: str, trust_remote_code: bool) -> dict:
             if (path / name).is_file():
                 tokenizer.update(name.encode() + (path / name).read_bytes())
         record["tokenizer_sha256"] = tokenizer.hexdigest()[:16]
-    template = load_tokenizer(spec, trust_remote_code).chat_template or ""
+    template = _chat_template_text(path) or load_tokenizer(spec, trust_remote_code).chat_template or ""
     record["chat_template_sha256"] = hashlib.sha256(str(template).encode()).hexdigest()[:16]
     return record
+
+
+def _chat_template_text(path: Path) -> str | None:
+    """The chat template ``load_tokenizer`` would give, read from the model folder without building the
+    tokenizer (seconds for a 262k vocabulary); None where the folder has no tokenizer config (a hub id)."""
+    from titok.models import PLAIN_CHAT_TEMPLATE
+
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+    if isinstance(template, list):  # named templates: transformers keeps them as {name: template}
+        template = {t["name"]: t["template"] for t in template}
+    return template or PLAIN_CHAT_TEMPLATE  # a tokenizer without one gets titok's plain template
 
 
 def _stage_digest(run_root: Path, stages: tuple[str, ...]) -> str:
@@ -165,9 +181,11 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path, seconds: float) -> dict:
+def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path, seconds: float,
+                   shared: list[dict] = ()) -> dict:
     """Copy the migrated adapters out with provenance, run the gate, write zoo.json, the summaries and
-    the serving file; returns the zoo record."""
+    the serving file; returns the zoo record. ``shared``: the passes that served several adapters at
+    once (stage, adapters, seconds); their time is in no adapter's stage seconds."""
     from titok.models import resolve_model_path
 
     adapters_dir = out / "adapters"
@@ -197,7 +215,8 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
     stages = [e.get("stage") for e in RunDir(out).events() if e.get("event") == "model_load"]
     loads = {"source_engines": stages.count("engine"), "training_workers": stages.count("train")}  # over every job on out
     record = {"source_base": manifest.source_base, "target_base": manifest.target_base, "seconds": round(seconds, 1),
-              "model_loads": loads, "adapters": list(rows.values()), "manifest": manifest.model_dump()}
+              "model_loads": loads, "shared_passes": list(shared), "adapters": list(rows.values()),
+              "manifest": manifest.model_dump()}
     (out / "zoo.json").write_text(json.dumps(record, indent=2, default=str))
     table = _summary_rows(rows)
     with open(out / "summary.csv", "w", newline="") as f:
@@ -211,6 +230,8 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
              f"{sum(1 for r in rows.values() if (r.get('gate') or {}).get('passed'))} pass the release gate "
              f"(min_retained {manifest.gate.min_retained:g}); model loads: source engines {loads['source_engines']}, "
              f"training workers {loads['training_workers']}; {seconds / 60:.1f} min.", "",
+             *(["Shared passes (seconds in no adapter's row): " + "; ".join(
+                 f"{p['stage']} {p['seconds']} s for {', '.join(p['adapters'])}" for p in shared) + ".", ""] if shared else []),
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in table]
     lines += ["", "Fit to ship: the rows whose gate is `pass`. `serve.sh` / `lora-modules.json` serve every migrated "
