@@ -140,6 +140,31 @@ def test_transplant_killed_after_scores_resumes_and_reruns_without_model_work(ti
     assert (adapter / "adapter_model.safetensors").read_bytes() == weights
 
 
+def test_labels_stream_into_the_scores_the_scores_stage_would_make(tiny_model_dirs, tmp_path, local_ray):
+    """Each labelled batch is scored on its engine at once; the rows equal those of a scores stage
+    run from the persisted labels (what a run stopped after labels, then resumed, does)."""
+    streamed, staged = (tiny_transplant_config(tiny_model_dirs, tmp_path / name) for name in ("streamed", "staged"))
+    transplant(streamed, until="scores")
+    transplant(staged, until="labels")  # stops after labels: nothing to stream into
+    resumed = transplant(staged, until="scores")
+    assert resumed["stages"]["labels"]["status"] == "cached" and resumed["stages"]["scores"]["status"] == "ran"
+    for run_dir, expected in ((tmp_path / "streamed", [True]), (tmp_path / "staged", [False])):
+        assert [e["streamed_into_scores"] for e in RunDir(run_dir).events()
+                if e["event"] == "expert_logprobs_from_generation"] == expected
+    for stage in ("labels", "scores"):
+        a, b = _stage(tmp_path / "streamed", stage), _stage(tmp_path / "staged", stage)
+        assert list(a.columns) == list(b.columns) and len(a) == len(b) == streamed.pool_size
+        for column in a.columns:
+            for x, y in zip(a[column], b[column]):
+                if isinstance(x, str) or np.isscalar(x):
+                    assert x == y or (x != x and y != y), column  # NaN == NaN for empty responses' scores
+                elif x is None or y is None:
+                    assert x is None and y is None, column
+                else:
+                    np.testing.assert_allclose(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
+                                               atol=1e-6, err_msg=column)
+
+
 @pytest.mark.slow
 def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local_ray):
     cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",

@@ -6,7 +6,9 @@ Every stage writes Parquet (or the adapter) under ``run_dir/<stage>/`` and a com
 rerun of the same config reads complete stages back instead of recomputing them, so a run killed
 after any stage resumes from there. The source model serves queries, labels and scores from one
 set of engine actors (``stages.fleet``), started when the first of them runs and freed before
-training; before any of it, the config's plan must fit the cluster Ray reports (``titok.plan``).
+training; labels stream into scores (each batch is scored on its engine as soon as it is labelled,
+and both stages still persist their rows). Before any of it, the config's plan must fit the
+cluster Ray reports (``titok.plan``).
 """
 
 from __future__ import annotations
@@ -68,15 +70,21 @@ VLLM_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_uti
                "max_loras", "max_cpu_loras", "max_lora_rank", "vllm_score_tolerance")
 
 
-def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEngines, adapter: str):
-    """The expert (source base + ``adapter``) answers every query, greedy by default."""
+def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEngines, adapter: str,
+                    then_score: bool = False) -> tuple[pa.Table, pa.Table | None]:
+    """The expert (source base + ``adapter``) answers every query, greedy by default: ``(labels, scores)``.
+    ``then_score``: each batch is scored on its engine as soon as it is labelled (labels stream into
+    scores, no wait for the whole stage); else scores is None and the scores stage does it."""
     params = {"max_new_tokens": cfg.labels.max_new_tokens, "temperature": cfg.labels.temperature, "seed": cfg.seed}
-    labels = engines().map(queries, "labels", {"generation": params, "adapter": adapter})
+    operation = "labels+scores" if then_score and queries.num_rows else "labels"
+    out = engines().map(queries, operation, {"generation": params, "adapter": adapter})
+    labels, scores = out if isinstance(out, tuple) else (out, None)
     rescore = labels.column(C.EXPERT_LOGPROBS).null_count  # answers that do not re-tokenize to their own tokens
     print(f"  labels: {labels.num_rows - rescore} answers keep their expert log-probs from generation, "
-          f"{rescore} are rescored", flush=True)
-    engines.run_log.log_event(event="expert_logprobs_from_generation", kept=labels.num_rows - rescore, rescored=rescore)
-    return labels
+          f"{rescore} are rescored{' (scored as they came)' if scores is not None else ''}", flush=True)
+    engines.run_log.log_event(event="expert_logprobs_from_generation", kept=labels.num_rows - rescore, rescored=rescore,
+                              streamed_into_scores=scores is not None)
+    return labels, scores
 
 
 def score_excess(cfg: TransplantConfig, labels: pa.Table, engines: SourceEngines, adapter: str):
@@ -181,17 +189,25 @@ class StageRunner:
     """
 
     def __init__(self, cfg: TransplantConfig, engines: SourceEngines, adapter: str = "default"):
-        self.cfg, self.run = cfg, RunDir(cfg.run_dir)
+        self.cfg, self.run, self.engines, self.adapter = cfg, RunDir(cfg.run_dir), engines, adapter
+        self.stream_scores = True  # labels stream into scores (off when the run stops after labels)
         self.fields, self.timings, self.fingerprint, self.rows = _stage_fields(cfg), {}, "", None
-        self.provided: dict = {}  # "filter"/"align" rows or a "train" outcome, made together with other runs' (a zoo)
+        self.provided: dict = {}  # rows a stage gets made already: "scores" with the labels, "filter"/"align"
+        # rows or a "train" outcome made together with other runs' (a zoo)
         self.steps = {
             "queries": lambda _: write_query_pool(cfg, self.run, engines),
-            "labels": lambda queries: label_responses(cfg, queries, engines, adapter),
-            "scores": lambda labels: score_excess(cfg, labels, engines, adapter),
+            "labels": self._labels,
+            "scores": self._provided_or("scores", lambda labels: score_excess(cfg, labels, engines, adapter)),
             "filter": self._provided_or("filter", lambda scores: filter_samples_and_tokens(cfg, scores)),
             "align": self._provided_or("align", lambda kept: align_to_target(cfg, kept)),
             "train": lambda aligned: train_target(cfg, self.run, aligned, self.provided.pop("train", None)),
         }
+
+    def _labels(self, queries: pa.Table) -> pa.Table:
+        labels, scores = label_responses(self.cfg, queries, self.engines, self.adapter, self.stream_scores)
+        if scores is not None:  # the scores stage persists them (a run killed before it rescores from labels)
+            self.provided["scores"] = scores
+        return labels
 
     def _provided_or(self, stage: str, compute):
         """The stage's rows made together with other runs' (a zoo's shared pass), else its own."""
@@ -245,6 +261,7 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
 
     engines = SourceEngines(cfg, str(run.root), {"default": cfg.source_adapter})
     runner = StageRunner(cfg, engines)
+    runner.stream_scores = until != "labels"
     try:
         for name in STAGES[: STAGES.index(until or "export") + 1]:
             if name not in SOURCE_STAGES:

@@ -56,9 +56,11 @@ class EngineActor:
         batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
         out = OPERATIONS[operation](self.engine, batch, params)
         backend = getattr(self.engine, "scoring_backend", None)
-        if operation == "scores" and backend and not self._backend_logged:  # vLLM's calibration verdict
+        if "scores" in operation and backend and not self._backend_logged:  # vLLM's calibration verdict
             self.run_dir.log_event(event="scoring_backend", stage="scores", backend=backend)
             self._backend_logged = True
+        if isinstance(out, tuple):  # one table per stage (labels+scores)
+            return tuple(part if isinstance(part, pa.Table) else table(part) for part in out)
         return out if isinstance(out, pa.Table) else table(out)
 
 
@@ -81,16 +83,18 @@ class EngineFleet:
         ray.get([a.ready.remote() for a in self.actors])  # surface a load error here, once
         self.batch_size = batch_size
 
-    def map(self, rows: pa.Table, operation: str, params: dict | None = None) -> pa.Table:
+    def map(self, rows: pa.Table, operation: str, params: dict | None = None):
         """``rows`` through ``operation``, ``batch_size`` rows at a time on whichever engine is free;
-        the result keeps the rows' order."""
+        the result keeps the rows' order (a tuple of tables for an operation that gives several)."""
         from ray.util import ActorPool
 
         batches = [rows.slice(start, self.batch_size) for start in range(0, rows.num_rows, self.batch_size)]
         if not batches:
             return rows
-        done = ActorPool(self.actors).map(lambda actor, batch: actor.run.remote(operation, batch, params), batches)
-        return pa.concat_tables(list(done), promote_options="default")
+        done = list(ActorPool(self.actors).map(lambda actor, batch: actor.run.remote(operation, batch, params), batches))
+        if isinstance(done[0], tuple):
+            return tuple(pa.concat_tables(parts, promote_options="default") for parts in zip(*done))
+        return pa.concat_tables(done, promote_options="default")
 
     def close(self) -> None:
         """Free the engines (and their placement groups) for the stages after scoring."""

@@ -1,4 +1,5 @@
-"""What an engine does with one batch of rows: write queries, label them, score them.
+"""What an engine does with one batch of rows: write queries, label them, score them (or label and
+score them in one go).
 
 Plain functions of (engine, batch, params), run inside the engine actors of ``stages.fleet``; each
 checks the columns it needs and returns the batch with its own columns added.
@@ -14,7 +15,7 @@ from titok.queries import parse_query
 from titok.select import sample_scores
 from titok.stages.arrow import table
 
-__all__ = ["OPERATIONS", "label_responses", "score_excess", "write_queries"]
+__all__ = ["OPERATIONS", "label_and_score", "label_responses", "score_excess", "write_queries"]
 
 
 def _check(stage: str, batch: dict, required: tuple[str, ...]) -> None:
@@ -69,4 +70,12 @@ def score_excess(engine: InferenceEngine, batch: dict, params: dict):
     })
 
 
-OPERATIONS = {"queries": write_queries, "labels": label_responses, "scores": score_excess}
+def label_and_score(engine: InferenceEngine, batch: dict, params: dict):
+    """Labels, then scores of the same rows while they are in hand (labels stream into scores):
+    ``(labels, scores)``, each what its own operation gives for the batch."""
+    labels = label_responses(engine, batch, params)
+    columns = {name: labels.column(name).to_numpy(zero_copy_only=False) for name in labels.column_names}
+    return labels, score_excess(engine, columns, params)
+
+
+OPERATIONS = {"queries": write_queries, "labels": label_responses, "scores": score_excess, "labels+scores": label_and_score}
