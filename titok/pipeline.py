@@ -210,7 +210,7 @@ class StageRunner:
         return labels
 
     def _provided_or(self, stage: str, compute):
-        """The stage's rows made together with other runs' (a zoo's shared pass), else its own."""
+        """The stage's rows made already (scores streamed with the labels, a zoo's shared pass), else its own."""
         return lambda rows: self.provided.pop(stage) if stage in self.provided else compute(rows)
 
     def fingerprint_of(self, name: str) -> str:

@@ -260,34 +260,18 @@ def _filter_and_align_together(runners: dict, names: list[str], out: Path) -> No
     import ray
 
     from titok import columns as C
-    from titok.pipeline import align_settings, align_to_target
-    from titok.runstate import RunDir
     from titok.stages.filtering import FILTER_METHODS
 
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        runner = runners[name]
-        if runner.rows is not None and FILTER_METHODS[runner.cfg.filter.method].top_m is not None \
-                and not runner.is_complete("filter"):
-            groups.setdefault(json.dumps(align_settings(runner.cfg), sort_keys=True), []).append(name)
-    for group in groups.values():
-        if len(group) < 2:
-            continue
+    eligible = [n for n in names if runners[n].rows is not None and not runners[n].is_complete("filter")
+                and FILTER_METHODS[runners[n].cfg.filter.method].top_m is not None]
+    for group in _align_groups(runners, eligible):
         scored = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
         settings = {n: runners[n].cfg.filter.model_dump(include={"method", "top_m", "k", "token_scope", "group_size"})
                     for n in group}
         kept = ray.data.from_arrow(scored).groupby(_ADAPTER).map_groups(
             _filter_one_pool, fn_kwargs={"settings": settings}, batch_format="numpy")
-        started = time.perf_counter()
-        try:
-            aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
-                                       promote_options="default")
-        except Exception as err:  # noqa: BLE001 - then each adapter filters alone and fails (or not) alone
-            print(f"[migrate] filtering {group} together failed ({_failure(err)}); filtering each alone", flush=True)
-            continue
-        RunDir(out).log_event(event="shared_pass", stage="filter+align", adapters=group, rows=scored.num_rows,
-                              seconds=round(time.perf_counter() - started, 1))
-        for name in group:
+        aligned = _aligned_together("filter+align", group, runners, kept, scored.num_rows, out)
+        for name in group if aligned is not None else ():
             mine = aligned.filter(pc.equal(aligned[_ADAPTER], name))
             mine = mine.take(pc.sort_indices(mine[_ORDER])).drop_columns([_ADAPTER, _ORDER])  # the filter's order
             runners[name].provided["filter"] = mine.select(runners[name].rows.column_names + [C.KEEP])
@@ -315,33 +299,51 @@ def _filter_one_pool(pool: dict, settings: dict) -> dict:
 
 def _align_together(runners: dict, names: list[str], out: Path) -> None:
     """One alignment pass (one tokenizer actor, or one target model for a target-aware reference) over
-    the kept rows of every adapter whose align stage is not complete, per set of align settings."""
+    the kept rows of every adapter whose align stage is neither complete nor made by the shared
+    filter pass, per set of align settings."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import ray
 
-    from titok.pipeline import align_settings, align_to_target
-    from titok.runstate import RunDir
+    eligible = [n for n in names if runners[n].rows is not None and "align" not in runners[n].provided
+                and not runners[n].is_complete("align")]
+    for group in _align_groups(runners, eligible):
+        kept = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
+        aligned = _aligned_together("align", group, runners, kept, kept.num_rows, out)
+        for name in group if aligned is not None else ():
+            runners[name].provided["align"] = aligned.filter(pc.equal(aligned[_ADAPTER], name)).drop_columns([_ADAPTER])
+
+
+def _align_groups(runners: dict, names: list[str]) -> list[list[str]]:
+    """Adapters that can share an alignment pass (same align settings), two or more to a group; a lone
+    one runs its own stage as in a transplant."""
+    from titok.pipeline import align_settings
 
     groups: dict[str, list[str]] = {}
     for name in names:
-        if runners[name].rows is not None and "align" not in runners[name].provided and not runners[name].is_complete("align"):
-            groups.setdefault(json.dumps(align_settings(runners[name].cfg), sort_keys=True), []).append(name)
-    for group in groups.values():
-        if len(group) < 2:
-            continue  # nothing to share: the adapter's own align stage runs as in a transplant
-        kept = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
-        started = time.perf_counter()
-        try:
-            aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
-                                       promote_options="default")
-        except Exception as err:  # noqa: BLE001 - then each adapter aligns alone and fails (or not) alone
-            print(f"[migrate] aligning {group} together failed ({_failure(err)}); aligning each alone", flush=True)
-            continue
-        RunDir(out).log_event(event="shared_pass", stage="align", adapters=group, rows=kept.num_rows,
-                              seconds=round(time.perf_counter() - started, 1))
-        for name in group:
-            runners[name].provided["align"] = aligned.filter(pc.equal(aligned[_ADAPTER], name)).drop_columns([_ADAPTER])
+        groups.setdefault(json.dumps(align_settings(runners[name].cfg), sort_keys=True), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def _aligned_together(stage: str, group: list[str], runners: dict, kept, n_rows: int, out: Path):
+    """``kept`` (every adapter's rows: a table, or a dataset still being computed) through one alignment
+    pass, logged as a shared pass; None if it fails (each adapter then runs its own stages, and fails or
+    not alone)."""
+    import pyarrow as pa
+    import ray
+
+    from titok.pipeline import align_to_target
+    from titok.runstate import RunDir
+
+    started = time.perf_counter()
+    try:
+        aligned = pa.concat_tables(ray.get(align_to_target(runners[group[0]].cfg, kept, str(out)).to_arrow_refs()),
+                                   promote_options="default")
+    except Exception as err:  # noqa: BLE001 - the shared pass is an optimisation: its failure is no adapter's
+        print(f"[migrate] {stage} for {group} together failed ({_failure(err)}); each adapter runs its own", flush=True)
+        return None
+    RunDir(out).log_event(event="shared_pass", stage=stage, adapters=group, rows=n_rows,
+                          seconds=round(time.perf_counter() - started, 1))
+    return aligned
 
 
 def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: Path) -> None:
