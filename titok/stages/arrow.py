@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from titok import columns as C
 
-__all__ = ["table"]
+__all__ = ["numpy_columns", "table"]
 
 _LIST_TYPES = {
     C.TOKEN_IDS: pa.list_(pa.int64()),
@@ -31,3 +31,8 @@ def table(columns: dict) -> pa.Table:
         else:
             arrays[name] = pa.array(list(values) if isinstance(values, np.ndarray) and values.dtype == object else values)
     return pa.table(arrays)
+
+
+def numpy_columns(rows: pa.Table) -> dict:
+    """``table``'s inverse: the batch form the stage operations take (list columns as object arrays)."""
+    return {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}

@@ -50,11 +50,10 @@ class EngineActor:
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     def run(self, operation: str, rows: pa.Table, params: dict | None) -> pa.Table:
-        from titok.stages.arrow import table
+        from titok.stages.arrow import numpy_columns, table
         from titok.stages.inference import OPERATIONS
 
-        batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
-        out = OPERATIONS[operation](self.engine, batch, params)
+        out = OPERATIONS[operation](self.engine, numpy_columns(rows), params)
         backend = getattr(self.engine, "scoring_backend", None)
         if "scores" in operation and backend and not self._backend_logged:  # vLLM's calibration verdict
             self.run_dir.log_event(event="scoring_backend", stage="scores", backend=backend)

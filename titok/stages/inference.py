@@ -13,7 +13,7 @@ from titok import columns as C
 from titok.engines import GenerationParams, InferenceEngine
 from titok.queries import parse_query
 from titok.select import sample_scores
-from titok.stages.arrow import table
+from titok.stages.arrow import numpy_columns, table
 
 __all__ = ["OPERATIONS", "label_and_score", "label_responses", "score_excess", "write_queries"]
 
@@ -74,8 +74,7 @@ def label_and_score(engine: InferenceEngine, batch: dict, params: dict):
     """Labels, then scores of the same rows while they are in hand (labels stream into scores):
     ``(labels, scores)``, each what its own operation gives for the batch."""
     labels = label_responses(engine, batch, params)
-    columns = {name: labels.column(name).to_numpy(zero_copy_only=False) for name in labels.column_names}
-    return labels, score_excess(engine, columns, params)
+    return labels, score_excess(engine, numpy_columns(labels), params)
 
 
 OPERATIONS = {"queries": write_queries, "labels": label_responses, "scores": score_excess, "labels+scores": label_and_score}
