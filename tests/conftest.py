@@ -53,6 +53,17 @@ def tiny_gemma3(tokenizer, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def lm_head_copies(run, vocab_size: int) -> list[tuple[str, list]]:
+    """The ops in ``run()`` that expand or batch-multiply a vocabulary-sized tensor: what torch.matmul
+    does with a frozen LM head over a strided (B, T, H) input (B copies of the head), never needed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    return [(e.name, e.input_shapes) for e in prof.events()
+            if e.name in ("aten::bmm", "aten::expand") and any(vocab_size in shape[-2:] for shape in e.input_shapes if shape)]
+
+
 def start_local_ray():
     """The local Ray the tests share (2 CPUs, like this machine and CI); started on first use."""
     import ray

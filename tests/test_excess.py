@@ -5,9 +5,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from titok.excess import score_pairs
+from titok.excess import response_logprobs, score_pairs
 from titok.models import load_model
-from titok.sequences import encode_pair
+from titok.sequences import collate, encode_pair
+from tests.conftest import lm_head_copies
 
 PAIRS = [
     ("What is 2+2?", "2+2 equals 4."),
@@ -198,3 +199,12 @@ def test_one_mixed_forward_scores_what_two_passes_score(smollm2_tokenizer, side)
         np.testing.assert_allclose(a.expert_logprobs, b.expert_logprobs, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a.amateur_logprobs, b.amateur_logprobs, atol=1e-5, rtol=0)
     assert np.abs(np.concatenate([s.excess for s in two if s is not two[1]])).max() > 1e-3  # the adapter matters
+
+
+def test_the_frozen_lm_head_is_never_copied_per_row(expert, smollm2_tokenizer):
+    """The amateur pass of a left-padded batch keeps logits from mid-sequence on; the frozen head must
+    run as one matmul over those positions, not as a batched matmul over B copies of itself."""
+    batch = collate([encode_pair(smollm2_tokenizer, q, r) for q, r in PAIRS], smollm2_tokenizer.pad_token_id, "left")
+    assert batch.logits_start() > 0
+    with expert.disable_adapter():
+        assert lm_head_copies(lambda: response_logprobs(expert, batch), len(smollm2_tokenizer)) == []

@@ -5,7 +5,7 @@ from peft import PeftModel
 from titok.loss import selective_cross_entropy
 from titok.sequences import build_training_batch
 from titok.train.step import TorchEngine, attach_fresh_lora, selective_loss, training_step
-from tests.conftest import tiny_gemma3, tiny_llama
+from tests.conftest import lm_head_copies, tiny_gemma3, tiny_llama
 
 QUERIES = ["Evaluate: True and not False", "Sort the words: pear apple fig"]
 RESPONSES = ["True, because not False is True.", "apple fig pear"]
@@ -110,6 +110,15 @@ def test_selective_loss_skips_prompt_logits_without_changing_the_loss(smollm2_to
     torch.testing.assert_close(selective_loss(model, batch), full)
     rho1 = selective_cross_entropy(logits, batch.input_ids, batch.token_weights, batch.response_mask, "rho1", 0.7)
     torch.testing.assert_close(selective_loss(model, batch, "rho1", 0.7), rho1)
+
+
+def test_the_frozen_lm_head_is_never_copied_per_row(gemma3_tokenizer):
+    """Response logits start mid-sequence; the frozen head must still run as one matmul, forward and
+    backward (a strided slice made torch expand it per row: Gemma-3-270M steps 4x slower)."""
+    model = attach_fresh_lora(tiny_gemma3(gemma3_tokenizer), dropout=0.0)
+    batch = _batch(gemma3_tokenizer, lambda n: [1.0] * n)
+    assert batch.logits_start() > 0 and batch.input_ids.shape[0] > 1  # the case that was slow
+    assert lm_head_copies(lambda: selective_loss(model, batch).backward(), len(gemma3_tokenizer)) == []
 
 
 def test_end_of_turn_token_is_always_trained(smollm2_tokenizer):

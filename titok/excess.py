@@ -70,7 +70,7 @@ def response_logprobs(model: torch.nn.Module, batch: Batch, **forward_kwargs) ->
     """log P(token | prefix) for each sequence's response tokens: a list of B float32 tensors."""
     batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
-    logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from, **forward_kwargs).logits
+    logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep(), **forward_kwargs).logits
     # logits[:, j] predicts input token keep_from + j + 1
     logprobs = token_logprobs(logits[:, :-1], batch.input_ids[:, keep_from + 1 :])
     mask = batch.response_mask[:, keep_from + 1 :]

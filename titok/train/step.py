@@ -51,7 +51,7 @@ def selective_loss(
 ) -> torch.Tensor:
     """Selective CE; logits only from the first position that predicts a response token."""
     keep_from = batch.logits_start()
-    logits = model(**batch.model_inputs(), logits_to_keep=batch.input_ids.shape[1] - keep_from).logits
+    logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep()).logits
     return selective_cross_entropy(logits, batch.input_ids[:, keep_from:], batch.token_weights[:, keep_from:],
                                    batch.response_mask[:, keep_from:], normalization, k)
 
