@@ -183,11 +183,13 @@ def test_token_budget_batches(lengths, rows, tokens, expected):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_one_mixed_forward_scores_what_two_passes_score(smollm2_tokenizer, side):
-    """Amateur and expert rows in one forward (PEFT's per-row adapter) equal the two separate passes."""
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "v_proj", "lm_head"]])
+def test_one_mixed_forward_scores_what_two_passes_score(smollm2_tokenizer, side, targets):
+    """Amateur and expert rows in one forward (PEFT's per-row adapter) equal the two separate passes,
+    also with a LoRA on the LM head (which needs the head's rows, so the head is not narrowed there)."""
     from tests.conftest import tiny_llama
 
-    model = get_peft_model(tiny_llama(smollm2_tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+    model = get_peft_model(tiny_llama(smollm2_tokenizer), LoraConfig(r=2, target_modules=targets,
                                                                      init_lora_weights=False)).eval()
     queries, responses = ["What is 2+2?", "Name a color.", "Say hi."], ["2+2 equals 4.", "Blue, or maybe red.", "Hi!"]
     known = [None, np.full(len(encode_pair(smollm2_tokenizer, queries[1], responses[1]).response_ids), -1.0, np.float32), None]
@@ -208,3 +210,15 @@ def test_the_frozen_lm_head_is_never_copied_per_row(expert, smollm2_tokenizer):
     assert batch.logits_start() > 0
     with expert.disable_adapter():
         assert lm_head_copies(lambda: response_logprobs(expert, batch), len(smollm2_tokenizer)) == []
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_lm_head_runs_only_where_a_response_token_is_predicted(expert, smollm2_tokenizer, side):
+    pairs = [encode_pair(smollm2_tokenizer, q, r) for q, r in PAIRS]
+    seen = []
+    hook = expert.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    try:
+        response_logprobs(expert, collate(pairs, smollm2_tokenizer.pad_token_id, side))
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([1, sum(len(p.response_ids) for p in pairs), expert.config.hidden_size])]

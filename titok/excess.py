@@ -5,7 +5,8 @@ amateur (the same base without the LoRA).
 
 One copy of the base weights serves both: the expert pass runs the PEFT model as is, the amateur
 pass runs it inside ``disable_adapter()``. Only response tokens are scored, and only where it counts:
-- logits from the first position that predicts a response token on (``logits_to_keep``);
+- logits only at positions that predict a response token (``lm_head_only_at``: the LM head runs on
+  those hidden states alone);
 - log-probabilities of the actual tokens as ``logit - logsumexp`` in fp32 chunks, never a full fp32
   log-softmax over the vocabulary (Gemma's is 262k wide);
 - batches by a token budget over length-sorted pairs (``max_batch_tokens``), so short pairs are not
@@ -19,11 +20,13 @@ pass runs it inside ``disable_adapter()``. Only response tokens are scored, and 
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedTokenizerBase
 
 from titok.sequences import Batch, EncodedPair, collate, encode_pair
@@ -65,16 +68,48 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return out.view(targets.shape)
 
 
+@contextmanager
+def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor):
+    """Run the LM head on the hidden states where ``positions`` (B, W) is True only, as one (1, N, H)
+    row, so the forward's logits are (1, N, V): the vocabulary projection and its log-sum-exp cost
+    per position, and left-padded rows of unequal answer lengths would otherwise pay for every
+    position from the longest answer's start. A pre-hook on the output embeddings, so whatever the
+    model does to the logits afterwards (Gemma-2's soft-capping) still happens. Yields a dict whose
+    ``"gathered"`` says whether it did; where it did not (a model that computes logits some other
+    way, or did not keep the W + 1 positions asked for) the caller masks full logits instead.
+    """
+    state = {"gathered": False}
+
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != (positions.shape[0], positions.shape[1] + 1):
+            return None
+        state["gathered"] = True
+        return (hidden[:, :-1][positions.to(hidden.device)].unsqueeze(0), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def response_logprobs(model: torch.nn.Module, batch: Batch, **forward_kwargs) -> list[torch.Tensor]:
     """log P(token | prefix) for each sequence's response tokens: a list of B float32 tensors."""
     batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
-    logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep(), **forward_kwargs).logits
-    # logits[:, j] predicts input token keep_from + j + 1
-    logprobs = token_logprobs(logits[:, :-1], batch.input_ids[:, keep_from + 1 :])
-    mask = batch.response_mask[:, keep_from + 1 :]
-    return [row[row_mask] for row, row_mask in zip(logprobs, mask)]
+    # logits at kept position j predict input token keep_from + j + 1
+    targets, predicts_response = batch.input_ids[:, keep_from + 1 :], batch.response_mask[:, keep_from + 1 :]
+    # PEFT's mixed batch picks an adapter per row: a LoRA on the LM head needs the head's rows intact
+    per_row_head = "adapter_names" in forward_kwargs and isinstance(model.get_output_embeddings(), LoraLayer)
+    with nullcontext({"gathered": False}) if per_row_head else lm_head_only_at(model, predicts_response) as head:
+        logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep(), **forward_kwargs).logits
+    if head["gathered"]:
+        flat = token_logprobs(logits[0], targets[predicts_response.to(targets.device)].to(logits.device))
+        return list(flat.split(predicts_response.sum(dim=1).tolist()))
+    logprobs = token_logprobs(logits[:, :-1], targets)
+    return [row[row_mask] for row, row_mask in zip(logprobs, predicts_response)]
 
 
 def text_logprobs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str], responses: list[str],
