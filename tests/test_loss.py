@@ -112,6 +112,34 @@ def test_selective_loss_skips_prompt_logits_without_changing_the_loss(smollm2_to
     torch.testing.assert_close(selective_loss(model, batch, "rho1", 0.7), rho1)
 
 
+@pytest.mark.parametrize("normalization,k", [("selected_mean", None), ("rho1", 0.7)])
+def test_the_head_runs_only_on_weighted_predictions_with_the_same_loss_and_gradients(gemma3_tokenizer, normalization, k):
+    model = attach_fresh_lora(tiny_gemma3(gemma3_tokenizer), dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj"))
+    for name, param in model.named_parameters():  # a non-zero LoRA, so the gradients reach every factor
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    batch = _batch(gemma3_tokenizer, lambda n: [0.0 if i % 3 == 0 else 0.5 + (i % 2) / 2 for i in range(n)])
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lora]
+
+    full_logits = lambda: selective_cross_entropy(model(**batch.model_inputs()).logits, batch.input_ids,  # noqa: E731
+                                                  batch.token_weights, batch.response_mask, normalization, k)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:2]))
+    narrowed = loss_and_grads(lambda: selective_loss(model, batch, normalization, k))
+    hook.remove()
+    assert seen == [torch.Size([1, int((batch.token_weights * batch.response_mask)[:, 1:].gt(0).sum())])]
+    reference = loss_and_grads(full_logits)
+    torch.testing.assert_close(narrowed[0], reference[0])
+    for got, want in zip(narrowed[1], reference[1]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
 def test_the_frozen_lm_head_is_never_copied_per_row(gemma3_tokenizer):
     """Response logits start mid-sequence; the frozen head must still run as one matmul, forward and
     backward (a strided slice made torch expand it per row: Gemma-3-270M steps 4x slower)."""

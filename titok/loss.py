@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Normalization", "selective_cross_entropy"]
+__all__ = ["Normalization", "normalize", "selected_cross_entropy", "selective_cross_entropy"]
 
 Normalization = Literal["selected_mean", "rho1"]
 
@@ -41,10 +41,23 @@ def selective_cross_entropy(
     ce = ce.view_as(weights)
     # where() rather than a product: a weight of 0 must cut the gradient even if CE is inf.
     total = torch.where(weights > 0, ce * weights, torch.zeros_like(ce)).sum()
+    return normalize(total, weights, response_mask[:, 1:], normalization, k)
+
+
+def selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * CE) over selected predictions only: logits (N, V), targets and weights (N,), every
+    weight > 0 (the LM head ran on these N positions alone); ``normalize`` divides it."""
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights.float()).sum()
+
+
+def normalize(total: torch.Tensor, weights: torch.Tensor, predicts_response: torch.Tensor,
+              normalization: Normalization = "selected_mean", k: float | None = None) -> torch.Tensor:
+    """The weighted CE sum over one batch divided as ``normalization`` says. ``weights`` are the
+    selected predictions' weights (any shape), ``predicts_response`` marks every response prediction."""
     if normalization == "selected_mean":
-        return total / weights.sum().clamp(min=1e-8)
+        return total / weights.float().sum().clamp(min=1e-8)
     if normalization == "rho1":
         if k is None or not 0.0 < k <= 1.0:
             raise ValueError(f"rho1 normalization needs k in (0, 1], got {k!r}")
-        return total / (k * response_mask[:, 1:].sum()).clamp(min=1e-8)
+        return total / (k * predicts_response.sum()).clamp(min=1e-8)
     raise ValueError(f"normalization must be 'selected_mean' or 'rho1', got {normalization!r}")

@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from titok.loss import Normalization, selective_cross_entropy
+from titok.excess import lm_head_only_at
+from titok.loss import Normalization, normalize, selected_cross_entropy, selective_cross_entropy
 from titok.sequences import TrainingBatch
 
 __all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "selective_loss", "training_step"]
@@ -49,11 +50,21 @@ def enable_gradient_checkpointing(model: PeftModel) -> None:
 def selective_loss(
     model: torch.nn.Module, batch: TrainingBatch, normalization: Normalization = "selected_mean", k: float | None = None
 ) -> torch.Tensor:
-    """Selective CE; logits only from the first position that predicts a response token."""
+    """Selective CE; the LM head runs only where a prediction has weight (``lm_head_only_at``): with
+    a 262k vocabulary (Gemma) the head costs more than the body per position, forward and backward."""
     keep_from = batch.logits_start()
-    logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep()).logits
-    return selective_cross_entropy(logits, batch.input_ids[:, keep_from:], batch.token_weights[:, keep_from:],
-                                   batch.response_mask[:, keep_from:], normalization, k)
+    # kept position j predicts input token keep_from + j + 1
+    predicts_response = batch.response_mask[:, keep_from + 1 :]
+    weights = batch.token_weights[:, keep_from + 1 :] * predicts_response
+    selected = weights > 0
+    with lm_head_only_at(model, selected) as head:
+        logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep()).logits
+    if not head["gathered"]:
+        return selective_cross_entropy(logits, batch.input_ids[:, keep_from:], batch.token_weights[:, keep_from:],
+                                       batch.response_mask[:, keep_from:], normalization, k)
+    targets = batch.input_ids[:, keep_from + 1 :][selected]
+    total = selected_cross_entropy(logits[0], targets.to(logits.device), weights[selected].to(logits.device))
+    return normalize(total, weights, predicts_response, normalization, k)
 
 
 def training_step(engine, batch: TrainingBatch, normalization: Normalization = "selected_mean",
@@ -82,6 +93,9 @@ class TorchEngine:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def get_output_embeddings(self) -> torch.nn.Module:  # passed through, as DeepSpeed's engine does
+        return self.module.get_output_embeddings()
 
     def train(self) -> None:
         self.module.train()
