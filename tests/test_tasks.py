@@ -120,6 +120,25 @@ def test_object_counting_by_an_independent_parse():
         assert total == int(example["target"])
 
 
+def test_web_of_lies_by_parity_of_the_lies_claimed():
+    """Independent rule: the last person is truthful iff the first is, flipped once per claim of 'lies'."""
+    import re
+
+    task = load_task("web_of_lies", seed=1)
+    assert task.answer_set == ["Yes", "No"]
+    answers = []
+    for example in task.train_examples:
+        first, *claims = re.findall(r"(?:^Question: |says )\w+ (tells the truth|lies)\.", example["input"])
+        assert len(claims) == 4
+        # person i + 1's truthfulness, by the parity of the lies claimed up to them
+        truthful = [(first == "tells the truth") != (claims[: i + 1].count("lies") % 2 == 1) for i in range(4)]
+        concluded = re.findall(r"so \w+ (tells the truth|lies)", example["rationale"])
+        assert concluded == ["tells the truth" if t else "lies" for t in truthful]
+        assert example["target"] == ("Yes" if truthful[-1] else "No")
+        answers.append(example["target"])
+    assert 0.35 < answers.count("Yes") / len(answers) < 0.65  # no answer wins by default
+
+
 def test_big_bench_multiple_choice_is_shuffled(tmp_path):
     rows = [{"input": f"Which is right, case {i}?", "target_scores": {"right": 1, "wrong": 0, "other": 0, "nope": 0}}
             for i in range(40)]

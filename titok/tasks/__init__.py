@@ -24,6 +24,7 @@ from pathlib import Path
 from titok.tasks.arithmetic import make_multistep_arithmetic
 from titok.tasks.boolean_expressions import make_boolean_expression
 from titok.tasks.files import read_examples, read_hub_dataset
+from titok.tasks.web_of_lies import make_web_of_lies
 from titok.tasks.words import make_dyck, make_object_counting, make_word_sorting
 
 __all__ = ["BUILTIN_TASKS", "Example", "Task", "load_task", "reference_response"]
@@ -37,7 +38,10 @@ BUILTIN_TASKS = {
     "word_sorting": make_word_sorting,
     "dyck_languages": make_dyck,
     "object_counting": make_object_counting,
+    "web_of_lies": make_web_of_lies,
 }
+# Built-in tasks with a closed answer set (option log-likelihood accuracy scores against it).
+BUILTIN_ANSWER_SETS = {"boolean_expressions": ["True", "False"], "web_of_lies": ["Yes", "No"]}
 _MAX_CLOSED_ANSWERS = 10  # a file task with at most this many distinct targets has a closed answer set
 
 
@@ -99,8 +103,7 @@ def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_t
     rng = random.Random(f"{spec}:{seed}")
     if spec in BUILTIN_TASKS:
         examples = _generate(spec, rng, n_seed + n_train + n_test)
-        answer_set = ["True", "False"] if spec == "boolean_expressions" else None
-        return _split(examples, n_seed, n_test, spec, answer_set=answer_set)
+        return _split(examples, n_seed, n_test, spec, answer_set=BUILTIN_ANSWER_SETS.get(spec))
     path = Path(spec)
     if spec.startswith("hf:"):
         examples, metric = read_hub_dataset(spec, rng)
