@@ -139,6 +139,27 @@ def test_web_of_lies_by_parity_of_the_lies_claimed():
     assert 0.35 < answers.count("Yes") / len(answers) < 0.65  # no answer wins by default
 
 
+def test_shuffled_objects_by_simulating_the_swaps():
+    import re
+
+    task = load_task("tracking_shuffled_objects_three_objects", seed=1)
+    letters = []
+    for example in task.train_examples:
+        text = example["input"]
+        balls = dict(re.findall(r"(Alice|Bob|Claire) has a (\w+) ball", text))
+        options = re.findall(r"\(([ABC])\) (\w+) ball", text)
+        steps = []
+        for a, b in re.findall(r"(Alice|Bob|Claire) and (Alice|Bob|Claire) swap balls", text):
+            balls[a], balls[b] = balls[b], balls[a]
+            steps.append(f"{a} and {b} swap: Alice {balls['Alice']}, Bob {balls['Bob']}, Claire {balls['Claire']}")
+        asked = re.search(r"At the end of the game, (\w+) has the", text).group(1)
+        assert len(steps) == 3 and all(step in example["rationale"] for step in steps)
+        assert example["target"] == "({})".format(next(letter for letter, color in options if color == balls[asked]))
+        assert example["options"] == ["(A)", "(B)", "(C)"]
+        letters.append(example["target"])
+    assert max(letters.count(x) for x in example["options"]) / len(letters) < 0.45  # no option wins by default
+
+
 def test_big_bench_multiple_choice_is_shuffled(tmp_path):
     rows = [{"input": f"Which is right, case {i}?", "target_scores": {"right": 1, "wrong": 0, "other": 0, "nope": 0}}
             for i in range(40)]

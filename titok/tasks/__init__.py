@@ -24,6 +24,7 @@ from pathlib import Path
 from titok.tasks.arithmetic import make_multistep_arithmetic
 from titok.tasks.boolean_expressions import make_boolean_expression
 from titok.tasks.files import read_examples, read_hub_dataset
+from titok.tasks.shuffled_objects import make_shuffled_objects
 from titok.tasks.web_of_lies import make_web_of_lies
 from titok.tasks.words import make_dyck, make_object_counting, make_word_sorting
 
@@ -39,6 +40,7 @@ BUILTIN_TASKS = {
     "dyck_languages": make_dyck,
     "object_counting": make_object_counting,
     "web_of_lies": make_web_of_lies,
+    "tracking_shuffled_objects_three_objects": make_shuffled_objects,
 }
 # Built-in tasks with a closed answer set (option log-likelihood accuracy scores against it).
 BUILTIN_ANSWER_SETS = {"boolean_expressions": ["True", "False"], "web_of_lies": ["Yes", "No"]}
