@@ -70,8 +70,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor):
-    """Run the LM head on the hidden states where ``positions`` (B, W) is True only, as one (1, N, H)
-    row, so the forward's logits are (1, N, V): the vocabulary projection and its log-sum-exp cost
+    """Run the LM head on the hidden states where ``positions`` (B, W: the first W of the W + 1
+    positions the model keeps) is True only, as one (1, N, H) row, so the forward's logits are
+    (1, N, V): the vocabulary projection and its log-sum-exp (or cross-entropy and its backward) cost
     per position, and left-padded rows of unequal answer lengths would otherwise pay for every
     position from the longest answer's start. A pre-hook on the output embeddings, so whatever the
     model does to the logits afterwards (Gemma-2's soft-capping) still happens. Yields a dict whose
@@ -106,7 +107,7 @@ def response_logprobs(model: torch.nn.Module, batch: Batch, **forward_kwargs) ->
     with nullcontext({"gathered": False}) if per_row_head else lm_head_only_at(model, predicts_response) as head:
         logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep(), **forward_kwargs).logits
     if head["gathered"]:
-        flat = token_logprobs(logits[0], targets[predicts_response.to(targets.device)].to(logits.device))
+        flat = token_logprobs(logits[0], targets[predicts_response].to(logits.device))
         return list(flat.split(predicts_response.sum(dim=1).tolist()))
     logprobs = token_logprobs(logits[:, :-1], targets)
     return [row[row_mask] for row, row_mask in zip(logprobs, predicts_response)]
