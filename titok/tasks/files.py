@@ -9,13 +9,13 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["examples_from_rows", "read_examples", "read_hub_dataset"]
+__all__ = ["LETTERS", "examples_from_rows", "lettered", "read_examples", "read_hub_dataset"]
 
-_LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJ"
 
 
-def _lettered(question: str, options: list[str]) -> str:
-    return question.rstrip() + "\nOptions:\n" + "\n".join(f"({_LETTERS[i]}) {o}" for i, o in enumerate(options))
+def lettered(question: str, options: list[str]) -> str:
+    return question.rstrip() + "\nOptions:\n" + "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
 
 
 def _multiple_choice(raw: dict, rng: random.Random) -> dict:
@@ -26,8 +26,8 @@ def _multiple_choice(raw: dict, rng: random.Random) -> dict:
     options = list(raw["target_scores"])
     rng.shuffle(options)
     best = max(options, key=lambda o: raw["target_scores"][o])
-    return {"input": _lettered(raw["input"], options), "target": f"({_LETTERS[options.index(best)]})",
-            "options": [f"({_LETTERS[i]})" for i in range(len(options))]}
+    return {"input": lettered(raw["input"], options), "target": f"({LETTERS[options.index(best)]})",
+            "options": [f"({LETTERS[i]})" for i in range(len(options))]}
 
 
 def _read_mmlu_csv(path: Path) -> list[dict]:
@@ -36,7 +36,7 @@ def _read_mmlu_csv(path: Path) -> list[dict]:
         for line, row in enumerate(csv.reader(f), start=1):
             if len(row) != 6 or row[5].strip().upper() not in ("A", "B", "C", "D"):
                 raise ValueError(f"{path}:{line}: an MMLU row is question,A,B,C,D,answer-letter; got {row[:6]}")
-            examples.append({"input": _lettered(row[0], row[1:5]), "target": f"({row[5].strip().upper()})",
+            examples.append({"input": lettered(row[0], row[1:5]), "target": f"({row[5].strip().upper()})",
                              "options": ["(A)", "(B)", "(C)", "(D)"]})
     return examples
 
@@ -75,8 +75,8 @@ def examples_from_rows(rows, source: str, rng: random.Random) -> tuple[list[dict
     if all({"input", "target"} <= r.keys() for r in rows):
         return [{"input": str(r["input"]), "target": str(r["target"])} for r in rows], "accuracy"
     if all({"question", "choices", "answer"} <= r.keys() for r in rows):  # MMLU as the hub has it (cais/mmlu)
-        return [{"input": _lettered(r["question"], list(r["choices"])), "target": f"({_LETTERS[int(r['answer'])]})",
-                 "options": [f"({_LETTERS[i]})" for i in range(len(r["choices"]))]} for r in rows], "accuracy"
+        return [{"input": lettered(r["question"], list(r["choices"])), "target": f"({LETTERS[int(r['answer'])]})",
+                 "options": [f"({LETTERS[i]})" for i in range(len(r["choices"]))]} for r in rows], "accuracy"
     raise ValueError(f"{source}: rows have fields {sorted(rows[0])}; expected {_LAYOUTS}")
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import random
 
+from titok.tasks.files import LETTERS, lettered
+
 __all__ = ["make_shuffled_objects", "swap_all"]
 
 PEOPLE = ("Alice", "Bob", "Claire")
 COLORS = ("red", "blue", "green", "yellow", "pink", "white", "black", "purple", "orange", "brown")
-_LETTERS = "ABC"
 
 
 def swap_all(holding: dict[str, str], swaps: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -35,16 +36,15 @@ def make_shuffled_objects(rng: random.Random) -> dict:
     swaps = [tuple(rng.sample(PEOPLE, 2)) for _ in range(3)]
     asked = rng.choice(PEOPLE)
     states = swap_all(start, swaps)
-    answer = _LETTERS[colors.index(states[-1][asked])]
+    answer = LETTERS[colors.index(states[-1][asked])]
     holdings = "{}, {}, and {}".format(*(f"{p} has a {c} ball" for p, c in start.items()))
     trades = ". ".join(f"{when}, {a} and {b} swap balls" for when, (a, b) in zip(("First", "Then", "Finally"), swaps))
-    options = "\n".join(f"({_LETTERS[i]}) {c} ball" for i, c in enumerate(colors))
     steps = [f"Start: {_state(start)}"] + [f"{a} and {b} swap: {_state(s)}" for (a, b), s in zip(swaps, states)]
     return {
-        "input": f"Alice, Bob, and Claire are playing a game. At the start of the game, they are each holding a ball: "
+        "input": lettered(f"Alice, Bob, and Claire are playing a game. At the start of the game, they are each holding a ball: "
                  f"{holdings}. As the game progresses, pairs of players trade balls. {trades}. At the end of the game, "
-                 f"{asked} has the\nOptions:\n{options}",
+                 f"{asked} has the", [f"{c} ball" for c in colors]),
         "target": f"({answer})",
         "rationale": ". ".join(steps) + f". At the end, {asked} has the {states[-1][asked]} ball.",
-        "options": [f"({letter})" for letter in _LETTERS],
+        "options": [f"({letter})" for letter in LETTERS[:3]],
     }
