@@ -47,6 +47,11 @@ def _compare_yaml(tmp_path, dirs, **fields) -> str:
     ("source.train={epochs: 0}", "source.train.epochs"),
     ("transplant.train.epochs=0", "transplant.train.epochs"),
     ("transplant.engine.batch_sise=4", "transplant.engine.batch_sise"),
+    ("per_task={word_sorting: {queries: {max_new_tokens: 96}}}", "per_task: ['word_sorting'] are not among tasks"),
+    ("per_task={boolean_expressions: {run_dir: /tmp/x}}", "per_task: Value error, boolean_expressions: ['run_dir']"),
+    ("per_task={boolean_expressions: {filter: {method: kd}}}", "filter.method and filter.reference are set per run"),
+    ("per_task={boolean_expressions: {queries: {max_new_tokes: 96}}}", "per_task.boolean_expressions.queries.max_new_tokes"),
+    ("per_task={boolean_expressions: {filter: {top_m: 100}}}", "top_m=100 is larger than queries.pool_size=8"),
 ])
 def test_bad_compare_configs_are_named_before_any_compute(tmp_path, tiny_model_dirs, override, named):
     """Each refused with the field's path: a section's own fields when the file is read (typed), the
@@ -70,6 +75,27 @@ def test_the_steps_budget_gives_every_method_the_same_optimizer_steps(tmp_path, 
     assert {runs[(m, "epochs")].train.max_steps for m in cfg.methods} == {None}
     assert runs[("titok", "epochs")].run_dir != runs[("titok", "steps")].run_dir  # both budgets kept side by side
     assert runs[("titok:both", "steps")].filter.reference == "both"
+
+
+def test_per_task_settings_change_only_their_tasks_runs(tmp_path, tiny_model_dirs):
+    """A task's ``per_task`` fields go over ``transplant`` for its runs alone: the other task's runs keep
+    their config and their stages' fingerprints (so adding one task's settings reuses the other's runs)."""
+    from titok.layout import run_config
+    from titok.pipeline import _stage_fields
+
+    def runs(cfg):
+        return {task: run_config(cfg, task, 0, tiny_model_dirs["target"], "titok", "adapter", "steps") for task in cfg.tasks}
+
+    shared = runs(load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="steps"),
+                                      ["tasks=[boolean_expressions, web_of_lies]"]))
+    per_task = runs(load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="steps"), [
+        "tasks=[boolean_expressions, web_of_lies]", "per_task={web_of_lies: {queries: {max_new_tokens: 40}}}"]))
+    assert _stage_fields(per_task["boolean_expressions"]) == _stage_fields(shared["boolean_expressions"])
+    wol, before = per_task["web_of_lies"], shared["web_of_lies"]
+    assert (wol.queries.max_new_tokens, before.queries.max_new_tokens) == (40, 16)
+    # the rest of the queries section, and every other section, stay the shared ones
+    assert wol.queries.model_dump(exclude={"max_new_tokens"}) == before.queries.model_dump(exclude={"max_new_tokens"})
+    assert wol.model_dump(exclude={"queries"}) == before.model_dump(exclude={"queries"})
 
 
 def test_seeds_flag_overrides_the_config(tmp_path, tiny_model_dirs):
@@ -127,7 +153,8 @@ def _csv_rows(path) -> list[dict]:
 
 @pytest.mark.slow
 def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, tiny_model_dirs, local_ray):
-    cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="steps"))
+    path = _compare_yaml(tmp_path, tiny_model_dirs, budget="steps")
+    cfg = load_compare_config(path)
     report = run_compare(cfg)
 
     assert {p.name for p in report.iterdir()} == {"results.md", "results.csv", "accuracy.png",
@@ -163,10 +190,12 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     assert (runs / source / "scores" / "_COMPLETE.json").read_text() == \
         (runs / short_name(target) / "scores" / "_COMPLETE.json").read_text()
 
-    # a rerun reuses every transplant and evaluation: same numbers, no new model load anywhere
+    # a rerun reuses every transplant and evaluation: same numbers, no new model load anywhere, also when
+    # a task's per_task fields only restate the shared ones (the report then lists them)
     before = {p: p.read_text() for p in (tmp_path / "compare" / "evals").rglob("*.json")}
     events = sum(len((d / "events.jsonl").read_text().splitlines()) for d in runs.iterdir())
-    run_compare(cfg)
+    run_compare(load_compare_config(path, ["per_task={boolean_expressions: {labels: {max_new_tokens: 16}}}"]))
+    assert "`boolean_expressions`: `labels.max_new_tokens=16`" in (report / "results.md").read_text()
     assert {p: p.read_text() for p in (tmp_path / "compare" / "evals").rglob("*.json")} == before
     assert sum(len((d / "events.jsonl").read_text().splitlines()) for d in runs.iterdir()) == events
     assert _csv_rows(report / "results.csv") == rows

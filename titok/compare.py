@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from titok.config import ConfigError, EvalSettings, Section, TrainConfig, TransplantSettings, read_yaml, validated
+from titok.config import (ConfigError, EvalSettings, Section, TrainConfig, TransplantSettings, merged_fields, read_yaml,
+                          validated)
 
 from titok.evaluate import cached_evaluation
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
@@ -70,6 +71,9 @@ class CompareConfig(Section):
     transplant: TransplantSettings = Field(
         default_factory=TransplantSettings, description="transplant sections shared by every run: engine, queries, "
         "labels, filter (not method), train, trust_remote_code")
+    per_task: dict[str, TransplantSettings] = Field(
+        {}, description="task -> transplant fields for that task's runs only, over transplant (a task with longer "
+        "questions: {queries: {max_new_tokens: 160}}); every method and target of the task gets them")
 
     @field_validator("methods")
     @classmethod
@@ -90,14 +94,40 @@ class CompareConfig(Section):
     @field_validator("transplant", mode="before")
     @classmethod
     def _no_per_run_fields(cls, values):
-        if not isinstance(values, dict):
-            return values
-        clashes = [k for k in values if k in _PER_CELL_FIELDS]
-        if clashes:
-            raise ValueError(f"{clashes} are set per run by compare (use tasks/targets/seeds/source)")
-        if isinstance(values.get("filter"), dict) and {"method", "reference"} & set(values["filter"]):
-            raise ValueError("filter.method and filter.reference are set per run by compare (use methods)")
+        return _without_per_cell_fields(values)
+
+    @field_validator("per_task", mode="before")
+    @classmethod
+    def _no_per_run_fields_per_task(cls, values):
+        for task, fields in values.items() if isinstance(values, dict) else ():
+            try:
+                _without_per_cell_fields(fields)
+            except ValueError as err:
+                raise ValueError(f"{task}: {err}") from None
         return values
+
+    @model_validator(mode="after")
+    def _per_task_names_listed_tasks(self) -> "CompareConfig":
+        unknown = sorted(set(self.per_task) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"per_task: {unknown} are not among tasks {self.tasks}")
+        return self
+
+    def task_settings(self, task: str) -> dict:
+        """The transplant fields every run of ``task`` gets: ``transplant``, with ``per_task[task]`` over it."""
+        extra = self.per_task.get(task)
+        return merged_fields(self.transplant.fields(), extra.fields() if extra else {})
+
+
+def _without_per_cell_fields(values):
+    if not isinstance(values, dict):
+        return values
+    clashes = [k for k in values if k in _PER_CELL_FIELDS]
+    if clashes:
+        raise ValueError(f"{clashes} are set per run by compare (use tasks/targets/seeds/source)")
+    if isinstance(values.get("filter"), dict) and {"method", "reference"} & set(values["filter"]):
+        raise ValueError("filter.method and filter.reference are set per run by compare (use methods)")
+    return values
 
 
 def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int | None = None) -> CompareConfig:

@@ -35,6 +35,7 @@ __all__ = [
     "apply_overrides",
     "describe_fields",
     "load_config",
+    "merged_fields",
     "read_yaml",
     "validated",
 ]
@@ -294,6 +295,16 @@ class TransplantSettings(Section):
 
     def fields(self) -> dict:
         return self.model_dump(exclude_unset=True)
+
+
+def merged_fields(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, section by section (a zoo adapter's overrides over the defaults, a compare
+    task's ``per_task`` fields over ``transplant``): a field set in ``extra`` wins, the rest of its section stays."""
+    out = dict(base)
+    for key, value in extra.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged_fields(out[key], value) if nested else value
+    return out
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

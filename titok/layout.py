@@ -75,7 +75,7 @@ def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: s
     from titok.config import TransplantConfig, validated
 
     folder = short_name(target) + ("-steps" if budget == "steps" and cfg.budget == "both" else "")
-    fields = {**cfg.transplant.fields(), "source_base": cfg.source_base, "source_adapter": source_adapter,
+    fields = {**cfg.task_settings(task), "source_base": cfg.source_base, "source_adapter": source_adapter,
               "target_base": target, "task": task, "seed": seed, "split_seed": cfg.split_seed,
               "run_dir": str(Path(cfg.out_dir) / "runs" / short_name(task) / f"seed{seed}" / folder)}
     method, _, reference = variant.partition(":")

@@ -204,7 +204,7 @@ def plot_accuracy(rows: list[dict], tasks: list[str], methods: list[str], path: 
     plt.close(fig)
 
 
-def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: int, path: Path) -> None:
+def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: dict[str, int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,8 +214,8 @@ def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: int, path
     for ax, (task, scores) in zip(axes[0], sample_scores.items()):
         scores = np.sort(scores[np.isfinite(scores)])[::-1]
         ax.hist(scores, bins=min(30, max(5, len(scores) // 2)), color="tab:blue", alpha=0.8)
-        if len(scores) >= top_m:
-            ax.axvline(scores[top_m - 1], color="tab:red", linestyle="--", label=f"top-M cut (M={top_m})")
+        if len(scores) >= top_m[task]:
+            ax.axvline(scores[top_m[task] - 1], color="tab:red", linestyle="--", label=f"top-M cut (M={top_m[task]})")
             ax.legend(fontsize=8)
         ax.set_title(f"{task}: {len(scores)} synthetic samples (seed 0)")
         ax.set_xlabel("sample score = mean excess (nats/token)")
@@ -293,6 +293,22 @@ def _budget_text(cfg, run) -> str:
     return {"epochs": epochs, "steps": steps, "both": f"{epochs}, and {steps} (rows marked (steps))"}[cfg.budget]
 
 
+def _dotted(fields: dict, prefix: str = "") -> list[str]:
+    return [item for key, value in fields.items()
+            for item in (_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"])]
+
+
+def _per_task_text(cfg, shared_budget: str) -> str:
+    """The tasks whose runs used other settings than the rest (``per_task``), so no one reads them as the same."""
+    lines = []
+    for task, extra in cfg.per_task.items():
+        if extra.fields():
+            budget = _budget_text(cfg, run_config(cfg, task, 0, cfg.targets[0], "titok", "<source>"))
+            lines.append(f"`{task}`: " + ", ".join(f"`{item}`" for item in _dotted(extra.fields()))
+                         + ("" if budget == shared_budget else f" (budget: {budget})"))
+    return "Settings for one task only (over the shared ones): " + "; ".join(lines) + ".\n\n" if lines else ""
+
+
 def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     methods = [row_label(cfg, variant, budget) for budget in budgets(cfg) for variant in cfg.methods]
@@ -302,22 +318,24 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
     tests = [test for task in cfg.tasks for test in paired_tests(rows, [task], methods, primary[task])]
     (folder / "paired_tests.json").write_text(json.dumps(tests, indent=2))
     plot_accuracy(rows, cfg.tasks, methods, folder / "accuracy.png")
-    scores, samples = {}, {}
-    top_m = None
+    scores, samples, top_m = {}, {}, {}
     for task in cfg.tasks:
         run = run_config(cfg, task, 0, cfg.targets[0], "titok", "<source>")
-        top_m = run.filter.top_m
-        scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m)
+        top_m[task] = run.filter.top_m
+        scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m[task])
     plot_excess_histogram(scores, top_m, folder / "excess_histogram.png")
+    # the header names the settings every task shares; per_task ones are listed after them
+    run = run_config(cfg.model_copy(update={"per_task": {}}), cfg.tasks[0], 0, cfg.targets[0], "titok", "<source>")
+    budget = _budget_text(cfg, run)
     (folder / "tokens.html").write_text(token_page(samples))
     header = (
         f"# titok compare\n\nSource: `{cfg.source_base}` with one expert LoRA per task; targets: "
         + ", ".join(f"`{t}`" for t in cfg.targets)
         + f". {cfg.seeds} seed(s); {rows[0]['n']} held-out examples per task (split seed {cfg.split_seed}, the same "
         f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
-        f"{rows[0]['n']}. M = {top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {_budget_text(cfg, run)}. "
+        f"{rows[0]['n']}. M = {run.filter.top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {budget}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
-        "Files: `results.csv`, `accuracy.png`, `excess_histogram.png`, `tokens.html`.\n\n"
+        + _per_task_text(cfg, budget) + "Files: `results.csv`, `accuracy.png`, `excess_histogram.png`, `tokens.html`.\n\n"
     )
     (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n"
                                        + paired_markdown(tests) + "\n\n" + _HOW_TO_READ)

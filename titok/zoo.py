@@ -33,7 +33,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from titok.config import ConfigError, EvalSettings, Section, TransplantConfig, TransplantSettings, read_yaml, validated
+from titok.config import (ConfigError, EvalSettings, Section, TransplantConfig, TransplantSettings, merged_fields,
+                          read_yaml, validated)
 from titok.layout import share_stages
 from titok.validate import check_model, check_task
 
@@ -105,15 +106,8 @@ def load_manifest(path: str | None, overrides: list[str] = ()) -> ZooManifest:
     return validated(ZooManifest, read_yaml(path, overrides), "zoo manifest")
 
 
-def _merged(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def adapter_config(manifest: ZooManifest, adapter: ZooAdapter) -> TransplantConfig:
-    fields = _merged(manifest.defaults.fields(), adapter.overrides.fields())
+    fields = merged_fields(manifest.defaults.fields(), adapter.overrides.fields())
     fields.update(source_base=manifest.source_base, target_base=manifest.target_base, source_adapter=adapter.path,
                   task=adapter.task, run_dir=str(Path(manifest.out_dir) / "runs" / adapter.name))
     return validated(TransplantConfig, fields, f"adapter {adapter.name!r}")
