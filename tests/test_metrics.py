@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from titok.metrics import exact_match, extract_answer, majority_rate, option_loglik_choices, rouge
+from titok.metrics import exact_match, exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge
 from titok.sequences import encode_pair
 from tests.conftest import tiny_llama
 
@@ -12,6 +12,13 @@ def test_answer_extraction_hand_cases():
     assert extract_answer("the answer is 3. Wait, the answer is 4.") == "4"
     assert extract_answer("\n  True.\nbecause") == "True"
     assert extract_answer("") == ""
+
+
+def test_an_option_letter_target_matches_an_answer_that_names_the_option():
+    predictions = ["(C) yellow ball", "So the answer is (C).", "(c)", "(B) yellow ball", "yellow ball", "C", "(C)(A)"]
+    assert exact_matches(predictions, ["(C)"] * len(predictions)) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    # a target that is not an option letter still needs the whole answer
+    assert exact_matches(["True enough", "(A) True"], ["True", "(A) True"]) == [0.0, 1.0]
 
 
 def test_exact_match_and_majority():

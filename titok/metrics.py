@@ -2,7 +2,9 @@
 
 - Answer extraction: the text after the last "the answer is" (our rationale format and BBH's CoT
   format), else the first non-empty line; a trailing period and surrounding whitespace are dropped.
-- Exact match compares extracted answer and target after collapsing whitespace, case-insensitively.
+- Exact match compares extracted answer and target after collapsing whitespace, case-insensitively. A
+  target that is an option letter, ``(C)``, also matches an answer that starts with it, ``(C) yellow
+  ball``: a model that names the option and restates its text has answered (BBH's own answer format).
 - Option log-likelihood: each candidate answer is scored as the response to the prompt; the choice is
   the candidate with the highest *mean* log-prob per token (length-normalized, so longer options are
   not penalized for having more tokens).
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -23,6 +26,7 @@ __all__ = ["exact_match", "exact_matches", "extract_answer", "majority_rate", "o
            "rouge_per_example"]
 
 _ANSWER_MARKER = "the answer is"
+_OPTION_LETTER = re.compile(r"\([A-Z]\)", re.IGNORECASE)
 
 
 def _normalize(text: str) -> str:
@@ -42,7 +46,14 @@ def exact_matches(predictions: list[str], targets: list[str]) -> list[float]:
     """1.0 where the extracted answer equals the target (normalized), else 0.0: one per example."""
     if not targets:
         raise ValueError("no targets to compare with")
-    return [float(_normalize(extract_answer(p)) == _normalize(t)) for p, t in zip(predictions, targets, strict=True)]
+    return [float(_matches(extract_answer(p), t)) for p, t in zip(predictions, targets, strict=True)]
+
+
+def _matches(answer: str, target: str) -> bool:
+    if _OPTION_LETTER.fullmatch(target.strip()):
+        option = _OPTION_LETTER.match(answer.strip())
+        return option is not None and option.group().upper() == target.strip().upper()
+    return _normalize(answer) == _normalize(target)
 
 
 def exact_match(predictions: list[str], targets: list[str]) -> float:
