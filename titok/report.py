@@ -287,7 +287,6 @@ def _pool_samples(run_dir: Path, top_m: int, n_top: int = 3, n_bottom: int = 2) 
 
 
 def _budget_text(cfg, run) -> str:
-
     epochs = f"{run.train.epochs} epoch(s) each"
     steps = f"{cfg.steps or equal_steps(run)} optimizer steps each"
     return {"epochs": epochs, "steps": steps, "both": f"{epochs}, and {steps} (rows marked (steps))"}[cfg.budget]
@@ -298,14 +297,11 @@ def _dotted(fields: dict, prefix: str = "") -> list[str]:
             for item in (_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"])]
 
 
-def _per_task_text(cfg, shared_budget: str) -> str:
+def _per_task_text(cfg, shared_budget: str, task_budgets: dict[str, str]) -> str:
     """The tasks whose runs used other settings than the rest (``per_task``), so no one reads them as the same."""
-    lines = []
-    for task, extra in cfg.per_task.items():
-        if extra.fields():
-            budget = _budget_text(cfg, run_config(cfg, task, 0, cfg.targets[0], "titok", "<source>"))
-            lines.append(f"`{task}`: " + ", ".join(f"`{item}`" for item in _dotted(extra.fields()))
-                         + ("" if budget == shared_budget else f" (budget: {budget})"))
+    lines = [f"`{task}`: " + ", ".join(f"`{item}`" for item in _dotted(extra.fields()))
+             + ("" if task_budgets[task] == shared_budget else f" (budget: {task_budgets[task]})")
+             for task, extra in cfg.per_task.items() if extra.fields()]
     return "Settings for one task only (over the shared ones): " + "; ".join(lines) + ".\n\n" if lines else ""
 
 
@@ -318,10 +314,10 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
     tests = [test for task in cfg.tasks for test in paired_tests(rows, [task], methods, primary[task])]
     (folder / "paired_tests.json").write_text(json.dumps(tests, indent=2))
     plot_accuracy(rows, cfg.tasks, methods, folder / "accuracy.png")
-    scores, samples, top_m = {}, {}, {}
+    scores, samples, top_m, task_budgets = {}, {}, {}, {}
     for task in cfg.tasks:
         run = run_config(cfg, task, 0, cfg.targets[0], "titok", "<source>")
-        top_m[task] = run.filter.top_m
+        top_m[task], task_budgets[task] = run.filter.top_m, _budget_text(cfg, run)
         scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m[task])
     plot_excess_histogram(scores, top_m, folder / "excess_histogram.png")
     # the header names the settings every task shares; per_task ones are listed after them
@@ -335,7 +331,7 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
         f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
         f"{rows[0]['n']}. M = {run.filter.top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {budget}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
-        + _per_task_text(cfg, budget) + "Files: `results.csv`, `accuracy.png`, `excess_histogram.png`, `tokens.html`.\n\n"
+        + _per_task_text(cfg, budget, task_budgets) + "Files: `results.csv`, `accuracy.png`, `excess_histogram.png`, `tokens.html`.\n\n"
     )
     (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n"
                                        + paired_markdown(tests) + "\n\n" + _HOW_TO_READ)
