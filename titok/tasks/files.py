@@ -9,9 +9,14 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["LETTERS", "examples_from_rows", "lettered", "read_examples", "read_hub_dataset"]
+__all__ = ["LETTERS", "examples_from_rows", "lettered", "option_labels", "read_examples", "read_hub_dataset"]
 
 LETTERS = "ABCDEFGHIJ"
+
+
+def option_labels(n: int) -> list[str]:
+    """The answer set of an n-option question: ``(A)``, ``(B)``, ..."""
+    return [f"({LETTERS[i]})" for i in range(n)]
 
 
 def lettered(question: str, options: list[str]) -> str:
@@ -27,7 +32,7 @@ def _multiple_choice(raw: dict, rng: random.Random) -> dict:
     rng.shuffle(options)
     best = max(options, key=lambda o: raw["target_scores"][o])
     return {"input": lettered(raw["input"], options), "target": f"({LETTERS[options.index(best)]})",
-            "options": [f"({LETTERS[i]})" for i in range(len(options))]}
+            "options": option_labels(len(options))}
 
 
 def _read_mmlu_csv(path: Path) -> list[dict]:
@@ -37,7 +42,7 @@ def _read_mmlu_csv(path: Path) -> list[dict]:
             if len(row) != 6 or row[5].strip().upper() not in ("A", "B", "C", "D"):
                 raise ValueError(f"{path}:{line}: an MMLU row is question,A,B,C,D,answer-letter; got {row[:6]}")
             examples.append({"input": lettered(row[0], row[1:5]), "target": f"({row[5].strip().upper()})",
-                             "options": ["(A)", "(B)", "(C)", "(D)"]})
+                             "options": option_labels(4)})
     return examples
 
 
@@ -76,7 +81,7 @@ def examples_from_rows(rows, source: str, rng: random.Random) -> tuple[list[dict
         return [{"input": str(r["input"]), "target": str(r["target"])} for r in rows], "accuracy"
     if all({"question", "choices", "answer"} <= r.keys() for r in rows):  # MMLU as the hub has it (cais/mmlu)
         return [{"input": lettered(r["question"], list(r["choices"])), "target": f"({LETTERS[int(r['answer'])]})",
-                 "options": [f"({LETTERS[i]})" for i in range(len(r["choices"]))]} for r in rows], "accuracy"
+                 "options": option_labels(len(r["choices"]))} for r in rows], "accuracy"
     raise ValueError(f"{source}: rows have fields {sorted(rows[0])}; expected {_LAYOUTS}")
 
 

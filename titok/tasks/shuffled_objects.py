@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from titok.tasks.files import LETTERS, lettered
+from titok.tasks.files import LETTERS, lettered, option_labels
 
 __all__ = ["make_shuffled_objects", "swap_all"]
 
@@ -46,5 +46,5 @@ def make_shuffled_objects(rng: random.Random) -> dict:
                  f"{asked} has the", [f"{c} ball" for c in colors]),
         "target": f"({answer})",
         "rationale": ". ".join(steps) + f". At the end, {asked} has the {states[-1][asked]} ball.",
-        "options": [f"({letter})" for letter in LETTERS[:3]],
+        "options": option_labels(len(colors)),
     }
