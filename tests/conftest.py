@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from titok.models import load_model, load_tokenizer
+from titok.train import device_rules
+
+# Every Ray Train worker of the tests trains under NCCL's device rule, checked on CPU: a collective
+# on a tensor made on the host fails here as it would on the first GPU run (titok.train.device_rules).
+os.environ.setdefault(device_rules.ENV, "1")
 
 
 @functools.cache

@@ -5,6 +5,8 @@ with the adapter an uninterrupted run ends with. Plus the pure batching arithmet
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,12 @@ from safetensors.torch import load_file
 
 from titok import columns as C
 from titok.config import TrainConfig
+from titok.hardware import cpu_bf16_instructions
 from titok.runstate import RunDir
 from titok.sequences import encode_response
 from titok.tasks import load_task, reference_response
 from titok.train.batching import epoch_order, plan_batches, worker_micro_batches
+from titok.train.strategy import DEEPSPEED_CONFIG_DIR
 from titok.train.ray_train import copy_adapter, group_jobs, run_training, train_adapter
 from tests.conftest import real_tokenizer, tiny_llama
 
@@ -150,6 +154,78 @@ def test_zero3_builds_the_target_partitioned_and_trains_what_zero2_trains(zero2_
     lora_b = [v for k, v in zero3["weights"].items() if "lora_B" in k]
     assert any(v.abs().max() > 1e-3 for v in lora_b)  # it trained away from the zero init
     assert np.isfinite(zero3["metrics"]["loss"]) and zero3["metrics"]["optimizer_steps"] == 6
+
+
+def test_training_runs_under_nccls_device_rule(zero2_two_workers):
+    """Every worker's loop ran under ``device_rules`` (conftest sets TITOK_GPU_RULES): titok's
+    collectives and DeepSpeed's got only tensors on the training device. A loss all-reduced as
+    ``torch.tensor(loss)``, made on the host, fails every worker here as NCCL fails it on a GPU."""
+    checks = [e for e in zero2_two_workers["events"] if e["event"] == "gpu_rules"]
+    assert sorted(e["rank"] for e in checks) == [0, 1]
+    # per optimizer step: one finiteness flag per micro-step and one mean loss, at least
+    assert all(e["collectives_checked"]["all_reduce"] >= 2 * zero2_two_workers["metrics"]["optimizer_steps"]
+               for e in checks)
+
+
+@pytest.mark.slow
+def test_zero3_with_gradient_checkpointing_trains_what_zero2_trains_without_it(zero2_two_workers, target_dir, tmp_path,
+                                                                               local_ray):
+    """The 70B recipe's combination (ZeRO-3, PEFT, non-reentrant checkpointing), forced on for a
+    tiny model that ``auto`` would not checkpoint; every parameter partitioned (no persistence
+    threshold), the frozen norms too: a recompute that saw them as their empty shards is the
+    DeepSpeed bug (deepspeedai/DeepSpeed#4332) that breaks this combination in older releases."""
+    config = json.loads((DEEPSPEED_CONFIG_DIR / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3-all-partitioned.json").write_text(json.dumps(config))
+    zero3 = _train(local_ray, target_dir, tmp_path, deepspeed_stage=3, gradient_checkpointing=True,
+                   deepspeed_config=str(tmp_path / "zero3-all-partitioned.json"))
+    loads = [e for e in zero3["events"] if e["event"] == "model_load"]
+    assert all(e["partitioned"] and e["gradient_checkpointing"] for e in loads) and len(loads) == 2
+    _assert_same_adapter(zero3["weights"], zero2_two_workers["weights"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_zero3_resumes_to_the_uninterrupted_adapter(zero2_two_workers, target_dir, tmp_path,
+                                                                           local_ray):
+    """ZeRO-3 partitions the LoRA and its optimizer state too: each rank restores its own shard."""
+    marker = tmp_path / "fault.txt"
+    resumed = _train(local_ray, target_dir, tmp_path, deepspeed_stage=3, checkpoint_every_steps=2, fault_at_step=3,
+                     fault_marker=str(marker))
+    assert marker.is_file()
+    resumes = [e for e in resumed["events"] if e["event"] == "train_resumed"]
+    assert {e["step"] for e in resumes} == {2} and len(resumes) == 2
+    assert all(e["partitioned"] for e in resumed["events"] if e["event"] == "model_load")
+    _assert_same_adapter(resumed["weights"], zero2_two_workers["weights"], atol=1e-5)
+
+
+BF16_LOSS_RTOL = 0.02  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few percent over a forward pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_bf16_instructions(), reason="this CPU has no AMX/AVX512-BF16: PyTorch would emulate bf16 "
+                    f"(capability {torch.backends.cpu.get_cpu_capability()}), too slow to train in")
+def test_a_bf16_base_under_zero3_trains_and_exports_an_adapter_stock_peft_loads(zero2_two_workers, target_dir, tmp_path,
+                                                                                 local_ray):
+    """A bf16 target built under zero.Init, where DeepSpeed skips its own dtype cast: the LoRA is
+    in the dtype titok gives it, the losses follow fp32's, and the adapter loads in stock PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    bf16 = _train(local_ray, target_dir, tmp_path, deepspeed_stage=3, gradient_checkpointing=True, dtype="bfloat16")
+    fp32 = zero2_two_workers["metrics"]
+    print(f"first loss bf16 {bf16['metrics']['first_loss']:.5f} fp32 {fp32['first_loss']:.5f}; "
+          f"final bf16 {bf16['metrics']['loss']:.5f} fp32 {fp32['loss']:.5f}")
+    assert bf16["metrics"]["first_loss"] == pytest.approx(fp32["first_loss"], rel=BF16_LOSS_RTOL)
+    assert bf16["metrics"]["loss"] == pytest.approx(fp32["loss"], rel=BF16_LOSS_RTOL)
+    # PEFT keeps a LoRA on a bf16 base in fp32, and under zero.Init DeepSpeed leaves it there
+    assert {str(d) for e in bf16["events"] if e["event"] == "train_done" for d in e["lora_dtypes"]} == {"torch.float32"}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bf16["weights"].values())
+    assert any(v.abs().max() > 1e-3 for k, v in bf16["weights"].items() if "lora_B" in k)
+
+    base = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(bf16["weights"]) and all(torch.isfinite(p).all() for p in loaded.values())
 
 
 @pytest.mark.slow

@@ -72,27 +72,6 @@ def _micro_batch_seed(seed: int, global_step: int, plan, rank: int, j: int) -> i
     return seed * 1_000_003 + global_step * micro_per_step + rank * plan.accumulation + j
 
 
-def _all_ranks_finite(ok: bool) -> bool:
-    """True only if every rank's loss is finite (one scalar all-reduce per micro-step)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _mean_over_workers(value: float) -> float:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
-
-
 def _job_plan(job: dict, n_rows: int, world: int):
     from titok.train.batching import plan_batches
 
@@ -128,7 +107,23 @@ def _read_progress(attempt: str):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's ``train_func``: runs on every worker; trains ``config["jobs"]`` one after another."""
+    """Ray Train's ``train_func``: runs on every worker; trains ``config["jobs"]`` one after another
+    (under NCCL's device rule, checked on CPU, where ``TITOK_GPU_RULES=1``: ``device_rules``)."""
+    from titok.train import device_rules
+
+    if not device_rules.enabled():
+        return _train_jobs(config)
+    import ray.train
+
+    from titok.runstate import RunDir
+
+    with device_rules.host_tensors_refused() as checked:
+        _train_jobs(config)
+    RunDir(config["log_dir"]).log_event(event="gpu_rules", stage="train", rank=ray.train.get_context().get_world_rank(),
+                                        collectives_checked=dict(checked))
+
+
+def _train_jobs(config: dict) -> None:
     import ray.train
 
     from titok.hardware import resolve_dtype
@@ -179,6 +174,7 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
     from titok.sequences import build_training_batch
     from titok.train import strategy
     from titok.train.batching import epoch_order, worker_micro_batches
+    from titok.train.collectives import all_ranks_finite, mean_over_workers
     from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
 
     train, run, name = job["train"], RunDir(job["run_dir"]), job["name"]
@@ -216,8 +212,9 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
                 batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
                                              [r[C.TARGET_WEIGHTS] for r in picked], job["max_length"])
                 micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"],
-                                                  all_finite=_all_ranks_finite))
-            state = {"step": step + 1, "losses": state["losses"] + [_mean_over_workers(float(np.mean(micro_losses)))]}
+                                                  all_finite=all_ranks_finite))
+            loss = mean_over_workers(float(np.mean(micro_losses)), engine.device)
+            state = {"step": step + 1, "losses": state["losses"] + [loss]}
             if rank == 0 and (state["step"] % max(1, plan.total_steps // 10) == 0 or state["step"] == plan.total_steps):
                 print(f"  train {name} step {state['step']}/{plan.total_steps}  loss {state['losses'][-1]:.4f}", flush=True)
             _inject_fault(job, state["step"], rank, world)
@@ -234,7 +231,8 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
     import resource
 
     run.log_event(event="train_done", stage="train", rank=rank, seconds={k: round(v, 2) for k, v in seconds.items()},
-                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  lora_dtypes=sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}))
     return _detach(model, engine, checkpointing)
 
 
@@ -405,6 +403,8 @@ def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from titok.train import device_rules
+
     configs = [dict(config, name=job_name) for job_name, (_, config) in jobs.items()]
     first = configs[0]
     train = first["train"]
@@ -420,7 +420,8 @@ def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: 
         run_config=RunConfig(
             storage_path=storage_path, name=name, checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=train["max_failures"]),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}},
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
+                                             **({device_rules.ENV: "1"} if device_rules.enabled() else {})}},
         ),
         datasets={job_name: ds for job_name, (ds, _) in jobs.items()},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows and picks its own

@@ -57,7 +57,9 @@ def selective_loss(
     predicts_response = batch.response_mask[:, keep_from + 1 :]
     weights = batch.token_weights[:, keep_from + 1 :] * predicts_response
     selected = weights > 0
-    with lm_head_only_at(model, selected) as head:
+    # the hook goes on the model itself: a training engine (DeepSpeed's, TorchEngine) wraps it as
+    # ``.module``, and DeepSpeed before 0.18 passes no model method through
+    with lm_head_only_at(getattr(model, "module", model), selected) as head:
         logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep()).logits
     if not head["gathered"]:
         return selective_cross_entropy(logits, batch.input_ids[:, keep_from:], batch.token_weights[:, keep_from:],
@@ -68,15 +70,16 @@ def selective_loss(
 
 
 def training_step(engine, batch: TrainingBatch, normalization: Normalization = "selected_mean",
-                  k: float | None = None, all_finite=bool) -> float:
+                  k: float | None = None, all_finite=lambda loss: bool(torch.isfinite(loss))) -> float:
     """Train mode, forward, backward, step. Raises on a non-finite loss instead of training on it.
 
-    ``all_finite(ok)`` says whether every data-parallel rank's loss is finite (the default: this
-    one's), so that all ranks stop together instead of one waiting in a collective for another.
+    ``all_finite(loss)`` says whether every data-parallel rank's loss is finite (the default: this
+    one's; ``collectives.all_ranks_finite`` under Ray Train), so that all ranks stop together
+    instead of one waiting in a collective for another.
     """
     engine.train()
     loss = selective_loss(engine, batch, normalization, k)
-    if not all_finite(bool(torch.isfinite(loss))):
+    if not all_finite(loss):
         raise FloatingPointError(f"non-finite training loss ({loss.item()} on this rank)")
     engine.backward(loss)
     engine.step()
@@ -93,9 +96,6 @@ class TorchEngine:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    def get_output_embeddings(self) -> torch.nn.Module:  # passed through, as DeepSpeed's engine does
-        return self.module.get_output_embeddings()
 
     def train(self) -> None:
         self.module.train()
