@@ -57,7 +57,9 @@ def make_adapters(root: Path) -> dict[str, str]:
 
 
 def loads(root: Path) -> dict:
-    events = [json.loads(line) for path in root.rglob("events.jsonl") for line in path.read_text().splitlines()]
+    from titok.runstate import EVENTS_DIR, read_events
+
+    events = [e for path in root.rglob(EVENTS_DIR) for e in read_events(path.parent)]
     model_loads = [e for e in events if e.get("event") == "model_load"]
     return {"source_engine": sum(e["stage"] == "engine" for e in model_loads),
             "train_workers": sum(e["stage"] == "train" for e in model_loads)}

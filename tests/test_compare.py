@@ -10,6 +10,7 @@ import pytest
 
 from titok.compare import load_compare_config, run_compare, short_name
 from titok.config import ConfigError
+from titok.runstate import RunDir
 from titok.report import aggregate, markdown_tables, shade_tokens
 
 TINY_TRANSPLANT = {
@@ -185,7 +186,7 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     assert html.count('class="sample"') == 5 and "underline" in html
 
     # the second target reused the first one's queries, labels and scores: no model loaded for them
-    second = [json.loads(line) for line in (runs / short_name(target) / "events.jsonl").read_text().splitlines()]
+    second = RunDir(runs / short_name(target)).events()
     assert {e.get("stage") for e in second if e.get("event") == "model_load"} <= {"train"}
     assert (runs / source / "scores" / "_COMPLETE.json").read_text() == \
         (runs / short_name(target) / "scores" / "_COMPLETE.json").read_text()
@@ -193,9 +194,9 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     # a rerun reuses every transplant and evaluation: same numbers, no new model load anywhere, also when
     # a task's per_task fields only restate the shared ones (the report then lists them)
     before = {p: p.read_text() for p in (tmp_path / "compare" / "evals").rglob("*.json")}
-    events = sum(len((d / "events.jsonl").read_text().splitlines()) for d in runs.iterdir())
+    events = sum(len(RunDir(d).events()) for d in runs.iterdir())
     run_compare(load_compare_config(path, ["per_task={boolean_expressions: {labels: {max_new_tokens: 16}}}"]))
     assert "`boolean_expressions`: `labels.max_new_tokens=16`" in (report / "results.md").read_text()
     assert {p: p.read_text() for p in (tmp_path / "compare" / "evals").rglob("*.json")} == before
-    assert sum(len((d / "events.jsonl").read_text().splitlines()) for d in runs.iterdir()) == events
+    assert sum(len(RunDir(d).events()) for d in runs.iterdir()) == events
     assert _csv_rows(report / "results.csv") == rows

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from titok import columns as C
 from titok.config import ConfigError
-from titok.runstate import RunDir
+from titok.runstate import EVENTS_DIR, RunDir
 from titok.zoo import load_manifest, migrate, validate_manifest
 from titok.zoo_report import gate_rule, serving_modules
 
@@ -74,7 +74,7 @@ def _manifest(dirs: dict, adapters: dict, out: Path) -> dict:
 
 
 def _model_loads(root: Path) -> list[dict]:
-    return [e for path in sorted(root.rglob("events.jsonl")) for e in RunDir(path.parent).events() if e["event"] == "model_load"]
+    return [e for path in sorted(root.rglob(EVENTS_DIR)) for e in RunDir(path.parent).events() if e["event"] == "model_load"]
 
 
 def _migrate_until_scores_then_kill(manifest_path: Path, out: Path, live: list[str]) -> None:

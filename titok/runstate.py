@@ -3,8 +3,12 @@
 A stage is complete when ``<run_dir>/<stage>/_COMPLETE.json`` exists and its fingerprint (a hash of
 the config fields that shaped the stage and of the upstream fingerprint) matches. A rerun of the
 same config skips complete stages; a changed field reruns its stage and everything after it.
-``events.jsonl`` records every model load (stage, node, pid), so a test or a person can see what work
-a run really did.
+
+The event log records every model load (stage, node, pid), so a test or a person can see what work
+a run really did. On a cluster some 32 processes on several nodes write it on shared storage, where
+appends from different nodes are not atomic (NFS), so each process appends to a file of its own
+(``events/<host>-<pid>.jsonl``) and ``events()`` merges them by time. A line a dying process left
+half-written is skipped with a warning, never fatal: the log is a record, not state.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "dataset_of", "run_stage", "write_atomic"]
+__all__ = ["EVENTS_DIR", "RUN_MANIFEST", "RunDir", "dataset_of", "read_events", "run_stage", "write_atomic"]
+
+RUN_MANIFEST = ".titok-run.json"  # marks a folder as a titok run (titok only clears its own folders)
+EVENTS_DIR = "events"  # one event file per writing process
+_LEGACY_EVENTS = "events.jsonl"  # runs from before per-process files
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -60,8 +68,6 @@ class RunDir:
 
     def claim(self) -> None:
         """Mark the folder as a titok run (titok only ever clears stage folders of its own runs)."""
-        from titok.validate import RUN_MANIFEST
-
         manifest = self.root / RUN_MANIFEST
         if not manifest.is_file():
             write_atomic(manifest, json.dumps({"tool": "titok", "created": time.time()}))
@@ -120,14 +126,48 @@ class RunDir:
         return json.loads((self.stage_dir(stage) / "_COMPLETE.json").read_text())
 
     def log_event(self, **event: Any) -> None:
-        """Append one JSON line; safe across processes on one node (O_APPEND, single write)."""
+        """Append one JSON line to this process's own event file (one writer per file, one write per line)."""
         event = {"time": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **event}
-        with open(self.root / "events.jsonl", "a") as f:
-            f.write(json.dumps(event, default=str) + "\n")
+        folder = self.root / EVENTS_DIR
+        folder.mkdir(exist_ok=True)
+        line = (json.dumps(event, default=str) + "\n").encode()
+        with open(folder / f"{event['host']}-{event['pid']}.jsonl", "a+b") as f:
+            if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                line = b"\n" + line  # an earlier process with this host and pid died mid-line: end its line
+            f.write(line)
 
     def events(self) -> list[dict]:
-        path = self.root / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        """Every process's events, merged in time order (torn lines skipped with a warning)."""
+        return read_events(self.root)
+
+
+def read_events(root: str | Path) -> list[dict]:
+    """The events under run folder ``root``, merged by time; a line that does not parse (a writer
+    died mid-line) is skipped and named in a warning."""
+    root = Path(root)
+    files = sorted((root / EVENTS_DIR).glob("*.jsonl")) + [p for p in [root / _LEGACY_EVENTS] if p.is_file()]
+    events = []
+    for path in files:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError as err:
+            print(f"warning: could not read event file {path} ({err}); skipping it", file=sys.stderr, flush=True)
+            continue
+        torn = 0
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+            else:
+                torn += 1
+        if torn:
+            print(f"warning: skipped {torn} unreadable line(s) in {path} (a process that died mid-write?)",
+                  file=sys.stderr, flush=True)
+    return sorted(events, key=lambda e: e.get("time", 0.0) if isinstance(e.get("time"), (int, float)) else 0.0)
 
 
 def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, resumable: tuple[str, ...] = ()):

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from titok.config import ConfigError
+from titok.runstate import RUN_MANIFEST
 
 __all__ = [
     "adapter_config_problems", "adapter_problems", "adapter_weight_problems", "check_eval", "check_model", "check_sft",
@@ -205,9 +206,6 @@ def length_problems(cfg) -> list[str]:
                             f"({template} tokens) + a query (queries.max_new_tokens={cfg.queries.max_new_tokens}) + one "
                             f"response token = {needed}")
     return problems
-
-
-RUN_MANIFEST = ".titok-run.json"
 
 
 def is_titok_folder(folder: Path) -> bool:

@@ -1,0 +1,57 @@
+"""The run folder's event log under many writers: one file per process, merged by time when read,
+and a torn line (a process killed mid-write) skipped with a warning instead of failing the run."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+from titok.runstate import EVENTS_DIR, RunDir
+
+
+def _write_events(root: str, writer: int, count: int) -> None:
+    run = RunDir(root)
+    for i in range(count):
+        run.log_event(event="tick", writer=writer, i=i, payload="x" * 300)  # lines longer than a small atomic write
+
+
+def test_processes_writing_at_once_lose_no_event_and_read_back_in_time_order(tmp_path):
+    writers, count = 4, 300
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_write_events, args=(str(tmp_path), w, count)) for w in range(writers)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+        assert p.exitcode == 0
+    files = sorted((tmp_path / EVENTS_DIR).glob("*.jsonl"))
+    assert len(files) == writers  # one file per writing process
+    events = RunDir(tmp_path).events()
+    assert len(events) == writers * count
+    assert [e["time"] for e in events] == sorted(e["time"] for e in events)
+    for w in range(writers):
+        assert [e["i"] for e in events if e["writer"] == w] == list(range(count))
+
+
+def test_a_torn_line_is_skipped_with_a_warning(tmp_path, capsys):
+    run = RunDir(tmp_path)
+    for i in range(3):
+        run.log_event(event="tick", i=i)
+    path = next((tmp_path / EVENTS_DIR).glob("*.jsonl"))
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    path.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])  # this process died mid-line
+    (tmp_path / EVENTS_DIR / f"other-{os.getpid() + 1}.jsonl").write_text('{"time": 1.0, "event": "early"}\n{"tim')
+    events = run.events()
+    assert [e.get("i", e["event"]) for e in events] == ["early", 0, 1]
+    err = capsys.readouterr().err
+    assert err.count("skipped 1 unreadable line(s)") == 2 and path.name in err
+    # a later process with the same host and pid (a restarted pod) appends to that file: its line stays whole
+    run.log_event(event="after")
+    assert [e.get("i", e["event"]) for e in run.events()] == ["early", 0, 1, "after"]
+
+
+def test_runs_from_before_per_process_files_still_read(tmp_path):
+    (tmp_path / "events.jsonl").write_text('{"time": 2.0, "event": "old"}\n')
+    RunDir(tmp_path).log_event(event="new")
+    assert [e["event"] for e in RunDir(tmp_path).events()] == ["old", "new"]
