@@ -54,8 +54,19 @@ class TensorParallelProbe:
         self.gpus = ray.get([worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
                              for i in range(engine["tensor_parallel_size"])])
 
-    def ready(self) -> list:
+    def ready(self) -> tuple:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()  # the actor itself holds no GPU
+
+    def workers(self) -> list:
         return self.gpus
+
+    def peak_rss_mib(self) -> float:
+        return 0.0
+
+    def shutdown(self) -> None:
+        pass
 
 
 def test_tensor_parallel_engines_each_get_four_gpus_of_one_node(gpu_cluster, tmp_path):
@@ -67,8 +78,11 @@ def test_tensor_parallel_engines_each_get_four_gpus_of_one_node(gpu_cluster, tmp
                         options=actor_options("vllm", gpus_per_actor=4, cpus_per_actor=1, tensor_parallel_size=4),
                         actor_class=TensorParallelProbe)
     try:
-        engines = ray.get([actor.ready.remote() for actor in fleet.actors])
+        engines = ray.get([actor.workers.remote() for actor in fleet.actors])
         assert len(fleet.groups) == 4  # one placement group per engine
+        # the GPUs the fleet records for the memory check after shutdown are the ones vLLM's workers got
+        assert sorted((node, int(gpu)) for gpus in engines for node, gpu in gpus) == \
+            sorted((node, gpu) for node, gpus in fleet.gpus.items() for gpu in gpus)
         for gpus in engines:
             assert len({node for node, _ in gpus}) == 1  # tensor parallelism stays on one node
             assert len({gpu for _, gpu in gpus}) == 4

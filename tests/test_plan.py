@@ -119,10 +119,13 @@ def test_an_engine_that_cannot_hold_a_sequence_is_refused_and_a_larger_tp_sugges
     plan = make_plan(cfg, TWO_NODES_80GB)
     engine = plan.stages[0]
     assert not engine.fits and "KV tokens" in engine.problems[0]
-    assert engine.suggestions == ["--set engine.tensor_parallel_size=2 --set engine.gpus_per_actor=2 --set engine.actors=8"]
-    suggested = make_plan(_cfg(source_base=LLAMA_70B, engine={"tensor_parallel_size": 2, "gpus_per_actor": 2, "actors": 8}),
+    # TP 2 holds the weights (65.7 GiB) but not with 16,384 batched tokens' logits (7.8 GiB, whole on every rank)
+    assert engine.suggestions == ["--set engine.tensor_parallel_size=4 --set engine.gpus_per_actor=4 --set engine.actors=4"]
+    suggested = make_plan(_cfg(source_base=LLAMA_70B, engine={"tensor_parallel_size": 4, "gpus_per_actor": 4, "actors": 4}),
                           TWO_NODES_80GB)
     assert suggested.stages[0].fits
+    assert not make_plan(_cfg(source_base=LLAMA_70B, engine={"tensor_parallel_size": 2, "gpus_per_actor": 2, "actors": 8}),
+                         TWO_NODES_80GB).stages[0].fits
 
 
 def test_more_gpus_than_the_cluster_has_is_refused():
@@ -218,3 +221,84 @@ def test_the_prepared_gpu_check_runs_end_to_end_on_a_small_model(tmp_path):
     assert result["scorer"]["response_tokens_per_s"] > 0 and result["machine"]["cpu_capability"]
     assert [row["gradient_checkpointing"] for row in result["train_step"]] == [True, False]
     assert all(row["plan_total_gib"] > 0 and all(map(lambda x: x == x, row["losses"])) for row in result["train_step"])
+
+
+# ---------- the 70B path's arithmetic, by hand ----------
+
+def test_training_activations_use_train_max_length_not_the_engines():
+    shape = model_shape(LLAMA_70B)
+    train = make_plan(_cfg(train={"max_length": 1024}), TWO_NODES_80GB).stage("train")
+    # checkpointing: each layer's input kept (80 x 8192 x 2 bytes per token) plus one layer recomputed
+    per_token = 80 * 8192 * 2 + (7 * 8192 + 4 * 28672) * 2
+    assert train.gpu["activations"] == 1 * 1024 * per_token
+    assert make_plan(_cfg(), TWO_NODES_80GB).stage("train").gpu["activations"] == 2048 * per_token
+
+
+@pytest.mark.parametrize("gpu_gib,setting,tokens", [(80, None, 16384), (141, None, 16384), (48, None, 8192),
+                                                    (80, 4096, 4096)])
+def test_the_vllm_batch_the_plan_counts_is_the_one_the_engine_is_given(gpu_gib, setting, tokens):
+    from titok.engines.vllm_engine import vllm_engine_args
+
+    cfg = _cfg(engine={"max_num_batched_tokens": setting})
+    engine = make_plan(cfg, Resources(nodes=2, gpus_per_node=8, gpu_memory_gib=gpu_gib, host_memory_gib=1800)).stages[0]
+    vocab, hidden, tp = 128256, 4096, 4
+    # prompt log-prob logits in fp32, whole on every TP rank (vLLM gathers them); layer activations sharded
+    assert engine.gpu["activations"] == tokens * vocab * 4 + tokens * 8 * hidden * 2 // tp
+    e = cfg.engine
+    args = vllm_engine_args(LLAMA_8B, "bfloat16", e.max_length, False, 8, e.tensor_parallel_size,
+                            max_num_batched_tokens=e.max_num_batched_tokens, gpu_memory_gib=gpu_gib - 0.9)  # as measured
+    assert args["max_num_batched_tokens"] == tokens
+
+
+def test_zero3_gathers_are_in_the_training_time():
+    shape = model_shape(LLAMA_70B)
+    base_bytes = shape.params * 2  # bf16
+    # 250 samples x 2 epochs over 16 workers x micro-batch 1: 32 micro-steps per GPU; checkpointing: 3 gathers each
+    across = make_plan(_cfg(), TWO_NODES_80GB).stage("train")
+    assert across.comm_s == pytest.approx(32 * 3 * base_bytes * 15 / 16 / 25e9, rel=1e-9)
+    assert 8 * 60 < across.comm_s < 9 * 60  # minutes, not the 45 s of compute
+    assert across.load_s == pytest.approx(base_bytes / 2e9 + base_bytes / 25e9)  # rank 0 reads alone, then broadcasts
+    assert "on one node (--set train.workers=8) the gathers stay on NVLink" in "\n".join(across.notes)
+    one_node = make_plan(_cfg(train={"workers": 8}), TWO_NODES_80GB).stage("train")
+    assert one_node.comm_s == pytest.approx(63 * 3 * base_bytes * 7 / 8 / 300e9, rel=1e-9)  # 500 / 8 -> 63 micro-steps
+    no_ckpt = make_plan(_cfg(train={"workers": 8, "gradient_checkpointing": False}), TWO_NODES_80GB).stage("train")
+    assert no_ckpt.comm_s == pytest.approx(one_node.comm_s * 2 / 3)
+    assert make_plan(_cfg(train={"deepspeed_stage": 2, "workers": 8}), TWO_NODES_80GB).stage("train").comm_s == 0
+
+
+def test_a_refused_trainings_suggestion_is_checked_in_full():
+    """1 node x 8 GPUs with train.workers=16: memory alone would accept checkpointing, which cannot run."""
+    one_node = Resources(nodes=1, gpus_per_node=8, gpu_memory_gib=80, host_memory_gib=1800)
+    cfg = _cfg(train={"workers": 16, "gradient_checkpointing": False})
+    train = make_plan(cfg, one_node).stage("train")
+    assert any("train.workers=16 (one GPU each) but the cluster has 8 GPUs" in p for p in train.problems)
+    suggestion = train.suggestions[0]
+    assert "--set train.workers=8" in suggestion
+    values = {k.removeprefix("train."): yaml_value(v) for k, v in
+              (x.strip().split("=") for x in suggestion.split("  (")[0].split("--set ")[1:])}
+    assert make_plan(_cfg(train={"workers": 16, "gradient_checkpointing": False, **values}), one_node).stage("train").fits
+
+
+def yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def test_the_align_stage_with_a_target_side_reference_is_planned():
+    """filter.reference=target_base loads the whole 70B target for a forward pass: 141 GB in bf16
+    does not fit one 80 GB GPU, so it is refused with the smallest split that fits."""
+    shape = model_shape(LLAMA_70B)
+    cfg = _cfg(filter={"reference": "target_base"}, engine={"dtype": "bfloat16"})
+    plan = make_plan(cfg, TWO_NODES_80GB)
+    align = plan.stage("align")
+    work = 8 * 2048 * (8192 + 28672) * 2 + 8 * 513 * 128256 * (2 + 8)  # activations + logits of 8 kept samples
+    assert align.gpu == {"weights": shape.params * 2, "activations": 8 * 2048 * (8192 + 28672) * 2,
+                         "logits": 8 * 513 * 128256 * (2 + 8)}
+    assert not plan.fits and "the target base whole on 1 GPU(s)" in align.problems[0]
+    needed = next(n for n in range(1, 9) if shape.params * 2 // n + work + 2 * 2**30 <= 80 * 2**30)
+    assert needed == 2 and align.suggestions == ["--set filter.reference_gpus=2"]
+    fixed = make_plan(_cfg(filter={"reference": "target_base", "reference_gpus": 2}, engine={"dtype": "bfloat16"}),
+                      TWO_NODES_80GB)
+    assert fixed.stage("align").fits and fixed.stage("align").gpu["weights"] == shape.params * 2 // 2
+    assert [s.stage for s in make_plan(_cfg(), TWO_NODES_80GB).stages] == ["engine: queries, labels, scores", "train"]

@@ -59,7 +59,8 @@ def _plan(args: argparse.Namespace) -> None:
         host_memory_gib=args.host_memory_gib or (None if cluster_given else local.host_memory_gib),
         gpu_tflops=args.gpu_tflops, source="command line" if cluster_given else local.source)
     plan = make_plan(cfg, resources, Assumptions(mfu_train=args.mfu_train, mfu_inference=args.mfu_inference,
-                                                 load_gbps=args.load_gbps))
+                                                 load_gbps=args.load_gbps, intra_node_gbps=args.intra_node_gbps,
+                                                 inter_node_gbps=args.inter_node_gbps))
     print(plan.table())
     if args.json:
         from pathlib import Path
@@ -151,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--mfu-train", type=float, default=0.30, help="model-FLOPs utilisation assumed for training")
     pl.add_argument("--mfu-inference", type=float, default=0.15, help="model-FLOPs utilisation assumed for generation/scoring")
     pl.add_argument("--load-gbps", type=float, default=2.0, help="weight-loading bandwidth per node (GB/s)")
+    pl.add_argument("--intra-node-gbps", type=float, default=300.0,
+                    help="all-gather bandwidth per GPU within a node, GB/s (NVLink; H100 SXM ~360 achieved)")
+    pl.add_argument("--inter-node-gbps", type=float, default=25.0,
+                    help="all-gather bandwidth per GPU across nodes, GB/s (200 Gb/s per GPU = 25; 400 Gb/s IB ~45)")
     pl.add_argument("--json", help="also write the plan as JSON here")
     pl.set_defaults(run=_plan)
 

@@ -21,6 +21,7 @@ from titok.select import TokenScope
 from titok.stages.filtering import FILTER_METHODS, FilterMethodName
 
 __all__ = [
+    "ClusterConfig",
     "ConfigError",
     "Section",
     "EngineConfig",
@@ -129,7 +130,7 @@ class LabelsConfig(Section):
 
 class FilterConfig(Section):
     # how fast, not what: kept out of fingerprints
-    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("reference_batch_size",)
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("reference_batch_size", "reference_gpus")
 
     top_m: int = Field(250, ge=1, description="M: samples kept by mean excess")
     k: float = Field(0.7, gt=0.0, le=1.0, description="fraction of tokens kept inside the kept samples")
@@ -146,6 +147,9 @@ class FilterConfig(Section):
         "not learned even where the source base predicts it) or both (kept if either finds it taught)")
     reference_batch_size: int = Field(
         8, ge=1, description="kept samples per target-base forward when the reference scores with the target base")
+    reference_gpus: int = Field(
+        1, ge=1, description="GPUs of one node the target base is split over (device_map) when the reference scores "
+        "with it on GPUs (train.use_gpu): a 70B target in bf16 needs 2 x 80 GB (titok plan says how many)")
 
     @model_validator(mode="after")
     def _reference_scope(self) -> "FilterConfig":
@@ -221,6 +225,17 @@ class TrainConfig(Section):
         return self
 
 
+class ClusterConfig(Section):
+    """How long the driver waits for the cluster: when, never what (kept out of fingerprints)."""
+
+    wait_for_resources_s: float = Field(
+        600.0, ge=0.0, description="seconds the driver waits for the GPUs of the largest stage to register (an "
+        "autoscaling or slowly starting cluster; the autoscaler is asked for them) before it checks the plan")
+    gpu_release_timeout_s: float = Field(
+        300.0, ge=0.0, description="seconds the driver waits, after the engines shut down, until each GPU they used has "
+        "the memory the next stage needs free (NVML); then it stops naming the GPU and what holds it. 0 = no check")
+
+
 class EvalSettings(Section):
     """Held-out evaluation (``titok compare``'s table, ``titok migrate``'s release gate)."""
 
@@ -254,6 +269,7 @@ class TransplantConfig(Section):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _pool_holds_m(self) -> "TransplantConfig":
@@ -292,6 +308,7 @@ class TransplantSettings(Section):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def fields(self) -> dict:
         return self.model_dump(exclude_unset=True)

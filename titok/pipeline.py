@@ -25,6 +25,7 @@ from titok.engines.placement import actor_options
 from titok.export import export_adapter
 from titok.layout import SOURCE_STAGES
 from titok.plan import Plan, Resources, cluster_resources, make_plan
+from titok.readiness import wait_for_free_gpus, wait_for_resources
 from titok.runstate import RunDir, dataset_of, run_stage
 from titok.stages.alignment import AlignToTarget
 from titok.stages.filtering import apply_filter_method
@@ -40,10 +41,12 @@ STAGES = ("queries", "labels", "scores", "filter", "align", "train", "export")
 
 class SourceEngines:
     """The source model's engine fleet with its adapters (``{name: folder}``), started on first use and
-    closed once scoring is done. A transplant has one adapter, ``default``; a zoo has them all."""
+    released once scoring is done. A transplant has one adapter, ``default``; a zoo has them all.
+    ``free_gpu_bytes``: what each GPU must have free for the stages after the engines (the plan's)."""
 
-    def __init__(self, cfg: TransplantConfig, run_dir: str, adapters: dict[str, str]):
+    def __init__(self, cfg: TransplantConfig, run_dir: str, adapters: dict[str, str], free_gpu_bytes: int = 0):
         self.cfg, self.run_dir, self.adapters, self.fleet = cfg, run_dir, adapters, None
+        self.free_gpu_bytes, self.held = free_gpu_bytes, {}  # held: {node id: GPU indices} of closed engines
         self.run_log = RunDir(run_dir)
 
     def __call__(self) -> EngineFleet:
@@ -58,10 +61,22 @@ class SourceEngines:
         return self.fleet
 
     def close(self) -> None:
-        if self.fleet is not None:
-            self.fleet.close()
-            self.run_log.log_event(event="engines_closed", stage="engine", peak_rss_mib=self.fleet.peak_rss_mib)
-            self.fleet = None
+        """Shut the engines down (on an error too); ``release`` then waits for the GPUs they held."""
+        if self.fleet is None:
+            return
+        fleet, self.fleet = self.fleet, None
+        fleet.close()
+        self.held = fleet.gpus
+        self.run_log.log_event(event="engines_closed", stage="engine", peak_rss_mib=fleet.peak_rss_mib, gpus=fleet.gpus)
+
+    def release(self) -> None:
+        """Close the engines and wait until the GPUs they held have the memory the next stage needs."""
+        self.close()
+        held, self.held = self.held, {}
+        if held and self.free_gpu_bytes:
+            readings = wait_for_free_gpus(held, self.free_gpu_bytes, self.cfg.cluster.gpu_release_timeout_s)
+            self.run_log.log_event(event="gpus_free", stage="engine", need_gib=round(self.free_gpu_bytes / 2**30, 1),
+                                   free_gib={f"{r.node_ip}:{r.index}": round(r.free / 2**30, 1) for r in readings})
 
 
 _TOKENIZER_ROWS_PER_CALL = 64  # alignment without a model: any block size gives the same rows
@@ -103,7 +118,7 @@ def align_settings(cfg: TransplantConfig) -> dict:
     """What the alignment of a kept sample depends on (runs that agree on it may align in one pass)."""
     return {"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code,
             "reference": cfg.filter.token_reference, "k": cfg.filter.k, "dtype": cfg.engine.dtype,
-            "batch_size": cfg.filter.reference_batch_size}
+            "batch_size": cfg.filter.reference_batch_size, "gpus": cfg.filter.reference_gpus if cfg.train.use_gpu else 0}
 
 
 def align_to_target(cfg: TransplantConfig, kept, log_dir: str | None = None):
@@ -116,7 +131,7 @@ def align_to_target(cfg: TransplantConfig, kept, log_dir: str | None = None):
     return kept.map_batches(
         AlignToTarget, fn_constructor_kwargs={**align_settings(cfg), "run_dir": log_dir or cfg.run_dir},
         concurrency=1, batch_size=rows_per_call, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
-        num_gpus=1 if with_model and cfg.train.use_gpu else 0)
+        num_gpus=cfg.filter.reference_gpus if with_model and cfg.train.use_gpu else 0)
 
 
 def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table):
@@ -253,19 +268,20 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
     validate_inputs(cfg)
     if not ray.is_initialized():
         ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts a local Ray
+    wait_for_resources([cfg])  # on a cluster, GPU nodes may still be registering
     plan = check_plan(cfg, cluster_resources())  # before any model loads
     run = RunDir(cfg.run_dir)
     run.claim()
     (run.root / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
-    engines = SourceEngines(cfg, str(run.root), {"default": cfg.source_adapter})
+    engines = SourceEngines(cfg, str(run.root), {"default": cfg.source_adapter}, plan.gpu_bytes_after_engines())
     runner = StageRunner(cfg, engines)
     runner.stream_scores = until != "labels"
     try:
         for name in STAGES[: STAGES.index(until or "export") + 1]:
             if name not in SOURCE_STAGES:
-                engines.close()  # the source model is done: free its devices for training
+                engines.release()  # the source model is done: free its devices for training
             runner.run_next(name)
     finally:
         engines.close()

@@ -20,8 +20,21 @@ The arithmetic, with its assumptions (bytes are per GPU unless said otherwise):
 - activations per sequence of S tokens: (7 x hidden + 4 x mlp width) x 2 bytes per token per layer;
   with checkpointing, layers x hidden x 2 per token plus one layer recomputed. Logits: response
   tokens x vocab x 14 bytes (bf16 logits, fp32 copy, log-softmax, gradient).
+- vLLM's batched tokens per step: ``engine.max_num_batched_tokens``, else 16,384 on GPUs of 70 GiB or
+  more and 8,192 below (vLLM's own rule), at least ``max_length``; titok passes the same number to
+  vLLM (``vllm_batched_tokens``), so plan and engine agree by construction. Logits for prompt
+  log-probs are whole on every tensor-parallel rank (vLLM gathers them), so they are not divided by TP.
+- training sequences are ``train.max_length`` tokens (default ``engine.max_length``).
 - FLOPs: generation and scoring 2 x params per token; LoRA training 4 x params per token (no weight
   gradients for the base) + 2 x params with checkpointing (the recompute).
+- ZeRO-3 traffic: every micro-step all-gathers the whole base for the forward pass, again for the
+  backward pass, and once more for the recompute with checkpointing: (2 or 3) x model bytes x (N-1)/N
+  received per GPU, over NVLink within one node or over the inter-node links (the ring's slowest
+  hop) across nodes; no overlap with compute is assumed. The LoRA's gradient reduction is negligible.
+- weight loading: an engine node reads its actors' copies; under ZeRO-3 rank 0 reads the whole target
+  alone (transformers' ZeRO-3 load) and broadcasts each layer to the other ranks.
+- the align stage with a target-side reference (``filter.reference``) loads the whole target on
+  ``filter.reference_gpus`` GPUs of one node (device_map), for a forward pass over the kept samples.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "activation_bytes", "cluster_resources", "local_resources",
-           "logits_bytes", "make_plan", "vllm_lora_rank", "zero_model_states"]
+           "logits_bytes", "make_plan", "vllm_batched_tokens", "vllm_lora_rank", "zero3_gather", "zero_model_states"]
 
 GIB = 1024**3
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -39,6 +52,18 @@ GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "B200": 180, "GH200": 96, "A100-80G":
                   "L40S": 48, "L4": 24, "A10G": 24, "T4": 16, "V100": 16}
 CUDA_RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, allocator slack: never planned for tensors
 ENGINE_PROCESS_BYTES = 4 * GIB  # host RAM of one GPU engine process (Python, CUDA, tokenizer, pinned buffers)
+
+
+VLLM_LARGE_GPU_GIB = 70  # vLLM batches 16,384 tokens per step on GPUs with at least this memory, else 8,192
+
+
+def vllm_batched_tokens(setting: int | None, max_length: int, gpu_memory_gib: float | None) -> int:
+    """Tokens per vLLM engine step: the setting, else vLLM's default for the GPU (16,384 from 70 GiB,
+    8,192 below; the larger where the memory is unknown), at least one whole sequence."""
+    if setting:
+        return setting
+    large = gpu_memory_gib is None or gpu_memory_gib >= VLLM_LARGE_GPU_GIB
+    return max(16384 if large else 8192, max_length)
 
 
 def vllm_lora_rank(rank: int) -> int:
@@ -93,6 +118,11 @@ class Assumptions:
     mfu_inference: float = 0.15  # decode is memory-bound; prefill/scoring runs higher
     load_gbps: float = 2.0  # weight loading per node, GB/s (shared storage or local NVMe)
     prompt_tokens: int = 48  # chat template + instruction around a query
+    # all-gather bandwidth one GPU achieves, GB/s: NVLink within a node (H100 SXM: ~360 in NCCL's
+    # all_gather busbw of 450 nominal), and the network across nodes (200 Gb/s per GPU = 25 GB/s;
+    # 400 Gb/s InfiniBand per GPU reaches ~45)
+    intra_node_gbps: float = 300.0
+    inter_node_gbps: float = 25.0
 
 
 @dataclass
@@ -107,6 +137,7 @@ class StagePlan:
     suggestions: list = field(default_factory=list)
     flops: float = 0.0
     compute_s: float = 0.0
+    comm_s: float = 0.0  # collectives that do not overlap compute (ZeRO-3's parameter gathers)
     load_s: float = 0.0
     devices: int = 0  # GPUs (or nodes for CPU stages) the stage occupies
 
@@ -115,8 +146,12 @@ class StagePlan:
         return not self.problems
 
     @property
+    def seconds(self) -> float:
+        return self.compute_s + self.comm_s + self.load_s
+
+    @property
     def gpu_hours(self) -> float:
-        return (self.compute_s + self.load_s) * self.devices / 3600
+        return self.seconds * self.devices / 3600
 
 
 @dataclass
@@ -134,7 +169,16 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"resources": asdict(self.resources), "assumptions": asdict(self.assumptions), "fits": self.fits,
-                "stages": [{**asdict(s), "fits": s.fits, "gpu_hours": s.gpu_hours} for s in self.stages]}
+                "stages": [{**asdict(s), "fits": s.fits, "seconds": s.seconds, "gpu_hours": s.gpu_hours}
+                           for s in self.stages]}
+
+    def stage(self, name: str) -> StagePlan:
+        return next(s for s in self.stages if s.stage == name)
+
+    def gpu_bytes_after_engines(self) -> int:
+        """Free memory each GPU must have for the stages after the source engines (the most any of
+        them needs, with the CUDA reserve); 0 where none runs on GPUs."""
+        return max((sum(s.gpu.values()) + CUDA_RESERVE_BYTES for s in self.stages[1:] if s.gpu), default=0)
 
     def table(self) -> str:
         r = self.resources
@@ -145,19 +189,21 @@ class Plan:
         for s in self.stages:
             per_gpu = _gib(sum(s.gpu.values())) if s.gpu else "-"
             lines.append(f"| {s.stage} | {s.model} | {s.placement} | {per_gpu} | {_gib(sum(s.host.values()))} | "
-                         f"{_duration(s.compute_s + s.load_s)} | {s.gpu_hours:.2f} | {'yes' if s.fits else '**no**'} |")
+                         f"{_duration(s.seconds)} | {s.gpu_hours:.2f} | {'yes' if s.fits else '**no**'} |")
         for s in self.stages:
             lines += ["", f"{s.stage} ({s.model}):"]
             if s.gpu:
                 lines.append("  per GPU: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.gpu.items()))
             lines.append("  host per node: " + ", ".join(f"{k} {_gib(v)}" for k, v in s.host.items()))
-            lines.append(f"  {s.flops:.3g} FLOP: compute {_duration(s.compute_s)}, weight loading {_duration(s.load_s)}")
+            comm = f", ZeRO-3 parameter gathers {_duration(s.comm_s)}" if s.comm_s else ""
+            lines.append(f"  {s.flops:.3g} FLOP: compute {_duration(s.compute_s)}{comm}, weight loading {_duration(s.load_s)}")
             lines += [f"  {n}" for n in s.notes]
             lines += [f"  DOES NOT FIT: {p}" for p in s.problems]
             lines += [f"  try: {x}" for x in s.suggestions]
         a = self.assumptions
         lines += ["", f"assumptions: MFU {a.mfu_train:.0%} training, {a.mfu_inference:.0%} inference; "
                       f"{r.gpu_tflops:g} TFLOP/s bf16 per GPU; weights load at {a.load_gbps:g} GB/s per node; "
+                      f"all-gathers at {a.intra_node_gbps:g} GB/s per GPU within a node, {a.inter_node_gbps:g} across nodes; "
                       f"{_gib(CUDA_RESERVE_BYTES)} per GPU kept free for CUDA/NCCL; "
                       f"{_gib(ENGINE_PROCESS_BYTES)} host RAM per GPU engine process"]
         return "\n".join(lines)
@@ -198,9 +244,11 @@ def _engine_stage(cfg, shape, adapter_rank: int, res: Resources, a: Assumptions)
     if on_gpu and e.name == "vllm":
         rank = vllm_lora_rank(e.max_lora_rank or adapter_rank)
         slot = shape.layers * rank * sum(i + o for i, o in shape.linear_dims.values()) * wbytes
-        tokens = e.max_num_batched_tokens or max(8192, seq)
+        tokens = vllm_batched_tokens(e.max_num_batched_tokens, seq, res.gpu_memory_gib)
+        # prompt log-prob logits are gathered whole on each TP rank; the layer activations are sharded
         stage.gpu = {"weights": weights // shards, "LoRA slots": e.max_loras * slot // shards,
-                     "activations": tokens * (shape.vocab * 4 + 8 * shape.hidden * 2) // e.tensor_parallel_size}
+                     "activations": tokens * shape.vocab * 4 + tokens * 8 * shape.hidden * 2 // e.tensor_parallel_size}
+        stage.notes.append(f"max_num_batched_tokens {tokens:,} per engine step (passed to vLLM)")
         if res.gpu_memory_gib:
             budget = res.gpu_memory_gib * GIB * e.gpu_memory_utilization
             kv_left = budget - sum(stage.gpu.values())
@@ -282,8 +330,7 @@ def _train_memory(shape, lora_params: int, t, micro: int, seq: int, response: in
                   workers: int, on_gpu: bool, checkpointing: bool) -> tuple[dict, dict]:
     """``(per device, per node)`` byte components for one training setting."""
     wbytes = _dtype_bytes(_plan_dtype(t.dtype, on_gpu))
-    gpus_per_node = min(res.gpus_per_node, workers) if on_gpu else math.ceil(workers / max(res.nodes, 1))
-    nodes = math.ceil(workers / gpus_per_node)
+    gpus_per_node, nodes = _train_nodes(workers, res, on_gpu)
     states_gpu, states_host = zero_model_states(shape.params, lora_params, shape.largest_module_params, gpus_per_node,
                                                 nodes, t.deepspeed_stage, t.offload_optimizer, t.offload_params,
                                                 load_bytes=wbytes)
@@ -294,7 +341,26 @@ def _train_memory(shape, lora_params: int, t, micro: int, seq: int, response: in
     return device, {"model states, loading": states_host}
 
 
-def _train_stage(cfg, shape, res: Resources, a: Assumptions) -> StagePlan:
+def _train_nodes(workers: int, res: Resources, on_gpu: bool) -> tuple[int, int]:
+    """``(workers per node, nodes)`` of the training group (Ray packs GPU workers onto full nodes)."""
+    per_node = min(res.gpus_per_node, workers) if on_gpu and res.gpus_per_node else math.ceil(workers / max(res.nodes, 1))
+    return per_node, math.ceil(workers / max(per_node, 1))
+
+
+def zero3_gather(params: int, dtype_bytes: int, workers: int, nodes: int, micro_steps: int, checkpointing: bool,
+                 a: Assumptions) -> tuple[float, float, float]:
+    """``(seconds, bytes per GPU per micro-step, link GB/s)`` of ZeRO-3's parameter all-gathers: the
+    whole base for the forward pass, for the backward pass and (with checkpointing) for the recompute,
+    each GPU receiving (N-1)/N of it, on NVLink within a node or the inter-node links across nodes."""
+    if workers < 2:
+        return 0.0, 0.0, 0.0
+    passes = 3 if checkpointing else 2
+    per_micro_step = passes * params * dtype_bytes * (workers - 1) / workers
+    link = a.intra_node_gbps if nodes == 1 else a.inter_node_gbps
+    return micro_steps * per_micro_step / (link * 1e9), per_micro_step, link
+
+
+def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = True) -> StagePlan:
     from titok.train.ray_train import GRADIENT_CHECKPOINTING_MIN_PARAMS
 
     t = cfg.train
@@ -303,7 +369,7 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions) -> StagePlan:
     checkpointing = t.gradient_checkpointing if t.gradient_checkpointing != "auto" else \
         shape.params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
     micro = min(t.micro_batch_size, t.global_batch_size // t.workers)
-    seq = cfg.engine.max_length
+    seq = cfg.train_max_length
     response = min(cfg.labels.max_new_tokens + 1, seq)
     placement = (f"{t.workers} worker(s) x 1 GPU" if on_gpu else f"{t.workers} worker(s) on CPU") + \
         f", ZeRO-{t.deepspeed_stage}, micro-batch {micro}" + (", checkpointing" if checkpointing else "") + \
@@ -324,20 +390,54 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions) -> StagePlan:
         stage.notes.append(f"activations {'without' if checkpointing else 'with'} checkpointing would be "
                            f"{_gib(other['activations'])} per GPU")
     _check_train_fit(stage, t, res, on_gpu)
-    if not stage.fits and on_gpu and res.gpu_memory_gib:
-        stage.suggestions += _train_suggestions(cfg, shape, lora_params, res, response)
+    if suggest and not stage.fits and on_gpu and res.gpus and res.gpu_memory_gib:
+        stage.suggestions += _train_suggestions(cfg, shape, res, a)
 
     rows = min(cfg.filter.top_m, cfg.pool_size) if cfg.filter.method in ("titok", "top_m_only", "random_m") else cfg.pool_size
     samples = t.max_steps * t.global_batch_size if t.max_steps else rows * t.epochs
-    tokens = samples * (a.prompt_tokens + cfg.queries.max_new_tokens + cfg.labels.max_new_tokens)
+    tokens = samples * min(a.prompt_tokens + cfg.queries.max_new_tokens + cfg.labels.max_new_tokens, seq)
     stage.flops = (4 + (2 if checkpointing else 0)) * shape.params * tokens
     budget = f"{t.max_steps} steps x {t.global_batch_size}" if t.max_steps else f"{rows} samples x {t.epochs} epochs"
     stage.notes.append(f"trained tokens: {tokens:,} ({budget}, upper bound)")
     stage.devices = t.workers if on_gpu else 0
     rate = t.workers * (res.gpu_tflops * 1e12 if on_gpu else t.cpus_per_worker * res.cpu_gflops_per_core * 1e9)
     stage.compute_s = stage.flops / (rate * a.mfu_train)
-    stage.load_s = shape.params * _dtype_bytes(_plan_dtype(t.dtype, on_gpu)) / (a.load_gbps * 1e9)
+    model_bytes = shape.params * _dtype_bytes(_plan_dtype(t.dtype, on_gpu))
+    stage.load_s = model_bytes / (a.load_gbps * 1e9)
+    if t.deepspeed_stage == 3 and t.workers > 1:
+        nodes = _train_nodes(t.workers, res, on_gpu)[1]
+        micro_steps = math.ceil(samples / (t.workers * micro))
+        link = a.intra_node_gbps if nodes == 1 else a.inter_node_gbps
+        broadcast_s = model_bytes / (link * 1e9)  # rank 0's layers to every other rank, pipelined
+        stage.load_s += broadcast_s
+        stage.notes.append(f"weight loading: rank 0 reads all {_gib(model_bytes)} alone ({_duration(model_bytes / (a.load_gbps * 1e9))} "
+                           f"at {a.load_gbps:g} GB/s) and broadcasts each layer to the other ranks ({_duration(broadcast_s)})")
+        if not t.offload_params:
+            stage.comm_s, per_micro, link = zero3_gather(shape.params, _dtype_bytes(_plan_dtype(t.dtype, on_gpu)),
+                                                         t.workers, nodes, micro_steps, checkpointing, a)
+            where = "within one node (NVLink)" if nodes == 1 else f"across {nodes} nodes"
+            stage.notes.append(f"ZeRO-3 gathers {_gib(per_micro)} per GPU per micro-step ({3 if checkpointing else 2} "
+                               f"passes over the base) x {micro_steps} micro-steps {where} at {link:g} GB/s: "
+                               f"{_duration(stage.comm_s)}, not overlapped with compute")
+            if nodes > 1 and suggest:
+                stage.notes += _one_node_note(cfg, shape, res, a, stage)
+        else:
+            stage.notes.append("ZeRO-3 with offload_params: the gathers come from host memory over PCIe (not timed here)")
     return stage
+
+
+def _one_node_note(cfg, shape, res: Resources, a: Assumptions, stage: StagePlan) -> list[str]:
+    """ZeRO-3 across nodes gathers over the network: the same recipe on one node's GPUs, if it fits."""
+    workers = res.gpus_per_node
+    if workers < 2 or cfg.train.global_batch_size % workers:
+        return []
+    one_node = _train_stage(cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": workers})}), shape,
+                            res, a, suggest=False)
+    if not one_node.fits or one_node.seconds >= stage.seconds:
+        return []
+    return [f"on one node (--set train.workers={workers}) the gathers stay on NVLink: {_duration(one_node.seconds)} "
+            f"in all ({_duration(one_node.comm_s)} of gathers) instead of {_duration(stage.seconds)}, "
+            f"{_gib(sum(one_node.gpu.values()))} per GPU"]
 
 
 def _check_train_fit(stage: StagePlan, t, res: Resources, on_gpu: bool) -> None:
@@ -356,27 +456,72 @@ def _check_train_fit(stage: StagePlan, t, res: Resources, on_gpu: bool) -> None:
         stage.problems.append(f"needs {_gib(sum(stage.host.values()))} of host RAM per node, nodes have {res.host_memory_gib:g} GiB")
 
 
-def _train_suggestions(cfg, shape, lora_params: int, res: Resources, response: int) -> list[str]:
-    """The first settings, in order of cost, under which training fits."""
+def _train_suggestions(cfg, shape, res: Resources, a: Assumptions) -> list[str]:
+    """The first settings, in order of cost, under which the whole training stage fits (memory, GPU
+    count and host RAM: each trial is planned in full)."""
     t = cfg.train
-    steps = [{"gradient_checkpointing": True}, {"deepspeed_stage": 3}, {"workers": res.gpus},
+    steps = [{}, {"gradient_checkpointing": True}, {"deepspeed_stage": 3}, {"workers": res.gpus},
              {"micro_batch_size": 1}, {"offload_optimizer": True}, {"offload_params": True}]
-    changes: dict = {}
+    changes: dict = {"workers": res.gpus} if t.workers > res.gpus else {}
     for step in steps:
         changes.update(step)
+        if not changes:
+            continue
         trial = t.model_copy(update=changes)
         if trial.global_batch_size % trial.workers:
-            trial = trial.model_copy(update={"global_batch_size": trial.workers * max(1, t.global_batch_size // trial.workers)})
-            changes["global_batch_size"] = trial.global_batch_size
-        micro = min(trial.micro_batch_size, trial.global_batch_size // trial.workers)
-        device, host = _train_memory(shape, lora_params, trial, micro, cfg.train_max_length, response, res,
-                                     trial.workers, True, trial.gradient_checkpointing is True)
-        fits_gpu = sum(device.values()) + CUDA_RESERVE_BYTES <= res.gpu_memory_gib * GIB
-        fits_host = not res.host_memory_gib or sum(host.values()) <= res.host_memory_gib * GIB
-        if fits_gpu and fits_host:
+            changes["global_batch_size"] = trial.workers * max(1, t.global_batch_size // trial.workers)
+            trial = trial.model_copy(update={"global_batch_size": changes["global_batch_size"]})
+        planned = _train_stage(cfg.model_copy(update={"train": trial}), shape, res, a, suggest=False)
+        if planned.fits:
             return [" ".join(f"--set train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
-                    + f"  ({_gib(sum(device.values()))} per GPU)"]
-    return [f"no setting tried fits {res.gpu_memory_gib:g} GiB GPUs; use more or larger GPUs"]
+                    + f"  ({_gib(sum(planned.gpu.values()))} per GPU)"]
+    return [f"no setting tried fits {res.gpus} x {res.gpu_memory_gib:g} GiB GPUs; use more or larger GPUs"]
+
+
+# ---------------------------------------------------------------- align (target-side reference)
+
+def _align_stage(cfg, shape, res: Resources, a: Assumptions) -> StagePlan:
+    """The target base scoring the kept samples (``filter.reference`` other than source_amateur):
+    whole, on ``filter.reference_gpus`` GPUs of one node (or on a CPU actor)."""
+    f, on_gpu = cfg.filter, cfg.train.use_gpu
+    gpus = f.reference_gpus if on_gpu else 0
+    wbytes = _dtype_bytes(_plan_dtype(cfg.engine.dtype, on_gpu))
+    weights = shape.params * wbytes
+    seq, response = cfg.engine.max_length, min(cfg.labels.max_new_tokens + 1, cfg.engine.max_length)
+    work = {"activations": f.reference_batch_size * seq * (shape.hidden + shape.intermediate) * wbytes,
+            "logits": f.reference_batch_size * response * shape.vocab * (wbytes + 8)}
+    stage = StagePlan("align", shape.name, f"1 actor x {gpus} GPU(s), device_map" if on_gpu else "1 actor on CPU")
+    if on_gpu:
+        stage.gpu = {"weights": weights // gpus, **work}
+        _check_align_fit(stage, gpus, res)
+        if not stage.fits and res.gpu_memory_gib:
+            fitting = [n for n in range(1, res.gpus_per_node + 1)
+                       if weights // n + sum(work.values()) + CUDA_RESERVE_BYTES <= res.gpu_memory_gib * GIB]
+            stage.suggestions.append(f"--set filter.reference_gpus={fitting[0]}" if fitting else
+                                     "--set filter.reference=source_amateur (the paper's reference needs no target model)")
+    else:
+        stage.host = {"weights": weights, **work}
+        if res.host_memory_gib and sum(stage.host.values()) > res.host_memory_gib * GIB:
+            stage.problems.append(f"needs {_gib(sum(stage.host.values()))} of host RAM, nodes have {res.host_memory_gib:g} GiB")
+    tokens = min(f.top_m, cfg.pool_size) * min(a.prompt_tokens + cfg.queries.max_new_tokens + cfg.labels.max_new_tokens, seq)
+    stage.flops = 2 * shape.params * tokens
+    stage.devices = gpus
+    rate = gpus * res.gpu_tflops * 1e12 if on_gpu else cfg.train.cpus_per_worker * res.cpu_gflops_per_core * 1e9
+    stage.compute_s = stage.flops / (rate * a.mfu_inference)
+    stage.load_s = weights / (a.load_gbps * 1e9)
+    return stage
+
+
+def _check_align_fit(stage: StagePlan, gpus: int, res: Resources) -> None:
+    if gpus > res.gpus_per_node:
+        stage.problems.append(f"filter.reference_gpus={gpus} is more than the {res.gpus_per_node} GPUs of one node "
+                              "(the target is split over one actor's GPUs)")
+    elif res.gpu_memory_gib:
+        need = sum(stage.gpu.values()) + CUDA_RESERVE_BYTES
+        if need > res.gpu_memory_gib * GIB:
+            stage.problems.append(f"the target base whole on {gpus} GPU(s) needs {_gib(need)} per GPU "
+                                  f"({', '.join(f'{k} {_gib(v)}' for k, v in stage.gpu.items())}, "
+                                  f"{_gib(CUDA_RESERVE_BYTES)} reserve); the GPUs have {res.gpu_memory_gib:g} GiB")
 
 
 def _engine_suggestions(cfg, shape, adapter_rank: int, res: Resources, a: Assumptions) -> list[str]:
@@ -415,7 +560,8 @@ def make_plan(cfg, resources: Resources, assumptions: Assumptions = Assumptions(
     engine = _engine_stage(cfg, source, rank, resources, assumptions)
     if not engine.fits:
         engine.suggestions += _engine_suggestions(cfg, source, rank, resources, assumptions)
-    return Plan(resources, assumptions, [engine, _train_stage(cfg, target, resources, assumptions)])
+    align = [_align_stage(cfg, target, resources, assumptions)] if cfg.filter.token_reference != "source_amateur" else []
+    return Plan(resources, assumptions, [engine, *align, _train_stage(cfg, target, resources, assumptions)])
 
 
 def local_resources() -> Resources:

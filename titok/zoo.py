@@ -177,16 +177,19 @@ def migrate(manifest: ZooManifest) -> dict:
 
     from titok.pipeline import SourceEngines, StageRunner, check_plan
     from titok.plan import cluster_resources
+    from titok.readiness import wait_for_resources
     from titok.runstate import RunDir
     from titok.zoo_report import gate_and_write
 
     configs, unusable = validate_manifest(manifest)
     if not ray.is_initialized():
         ray.init()
+    distinct = list({json.dumps(c.model_dump(exclude={"source_adapter", "run_dir", "task"}), sort_keys=True): c
+                     for c in configs.values()}.values())
+    wait_for_resources(distinct)  # on a cluster, GPU nodes may still be registering
     resources = cluster_resources()
-    for cfg in {json.dumps(c.model_dump(exclude={"source_adapter", "run_dir", "task"}), sort_keys=True): c
-                for c in configs.values()}.values():
-        check_plan(cfg, resources)  # before any model loads
+    free_gpu_bytes = max((check_plan(cfg, resources).gpu_bytes_after_engines() for cfg in distinct),  # before any
+                         default=0)                                                                # model loads
     out = Path(manifest.out_dir).resolve()
     RunDir(out).claim()  # the zoo's own folder; its event log gets the engine loads
     started, started_at = time.perf_counter(), time.time()
@@ -195,7 +198,8 @@ def migrate(manifest: ZooManifest) -> dict:
     for name, reason in unusable.items():
         rows[name].update(status="failed", reason=reason, stage="validate")
     live = [a for a in manifest.adapters if a.name not in unusable]
-    engines = SourceEngines(configs[live[0].name], str(out), {a.name: a.path for a in live}) if live else None
+    engines = SourceEngines(configs[live[0].name], str(out), {a.name: a.path for a in live},
+                            free_gpu_bytes) if live else None
     runners = {a.name: StageRunner(configs[a.name], engines, adapter=a.name) for a in live}
     by_task = sorted(runners, key=lambda n: rows[n]["task"])
 
@@ -211,7 +215,9 @@ def migrate(manifest: ZooManifest) -> dict:
         step("scores")
     finally:
         if engines is not None:
-            engines.close()  # free the source model's devices before training
+            engines.close()  # on an error too: the engines never outlive the scoring
+    if engines is not None:
+        engines.release()  # closed already: waits until their GPUs are free for the training groups
     _filter_and_align_together(runners, _alive(rows, by_task), out)
     step("filter", at_once=len(runners))  # what the shared pass did not provide: small distributed jobs, side by side
     _align_together(runners, _alive(rows, by_task), out)

@@ -64,3 +64,8 @@ class InferenceEngine(ABC):
     def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
         """Expert (with adapter) and amateur (without) log-probs of each response's tokens; the expert
         pass is skipped for pairs whose ``known_expert`` log-probs are given."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Free the engine's memory on every device (and any process it started) before the next stage
+        takes them; the engine is unusable afterwards."""

@@ -126,3 +126,11 @@ class TransformersEngine(InferenceEngine):
     def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
         return score_pairs(self.model, self.tokenizer, queries, responses, self.batch_size, "left", self.max_length,
                            self.max_batch_tokens, known_expert)
+
+    def shutdown(self) -> None:
+        import gc
+
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -35,7 +35,7 @@ from titok.engines.base import GenerationParams, InferenceEngine, Label, canonic
 from titok.excess import TokenScores
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_tokenizer, resolve_model_path
-from titok.plan import vllm_lora_rank
+from titok.plan import GIB, vllm_batched_tokens, vllm_lora_rank
 from titok.sequences import encode_pair
 
 __all__ = ["VLLMEngine", "vllm_engine_args"]
@@ -46,16 +46,18 @@ CALIBRATION_TOKENS = 16
 def vllm_engine_args(model: str, dtype: str, max_length: int, trust_remote_code: bool, adapter_rank: int | None,
                      tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                      max_num_batched_tokens: int | None = None, max_loras: int = 2, max_cpu_loras: int | None = None,
-                     max_lora_rank: int | None = None, on_cpu: bool = False) -> dict:
+                     max_lora_rank: int | None = None, on_cpu: bool = False, gpu_memory_gib: float | None = None) -> dict:
     """``vllm.LLM`` keyword arguments. Parallel sizes are kept when LoRA is on; ``max_lora_rank`` is
-    rounded up to a rank vLLM accepts (it rejects others)."""
+    rounded up to a rank vLLM accepts (it rejects others). On a GPU of ``gpu_memory_gib`` the batch
+    per engine step is always given, the very number ``titok plan`` plans for (``vllm_batched_tokens``),
+    so the plan never rests on vLLM's default."""
     args = {"model": model, "dtype": dtype, "max_model_len": max_length, "seed": 0, "trust_remote_code": trust_remote_code,
             "tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization}
     if tensor_parallel_size * pipeline_parallel_size > 1:
         args["distributed_executor_backend"] = "ray"  # workers go into this engine's placement group
-    if max_num_batched_tokens:
-        args["max_num_batched_tokens"] = max_num_batched_tokens
+    if max_num_batched_tokens or not on_cpu:
+        args["max_num_batched_tokens"] = vllm_batched_tokens(max_num_batched_tokens, max_length, gpu_memory_gib)
     if adapter_rank:
         if max_lora_rank is not None and max_lora_rank < adapter_rank:
             raise ValueError(f"engine.max_lora_rank={max_lora_rank} is below the adapter's rank {adapter_rank}")
@@ -65,6 +67,12 @@ def vllm_engine_args(model: str, dtype: str, max_length: int, trust_remote_code:
         args.update(enforce_eager=True, compilation_config={"mode": 0})
         args.pop("gpu_memory_utilization")
     return args
+
+
+def _gpu_memory_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
 
 
 class VLLMEngine(InferenceEngine):
@@ -81,8 +89,10 @@ class VLLMEngine(InferenceEngine):
         self.tokenizer = load_tokenizer(base, trust_remote_code)
         rank = max((json.loads((Path(p) / "adapter_config.json").read_text())["r"] for p in self.adapters.values()),
                    default=None)
+        on_cpu = current_platform.is_cpu()
         self.engine_args = vllm_engine_args(resolve_model_path(base), self.dtype_choice[0], max_length, trust_remote_code,
-                                            rank, on_cpu=current_platform.is_cpu(), **settings)
+                                            rank, on_cpu=on_cpu, gpu_memory_gib=None if on_cpu else _gpu_memory_gib(),
+                                            **settings)
         self._transformers = None
         self.llm = self._start()
         self.scoring_backend: str | None = None  # "vllm", or "transformers (reason)" after calibration
@@ -93,16 +103,27 @@ class VLLMEngine(InferenceEngine):
         return LLM(**self.engine_args)
 
     def _shutdown(self) -> None:
-        """Free vLLM's memory (engine core process, KV cache) before anything else takes the GPUs."""
+        """Free vLLM's memory (engine core process, its workers, KV cache) before anything else takes the
+        GPUs: a killed actor would leave the engine core's processes holding them."""
         import torch
 
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        if self.llm is not None and hasattr(self.llm, "shutdown"):
+            self.llm.shutdown()
+        else:
+            core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
         self.llm = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self._shutdown()
+        if self._transformers is not None:
+            self._transformers.shutdown()
+            self._transformers = None
 
     def _known_scoring_problem(self) -> str | None:
         from vllm.platforms import current_platform

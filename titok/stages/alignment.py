@@ -22,7 +22,7 @@ class AlignToTarget:
     required_columns = (C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.OFFSET_STARTS, C.OFFSET_ENDS, C.KEEP)
 
     def __init__(self, target_base: str, trust_remote_code: bool = False, reference: str = "source_amateur",
-                 k: float = 0.7, dtype: str = "auto", batch_size: int = 8, run_dir: str | None = None):
+                 k: float = 0.7, dtype: str = "auto", batch_size: int = 8, gpus: int = 0, run_dir: str | None = None):
         self.tokenizer = load_tokenizer(target_base, trust_remote_code)
         self.reference, self.k, self.batch_size = reference, k, batch_size
         self.model = None
@@ -34,9 +34,11 @@ class AlignToTarget:
             from titok.runstate import RunDir
 
             dtype_choice = resolve_dtype(dtype)
-            self.model = load_model(target_base, getattr(torch, dtype_choice[0]), trust_remote_code,
-                                    device_map="cuda" if torch.cuda.is_available() else None)
-            if run_dir is not None:  # events.jsonl logs every model load
+            # split over the actor's GPUs (a 70B target does not fit one); "auto" only then, since on one
+            # GPU it would silently offload what does not fit to the CPU
+            device_map = None if not torch.cuda.is_available() else "auto" if gpus > 1 else "cuda"
+            self.model = load_model(target_base, getattr(torch, dtype_choice[0]), trust_remote_code, device_map=device_map)
+            if run_dir is not None:  # the event log records every model load
                 RunDir(run_dir).log_event(event="model_load", stage="align", model=target_base, dtype=list(dtype_choice))
 
     def __call__(self, batch: dict):

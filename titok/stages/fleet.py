@@ -12,6 +12,9 @@ CPU of a node (its executor waits for a free CPU; seen on the 2-core machine, wh
 Arrow tables.
 
 Placement follows ``engines.placement`` (a placement group per tensor-parallel vLLM engine).
+Closing shuts each engine down through its own ``shutdown`` first (vLLM's engine core and its worker
+processes, which a killed actor would orphan on the GPU), then kills the actors; ``gpus`` names what
+they held, for ``readiness.wait_for_free_gpus``.
 """
 
 from __future__ import annotations
@@ -41,8 +44,15 @@ class EngineActor:
                                dtype=getattr(self.engine, "dtype_choice", None))
         self._backend_logged = False
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> tuple[str, list[int]]:
+        """Where this engine runs: its node and the GPUs Ray gave it."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), [int(g) for g in ray.get_gpu_ids()]
+
+    def shutdown(self) -> None:
+        """The engine frees its devices itself (vLLM: engine core and workers) before the actor dies."""
+        self.engine.shutdown()
 
     def peak_rss_mib(self) -> float:
         import resource
@@ -63,6 +73,21 @@ class EngineActor:
         return out if isinstance(out, pa.Table) else table(out)
 
 
+def _bundle_gpus(group) -> list[tuple[str, int]]:
+    """(node id, GPU index) of each bundle of an engine's placement group, read by a task in each
+    before the engine starts (Ray keeps a bundle's GPU for its life)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def where() -> tuple[str, int]:
+        return ray.get_runtime_context().get_node_id(), int(ray.get_gpu_ids()[0])
+
+    ray.get(group.ready())
+    return ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
+                    for i in range(len(group.bundle_specs))])
+
+
 class EngineFleet:
     """N engine actors for one run; ``map`` sends rows through them; ``close`` frees them."""
 
@@ -74,13 +99,22 @@ class EngineFleet:
         make_group = options.pop("placement", None)  # one placement group per engine
         remote = ray.remote(actor_class)
         self.actors, self.groups = [], []
+        self.gpus: dict[str, list[int]] = {}  # node id -> GPU indices the engines hold
         for _ in range(actors):
             placed = make_group() if make_group else {}
             if placed:
-                self.groups.append(placed["scheduling_strategy"].placement_group)
+                group = placed["scheduling_strategy"].placement_group
+                self.groups.append(group)
+                self._hold(_bundle_gpus(group))  # the engine's workers will run there, not in the actor
             self.actors.append(remote.options(**options, **placed).remote(run_dir, engine, threads))
-        ray.get([a.ready.remote() for a in self.actors])  # surface a load error here, once
+        for node, gpus in ray.get([a.ready.remote() for a in self.actors]):  # surface a load error here, once
+            self._hold([(node, g) for g in gpus])
         self.batch_size = batch_size
+
+    def _hold(self, gpus) -> None:
+        for node, gpu in gpus:
+            if gpu not in self.gpus.setdefault(node, []):
+                self.gpus[node].append(gpu)
 
     def map(self, rows: pa.Table, operation: str, params: dict | None = None):
         """``rows`` through ``operation``, ``batch_size`` rows at a time on whichever engine is free;
@@ -95,8 +129,9 @@ class EngineFleet:
             return tuple(pa.concat_tables(parts, promote_options="default") for parts in zip(*done))
         return pa.concat_tables(done, promote_options="default")
 
-    def close(self) -> None:
-        """Free the engines (and their placement groups) for the stages after scoring."""
+    def close(self, shutdown_timeout_s: float = 120.0) -> None:
+        """Free the engines (and their placement groups) for the stages after scoring: each engine's own
+        shutdown first, then the actor."""
         import ray
         from ray.util import remove_placement_group
 
@@ -104,6 +139,13 @@ class EngineFleet:
             self.peak_rss_mib = ray.get([actor.peak_rss_mib.remote() for actor in self.actors], timeout=30)
         except Exception:  # noqa: BLE001 - a dead engine has no peak to report
             self.peak_rss_mib = None
+        shutdowns = [actor.shutdown.remote() for actor in self.actors]
+        for actor, shutdown in zip(self.actors, shutdowns):
+            try:
+                ray.get(shutdown, timeout=shutdown_timeout_s)
+            except Exception as err:  # noqa: BLE001 - a dead or stuck engine is killed all the same
+                print(f"warning: an engine did not shut down cleanly ({type(err).__name__}); killing its actor",
+                      flush=True)
         for actor in self.actors:
             ray.kill(actor)
         for group in self.groups:
