@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -84,6 +85,26 @@ def start_local_ray():
 @pytest.fixture
 def local_ray():
     return start_local_ray()
+
+
+@contextlib.contextmanager
+def simulated_gpu_cluster(gpu_nodes: int, gpus_per_node: int = 8, cpus_per_node: int = 16):
+    """A CPU head and ``gpu_nodes`` nodes of fake GPUs on this machine (Ray schedules them as GPUs;
+    nothing runs on a GPU); yields the ``Cluster`` so a test may add nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for _ in range(gpu_nodes):
+        cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

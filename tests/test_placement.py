@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from titok.engines.placement import actor_options, engine_bundles
+from tests.conftest import simulated_gpu_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +24,9 @@ def test_bundles_for_one_engine():
 @pytest.fixture(scope="module")
 def gpu_cluster():
     import ray
-    from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for _ in range(2):
-        cluster.add_node(num_cpus=16, num_gpus=8)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_gpu_cluster(gpu_nodes=2):
+        yield ray
 
 
 class TensorParallelProbe:

@@ -16,7 +16,7 @@ import pytest
 
 from titok.config import ConfigError
 from titok.readiness import GpuMemoryHeld, gpu_bundles, wait_for_free_gpus, wait_for_resources
-from tests.conftest import tiny_transplant_config
+from tests.conftest import simulated_gpu_cluster, tiny_transplant_config
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +27,8 @@ FAKE_GPU_BYTES = 80 * GIB
 @pytest.fixture(scope="module")
 def growing_cluster():
     """A CPU head and one node of 8 fake GPUs; a test may add nodes."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=8, num_gpus=8)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_gpu_cluster(gpu_nodes=1, cpus_per_node=8) as cluster:
+        yield cluster
 
 
 class HoldsGpuMemory:

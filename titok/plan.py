@@ -347,17 +347,16 @@ def _train_nodes(workers: int, res: Resources, on_gpu: bool) -> tuple[int, int]:
     return per_node, math.ceil(workers / max(per_node, 1))
 
 
-def zero3_gather(params: int, dtype_bytes: int, workers: int, nodes: int, micro_steps: int, checkpointing: bool,
-                 a: Assumptions) -> tuple[float, float, float]:
-    """``(seconds, bytes per GPU per micro-step, link GB/s)`` of ZeRO-3's parameter all-gathers: the
-    whole base for the forward pass, for the backward pass and (with checkpointing) for the recompute,
-    each GPU receiving (N-1)/N of it, on NVLink within a node or the inter-node links across nodes."""
+def zero3_gather(params: int, dtype_bytes: int, workers: int, micro_steps: int, checkpointing: bool,
+                 link_gbps: float) -> tuple[float, float]:
+    """``(seconds, bytes per GPU per micro-step)`` of ZeRO-3's parameter all-gathers: the whole base
+    for the forward pass, for the backward pass and (with checkpointing) for the recompute, each GPU
+    receiving (N-1)/N of it over a link of ``link_gbps`` (NVLink within a node, the network across)."""
     if workers < 2:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0
     passes = 3 if checkpointing else 2
     per_micro_step = passes * params * dtype_bytes * (workers - 1) / workers
-    link = a.intra_node_gbps if nodes == 1 else a.inter_node_gbps
-    return micro_steps * per_micro_step / (link * 1e9), per_micro_step, link
+    return micro_steps * per_micro_step / (link_gbps * 1e9), per_micro_step
 
 
 def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = True) -> StagePlan:
@@ -413,8 +412,8 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = Tru
         stage.notes.append(f"weight loading: rank 0 reads all {_gib(model_bytes)} alone ({_duration(model_bytes / (a.load_gbps * 1e9))} "
                            f"at {a.load_gbps:g} GB/s) and broadcasts each layer to the other ranks ({_duration(broadcast_s)})")
         if not t.offload_params:
-            stage.comm_s, per_micro, link = zero3_gather(shape.params, _dtype_bytes(_plan_dtype(t.dtype, on_gpu)),
-                                                         t.workers, nodes, micro_steps, checkpointing, a)
+            stage.comm_s, per_micro = zero3_gather(shape.params, _dtype_bytes(_plan_dtype(t.dtype, on_gpu)), t.workers,
+                                                   micro_steps, checkpointing, link)
             where = "within one node (NVLink)" if nodes == 1 else f"across {nodes} nodes"
             stage.notes.append(f"ZeRO-3 gathers {_gib(per_micro)} per GPU per micro-step ({3 if checkpointing else 2} "
                                f"passes over the base) x {micro_steps} micro-steps {where} at {link:g} GB/s: "

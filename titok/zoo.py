@@ -188,8 +188,8 @@ def migrate(manifest: ZooManifest) -> dict:
                      for c in configs.values()}.values())
     wait_for_resources(distinct)  # on a cluster, GPU nodes may still be registering
     resources = cluster_resources()
-    free_gpu_bytes = max((check_plan(cfg, resources).gpu_bytes_after_engines() for cfg in distinct),  # before any
-                         default=0)                                                                # model loads
+    plans = [check_plan(cfg, resources) for cfg in distinct]  # before any model loads
+    free_gpu_bytes = max((plan.gpu_bytes_after_engines() for plan in plans), default=0)
     out = Path(manifest.out_dir).resolve()
     RunDir(out).claim()  # the zoo's own folder; its event log gets the engine loads
     started, started_at = time.perf_counter(), time.time()
