@@ -144,7 +144,7 @@ def zero3_check(device: str, layers: int, micro: int, seq: int, response: int, s
     from transformers import AutoModelForCausalLM
 
     from titok.train import strategy
-    from titok.train.collectives import all_ranks_finite, mean_over_workers
+    from titok.train.collectives import mean_over_workers
     from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
 
     seconds = {}
@@ -176,15 +176,14 @@ def zero3_check(device: str, layers: int, micro: int, seq: int, response: int, s
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    losses = [mean_over_workers(training_step(engine, batch, all_finite=all_ranks_finite), engine.device)
-              for _ in range(steps)]
+    losses = [mean_over_workers(training_step(engine, batch), engine.device) for _ in range(steps)]
     sync(device)
     seconds["per_step"] = (time.perf_counter() - started) / steps
     peak = torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
 
     strategy.save_state(engine, work / "state", {"step": steps})
     saved = strategy.lora_state_dict(model)
-    training_step(engine, batch, all_finite=all_ranks_finite)  # moves the LoRA on
+    training_step(engine, batch)  # moves the LoRA on
     moved = max((strategy.lora_state_dict(model)[k] - v).abs().max().item() for k, v in saved.items())
     restored_state = strategy.load_state(engine, work / "state")
     restored = strategy.lora_state_dict(model)

@@ -24,7 +24,7 @@ from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
 from titok.layout import SOURCE_STAGES
-from titok.plan import Plan, Resources, cluster_resources, make_plan
+from titok.plan import GIB, Plan, Resources, cluster_resources, make_plan
 from titok.readiness import wait_for_free_gpus, wait_for_resources
 from titok.runstate import RunDir, dataset_of, run_stage
 from titok.stages.alignment import AlignToTarget
@@ -75,8 +75,8 @@ class SourceEngines:
         held, self.held = self.held, {}
         if held and self.free_gpu_bytes:
             readings = wait_for_free_gpus(held, self.free_gpu_bytes, self.cfg.cluster.gpu_release_timeout_s)
-            self.run_log.log_event(event="gpus_free", stage="engine", need_gib=round(self.free_gpu_bytes / 2**30, 1),
-                                   free_gib={f"{r.node_ip}:{r.index}": round(r.free / 2**30, 1) for r in readings})
+            self.run_log.log_event(event="gpus_free", stage="engine", need_gib=round(self.free_gpu_bytes / GIB, 1),
+                                   free_gib={f"{r.node_ip}:{r.index}": round(r.free / GIB, 1) for r in readings})
 
 
 _TOKENIZER_ROWS_PER_CALL = 64  # alignment without a model: any block size gives the same rows

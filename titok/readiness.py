@@ -15,16 +15,17 @@ Written by hand: Ray tracks GPUs as counts, not memory, and nothing in Ray or vL
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from dataclasses import dataclass, field
 
 from titok.config import ConfigError
+from titok.plan import GIB
 
 __all__ = ["GpuMemoryHeld", "GpuReading", "gpu_bundles", "nvml_readings", "wait_for_free_gpus", "wait_for_resources"]
 
-GIB = 1024**3
 PROGRESS_EVERY_S = 30.0
 
 
@@ -136,8 +137,12 @@ def nvml_readings(gpus: list[int]) -> list[dict]:
         pynvml.nvmlShutdown()
 
 
-def _call(probe, gpus: list[int]) -> list[dict]:
-    return probe(gpus)
+@functools.cache
+def _probe_task():
+    """One remote function for every poll (Ray registers each new one)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(lambda probe, gpus: probe(gpus))
 
 
 def _read(held: dict[str, list[int]], probe) -> list[GpuReading]:
@@ -146,8 +151,7 @@ def _read(held: dict[str, list[int]], probe) -> list[GpuReading]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    remote = ray.remote(num_cpus=0)(_call)
-    refs = {node: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(probe, gpus)
+    refs = {node: _probe_task().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(probe, gpus)
             for node, gpus in held.items() if node in ips}
     return [GpuReading(ips[node], r["index"], r["total"], r["used"], [tuple(p) for p in r["processes"]])
             for node, ref in refs.items() for r in ray.get(ref, timeout=60)]

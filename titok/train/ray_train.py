@@ -174,7 +174,7 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
     from titok.sequences import build_training_batch
     from titok.train import strategy
     from titok.train.batching import epoch_order, worker_micro_batches
-    from titok.train.collectives import all_ranks_finite, mean_over_workers
+    from titok.train.collectives import mean_over_workers
     from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
 
     train, run, name = job["train"], RunDir(job["run_dir"]), job["name"]
@@ -211,8 +211,7 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
                 picked = [rows[i] for i in indices]
                 batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
                                              [r[C.TARGET_WEIGHTS] for r in picked], job["max_length"])
-                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"],
-                                                  all_finite=all_ranks_finite))
+                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"]))
             loss = mean_over_workers(float(np.mean(micro_losses)), engine.device)
             state = {"step": step + 1, "losses": state["losses"] + [loss]}
             if rank == 0 and (state["step"] % max(1, plan.total_steps // 10) == 0 or state["step"] == plan.total_steps):

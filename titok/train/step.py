@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from titok.excess import lm_head_only_at
 from titok.loss import Normalization, normalize, selected_cross_entropy, selective_cross_entropy
 from titok.sequences import TrainingBatch
+from titok.train.collectives import all_ranks_finite
 
 __all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "selective_loss", "training_step"]
 
@@ -70,16 +71,14 @@ def selective_loss(
 
 
 def training_step(engine, batch: TrainingBatch, normalization: Normalization = "selected_mean",
-                  k: float | None = None, all_finite=lambda loss: bool(torch.isfinite(loss))) -> float:
-    """Train mode, forward, backward, step. Raises on a non-finite loss instead of training on it.
-
-    ``all_finite(loss)`` says whether every data-parallel rank's loss is finite (the default: this
-    one's; ``collectives.all_ranks_finite`` under Ray Train), so that all ranks stop together
-    instead of one waiting in a collective for another.
+                  k: float | None = None) -> float:
+    """Train mode, forward, backward, step. Raises on a non-finite loss instead of training on it,
+    on every data-parallel rank at once (``all_ranks_finite``: this rank's alone when not distributed),
+    so that no rank waits in a collective for another.
     """
     engine.train()
     loss = selective_loss(engine, batch, normalization, k)
-    if not all_finite(loss):
+    if not all_ranks_finite(loss):
         raise FloatingPointError(f"non-finite training loss ({loss.item()} on this rank)")
     engine.backward(loss)
     engine.step()
