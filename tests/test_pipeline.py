@@ -124,9 +124,10 @@ def test_transplant_killed_after_scores_resumes_and_reruns_without_model_work(ti
     assert np.isfinite(train["metrics"]["loss"]) and np.isfinite(train["metrics"]["first_loss"])
 
     adapter = Path(result["adapter"])
-    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "titok.json"]
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                         "chat_template.jinja", "titok.json"]
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == tiny_model_dirs["target"]
+    assert adapter_config["base_model_name_or_path"] == "target"  # the folder's name, never this machine's path
     target = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["target"]), adapter)
     lora_b = [v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # trained away from the zero init

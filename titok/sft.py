@@ -54,6 +54,6 @@ def train_source_adapter(base: str, task: str, out_dir: str | Path, train: Train
               "max_length": train.max_length or SFT_DEFAULTS["max_length"], "k": 1.0, "trust_remote_code": trust_remote_code}
     outcome = train_adapter(ray.data.from_items(rows), config, storage_path=str(run.root / "ray"))
     checkpoint = copy_adapter(outcome, run.root / "checkpoint")
-    card = {"kind": "source adapter (titok sft)", "base": base, "task": task, "train_examples": len(rows),
+    card = {"kind": "sft", "base": base, "task": task, "train_examples": len(rows),
             "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}}
-    return export_adapter(checkpoint, out_dir, base, card)
+    return export_adapter(checkpoint, out_dir, base, card, trust_remote_code)

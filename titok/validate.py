@@ -57,7 +57,7 @@ def adapter_config_problems(field: str, folder: str | Path, base: str, base_path
     if config is None:
         return problems
     trained_on = config.get("base_model_name_or_path")
-    if trained_on and trained_on not in {base, base_path}:
+    if trained_on and not _same_base(trained_on, base, base_path, trust_remote_code):
         problems.append(f"{field}: {folder} was trained on {trained_on!r}, not on {base!r}")
     targets = config.get("target_modules")
     if isinstance(targets, list):
@@ -67,6 +67,18 @@ def adapter_config_problems(field: str, folder: str | Path, base: str, base_path
             problems.append(f"{field}: target_modules {missing} are not projections of {base} "
                             f"(it has {sorted(shape.linear_dims)})")
     return problems
+
+
+def _same_base(trained_on: str, base: str, base_path: str | None, trust_remote_code: bool) -> bool:
+    """An adapter names its base by hub id (titok's own exports), by the spec or path it was given, or
+    (older titok) by a model-cache folder in someone's home: each names ``base`` if it is that model."""
+    from titok.models import hub_id
+
+    if trained_on in {base, base_path}:
+        return True
+    name = hub_id(base, trust_remote_code)
+    # two local folders that share only a folder name are not one model; two names of one hub model are
+    return trained_on == name or ("/" in name and hub_id(trained_on, trust_remote_code) == name)
 
 
 def adapter_weight_problems(field: str, folder: str | Path, base: str, trust_remote_code: bool = False) -> list[str]:
