@@ -11,7 +11,7 @@ import pytest
 from titok.compare import load_compare_config, run_compare, short_name
 from titok.config import ConfigError
 from titok.runstate import RunDir
-from titok.report import aggregate, markdown_tables, shade_tokens
+from titok.report import REPORT_FILES, aggregate, markdown_tables, shade_tokens
 
 TINY_TRANSPLANT = {
     # two actors on the tests' 2-CPU Ray: every CPU held by the pool (a lazy read feeding it once hung)
@@ -134,6 +134,51 @@ def test_aggregate_table_and_paired_tests_by_hand():
     assert tests["vanilla"]["difference"] == pytest.approx(-0.1875) and not tests["vanilla"]["significant"]
 
 
+def _panel_titles_overlap(fig) -> bool:
+    fig.canvas.draw()
+    boxes = [ax.title.get_window_extent() for ax in fig.axes if ax.get_title()]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_the_accuracy_bars_are_the_reported_means_and_intervals(tmp_path):
+    """Read back from the figure: each bar's height is the mean of results.csv's rows, and its error bar
+    runs from the interval's low to its high (the numbers results.md prints), not mean +- low."""
+    from matplotlib.container import BarContainer
+
+    from titok.report import accuracy_figure, write_csv
+
+    rows = (_rows("titok", [0, 1], [[1, 0, 1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]])
+            + _rows("kd", [0, 1], [[0, 0, 1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 1, 0, 0, 0]])
+            + _rows("vanilla", [""], [[1, 0, 1, 1, 0, 1, 0, 1]])
+            + _rows("source expert", [""], [[1, 1, 1, 1, 1, 1, 1, 0]], target="s"))
+    tasks = ["tracking_shuffled_objects_three_objects", "logical_deduction_seven_objects"]
+    rows = [{**r, "task": task} for task in tasks for r in rows]
+    write_csv(rows, tmp_path / "results.csv")
+    means = {}
+    for r in _csv_rows(tmp_path / "results.csv"):
+        means.setdefault((r["task"], r["method"]), []).append(float(r["exact_match"]))
+    stats = aggregate(rows, "exact_match")
+    fig = accuracy_figure(rows, tasks, ["kd", "titok"])
+    for ax, task in zip(fig.axes, tasks):
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert [c.get_label() for c in bars] == ["vanilla", "kd", "titok"]
+        for container in bars:
+            (bar,), (segment,) = container.patches, container.errorbar.lines[2][0].get_segments()
+            mean, low, high = stats[(task, "g", container.get_label())][:3]
+            assert bar.get_height() == pytest.approx(np.mean(means[(task, container.get_label())]))
+            assert (segment[0][1], segment[1][1]) == pytest.approx((low, high)), container.get_label()
+            assert low < mean < high or low == mean == high
+    assert not _panel_titles_overlap(fig)
+
+
+def test_the_excess_histogram_titles_do_not_run_into_each_other():
+    from titok.report import excess_figure
+
+    scores = {task: np.random.default_rng(0).normal(size=40) for task in
+              ("tracking_shuffled_objects_three_objects", "logical_deduction_seven_objects", "web_of_lies")}
+    assert not _panel_titles_overlap(excess_figure(scores, dict.fromkeys(scores, 20)))
+
+
 def test_token_shading_escapes_text_and_underlines_kept_tokens():
     response = "a<b & c"
     html = shade_tokens(response, starts=[0, 1, 2, 4, 5], ends=[1, 2, 3, 5, 7], excess=[2.0, -1.0, 0.0, 0.5, 4.0],
@@ -158,8 +203,9 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     cfg = load_compare_config(path)
     report = run_compare(cfg)
 
-    assert {p.name for p in report.iterdir()} == {"results.md", "results.csv", "accuracy.png",
-                                                 "excess_histogram.png", "tokens.html", "paired_tests.json"}
+    assert {p.name for p in report.iterdir()} == set(REPORT_FILES)
+    listed = re.search(r"^Files: (.*)$", (report / "results.md").read_text(), flags=re.MULTILINE).group(1)
+    assert set(re.findall(r"`([^`]+)`", listed)) == set(REPORT_FILES) - {"results.md"}
     # equal steps: kd (all 8 samples) and titok (top 4) took the same number of optimizer steps
     runs = tmp_path / "compare" / "runs" / "boolean_expressions" / "seed0"
     steps = {method: json.loads((runs / short_name(tiny_model_dirs["target"]) / folder / "_COMPLETE.json").read_text())

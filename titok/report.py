@@ -4,7 +4,8 @@
   log-likelihood accuracy and ROUGE where they apply, the source expert and the majority rate as
   reference rows, and how to read them;
 - ``results.csv``: one row per (task, target, method, seed), every metric;
-- ``accuracy.png``: the exact-match table as bars with the std as error bars;
+- ``accuracy.png``: the exact-match table as bars, the error bars spanning the reported 95% interval;
+- ``paired_tests.json``: the paired tests of ``results.md`` with their p-values;
 - ``excess_histogram.png``: every synthetic sample's mean excess, with the top-M cut marked;
 - ``tokens.html``: a few synthetic responses, every token shaded by its excess (green: the expert
   likes it more than the amateur, red: less) and the tokens TiTok trains on underlined.
@@ -24,7 +25,11 @@ from titok import columns as C
 from titok.layout import budgets, equal_steps, row_label, run_config, short_name
 from titok.stats import bootstrap_interval, paired_test
 
-__all__ = ["aggregate", "markdown_tables", "shade_tokens", "write_compare_report"]
+__all__ = ["REPORT_FILES", "accuracy_figure", "aggregate", "excess_figure", "markdown_tables", "shade_tokens",
+           "write_compare_report"]
+
+# what write_compare_report leaves in the report folder; results.md lists the others
+REPORT_FILES = ("results.md", "results.csv", "paired_tests.json", "accuracy.png", "excess_histogram.png", "tokens.html")
 
 _METRICS = {"exact_match": "Exact match", "option_accuracy": "Option log-likelihood accuracy", "rougeL": "ROUGE-L"}
 _REFERENCE_ROWS = ("source expert", "vanilla")
@@ -172,23 +177,32 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_accuracy(rows: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def accuracy_figure(rows: list[dict], tasks: list[str], methods: list[str]):
+    """Exact match per target and method as bars; the error bar spans the reported 95% interval
+    (mean - low below, high - mean above), so the figure and ``results.md`` show the same numbers."""
+    plt = _pyplot()
     stats = aggregate(rows, "exact_match")
     targets = list(dict.fromkeys(r["target"] for r in rows if r["method"] != "source expert"))
     bars = ["vanilla", *methods]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 1, 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 1.5, 4), squeeze=False)
     width = 0.8 / len(bars)
     for ax, task in zip(axes[0], tasks):
         x = np.arange(len(targets))
         for i, method in enumerate(bars):
-            mean = [stats.get((task, t, method), (np.nan, 0, 0))[0] for t in targets]
-            std = [stats.get((task, t, method), (0, 0.0, 0))[1] for t in targets]
-            ax.bar(x + (i - (len(bars) - 1) / 2) * width, mean, width, yerr=std, capsize=2, label=method)
+            found = [stats.get((task, t, method)) for t in targets]
+            mean = [s[0] if s else np.nan for s in found]
+            below = [s[0] - s[1] if s else 0.0 for s in found]
+            above = [s[2] - s[0] if s else 0.0 for s in found]
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, mean, width, yerr=[below, above], capsize=2, label=method)
         expert = [r["exact_match"] for r in rows if r["task"] == task and r["method"] == "source expert"]
         if expert:
             ax.axhline(expert[0], color="black", linestyle="--", linewidth=1, label="source expert")
@@ -196,33 +210,50 @@ def plot_accuracy(rows: list[dict], tasks: list[str], methods: list[str], path: 
                    linewidth=1, label="majority rate")
         ax.set_xticks(x, [short_name(t) for t in targets])
         ax.set_ylim(0, 1)
-        ax.set_title(task)
-        ax.set_ylabel("exact match")
+        ax.set_title(_wrapped(task), fontsize=10)
+        ax.set_ylabel("exact match (bars: 95% interval)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: dict[str, int], path: Path) -> None:
-    import matplotlib
+def plot_accuracy(rows: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
+    _save(accuracy_figure(rows, tasks, methods), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sample_scores), figsize=(4.5 * len(sample_scores), 3.5), squeeze=False)
+def excess_figure(sample_scores: dict[str, np.ndarray], top_m: dict[str, int]):
+    """Every synthetic sample's score per task, the top-M cut marked; the task on one title line and
+    the counts on another, so long task names do not run into the next panel."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sample_scores), figsize=(5 * len(sample_scores), 3.8), squeeze=False)
     for ax, (task, scores) in zip(axes[0], sample_scores.items()):
         scores = np.sort(scores[np.isfinite(scores)])[::-1]
         ax.hist(scores, bins=min(30, max(5, len(scores) // 2)), color="tab:blue", alpha=0.8)
         if len(scores) >= top_m[task]:
             ax.axvline(scores[top_m[task] - 1], color="tab:red", linestyle="--", label=f"top-M cut (M={top_m[task]})")
             ax.legend(fontsize=8)
-        ax.set_title(f"{task}: {len(scores)} synthetic samples (seed 0)")
+        ax.set_title(f"{_wrapped(task)}\n{len(scores)} synthetic samples (seed 0)", fontsize=9)
         ax.set_xlabel("sample score = mean excess (nats/token)")
         ax.set_ylabel("samples")
     fig.tight_layout()
+    return fig
+
+
+def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: dict[str, int], path: Path) -> None:
+    _save(excess_figure(sample_scores, top_m), path)
+
+
+def _wrapped(task: str, width: int = 28) -> str:
+    """A task name (BBH names run to 40 characters, files to more) broken at underscores to fit a panel."""
+    import textwrap
+
+    name = Path(task).name
+    return "\n".join(line.replace("_ ", "_") for line in textwrap.wrap(name.replace("_", "_ "), width))
+
+
+def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def shade_tokens(response: str, starts, ends, excess, keep, scale: float) -> str:
@@ -331,7 +362,7 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
         f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
         f"{rows[0]['n']}. M = {run.filter.top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {budget}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
-        + _per_task_text(cfg, budget, task_budgets) + "Files: `results.csv`, `accuracy.png`, `excess_histogram.png`, `tokens.html`.\n\n"
+        + _per_task_text(cfg, budget, task_budgets) + "Files: " + ", ".join(f"`{name}`" for name in REPORT_FILES if name != "results.md") + ".\n\n"
     )
     (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n"
                                        + paired_markdown(tests) + "\n\n" + _HOW_TO_READ)
