@@ -71,3 +71,22 @@ def test_imports_form_no_cycle():
         if name not in state:
             visit(name, [name])
     assert graph["titok.report"] and "titok.compare" not in graph["titok.report"]
+
+
+def test_help_and_config_checks_import_no_torch():
+    """``titok --help``, every subcommand's ``--help`` and a config's validation stay under a second:
+    none of them may import torch, transformers or ray (seconds of CPU each)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom titok.cli import main\n"
+        "for argv in ([], ['transplant'], ['plan'], ['sft'], ['eval'], ['compare'], ['migrate'], ['demo-excess']):\n"
+        "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+        "from titok.config import load_config\n"
+        "load_config(None, ['source_base=a', 'source_adapter=b', 'target_base=c', 'task=boolean_expressions', 'run_dir=r'])\n"
+        "print('heavy:', sorted(m for m in ('torch', 'transformers', 'ray', 'deepspeed', 'peft') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "heavy: []"

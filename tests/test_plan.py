@@ -204,6 +204,31 @@ def test_plan_command_for_a_cluster_given_on_the_command_line(tmp_path, capsys):
     assert refused.value.code == 1 and "DOES NOT FIT" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("field, spec, why", [
+    ("target_base", "titok-test/no-such-model", "not reachable on the Hugging Face hub and not in its cache"),
+    ("source_base", "<empty folder>", "the folder has no readable config.json"),
+])
+def test_a_model_whose_config_cannot_be_read_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, field, spec, why):
+    """No hub (offline here, as on a cluster without egress): one line naming the field and the model
+    and how to point at a local config.json, exit 2; not transformers' traceback."""
+    import yaml
+
+    from titok.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if spec == "<empty folder>":
+        spec = str(tmp_path / "empty")
+        Path(spec).mkdir()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**_cfg().model_dump(), field: spec}))
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", "--config", str(path), "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gib", "80"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"titok: {field}: cannot read the config of {spec!r} ({why})")
+    assert f"--set {field}=/path/to/folder" in err
+
+
 @pytest.mark.slow
 def test_the_gpu_check_dry_run_passes_on_cpu(tmp_path):
     """bench/gpu_check.py runs once where a GPU is lent; its --dry-run (gloo, CPU, toy widths of the

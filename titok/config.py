@@ -15,9 +15,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from titok.loss import Normalization
-from titok.reference import Reference
-from titok.select import TokenScope
+from titok.choices import Normalization, Reference, TokenScope
 from titok.stages.filtering import FILTER_METHODS, FilterMethodName
 
 __all__ = [

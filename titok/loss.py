@@ -12,14 +12,12 @@ Two normalizations:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Normalization", "normalize", "selected_cross_entropy", "selective_cross_entropy"]
+from titok.choices import Normalization
 
-Normalization = Literal["selected_mean", "rho1"]
+__all__ = ["Normalization", "normalize", "selected_cross_entropy", "selective_cross_entropy"]
 
 
 def selective_cross_entropy(

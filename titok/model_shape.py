@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LINEAR_MODULES", "ModelShape", "model_shape"]
+__all__ = ["LINEAR_MODULES", "ModelShape", "field_shape", "model_shape"]
 
 # vLLM allocates each LoRA slot for every linear projection of the decoder, whatever the adapter targets
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -58,6 +58,24 @@ def _dims(module: torch.nn.Module) -> tuple[int, int] | None:
     if isinstance(module, torch.nn.Linear) or (weight is not None and weight.dim() == 2 and hasattr(module, "in_features")):
         return int(module.in_features), int(module.out_features)
     return None
+
+
+def field_shape(field: str, spec: str, trust_remote_code: bool = False) -> ModelShape:
+    """``model_shape`` for the config field ``field``; a model whose config cannot be read (no hub
+    connection, a gated or missing repo, a folder without config.json) is one line that names the
+    field and the model and says what to do, instead of transformers' traceback."""
+    from titok.config import ConfigError
+
+    try:
+        return model_shape(spec, trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = ("the folder has no readable config.json" if Path(spec).is_dir() else
+                 "not reachable on the Hugging Face hub and not in its cache" if "connect" in reason else reason)
+        hub = "" if Path(spec).is_dir() else ", or make the hub reachable (HF_TOKEN for gated models)"
+        raise ConfigError(f"{field}: cannot read the config of {spec!r} ({where}). Point {field} at a local folder "
+                          f"that holds its config.json (--set {field}=/path/to/folder: the plan needs only "
+                          f"config.json){hub}") from None
 
 
 @functools.lru_cache(maxsize=32)

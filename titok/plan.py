@@ -551,10 +551,10 @@ def _adapter_rank(folder: str) -> int | None:
 
 def make_plan(cfg, resources: Resources, assumptions: Assumptions = Assumptions(), adapter_rank: int | None = None) -> Plan:
     """The plan for transplant config ``cfg`` on ``resources``; reads only the models' configs."""
-    from titok.model_shape import model_shape
+    from titok.model_shape import field_shape
 
-    source = model_shape(cfg.source_base, cfg.trust_remote_code)
-    target = model_shape(cfg.target_base, cfg.trust_remote_code)
+    source = field_shape("source_base", cfg.source_base, cfg.trust_remote_code)
+    target = field_shape("target_base", cfg.target_base, cfg.trust_remote_code)
     rank = adapter_rank or cfg.engine.max_lora_rank or _adapter_rank(cfg.source_adapter) or 8
     engine = _engine_stage(cfg, source, rank, resources, assumptions)
     if not engine.fits:

@@ -19,16 +19,14 @@ trained.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from titok.align import alignment_groups
+from titok.choices import REFERENCES, Reference
 
 __all__ = ["REFERENCES", "Reference", "target_token_scores"]
-
-Reference = Literal["source_amateur", "target_base", "both"]
-REFERENCES: tuple[str, ...] = Reference.__args__
 
 
 def target_token_scores(source_offsets: Sequence[Sequence[int]], expert_logprobs: Sequence[float],

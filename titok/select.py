@@ -8,14 +8,13 @@ one token and k = 1 keeps all.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-__all__ = ["TokenScope", "keep_count", "sample_scores", "select_tokens", "top_m_samples", "validate_k", "validate_m"]
+from titok.choices import TOKEN_SCOPES, TokenScope
 
-TokenScope = Literal["per_sample", "per_batch", "global"]
-TOKEN_SCOPES = ("per_sample", "per_batch", "global")
+__all__ = ["TokenScope", "keep_count", "sample_scores", "select_tokens", "top_m_samples", "validate_k", "validate_m"]
 
 
 def validate_k(k: float) -> float:
