@@ -24,7 +24,7 @@ from titok import columns as C
 from titok.config import ConfigError
 from titok.runstate import EVENTS_DIR, RunDir
 from titok.zoo import load_manifest, migrate, validate_manifest
-from titok.zoo_report import gate_rule, serving_modules
+from titok.zoo_report import gate_rule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,8 +140,11 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
         assert origin["source_base"]["config_sha256"] and origin["target_base"]["chat_template_sha256"]
         gate = rows[name]["gate"]
         assert gate["n"] == 4 and gate["metric"] == "exact_match" and isinstance(gate["passed"], bool)
-    assert json.loads((out / "lora-modules.json").read_text()) == serving_modules(
-        tiny_model_dirs["target"], {n: str(out / "adapters" / n) for n in ("bool-a", "count-b")})
+    serving = yaml.safe_load((out / "serve.yaml").read_text())
+    assert serving == {"model": tiny_model_dirs["target"], "enable-lora": True, "max-loras": 2, "max-cpu-loras": 2,
+                       "max-lora-rank": 8, "lora-modules": ["bool-a=adapters/bool-a", "count-b=adapters/count-b"],
+                       "chat-template": "adapters/bool-a/chat_template.jinja"}
+    assert (out / "adapters" / "bool-a" / "chat_template.jinja").is_file() and not (out / "lora-modules.json").exists()
     summary = (out / "summary.md").read_text()
     assert "2 of 4 adapters migrated" in summary and "| bool-torn | boolean_expressions | failed |" in summary
     assert len(pd.read_csv(out / "summary.csv")) == 4

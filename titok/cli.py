@@ -118,7 +118,7 @@ def _migrate(args: argparse.Namespace) -> None:
     record = migrate(load_manifest(args.manifest, args.set))
     out = record["manifest"]["out_dir"]
     print(open(f"{out}/summary.md").read())
-    print(f"zoo: {out}  (adapters/, zoo.json, summary.md, summary.csv, lora-modules.json, serve.sh)")
+    print(f"zoo: {out}  (adapters/, zoo.json, summary.md, summary.csv, serve.yaml, serve.sh)")
 
 
 def main(argv: list[str] | None = None) -> None:

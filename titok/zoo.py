@@ -72,6 +72,13 @@ class GateSettings(EvalSettings):
         "metric (exact match; ROUGE-L for free-text tasks), and the expert beats vanilla at all")
 
 
+class ServingSettings(Section):
+    """How ``serve.yaml`` (``vllm serve --config``) serves the migrated zoo."""
+
+    max_loras: int = Field(4, ge=1, description="adapters in one batch: each is a GPU slot of max-lora-rank; requests "
+                           "for more adapters at once wait (every adapter stays in host memory: max-cpu-loras = the zoo)")
+
+
 class ZooManifest(Section):
     source_base: str = Field(..., description="the base every source adapter was trained on")
     target_base: str = Field(..., description="the base to move them to")
@@ -84,6 +91,7 @@ class ZooManifest(Section):
         1, ge=1, description="training worker groups running at once on the cluster; the adapters are spread over "
         "them, and each group loads the target once for all of its adapters")
     gate: GateSettings = Field(default_factory=GateSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @field_validator("defaults", mode="before")
     @classmethod

@@ -1,5 +1,5 @@
 """What a zoo migration hands over: the migrated adapters with provenance, the release gate, the
-summaries and a serving file.
+summaries and a vLLM serving config.
 
 Release gate (per adapter, on held-out examples of its task; one evaluation pass per base and task,
 adapters switched): the task's metric (exact match; ROUGE-L for free-text tasks) for the source
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from titok.layout import adapter_digest, file_digest
 
-__all__ = ["gate_and_write", "gate_rule", "provenance", "serving_modules", "write_serving_files"]
+__all__ = ["SERVE_CONFIG", "gate_and_write", "gate_rule", "provenance", "serve_config", "write_serving_files"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja")
@@ -106,22 +106,45 @@ def provenance(cfg, run_root: Path, bases: dict | None = None) -> dict:
     }
 
 
-def serving_modules(target_path: str, adapters: dict[str, str]) -> list[dict]:
-    """vLLM ``--lora-modules`` entries (its JSON form: name, path, base_model_name)."""
-    return [{"name": name, "path": path, "base_model_name": target_path} for name, path in adapters.items()]
+SERVE_CONFIG = "serve.yaml"
 
 
-def write_serving_files(out: Path, target_path: str, adapters: dict[str, str], max_rank: int) -> None:
-    """``lora-modules.json`` (vLLM's JSON entries) and ``serve.sh`` (``vllm serve`` with all of them)."""
+def serve_config(model: str, adapters: dict[str, str], max_rank: int, max_loras: int,
+                 chat_template: str | None) -> dict:
+    """``vllm serve --config`` YAML as a dict: the target, every adapter as a LoRA module (name=path,
+    paths relative to the zoo folder), ``max-loras`` adapters in one batch (GPU slots), ``max-cpu-loras``
+    = the zoo (every adapter stays in host memory, none is reloaded from disk), the rank vLLM must
+    allow, and the chat template the adapters were trained with."""
     from titok.plan import vllm_lora_rank
 
-    modules = serving_modules(target_path, adapters)
-    (out / "lora-modules.json").write_text(json.dumps(modules, indent=2))
-    (out / "serve.sh").write_text(
-        "#!/usr/bin/env bash\n# Serve the migrated adapters with vLLM (one base, every adapter by name).\n"
-        f"vllm serve {shlex.quote(target_path)} --enable-lora --max-loras {max(1, len(modules))} "
-        f"--max-lora-rank {vllm_lora_rank(max_rank)} \\\n    --lora-modules "
-        + " ".join(shlex.quote(json.dumps(m)) for m in modules) + "\n")
+    config = {"model": model, "enable-lora": True, "max-loras": max(1, min(max_loras, len(adapters))),
+              "max-cpu-loras": max(1, len(adapters)), "max-lora-rank": vllm_lora_rank(max_rank),
+              "lora-modules": [f"{name}={path}" for name, path in adapters.items()]}
+    if chat_template:
+        config["chat-template"] = chat_template
+    return config
+
+
+def write_serving_files(out: Path, model: str, adapters: dict[str, str], max_rank: int, max_loras: int) -> None:
+    """``serve.yaml`` (vLLM's own config-file form, every setting of the server) and ``serve.sh`` that
+    serves it from the zoo folder, so the folder can move: adapter paths in it are relative."""
+    import yaml
+
+    from titok.export import CHAT_TEMPLATE_FILE
+
+    relative = {name: str(Path(path).resolve().relative_to(out.resolve())) for name, path in adapters.items()}
+    template = next((f"{path}/{CHAT_TEMPLATE_FILE}" for path in relative.values() if (out / path / CHAT_TEMPLATE_FILE).is_file()), None)
+    config = serve_config(model, relative, max_rank, max_loras, template)
+    (out / SERVE_CONFIG).write_text(
+        "# vllm serve --config serve.yaml, from this folder (serve.sh does): every migrated adapter by name.\n"
+        "# max-loras: adapters in one batch (each is a GPU slot of max-lora-rank); max-cpu-loras: kept in host memory.\n"
+        + yaml.safe_dump(config, sort_keys=False))
+    (out / "lora-modules.json").unlink(missing_ok=True)  # what older titok wrote: vLLM takes no such file
+    script = out / "serve.sh"
+    script.write_text("#!/usr/bin/env bash\n# Serve the migrated adapters with vLLM (one base, every adapter by name); "
+                      "extra arguments go to vllm serve.\n"
+                      f'cd "$(dirname "$0")" && exec vllm serve --config {SERVE_CONFIG} "$@"\n')
+    script.chmod(0o755)
 
 
 def _metric(task: str, split_seed: int) -> str:
@@ -209,7 +232,7 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
         _gate(manifest, configs, rows, out)
     migrated = {n: r["adapter"] for n, r in rows.items() if r["status"] == "migrated"}
     write_serving_files(out, resolve_model_path(manifest.target_base), migrated,
-                        max([configs[n].train.lora.rank for n in migrated] or [8]))
+                        max([configs[n].train.lora.rank for n in migrated] or [8]), manifest.serving.max_loras)
     from titok.runstate import RunDir
 
     stages = [e.get("stage") for e in RunDir(out).events() if e.get("event") == "model_load"]

@@ -112,10 +112,9 @@ def test_parallel_sizes_survive_an_adapter_and_vllm_accepts_the_arguments(tp, pp
         LoRAConfig(max_lora_rank=24)  # why the rank is rounded: vLLM refuses ranks outside its list
 
 
-def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adapter_dir, tmp_path):
-    """The files ``titok migrate`` writes for serving, read by vLLM's own ``vllm serve`` parser; each
-    listed adapter then serves a request in a vLLM engine."""
-    import shlex
+def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adapter_dir, tmp_path, monkeypatch):
+    """The ``serve.yaml`` ``titok migrate`` writes, read by vLLM's own ``vllm serve --config`` parser from
+    the zoo folder (as ``serve.sh`` runs it); each listed adapter then serves a request in a vLLM engine."""
     import shutil
 
     from vllm import LLM, SamplingParams
@@ -123,20 +122,24 @@ def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adap
     from vllm.lora.request import LoRARequest
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from titok.models import resolve_model_path
-    from titok.zoo_report import write_serving_files
+    from titok.export import CHAT_TEMPLATE_FILE
+    from titok.models import PLAIN_CHAT_TEMPLATE, resolve_model_path
+    from titok.zoo_report import SERVE_CONFIG, write_serving_files
 
     adapters = {}
-    for name in ("boolean", "counting"):
-        shutil.copytree(adapter_dir, tmp_path / name)
-        adapters[name] = str(tmp_path / name)
+    for name in ("boolean", "counting", "web"):
+        shutil.copytree(adapter_dir, tmp_path / "adapters" / name)
+        (tmp_path / "adapters" / name / CHAT_TEMPLATE_FILE).write_text(PLAIN_CHAT_TEMPLATE)
+        adapters[name] = str(tmp_path / "adapters" / name)
     base = resolve_model_path("smollm2-135m")
-    write_serving_files(tmp_path, base, adapters, max_rank=12)
-    command = shlex.split((tmp_path / "serve.sh").read_text().split("\n", 2)[2].replace("\\\n", " "))
-    assert command[:3] == ["vllm", "serve", base]
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
-    assert args.enable_lora and args.max_lora_rank == 16 and args.max_loras == 2
-    assert [(m.name, m.path, m.base_model_name) for m in args.lora_modules] == [(n, p, base) for n, p in adapters.items()]
+    write_serving_files(tmp_path, base, adapters, max_rank=12, max_loras=2)
+    assert f"vllm serve --config {SERVE_CONFIG}" in (tmp_path / "serve.sh").read_text()
+    monkeypatch.chdir(tmp_path)  # serve.sh's cd: the paths in the file are relative to the zoo folder
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--config", SERVE_CONFIG])
+    assert args.model == base and args.enable_lora and args.max_lora_rank == 16
+    assert (args.max_loras, args.max_cpu_loras) == (2, 3)  # two adapters per batch, the whole zoo in host memory
+    assert args.chat_template == "adapters/boolean/chat_template.jinja"
+    assert [(m.name, m.path) for m in args.lora_modules] == [(n, f"adapters/{n}") for n in adapters]
 
     llm = LLM(model=base, dtype="float32", max_model_len=128, enable_lora=True, max_loras=args.max_loras,
               max_lora_rank=args.max_lora_rank, enforce_eager=True, compilation_config={"mode": 0})
