@@ -36,9 +36,9 @@ def _dry_run(cfg) -> None:
 
     validate_inputs(cfg)
     if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster: plan for it
-        import ray
+        from titok.progress import init_ray
 
-        ray.init()
+        init_ray()
         resources = cluster_resources()
     else:
         resources = local_resources()

@@ -184,14 +184,12 @@ def _row(report: dict, task: str, target: str, method: str, seed: int | None) ->
 
 def run_compare(cfg: CompareConfig) -> Path:
     """All runs and evaluations (resuming what is done), then the report; returns the report folder."""
-    import ray
-
     from titok.pipeline import transplant
+    from titok.progress import init_ray
     from titok.report import write_compare_report
 
     validate_compare(cfg)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     out = Path(cfg.out_dir)
     RunDir(out).claim()
     started = time.perf_counter()

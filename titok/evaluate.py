@@ -77,10 +77,11 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
     """One report per variant, all on the same held-out examples of the task split ``seed``."""
     import ray
 
+    from titok.progress import init_ray
+
     if not variants:
         raise ValueError("no variants to evaluate")
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     task = load_task(task_spec, seed=seed, n_test=n_test)
     examples = task.test_examples
     max_new_tokens = max_new_tokens or answer_budget(base, examples)
@@ -90,7 +91,7 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
         EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "dtype": dtype,
                                               "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                                               "threads": cpus_per_actor},
-        concurrency=actors, batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
     ).take_all()
     targets = [e["target"] for e in examples]
     reports = {}

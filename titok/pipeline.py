@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from titok import columns as C
+from titok import columns as C, progress
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
@@ -95,8 +95,10 @@ def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEng
     out = engines().map(queries, operation, {"generation": params, "adapter": adapter})
     labels, scores = out if isinstance(out, tuple) else (out, None)
     rescore = labels.column(C.EXPERT_LOGPROBS).null_count  # answers that do not re-tokenize to their own tokens
-    print(f"  labels: {labels.num_rows - rescore} answers keep their expert log-probs from generation, "
-          f"{rescore} are rescored{' (scored as they came)' if scores is not None else ''}", flush=True)
+    note = (f"{labels.num_rows - rescore} answers keep their expert log-probs from generation, {rescore} are "
+            f"rescored{' (scored as they came)' if scores is not None else ''}")
+    bar = progress.current()
+    bar.add_note(note) if bar else print(f"  labels: {note}", flush=True)
     engines.run_log.log_event(event="expert_logprobs_from_generation", kept=labels.num_rows - rescore, rescored=rescore,
                               streamed_into_scores=scores is not None)
     return labels, scores
@@ -127,11 +129,13 @@ def align_to_target(cfg: TransplantConfig, kept, log_dir: str | None = None):
     ``kept``: an Arrow table, or a Ray Dataset still being computed (a zoo's filter pass)."""
     with_model = cfg.filter.token_reference != "source_amateur"  # the target base scores the kept samples
     rows_per_call = cfg.filter.reference_batch_size if with_model else _TOKENIZER_ROWS_PER_CALL
+    import ray
+
     kept = dataset_of(kept, rows_per_call) if isinstance(kept, pa.Table) else kept
     return kept.map_batches(
         AlignToTarget, fn_constructor_kwargs={**align_settings(cfg), "run_dir": log_dir or cfg.run_dir},
-        concurrency=1, batch_size=rows_per_call, num_cpus=cfg.train.cpus_per_worker if with_model else 1,
-        num_gpus=cfg.filter.reference_gpus if with_model and cfg.train.use_gpu else 0)
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=rows_per_call,
+        num_cpus=cfg.train.cpus_per_worker if with_model else 1, num_gpus=cfg.filter.reference_gpus if with_model and cfg.train.use_gpu else 0)
 
 
 def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table):
@@ -262,13 +266,10 @@ class StageRunner:
 
 def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
     """Run (or resume) a transplant; returns per-stage status/timings and the adapter path."""
-    import ray
-
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until must be one of {STAGES}, got {until!r}")
     validate_inputs(cfg)
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts a local Ray
+    progress.init_ray()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts a local Ray
     wait_for_resources([cfg])  # on a cluster, GPU nodes may still be registering
     plan = check_plan(cfg, cluster_resources())  # before any model loads
     run = RunDir(cfg.run_dir)

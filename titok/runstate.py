@@ -187,17 +187,21 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, 
         timings[name] = {"status": "cached", **run.summary(name)}
         print(f"[{name}] complete in {out}, reusing it", flush=True)
     else:
-        print(f"[{name}] running", flush=True)
+        from titok import progress
+
         started = time.perf_counter()
-        run.start(name, fingerprint, resumable=resumable)
-        produced = compute()
-        summary = produced if isinstance(produced, dict) else {}
-        if isinstance(produced, pa.Table):
-            pq.write_table(produced, out / "rows.parquet")
-        elif not isinstance(produced, dict):
-            produced.write_parquet(str(out), ray_remote_args={"num_cpus": 0})
-        if not isinstance(produced, dict):
-            summary = {"rows": pq.read_table(str(out), columns=[]).num_rows}
+        with progress.stage(name) as bar:  # the stage's one line; its work feeds it (progress.current())
+            run.start(name, fingerprint, resumable=resumable)
+            produced = compute()
+            summary = produced if isinstance(produced, dict) else {}
+            if isinstance(produced, pa.Table):
+                pq.write_table(produced, out / "rows.parquet")
+            elif not isinstance(produced, dict):
+                produced.write_parquet(str(out), ray_remote_args={"num_cpus": 0})
+            if not isinstance(produced, dict):
+                summary = {"rows": pq.read_table(str(out), columns=[]).num_rows}
+            if not bar.counted and summary.get("rows") is not None:
+                bar.add_note(f"{summary['rows']} rows")
         run.complete(name, fingerprint, seconds=round(time.perf_counter() - started, 1), **summary)
         timings[name] = {"status": "ran", **run.summary(name)}
     if not any(out.glob("*.parquet")):

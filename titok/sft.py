@@ -37,8 +37,9 @@ def train_source_adapter(base: str, task: str, out_dir: str | Path, train: Train
                          n_train: int = 256, trust_remote_code: bool = False) -> Path:
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from titok.progress import init_ray
+
+    init_ray()
     examples = load_task(task, seed=seed, n_train=n_train).train_examples
     tokenizer = load_tokenizer(base, trust_remote_code)
     rows = []

@@ -181,17 +181,15 @@ def _failure(err: BaseException) -> str:
 
 def migrate(manifest: ZooManifest) -> dict:
     """Migrate every adapter (resuming what is done); returns the zoo record written to ``zoo.json``."""
-    import ray
-
     from titok.pipeline import SourceEngines, StageRunner, check_plan
     from titok.plan import cluster_resources
+    from titok.progress import init_ray
     from titok.readiness import wait_for_resources
     from titok.runstate import RunDir
     from titok.zoo_report import gate_and_write
 
     configs, unusable = validate_manifest(manifest)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     distinct = list({json.dumps(c.model_dump(exclude={"source_adapter", "run_dir", "task"}), sort_keys=True): c
                      for c in configs.values()}.values())
     wait_for_resources(distinct)  # on a cluster, GPU nodes may still be registering

@@ -116,15 +116,27 @@ class EngineFleet:
             if gpu not in self.gpus.setdefault(node, []):
                 self.gpus[node].append(gpu)
 
-    def map(self, rows: pa.Table, operation: str, params: dict | None = None):
+    def map(self, rows: pa.Table, operation: str, params: dict | None = None, on_batch=None):
         """``rows`` through ``operation``, ``batch_size`` rows at a time on whichever engine is free;
-        the result keeps the rows' order (a tuple of tables for an operation that gives several)."""
+        the result keeps the rows' order (a tuple of tables for an operation that gives several).
+        Each batch back counts on the running stage's progress line, or goes to ``on_batch(rows)``."""
         from ray.util import ActorPool
+
+        from titok import progress
 
         batches = [rows.slice(start, self.batch_size) for start in range(0, rows.num_rows, self.batch_size)]
         if not batches:
             return rows
-        done = list(ActorPool(self.actors).map(lambda actor, batch: actor.run.remote(operation, batch, params), batches))
+        bar = progress.current() if on_batch is None else None
+        if bar is not None:
+            bar.start(rows.num_rows)
+            on_batch = bar.update
+        done = []
+        for batch, out in zip(batches, ActorPool(self.actors).map(
+                lambda actor, batch: actor.run.remote(operation, batch, params), batches)):
+            done.append(out)
+            if on_batch is not None:
+                on_batch(batch.num_rows)
         if isinstance(done[0], tuple):
             return tuple(pa.concat_tables(parts, promote_options="default") for parts in zip(*done))
         return pa.concat_tables(done, promote_options="default")

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from titok import columns as C
+from titok import progress as stage_progress
 from titok.queries import DiversityFilter, build_query_prompt
 from titok.runstate import RunDir, write_atomic
 from titok.tasks import load_task
@@ -51,6 +52,10 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
     if progress.get("key") != key:
         progress = {"key": key, "kept": [], "written": 0, "rounds": 0}
     diversity.kept = list(progress["kept"])
+    bar = stage_progress.current()  # kept queries of the pool; each engine batch back counts as written
+    if bar:
+        bar.start(cfg.pool_size, "queries")
+        bar.set(len(diversity.kept))
     for round_index in range(progress["rounds"], cfg.queries.max_rounds):
         if len(diversity.kept) >= cfg.pool_size:
             break
@@ -61,14 +66,24 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
         written = progress["written"]
         prompts = pa.table({C.SAMPLE_ID: np.arange(written, written + n_prompts, dtype=np.int64),
                             C.MESSAGE: [build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng) for _ in range(n_prompts)]})
-        generated = engines().map(prompts, "queries", params).to_pylist()
+        sent = [written]
+
+        def count_written(n: int, round_number: int = round_index + 1) -> None:
+            sent[0] += n
+            if bar:
+                bar.update(0, round=round_number, written=sent[0])
+
+        generated = engines().map(prompts, "queries", params, on_batch=count_written).to_pylist()
         for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
             if len(diversity.kept) < cfg.pool_size:
                 diversity.offer(row[C.QUERY])
         progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1)
         write_atomic(progress_path, json.dumps(progress))
-        print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of "
-              f"{progress['written']} written", flush=True)
+        if bar:
+            bar.set(len(diversity.kept), round=round_index + 1, written=progress["written"])
+        else:
+            print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of "
+                  f"{progress['written']} written", flush=True)
     if len(diversity.kept) < cfg.pool_size:
         raise RuntimeError(
             f"only {len(diversity.kept)} of {cfg.pool_size} queries passed the ROUGE-L < {cfg.queries.rouge_l_max} filter "

@@ -23,6 +23,8 @@ sees.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from titok import columns as C
+from titok import columns as C, progress
 
 __all__ = ["ADAPTER_FILES", "GRADIENT_CHECKPOINTING_MIN_PARAMS", "WORKER_GROUP_FIELDS", "TrainOutcome", "copy_adapter",
            "group_jobs", "run_training", "train_adapter", "train_loop_per_worker"]
@@ -162,12 +164,13 @@ def _train_jobs(config: dict) -> None:
         resume_from = checkpoint if job["name"] == resume_job else None
         outcome = Path(config["outcomes"]) / job["name"]
         base = _train_job(base, tokenizer, job, rows[job["name"]], progress, outcome, resume_from, dtype, checkpointing,
-                          rank, world)
+                          rank, world, config.get("progress_feed"))
 
 
 def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, outcome: Path, resume_from, dtype: str,
-               checkpointing: bool, rank: int, world: int):
-    """Train one fresh LoRA on ``base``; returns ``base`` without it, ready for the next job."""
+               checkpointing: bool, rank: int, world: int, feed=None):
+    """Train one fresh LoRA on ``base``; returns ``base`` without it, ready for the next job. Rank 0
+    sends each step's loss to ``feed`` (``titok.progress``): the driver's progress line."""
     import ray.train
 
     from titok.runstate import RunDir
@@ -214,8 +217,8 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
                 micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"]))
             loss = mean_over_workers(float(np.mean(micro_losses)), engine.device)
             state = {"step": step + 1, "losses": state["losses"] + [loss]}
-            if rank == 0 and (state["step"] % max(1, plan.total_steps // 10) == 0 or state["step"] == plan.total_steps):
-                print(f"  train {name} step {state['step']}/{plan.total_steps}  loss {state['losses'][-1]:.4f}", flush=True)
+            if rank == 0 and feed is not None:
+                feed.push.remote((name, state["step"], plan.total_steps, loss))  # fire and forget
             _inject_fault(job, state["step"], rank, world)
             final = state["step"] == plan.total_steps
             seconds["steps"] += time.perf_counter() - started
@@ -408,28 +411,41 @@ def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: 
     first = configs[0]
     train = first["train"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if train["use_gpu"] else "cpu")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"target_base": first["target_base"], "trust_remote_code": first["trust_remote_code"],
-                           "train": train, "jobs": configs, "outcomes": str(outcomes_dir),
-                           "log_dir": log_dir or first["run_dir"], "attempt": uuid.uuid4().hex},
-        scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
-                                     resources_per_worker={"CPU": train["cpus_per_worker"],
-                                                           **({"GPU": 1} if train["use_gpu"] else {})}),
-        run_config=RunConfig(
-            storage_path=storage_path, name=name, checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=train["max_failures"]),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
-                                             **({device_rules.ENV: "1"} if device_rules.enabled() else {})}},
-        ),
-        datasets={job_name: ds for job_name, (ds, _) in jobs.items()},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows and picks its own
-    )
-    try:
-        fit = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - the group's failure is each unfinished job's outcome
-        return err
+    with contextlib.ExitStack() as stack:  # the workers' steps on this driver's progress line
+        bar = progress.current() or stack.enter_context(progress.stage(name))
+        feed = stack.enter_context(progress.watch_feed(functools.partial(_show_step, bar)))
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"target_base": first["target_base"], "trust_remote_code": first["trust_remote_code"],
+                               "train": train, "jobs": configs, "outcomes": str(outcomes_dir),
+                               "log_dir": log_dir or first["run_dir"], "attempt": uuid.uuid4().hex,
+                               "progress_feed": feed},
+            scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
+                                         resources_per_worker={"CPU": train["cpus_per_worker"],
+                                                               **({"GPU": 1} if train["use_gpu"] else {})}),
+            run_config=RunConfig(
+                storage_path=storage_path, name=name, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                failure_config=FailureConfig(max_failures=train["max_failures"]),
+                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
+                                                 **({device_rules.ENV: "1"} if device_rules.enabled() else {})}},
+            ),
+            datasets={job_name: ds for job_name, (ds, _) in jobs.items()},
+            dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows and picks its own
+        )
+        try:
+            fit = trainer.fit()
+        except Exception as err:  # noqa: BLE001 - the group's failure is each unfinished job's outcome
+            return err
     return fit.error
+
+
+def _show_step(bar, item: tuple) -> None:
+    """A worker's ``(job, step, total, loss)`` on the driver's progress line."""
+    job, step, total, loss = item
+    if bar.bar.total != total or getattr(bar, "job", None) != job:
+        bar.start(total, "steps")
+        bar.job = job
+    bar.set(step, loss=f"{loss:.4f}", **({"adapter": job} if job != "default" else {}))
 
 
 def train_adapter(ds, config: dict, storage_path: str, name: str = "train") -> TrainOutcome:

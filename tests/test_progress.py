@@ -1,0 +1,89 @@
+"""Progress a person can read: one line per stage, fed by the actors, and none of Ray's repeated lines."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from titok import progress
+
+STAGE_LINE = re.compile(r"^\[(queries|labels|scores|filter|align|train)\] ")
+
+
+def test_a_stage_in_a_log_is_one_line_with_its_count_rate_and_note():
+    log = io.StringIO()  # not a terminal: no redraws
+    with progress.stage("labels", log) as bar:
+        bar.start(12)
+        for _ in range(3):
+            bar.update(4)
+        bar.add_note("12 are rescored")
+    with progress.stage("filter", log) as bar:
+        bar.add_note("6 rows")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"\[labels\] 12/12 rows 100% \[00:00<00:00, +[\d.]+ rows/s\], 12 are rescored", lines[0]), lines[0]
+    assert re.fullmatch(r"\[filter\] done in 0\.\d s, 6 rows", lines[1]), lines[1]
+
+
+def test_a_long_stage_in_a_log_says_where_it_is_every_interval(monkeypatch):
+    monkeypatch.setattr(progress, "_LOG_INTERVAL_S", 0.2)
+    log = io.StringIO()
+    with progress.stage("train", log) as bar:
+        bar.start(4, "steps")
+        for step in range(1, 5):
+            time.sleep(0.25)
+            bar.set(step, loss=f"{10 - step:.4f}")
+    lines = log.getvalue().splitlines()
+    assert 2 <= len(lines) <= 5 and len(set(lines)) == len(lines), lines
+    assert all(line.startswith("[train] ") for line in lines)
+    assert lines[-1].startswith("[train] 4/4 steps 100%") and lines[-1].endswith("loss 6.0000")
+
+
+def test_workers_feed_the_drivers_line_through_an_actor(local_ray):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def worker(feed, steps):
+        for step in range(1, steps + 1):
+            feed.push.remote(("default", step, steps, 1.0 / step))
+
+    log, seen = io.StringIO(), []
+    with progress.stage("train", log) as bar:
+        with progress.watch_feed(lambda item: (seen.append(item), bar.start(item[2], "steps") if item[1] == 1 else None,
+                                               bar.set(item[1], loss=f"{item[3]:.2f}"))) as feed:
+            ray.get(worker.remote(feed, 5))
+    assert [item[1] for item in seen] == [1, 2, 3, 4, 5]
+    assert log.getvalue().splitlines()[-1].startswith("[train] 5/5 steps 100%")
+    assert log.getvalue().splitlines()[-1].endswith("loss 0.20")
+
+
+@pytest.mark.slow
+def test_a_small_runs_output_is_one_line_per_stage(tiny_model_dirs, tmp_path):
+    """The command as a user runs it (its own local Ray): each stage one line, Ray's per-dataset lines,
+    worker chatter and the token notice gone, the loss once."""
+    config = {"source_base": tiny_model_dirs["source"], "source_adapter": tiny_model_dirs["adapter"],
+              "target_base": tiny_model_dirs["target"], "task": "boolean_expressions", "run_dir": str(tmp_path / "run"),
+              "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
+              "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3},
+              "labels": {"max_new_tokens": 20}, "filter": {"top_m": 6, "k": 0.7},
+              "train": {"workers": 2, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TITOK_VERBOSE")}
+    done = subprocess.run([sys.executable, "-m", "titok.cli", "transplant", "--config", str(tmp_path / "run.yaml")],
+                          capture_output=True, text=True, timeout=900, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    stage_lines = [line for line in output.splitlines() if STAGE_LINE.match(line)]
+    assert [STAGE_LINE.match(line).group(1) for line in stage_lines] == \
+        ["queries", "labels", "scores", "filter", "align", "train"], stage_lines
+    assert re.match(r"\[queries\] 12/12 queries 100%", stage_lines[0])
+    assert re.match(r"\[train\] 2/2 steps 100% .*loss \d+\.\d{4}$", stage_lines[-1])
+    for noise in ("execution finished", "Running Dataset", "RayTrainWorker", "TrainController", "Token authentication",
+                  "Progress bars disabled", "UserWarning", "is deprecated", "Loading weights", "Started a local Ray"):
+        assert noise not in output, noise
+    assert output.count("loss") == 1
