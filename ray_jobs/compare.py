@@ -2,7 +2,7 @@
 seeds, with the report folder under ``out_dir/report`` (put out_dir on storage every node sees).
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env ray_jobs/runtime_env.yaml \\
-        -- python ray_jobs/compare.py --config configs/compare.yaml --seeds 3 --set out_dir=/shared/compare
+        -- python ray_jobs/compare.py --config configs/compare.yaml --num-seeds 3 --set out_dir=/shared/compare
 
 A resubmitted job resumes: finished transplants and evaluations are reused.
 """

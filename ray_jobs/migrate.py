@@ -3,7 +3,7 @@ with the source model loaded once per engine actor; the zoo folder (migrated ada
 serving file) lands in the manifest's out_dir (put it on storage every node sees).
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env ray_jobs/runtime_env.yaml \\
-        -- python ray_jobs/migrate.py --manifest configs/zoo-demo.yaml --set out_dir=/shared/zoo
+        -- python ray_jobs/migrate.py --config configs/zoo-demo.yaml --set out_dir=/shared/zoo
 
 A resubmitted job resumes: finished stages and adapters are reused.
 """

@@ -11,4 +11,4 @@ for task in boolean_expressions multistep_arithmetic_two object_counting; do
     titok sft --base smollm2-135m --task "$task" --out "runs/zoo-demo-sources/$task"
   fi
 done
-titok migrate --manifest configs/zoo-demo.yaml "$@"
+titok migrate --config configs/zoo-demo.yaml "$@"

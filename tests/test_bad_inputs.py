@@ -280,10 +280,18 @@ def test_sft_inputs(tiny_model_dirs, workspace, tmp_path, refused):
 
 
 def test_eval_inputs(tiny_model_dirs, workspace, tmp_path, refused):
-    refused(["eval", "--base", tiny_model_dirs["source"], "--n", "0"], "--n: 0")
+    refused(["eval", "--base", tiny_model_dirs["source"], "--examples", "0"], "examples: Input should be greater than")
+    refused(["eval", "--base", tiny_model_dirs["source"], "--n", "0"], "examples: Input should be greater than")  # old name
     refused(["eval", "--base", tiny_model_dirs["target"], "--adapter", tiny_model_dirs["adapter"]], "was trained on")
-    refused(["eval", "--base", str(tmp_path / "nowhere")], "--base")
-    refused(["eval", "--base", tiny_model_dirs["source"], "--task", str(tmp_path / "nope.json")], "--task")
+    refused(["eval", "--base", str(tmp_path / "nowhere")], "base: ")
+    refused(["eval", "--base", tiny_model_dirs["source"], "--task", str(tmp_path / "nope.json")], "task: ")
+    refused(["eval"], "base: Field required")
+    # a config file, flags over it, --set over both: the same field names as the config's
+    (tmp_path / "eval.yaml").write_text(f"base: {tiny_model_dirs['source']}\nexamples: 5\nbatch_szie: 4\n")
+    refused(["eval", "--config", str(tmp_path / "eval.yaml")], "batch_szie")
+    (tmp_path / "eval.yaml").write_text(f"base: {tiny_model_dirs['source']}\nexamples: 5\n")
+    refused(["eval", "--config", str(tmp_path / "eval.yaml"), "--set", "examples=-3"], "examples: Input should be")
+    refused(["eval", "--config", str(tmp_path / "eval.yaml"), "--examples", "0"], "examples: Input should be")
 
 
 def test_compare_inputs(tiny_model_dirs, workspace, tmp_path, refused):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["REFERENCES", "TOKEN_SCOPES", "Normalization", "Reference", "TokenScope"]
+__all__ = ["REFERENCES", "STAGES", "TOKEN_SCOPES", "Normalization", "Reference", "TokenScope"]
 
 # the selective loss's normalization (titok.loss)
 Normalization = Literal["selected_mean", "rho1"]
@@ -21,3 +21,6 @@ REFERENCES: tuple[str, ...] = Reference.__args__
 # where the top-k% token cut is taken (titok.select)
 TokenScope = Literal["per_sample", "per_batch", "global"]
 TOKEN_SCOPES: tuple[str, ...] = TokenScope.__args__
+
+# a transplant's stages, in order (titok.pipeline; ``titok transplant --until``)
+STAGES: tuple[str, ...] = ("queries", "labels", "scores", "filter", "align", "train", "export")

@@ -82,16 +82,25 @@ def _sft(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from titok.config import EvalConfig, read_yaml, validated
+
+    if args.help_config:
+        print("\n".join(describe_fields(EvalConfig)))
+        return
+    flags = {field: getattr(args, field) for field in ("base", "adapter", "task", "split_seed", "examples", "dtype",
+                                                       "max_new_tokens", "out") if getattr(args, field) is not None}
+    cfg = validated(EvalConfig, read_yaml(args.config, args.set, **flags), "eval")
     from titok.evaluate import evaluate, write_report
     from titok.validate import check_eval
 
-    check_eval(args.base, args.adapter, args.task, args.seed, args.n)
-    report = evaluate(args.base, args.adapter, args.task, args.seed, args.n, args.dtype, args.max_new_tokens)
+    check_eval(cfg)
+    report = evaluate(cfg.base, cfg.adapter, cfg.task, cfg.split_seed, cfg.examples, cfg.dtype, cfg.max_new_tokens,
+                      cfg.batch_size)
     summary = {k: v for k, v in report.items() if k != "examples"}
     print(json.dumps(summary, indent=2))
-    if args.out:
-        write_report(report, args.out)
-        print(f"report: {args.out}")
+    if cfg.out:
+        write_report(report, cfg.out)
+        print(f"report: {cfg.out}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -102,7 +111,7 @@ def _compare(args: argparse.Namespace) -> None:
         return
     if not args.config:
         raise ConfigError("give --config FILE.yaml (see configs/compare.yaml)")
-    report = run_compare(load_compare_config(args.config, args.set, args.seeds))
+    report = run_compare(load_compare_config(args.config, args.set, args.num_seeds))
     print((report / "results.md").read_text())
     print(f"report: {report}")
 
@@ -113,41 +122,72 @@ def _migrate(args: argparse.Namespace) -> None:
     if args.help_config:
         print("\n".join(describe_fields(ZooManifest)))
         return
-    if not args.manifest:
-        raise ConfigError("give --manifest ZOO.yaml (see configs/zoo-demo.yaml)")
-    record = migrate(load_manifest(args.manifest, args.set))
+    if not args.config:
+        raise ConfigError("give --config ZOO.yaml (see configs/zoo-demo.yaml)")
+    record = migrate(load_manifest(args.config, args.set))
     out = record["manifest"]["out_dir"]
     print(open(f"{out}/summary.md").read())
     print(f"zoo: {out}  (adapters/, zoo.json, summary.md, summary.csv, serve.yaml, serve.sh)")
 
 
-def main(argv: list[str] | None = None) -> None:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _alias(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
+    """An older spelling of an option, kept working and left out of the help."""
+    parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("titok")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option; importing it loads no torch (``--help`` in well under a second)."""
+    from titok.choices import STAGES
+
     parser = argparse.ArgumentParser(prog="titok", description="Transplant LoRA adapters between LLM backbones (TiTok).")
+    parser.add_argument("--version", action="version", version=f"titok {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="show everything Ray and the libraries print (worker output, Ray Data's per-dataset lines); "
+                             "same as TITOK_VERBOSE=1")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tp = commands.add_parser("transplant", help="move a source LoRA onto a target base model",
-                             description="Run or resume a transplant: queries -> labels -> scores -> filter -> align -> "
-                                         "train -> export. Stages already complete in run_dir are reused.")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], formatter_class=_HelpFormatter, **kwargs)
+
+    tp = command("transplant", help="move a source LoRA onto a target base model",
+                 description="Run or resume a transplant: queries -> labels -> scores -> filter -> align -> "
+                             "train -> export. Stages already complete in run_dir are reused.")
     tp.add_argument("--config", help="transplant YAML (see configs/demo.yaml)")
     tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, dotted (filter.top_m=64, train.deepspeed_stage=3); repeatable")
-    tp.add_argument("--until", help="stop after this stage (queries, labels, scores, filter, align, train, export)")
+    tp.add_argument("--until", choices=STAGES, help="stop after this stage")
     tp.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
     tp.add_argument("--dry-run", action="store_true",
                     help="validate everything and print the plan for this machine (or the cluster in RAY_ADDRESS); "
                          "no model weights are read")
     tp.set_defaults(run=_transplant)
 
-    pl = commands.add_parser("plan", help="memory per GPU and host, time and GPU-hours of a transplant, from configs alone",
-                             description="Build every model on the meta device from its config.json and print, per stage, "
-                                         "memory per GPU and per node, FLOPs, time and GPU-hours; say what does not fit and "
-                                         "what would. Without cluster flags it plans for this machine.")
+    pl = command("plan", help="memory per GPU and host, time and GPU-hours of a transplant, from configs alone",
+                 description="Build every model on the meta device from its config.json and print, per stage, "
+                             "memory per GPU and per node, FLOPs, time and GPU-hours; say what does not fit and "
+                             "what would. Without cluster flags it plans for this machine.")
     pl.add_argument("--config", required=True, help="transplant YAML")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    pl.add_argument("--nodes", type=int, help="nodes in the cluster")
-    pl.add_argument("--gpus-per-node", type=int, help="GPUs per node")
-    pl.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU (GiB)")
-    pl.add_argument("--host-memory-gib", type=float, help="host RAM per node (GiB)")
+    pl.add_argument("--nodes", type=int, help="nodes in the cluster (default: 1)")
+    pl.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: this machine's)")
+    pl.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU in GiB (default: this machine's)")
+    pl.add_argument("--host-memory-gib", type=float, help="host RAM per node in GiB (default: this machine's)")
     pl.add_argument("--gpu-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU (TFLOP/s; H100: 989)")
     pl.add_argument("--mfu-train", type=float, default=0.30, help="model-FLOPs utilisation assumed for training")
     pl.add_argument("--mfu-inference", type=float, default=0.15, help="model-FLOPs utilisation assumed for generation/scoring")
@@ -159,11 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("--json", help="also write the plan as JSON here")
     pl.set_defaults(run=_plan)
 
-    sft = commands.add_parser("sft", help="train a source LoRA on a task's training examples")
+    sft = command("sft", help="train a source LoRA on a task's training examples")
     sft.add_argument("--base", default="smollm2-135m", help="base model (short name, .gguf, HF folder or hub id)")
     sft.add_argument("--task", default="boolean_expressions", help="built-in task or BBH-format JSON file")
     sft.add_argument("--out", required=True, help="folder for the PEFT adapter")
-    sft.add_argument("--seed", type=int, default=0, help="seed for the task split and training")
+    sft.add_argument("--seed", type=int, default=0, help="seed of the task's train/test split and of training")
     sft.add_argument("--n-train", type=int, default=256, help="training examples to use")
     sft.add_argument("--max-length", type=int, default=None,
                      help="max prompt+response tokens of a training example (same as --set max_length=N; default 512)")
@@ -171,45 +211,61 @@ def main(argv: list[str] | None = None) -> None:
                      help="override a training field (epochs=1, lr=5e-4, workers=2, deepspeed_stage=3, lora.rank=16)")
     sft.set_defaults(run=_sft)
 
-    ev = commands.add_parser("eval", help="score a base model (+ adapter) on a task's held-out examples")
-    ev.add_argument("--base", required=True, help="base model (short name, .gguf, HF folder or hub id)")
+    ev = command("eval", help="score a base model (+ adapter) on a task's held-out examples",
+                 description="Flags override the config file, --set overrides both; every field: --help-config.")
+    ev.add_argument("--config", help="eval YAML (the fields of --help-config)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field; repeatable")
+    ev.add_argument("--help-config", action="store_true", help="list every eval field with its default")
+    ev.add_argument("--base", help="base model (short name, .gguf, HF folder or hub id); required here or in --config")
     ev.add_argument("--adapter", help="PEFT adapter folder (omit for the vanilla base)")
-    ev.add_argument("--task", default="boolean_expressions", help="built-in task or task file")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the task split")
-    ev.add_argument("--n", type=int, default=100, help="held-out examples to score")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="inference dtype (auto: bf16 where the device runs it fast, else fp32)")
+    ev.add_argument("--task", help="built-in task or task file (default: boolean_expressions)")
+    ev.add_argument("--split-seed", type=int, help="seed of the task's train/test split (default: 0)")
+    _alias(ev, "--seed", "split_seed", type=int)
+    ev.add_argument("--examples", type=int, help="held-out examples to score (default: 100)")
+    _alias(ev, "--n", "examples", type=int)
+    ev.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="inference dtype (default: auto, bf16 where the device runs it fast, else fp32)")
     ev.add_argument("--max-new-tokens", type=int,
                     help="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
     ev.add_argument("--out", help="write the full report (with example predictions) as JSON here")
     ev.set_defaults(run=_eval)
 
-    cmp = commands.add_parser("compare", help="TiTok vs. vanilla, KD and ablations over tasks x targets x seeds, with a report",
-                              description="Transplant with every method, evaluate every adapter and the vanilla targets, "
-                                          "write a report folder (Markdown, CSV, charts, token HTML). Resumable.")
+    cmp = command("compare", help="TiTok vs. vanilla, KD and ablations over tasks x targets x seeds, with a report",
+                  description="Transplant with every method, evaluate every adapter and the vanilla targets, "
+                              "write a report folder (Markdown, CSV, charts, token HTML). Resumable.")
     cmp.add_argument("--config", help="compare YAML (see configs/compare.yaml)")
-    cmp.add_argument("--seeds", type=int, help="transplant seeds per task (overrides the config)")
+    cmp.add_argument("--num-seeds", type=int, help="transplant seeds per task (overrides the config's seeds)")
+    _alias(cmp, "--seeds", "num_seeds", type=int)
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a compare field (eval.examples=20, transplant.filter.top_m=16); repeatable")
     cmp.add_argument("--help-config", action="store_true", help="list every compare field")
     cmp.set_defaults(run=_compare)
 
-    mg = commands.add_parser("migrate", help="move a whole adapter zoo onto a new base in one job",
-                             description="Transplant every adapter of a manifest with shared engines (the source model "
-                                         "loads once per actor), isolated failures, resume, a release gate per adapter, "
-                                         "and a zoo folder with provenance, summaries and a vLLM serving file.")
-    mg.add_argument("--manifest", help="zoo manifest YAML (see configs/zoo-demo.yaml)")
+    mg = command("migrate", help="move a whole adapter zoo onto a new base in one job",
+                 description="Transplant every adapter of a manifest with shared engines (the source model "
+                             "loads once per actor), isolated failures, resume, a release gate per adapter, "
+                             "and a zoo folder with provenance, summaries and a vLLM serving config.")
+    mg.add_argument("--config", help="zoo manifest YAML (see configs/zoo-demo.yaml)")
+    _alias(mg, "--manifest", "config")
     mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a manifest field (out_dir=..., gate.examples=20, defaults.train.epochs=4)")
     mg.add_argument("--help-config", action="store_true", help="list every manifest field")
     mg.set_defaults(run=_migrate)
 
-    demo = commands.add_parser("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
+    demo = command("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
     demo.add_argument("--out", default="runs/demo-excess", help="where the demo adapter is kept (reused on rerun)")
     demo.add_argument("--steps", type=int, default=40, help="LoRA training steps")
     demo.set_defaults(run=lambda a: __import__("titok.demo", fromlist=["run_excess_demo"]).run_excess_demo(a.out, steps=a.steps))
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        import os
+
+        os.environ["TITOK_VERBOSE"] = "1"
     try:
         args.run(args)
     except ConfigError as err:

@@ -1,6 +1,6 @@
 """``titok compare``: TiTok against its baselines and ablations, on the user's tasks and targets.
 
-    titok compare --config configs/compare.yaml --seeds 3
+    titok compare --config configs/compare.yaml --num-seeds 3
 
 For every task: a source expert (given, or trained once with ``titok sft``). For every task and seed:
 the synthetic queries, the expert's answers and their excess scores are computed once and shared by

@@ -23,6 +23,7 @@ __all__ = [
     "ConfigError",
     "Section",
     "EngineConfig",
+    "EvalConfig",
     "EvalSettings",
     "FilterConfig",
     "LabelsConfig",
@@ -248,6 +249,17 @@ class EvalSettings(Section):
         "auto", description="inference dtype; auto = bf16 where the device runs it fast, else fp32")
     cpus_per_actor: int = Field(1, ge=1, description="CPU cores (torch threads) per evaluation actor")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
+
+
+class EvalConfig(EvalSettings):
+    """``titok eval``: one base model (+ one adapter) on a task's held-out examples."""
+
+    base: str = Field(..., description="base model: short name, .gguf file, HF folder or hub id")
+    adapter: str | None = Field(None, description="PEFT adapter folder (none: the vanilla base)")
+    task: str = Field("boolean_expressions", description="built-in task name or a BBH-format JSON file")
+    split_seed: int = Field(0, description="seed of the task's train/test split (a transplant's split_seed)")
+    examples: int = Field(100, ge=1, description="held-out examples to score")
+    out: str | None = Field(None, description="write the full report (with every prediction) as JSON here")
 
 
 class TransplantConfig(Section):

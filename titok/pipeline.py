@@ -20,6 +20,7 @@ import pyarrow as pa
 import yaml
 
 from titok import columns as C, progress
+from titok.choices import STAGES
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
@@ -36,7 +37,6 @@ from titok.validate import validate_inputs
 
 __all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "transplant"]
 
-STAGES = ("queries", "labels", "scores", "filter", "align", "train", "export")
 
 
 class SourceEngines:

@@ -33,16 +33,18 @@ def verbose() -> bool:
 
 
 class _LineStream:
-    """A log, not a terminal: each of tqdm's redraws becomes one line, repeats dropped."""
+    """A log, not a terminal: tqdm's redraws become lines, at most one per interval (tqdm's monitor
+    redraws every 10 s whatever its ``mininterval``), repeats dropped; ``final`` lets the last through."""
 
     def __init__(self, stream):
-        self.stream, self.last = stream, None
+        self.stream, self.last, self.last_time, self.final = stream, None, time.monotonic(), False
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").strip()
-        if line and line != self.last:
+        due = self.final or time.monotonic() - self.last_time >= _LOG_INTERVAL_S
+        if line and line != self.last and due:
             self.stream.write(line + "\n")
-            self.last = line
+            self.last, self.last_time = line, time.monotonic()
 
     def flush(self) -> None:
         self.stream.flush()
@@ -62,7 +64,8 @@ class _StageBar:
         stream = stream or sys.stderr
         terminal = hasattr(stream, "isatty") and stream.isatty()
         self.started, self.note, self.counted, self.terminal = time.perf_counter(), "", False, terminal
-        self.bar = tqdm(total=None, desc=f"[{name}]", unit=" rows", file=stream if terminal else _LineStream(stream),
+        self.lines = None if terminal else _LineStream(stream)
+        self.bar = tqdm(total=None, desc=f"[{name}]", unit=" rows", file=self.lines or stream,
                         mininterval=0.5 if terminal else _LOG_INTERVAL_S, delay=0 if terminal else _LOG_INTERVAL_S,
                         dynamic_ncols=terminal, ascii=not terminal, leave=True, bar_format=_UNCOUNTED)
 
@@ -92,6 +95,8 @@ class _StageBar:
         if not self.counted:  # nothing counted: the stage's line is its time and outcome
             self.bar.bar_format = "{desc} done in " + f"{seconds:.1f} s" + "{postfix}"
         self.bar.set_postfix_str(tail, refresh=False)
+        if self.lines:
+            self.lines.final = True
         self.bar.refresh()  # the last state, always written
         self.bar.leave = self.terminal  # a log has that line already; a terminal's close ends it with a newline
         self.bar.close()

@@ -286,15 +286,15 @@ def _raise_all(what: str, problems: list[str]) -> None:
         raise ConfigError("\n  ".join([f"{what} cannot start:", *problems]))
 
 
-def check_eval(base: str, adapter: str | None, task: str, seed: int, n: int) -> None:
-    """``titok eval``'s inputs, before Ray starts: the base, an adapter trained on it, the task."""
+def check_eval(cfg) -> None:
+    """``titok eval``'s inputs (an ``EvalConfig``), before Ray starts: the base, an adapter trained on
+    it, the task."""
     from titok.models import resolve_model_path
 
-    problems = [] if n >= 1 else [f"--n: {n} held-out examples; give at least 1"]
-    problems += model_problems("--base", base)
-    if adapter and not problems:
-        problems += adapter_problems("--adapter", adapter, base, resolve_model_path(base))
-    problems += task_problems("--task", task, seed)[1]
+    problems = model_problems("base", cfg.base)
+    if cfg.adapter and not problems:
+        problems += adapter_problems("adapter", cfg.adapter, cfg.base, resolve_model_path(cfg.base))
+    problems += task_problems("task", cfg.task, cfg.split_seed)[1]
     _raise_all("the evaluation", problems)
 
 

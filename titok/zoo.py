@@ -1,6 +1,6 @@
 """``titok migrate``: move a whole adapter zoo from one base model to another in one job.
 
-    titok migrate --manifest configs/zoo-demo.yaml
+    titok migrate --config configs/zoo-demo.yaml
 
 A zoo is the transplant's own stages looped over adapters, each adapter in its own run directory
 (``out_dir/runs/<name>``, exactly what a lone ``titok transplant`` would leave), with the costly
