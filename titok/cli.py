@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from titok.config import ConfigError, describe_fields
 
@@ -63,8 +64,6 @@ def _plan(args: argparse.Namespace) -> None:
                                                  inter_node_gbps=args.inter_node_gbps))
     print(plan.table())
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps(plan.to_dict(), indent=2))
     if not plan.fits:
         raise SystemExit(1)
@@ -88,12 +87,19 @@ def _eval(args: argparse.Namespace) -> None:
         print("\n".join(describe_fields(EvalConfig)))
         return
     flags = {field: getattr(args, field) for field in ("base", "adapter", "task", "split_seed", "examples", "dtype",
-                                                       "max_new_tokens", "out") if getattr(args, field) is not None}
+                                                       "max_new_tokens", "out", "harness_include")
+             if getattr(args, field) is not None}
+    if args.harness:
+        flags["harness"] = [task.strip() for task in args.harness.split(",") if task.strip()]
     cfg = validated(EvalConfig, read_yaml(args.config, args.set, **flags), "eval")
     from titok.evaluate import evaluate, write_report
     from titok.validate import check_eval
 
     check_eval(cfg)
+    if cfg.harness:
+        from titok.harness import check_harness_tasks
+
+        check_harness_tasks(cfg.harness, cfg.harness_include)
     report = evaluate(cfg.base, cfg.adapter, cfg.task, cfg.split_seed, cfg.examples, cfg.dtype, cfg.max_new_tokens,
                       cfg.batch_size)
     summary = {k: v for k, v in report.items() if k != "examples"}
@@ -101,6 +107,15 @@ def _eval(args: argparse.Namespace) -> None:
     if cfg.out:
         write_report(report, cfg.out)
         print(f"report: {cfg.out}")
+    if cfg.harness:
+        from lm_eval.utils import make_table
+
+        from titok.harness import run_harness, write_harness_results
+
+        results = run_harness(cfg, seed=cfg.split_seed)
+        print(make_table(results))
+        if cfg.out:
+            print(f"lm-eval results: {write_harness_results(results, Path(cfg.out).with_suffix('.lm-eval.json'))}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -228,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int,
                     help="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
     ev.add_argument("--out", help="write the full report (with example predictions) as JSON here")
+    ev.add_argument("--harness", metavar="TASKS",
+                    help="also run these lm-evaluation-harness tasks (comma-separated, e.g. bbh_zeroshot_web_of_lies) "
+                         "through lm-eval's HF backend with the adapter and its chat template; <out>.lm-eval.json")
+    ev.add_argument("--harness-include", help="a folder of your own lm-eval task YAML files")
     ev.set_defaults(run=_eval)
 
     cmp = command("compare", help="TiTok vs. vanilla, KD and ablations over tasks x targets x seeds, with a report",

@@ -260,6 +260,10 @@ class EvalConfig(EvalSettings):
     split_seed: int = Field(0, description="seed of the task's train/test split (a transplant's split_seed)")
     examples: int = Field(100, ge=1, description="held-out examples to score")
     out: str | None = Field(None, description="write the full report (with every prediction) as JSON here")
+    harness: list[str] = Field([], description="lm-evaluation-harness tasks to run on the same base + adapter too "
+                               "(its HF backend, the adapter's chat template), up to `examples` documents each; results "
+                               "in <out>.lm-eval.json")
+    harness_include: str | None = Field(None, description="a folder of your own lm-eval task YAML files")
 
 
 class TransplantConfig(Section):
