@@ -74,7 +74,8 @@ def test_imports_form_no_cycle():
 
 
 def test_help_and_config_checks_import_no_torch():
-    """``titok --help``, every subcommand's ``--help`` and a config's validation stay under a second:
+    """``titok --help``, every subcommand's ``--help`` and ``--help-config``, a command without its
+    config, and a config's validation stay under a second:
     none of them may import torch, transformers or ray (seconds of CPU each)."""
     import subprocess
     import sys
@@ -83,6 +84,8 @@ def test_help_and_config_checks_import_no_torch():
         "import sys\nfrom titok.cli import main\n"
         "for argv in ([], ['transplant'], ['plan'], ['sft'], ['eval'], ['compare'], ['migrate'], ['demo-excess']):\n"
         "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+        "for argv in (['compare'], ['migrate'], ['transplant'], ['compare', '--help-config'], ['eval', '--help-config']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         "from titok.config import load_config\n"
         "load_config(None, ['source_base=a', 'source_adapter=b', 'target_base=c', 'task=boolean_expressions', 'run_dir=r'])\n"
         "print('heavy:', sorted(m for m in ('torch', 'transformers', 'ray', 'deepspeed', 'peft') if m in sys.modules))\n"

@@ -12,7 +12,6 @@ from titok.config import ConfigError, describe_fields
 
 def _transplant(args: argparse.Namespace) -> None:
     from titok.config import load_config
-    from titok.pipeline import format_summary, transplant
 
     if args.help_config:
         print("\n".join(describe_fields()))
@@ -23,6 +22,8 @@ def _transplant(args: argparse.Namespace) -> None:
     if args.dry_run:
         _dry_run(cfg)
         return
+    from titok.pipeline import format_summary, transplant
+
     result = transplant(cfg, until=args.until)
     print(format_summary(result))
 

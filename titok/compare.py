@@ -21,15 +21,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from titok.choices import REFERENCES
 from titok.config import (ConfigError, EvalSettings, Section, TrainConfig, TransplantSettings, merged_fields, read_yaml,
                           validated)
 
-from titok.evaluate import cached_evaluation
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
-from titok.reference import REFERENCES
 from titok.stages.filtering import FILTER_METHODS
 from titok.runstate import RunDir
-from titok.sft import sft_train_config, train_source_adapter
 from titok.validate import check_model, check_task, validate_inputs
 
 __all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
@@ -46,6 +44,8 @@ class SourceSettings(Section):
                                "override titok sft's defaults (epochs, lr, lora.rank, ...); the rest keep them")
 
     def sft_train(self) -> TrainConfig:
+        from titok.sft import sft_train_config
+
         return sft_train_config(self.train.model_dump(exclude_unset=True), what="compare source.train")
 
 
@@ -167,6 +167,8 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     out = Path(cfg.out_dir) / "sources" / short_name(task)
     if not (out / "adapter_model.safetensors").is_file():
         print(f"[compare] training the source expert for {task} (titok sft)", flush=True)
+        from titok.sft import train_source_adapter
+
         train = cfg.source.sft_train()
         train_source_adapter(cfg.source_base, task, out, train, seed=cfg.split_seed, n_train=cfg.source.train_examples)
     return str(out)
@@ -184,6 +186,7 @@ def _row(report: dict, task: str, target: str, method: str, seed: int | None) ->
 
 def run_compare(cfg: CompareConfig) -> Path:
     """All runs and evaluations (resuming what is done), then the report; returns the report folder."""
+    from titok.evaluate import cached_evaluation
     from titok.pipeline import transplant
     from titok.progress import init_ray
     from titok.report import write_compare_report
