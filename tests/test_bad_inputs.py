@@ -114,6 +114,57 @@ def test_config_files_that_do_not_parse(workspace, tmp_path, refused):
     listed.write_text("- a\n- b\n")
     refused(["transplant", "--config", str(listed)], "a config is a YAML mapping")
     refused(["transplant", "--set", "filter.k"], "--set expects key=value")
+    refused(["transplant", "--set", "=3"], "--set '=3': no field name before '='")
+    refused(["transplant", "--set", "filter.=3"], "--set 'filter.=3': no field name")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("filter:\n  top_m: 4\n  k: 0.5\n  top_m: 8\n")
+    refused(["transplant", "--config", str(twice)], f"{twice}:4:3: not valid YAML (key 'top_m' is set twice (lines 2 and 4))")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.epochs=true", "train: Value error, epochs is a number, not true"),
+    ("filter.top_m=false", "filter: Value error, top_m is a number, not false"),
+    ("engine.gpus_per_actor=true", "engine: Value error, gpus_per_actor is a number, not true"),
+])
+def test_a_yes_no_is_not_a_number(tiny_model_dirs, workspace, tmp_path, refused, override, expected):
+    refused(_transplant(_config(tiny_model_dirs, workspace, tmp_path), override), expected)
+
+
+@pytest.mark.parametrize("override", ["engine.gpus_per_actor=1", "train.use_gpu=true"])
+def test_gpu_settings_on_a_machine_without_a_gpu(tiny_model_dirs, workspace, tmp_path, refused, override, monkeypatch):
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    refused(_transplant(_config(tiny_model_dirs, workspace, tmp_path), override),
+            f"{override}: this machine has no GPU and titok starts a local Ray on it")
+
+
+def test_a_run_dir_that_cannot_be_written(tiny_model_dirs, workspace, tmp_path, refused):
+    refused(_transplant(_config(tiny_model_dirs, workspace, tmp_path), "run_dir=/proc/titok-run"),
+            "run_dir: /proc/titok-run cannot be written")
+
+
+def test_dot_dot_through_a_missing_folder_is_checked_where_it_lands(tiny_model_dirs, workspace, tmp_path, refused):
+    """``runs/nope/../../userdata/mydocs`` is the user's folder once ``nope`` exists: checked as that
+    folder (it holds the user's files), not as a new one; nothing is made on the way."""
+    mydocs = tmp_path / "userdata" / "mydocs"
+    (mydocs / "queries").mkdir(parents=True)
+    (mydocs / "queries" / "draft.txt").write_text("mine")
+    (tmp_path / "runs").mkdir()
+    sneaky = f"{tmp_path}/runs/nope/../../userdata/mydocs"
+    refused(_transplant(_config(tiny_model_dirs, workspace, tmp_path), f"run_dir={sneaky}"),
+            f"run_dir: {mydocs} holds files titok did not write")
+    refused(["eval", "--base", tiny_model_dirs["source"], "--out", f"{tmp_path}/runs/nope/../../userdata"],
+            f"out: {tmp_path / 'userdata'} is a folder")
+    refused(["sft", "--base", tiny_model_dirs["source"], "--out", sneaky], f"--out: {mydocs} holds files titok did not write")
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(yaml.safe_dump({"source_base": tiny_model_dirs["source"], "target_base": tiny_model_dirs["target"],
+                                   "out_dir": sneaky, "adapters": [{"name": "a", "path": tiny_model_dirs["adapter"],
+                                                                    "task": "boolean_expressions"}]}))
+    refused(["migrate", "--config", str(zoo)], f"out_dir: {mydocs} holds files titok did not write")
+    assert not (tmp_path / "runs" / "nope").exists() and (mydocs / "queries" / "draft.txt").read_text() == "mine"
 
 
 # ---------- the source adapter ----------
@@ -131,6 +182,14 @@ def _edit_config(**fields):
         config.update(fields)
         (folder / "adapter_config.json").write_text(json.dumps(config))
     return change
+
+
+def _poison(folder: Path, value: float) -> None:
+    """Every lora_B of the adapter set to ``value`` (NaN: a diverged training), shapes intact."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v.fill_(value) if "lora_B" in k else v for k, v in tensors.items()}, folder / "adapter_model.safetensors")
 
 
 def _truncate(name: str, keep: float = 0.5):
@@ -156,6 +215,8 @@ def _to_pickle(folder: Path):
     (_edit_config(r=8), "needs [8, 64]"),  # the tensors have rank 4
     (_edit_config(target_modules=["q_proj", "c_attn"]), "target_modules ['c_attn'] are not projections"),
     (_edit_config(base_model_name_or_path="someone/another-model"), "was trained on 'someone/another-model'"),
+    (lambda f: _poison(f, float("nan")), "values NaN or inf (a training that diverged?)"),
+    (lambda f: _poison(f, float("inf")), "values NaN or inf"),
 ])
 def test_source_adapters_that_would_not_load(tiny_model_dirs, workspace, tmp_path, refused, change, expected):
     adapter = _adapter_variant(tiny_model_dirs, tmp_path, change)
@@ -276,6 +337,8 @@ def test_sft_inputs(tiny_model_dirs, workspace, tmp_path, refused):
     refused(base + ["--out", str(tmp_path / "new"), "--set", "lr=-1"], "lr")
     refused(base + ["--out", str(tmp_path / "new"), "--task", "no_such_task"], "--task")
     refused(["sft", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")], "--base")
+    refused(base + ["--out", str(tmp_path / "new"), "--set", "lora.target_modules=[q_proj, c_attn]"],
+            "lora.target_modules: ['c_attn'] are not projections of")
     assert not (tmp_path / "new").exists()
 
 
@@ -292,6 +355,9 @@ def test_eval_inputs(tiny_model_dirs, workspace, tmp_path, refused):
     (tmp_path / "eval.yaml").write_text(f"base: {tiny_model_dirs['source']}\nexamples: 5\n")
     refused(["eval", "--config", str(tmp_path / "eval.yaml"), "--set", "examples=-3"], "examples: Input should be")
     refused(["eval", "--config", str(tmp_path / "eval.yaml"), "--examples", "0"], "examples: Input should be")
+    refused(["eval", "--base", tiny_model_dirs["source"], "--max-new-tokens", "0"], "max_new_tokens: Input should be")
+    (tmp_path / "reports").mkdir()
+    refused(["eval", "--base", tiny_model_dirs["source"], "--out", str(tmp_path / "reports")], "is a folder; the report is")
 
 
 def test_compare_inputs(tiny_model_dirs, workspace, tmp_path, refused):
@@ -362,3 +428,20 @@ def test_damaged_run_directories_are_recomputed_and_end_as_an_untouched_run(tiny
 
 def _truncate_file(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--nodes", "0", "argument --nodes: 0 must be above 0"),
+    ("--gpus-per-node", "-1", "argument --gpus-per-node: -1 must be above 0"),
+    ("--gpu-memory-gib", "0", "argument --gpu-memory-gib: 0 must be above 0"),
+    ("--gpu-tflops", "-5", "argument --gpu-tflops: -5 must be above 0"),
+    ("--mfu-train", "0", "argument --mfu-train: 0 must be above 0 and at most 1"),
+    ("--mfu-inference", "1.5", "argument --mfu-inference: 1.5 must be above 0 and at most 1"),
+    ("--nodes", "two", "argument --nodes: 'two' is not an integer"),
+])
+def test_plan_numbers_that_mean_nothing(tmp_path, capsys, flag, value, expected):
+    """Each refused by the command line itself (exit 2, one line), before a config is read."""
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", "--config", str(tmp_path / "never-read.yaml"), flag, value])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.strip().splitlines()[-1].endswith(expected), err

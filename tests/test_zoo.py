@@ -208,6 +208,10 @@ def test_every_manifest_error_is_reported_at_once_before_any_model_loads(tiny_mo
     assert "bool-a" not in message
     assert not (tmp_path / "zoo").exists() and ray.is_initialized() == ray_was_up  # Ray was not started
 
+    cased = [*data["adapters"], {**data["adapters"][0], "name": "Bool-A"}]
+    with pytest.raises(ConfigError, match=r"adapter names \['Bool-A', 'bool-a'\] differ only in case"):
+        load_manifest(None, [f"adapters={json.dumps(cased)}", f"source_base={data['source_base']}",
+                             f"target_base={data['target_base']}"])
     data["adapters"].append(dict(data["adapters"][0]))
     with pytest.raises(ConfigError, match=r"adapter names listed twice: \['bool-a'\]"):
         load_manifest(None, [f"adapters={json.dumps(data['adapters'])}", f"source_base={data['source_base']}",

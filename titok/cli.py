@@ -74,9 +74,12 @@ def _sft(args: argparse.Namespace) -> None:
     from titok.sft import sft_train_config, train_source_adapter
     from titok.validate import check_sft
 
+    from titok.config import resolved_path
+
+    args.out = resolved_path(args.out)  # what is checked is what is written: `..` and symlinks applied once
     length = [f"max_length={args.max_length}"] if args.max_length is not None else []
     train = sft_train_config(overrides=[*args.set, *length])
-    check_sft(args.base, args.task, args.out, args.seed, train.max_length)
+    check_sft(args.base, args.task, args.out, args.seed, train.max_length, train.lora.target_modules)
     path = train_source_adapter(args.base, args.task, args.out, train, args.seed, args.n_train)
     print(f"source adapter: {path}")
 
@@ -160,6 +163,19 @@ def _alias(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> N
     parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
 
 
+def _positive(kind: type, at_most: float | None = None):
+    """An argparse type: a number of ``kind`` above zero (and at most ``at_most``), else argparse's one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value > 0 or (at_most is not None and value > at_most):
+            raise argparse.ArgumentTypeError(f"{text} must be above 0" + (f" and at most {at_most:g}" if at_most else ""))
+        return value
+    return parse
+
+
 def _version() -> str:
     import importlib.metadata
 
@@ -200,17 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "what would. Without cluster flags it plans for this machine.")
     pl.add_argument("--config", required=True, help="transplant YAML")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    pl.add_argument("--nodes", type=int, help="nodes in the cluster (default: 1)")
-    pl.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: this machine's)")
-    pl.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU in GiB (default: this machine's)")
-    pl.add_argument("--host-memory-gib", type=float, help="host RAM per node in GiB (default: this machine's)")
-    pl.add_argument("--gpu-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU (TFLOP/s; H100: 989)")
-    pl.add_argument("--mfu-train", type=float, default=0.30, help="model-FLOPs utilisation assumed for training")
-    pl.add_argument("--mfu-inference", type=float, default=0.15, help="model-FLOPs utilisation assumed for generation/scoring")
-    pl.add_argument("--load-gbps", type=float, default=2.0, help="weight-loading bandwidth per node (GB/s)")
-    pl.add_argument("--intra-node-gbps", type=float, default=300.0,
+    pl.add_argument("--nodes", type=_positive(int), help="nodes in the cluster (default: 1)")
+    pl.add_argument("--gpus-per-node", type=_positive(int), help="GPUs per node (default: this machine's)")
+    pl.add_argument("--gpu-memory-gib", type=_positive(float), help="memory of one GPU in GiB (default: this machine's)")
+    pl.add_argument("--host-memory-gib", type=_positive(float), help="host RAM per node in GiB (default: this machine's)")
+    pl.add_argument("--gpu-tflops", type=_positive(float), default=989.0, help="bf16 dense peak of one GPU (TFLOP/s; H100: 989)")
+    pl.add_argument("--mfu-train", type=_positive(float, at_most=1.0), default=0.30, help="model-FLOPs utilisation assumed for training")
+    pl.add_argument("--mfu-inference", type=_positive(float, at_most=1.0), default=0.15, help="model-FLOPs utilisation assumed for generation/scoring")
+    pl.add_argument("--load-gbps", type=_positive(float), default=2.0, help="weight-loading bandwidth per node (GB/s)")
+    pl.add_argument("--intra-node-gbps", type=_positive(float), default=300.0,
                     help="all-gather bandwidth per GPU within a node, GB/s (NVLink; H100 SXM ~360 achieved)")
-    pl.add_argument("--inter-node-gbps", type=float, default=25.0,
+    pl.add_argument("--inter-node-gbps", type=_positive(float), default=25.0,
                     help="all-gather bandwidth per GPU across nodes, GB/s (200 Gb/s per GPU = 25; 400 Gb/s IB ~45)")
     pl.add_argument("--json", help="also write the plan as JSON here")
     pl.set_defaults(run=_plan)
@@ -286,9 +302,11 @@ def main(argv: list[str] | None = None) -> None:
         import os
 
         os.environ["TITOK_VERBOSE"] = "1"
+    from titok.runstate import RunInUse
+
     try:
         args.run(args)
-    except ConfigError as err:
+    except (ConfigError, RunInUse) as err:
         print(f"titok: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -22,8 +22,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from titok.choices import REFERENCES
-from titok.config import (ConfigError, EvalSettings, Section, TrainConfig, TransplantSettings, merged_fields, read_yaml,
-                          validated)
+from titok.config import (ConfigError, EvalSettings, OutputPath, Section, TrainConfig, TransplantSettings, merged_fields,
+                          read_yaml, validated)
 
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
 from titok.stages.filtering import FILTER_METHODS
@@ -65,7 +65,7 @@ class CompareConfig(Section):
         "train.epochs epochs)")
     seeds: int = Field(3, ge=1, description="transplant seeds 0..seeds-1 (queries, sampling, filters, init)")
     split_seed: int = Field(0, description="seed of every task's seed/train/test split, the same for all rows")
-    out_dir: str = Field("runs/compare", description="runs, evaluations and the report go here")
+    out_dir: OutputPath = Field("runs/compare", validate_default=True, description="runs, evaluations and the report go here")
     source: SourceSettings = Field(default_factory=SourceSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     transplant: TransplantSettings = Field(

@@ -10,10 +10,12 @@ adapter trained on the source base) run in ``titok.validate.validate_inputs`` be
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+import types
+import typing
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from titok.choices import Normalization, Reference, TokenScope
 from titok.stages.filtering import FILTER_METHODS, FilterMethodName
@@ -28,9 +30,11 @@ __all__ = [
     "FilterConfig",
     "LabelsConfig",
     "LoraShape",
+    "OutputPath",
     "QueriesConfig",
     "TrainConfig",
     "TransplantConfig",
+    "resolved_path",
     "TransplantSettings",
     "apply_overrides",
     "describe_fields",
@@ -46,9 +50,39 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors (a typo never passes silently), assignments are validated."""
+    """A config section: unknown keys are errors (a typo never passes silently), assignments are validated,
+    and a yes/no is never a number (pydantic reads ``epochs: true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_numbers(cls, data):
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+                    raise ValueError(f"{name} is a number, not {str(value).lower()}")
+        return data
+
+
+def resolved_path(value: str) -> str:
+    """An output folder as the file system will reach it: ``~`` expanded, symlinks followed and ``..``
+    applied once, here, so that the checks (a new, empty or titok folder) and the run see one folder;
+    ``runs/nope/../../mydocs`` is ``mydocs``, checked as such, not as a new folder under runs/."""
+    import os
+
+    return os.path.realpath(os.path.expanduser(value))
+
+
+# every folder titok writes into: resolved before anything checks it
+OutputPath = Annotated[str, AfterValidator(resolved_path)]
+
+
+def _is_number(annotation) -> bool:
+    """int or float (optionally None, or a choice between a number and a word such as 'auto'), never bool."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return bool not in options and any(option in (int, float) for option in options)
 
 
 class LoraShape(Section):
@@ -259,7 +293,7 @@ class EvalConfig(EvalSettings):
     task: str = Field("boolean_expressions", description="built-in task name or a BBH-format JSON file")
     split_seed: int = Field(0, description="seed of the task's train/test split (a transplant's split_seed)")
     examples: int = Field(100, ge=1, description="held-out examples to score")
-    out: str | None = Field(None, description="write the full report (with every prediction) as JSON here")
+    out: OutputPath | None = Field(None, description="write the full report (with every prediction) as JSON here")
     harness: list[str] = Field([], description="lm-evaluation-harness tasks to run on the same base + adapter too "
                                "(its HF backend, the adapter's chat template), up to `examples` documents each; results "
                                "in <out>.lm-eval.json")
@@ -271,7 +305,8 @@ class TransplantConfig(Section):
     source_adapter: str = Field(..., description="folder of the source PEFT LoRA trained on source_base")
     target_base: str = Field(..., description="target base model (same forms as source_base)")
     task: str = Field(..., description="built-in task name (boolean_expressions) or a BBH-format JSON file")
-    run_dir: str = Field("runs/transplant", description="stage outputs, checkpoints and the final adapter go here")
+    run_dir: OutputPath = Field("runs/transplant", validate_default=True,
+                                description="stage outputs, checkpoints and the final adapter go here")
     seed: int = Field(0, description="seed for sampling, shuffling and initialization")
     split_seed: int = Field(
         0, description="seed of the task's seed/train/test split; fixed across transplant seeds, so every run is "
@@ -354,12 +389,30 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
+        if not key.strip() or any(not part.strip() for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: no field name before '=' (give --set section.field=value)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"--set {key.strip()}: {raw!r} is not a YAML value") from None
         _set_dotted(data, key.strip(), value)
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last silently, and a config whose first value is the one read is the one a person checked."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is set twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: str | Path | None, overrides: list[str] = (), **fields: Any) -> dict:
@@ -369,7 +422,7 @@ def read_yaml(path: str | Path | None, overrides: list[str] = (), **fields: Any)
         if not Path(path).is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EVENTS_DIR", "RUN_MANIFEST", "RunDir", "dataset_of", "read_events", "run_stage", "write_atomic"]
+__all__ = ["EVENTS_DIR", "RUN_LOCK", "RUN_MANIFEST", "RunDir", "RunInUse", "dataset_of", "read_events", "run_stage",
+           "write_atomic"]
 
 RUN_MANIFEST = ".titok-run.json"  # marks a folder as a titok run (titok only clears its own folders)
 EVENTS_DIR = "events"  # one event file per writing process
@@ -61,13 +62,53 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+RUN_LOCK = ".titok.lock"
+
+
+class RunInUse(RuntimeError):
+    """Another titok process holds this run directory."""
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def claim(self) -> None:
-        """Mark the folder as a titok run (titok only ever clears stage folders of its own runs)."""
+        """Hold the folder for this process's life, one run at a time, and mark it as a titok run (titok
+        only ever clears stage folders of its own runs).
+
+        The lock is ``filelock``'s (``flock`` on the lock file): the kernel drops it when its process
+        ends, however it ends, so a run killed with ``kill -9`` leaves no stale lock; the holder's host,
+        pid and start time sit beside it for the message a second run gets. On NFS, Linux takes
+        ``flock`` as an NFS lock (v4: held under the client's lease, freed about 90 s after a client
+        dies), so two nodes on one run dir exclude each other too."""
+        from filelock import FileLock, Timeout
+
+        holder_file = self.root / f"{RUN_LOCK}.json"
+        lock = FileLock(str(self.root / RUN_LOCK), is_singleton=True)  # one lock object per path in a process
+        if not lock.is_locked:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                holder = _read_json(holder_file)
+                raise RunInUse(
+                    f"{self.root} is in use by another titok run (host {holder.get('host', '?')}, pid "
+                    f"{holder.get('pid', '?')}, since {holder.get('started', '?')}); a run dir holds one run at a "
+                    "time: wait for it, stop it, or give another run_dir") from None
+            previous = _read_json(holder_file)
+            if previous and previous.get("pid") != os.getpid():
+                print(f"warning: {self.root} was held by a titok run that ended without letting go (host "
+                      f"{previous.get('host')}, pid {previous.get('pid')}, since {previous.get('started')}); "
+                      "taking it over", file=sys.stderr, flush=True)
+            write_atomic(holder_file, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
+            self._lock = lock  # held while this RunDir lives (a run); the process's end frees it in any case
+            import atexit
+
+            atexit.register(holder_file.unlink, missing_ok=True)
+        else:
+            self._lock = lock
         manifest = self.root / RUN_MANIFEST
         if not manifest.is_file():
             write_atomic(manifest, json.dumps({"tool": "titok", "created": time.time()}))

@@ -19,7 +19,8 @@ from titok.runstate import RUN_MANIFEST
 
 __all__ = [
     "adapter_config_problems", "adapter_problems", "adapter_weight_problems", "check_eval", "check_model", "check_sft",
-    "check_task", "model_problems", "task_problems", "transplant_problems", "validate_inputs",
+    "check_task", "gpu_problems", "model_problems", "task_problems", "transplant_problems", "validate_inputs",
+    "writable_problems",
 ]
 
 _LORA_KEY = re.compile(r"layers\.(\d+)\..*?([A-Za-z0-9_]+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
@@ -119,6 +120,22 @@ def adapter_weight_problems(field: str, folder: str | Path, base: str, trust_rem
         if dims != expected:
             return [f"{field}: tensor {key} has shape {list(dims)}, but {base}'s {module} with rank {r} "
                     f"needs {list(expected)}"]
+    return _finite_problems(field, weights)
+
+
+def _finite_problems(field: str, weights: Path) -> list[str]:
+    """Every weight a finite number: a LoRA with NaN or inf (a diverged training) loads and then
+    poisons every log-prob the expert gives."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                return [f"{field}: tensor {key} in {weights} has {bad} of {tensor.numel()} values NaN or inf "
+                        "(a training that diverged?)"]
     return []
 
 
@@ -236,6 +253,21 @@ def run_dir_problems(field: str, path: str | Path) -> list[str]:
     if folder.is_dir() and any(folder.iterdir()) and not is_titok_folder(folder):
         return [f"{field}: {folder} holds files titok did not write; titok clears stage folders in its run "
                 "directories, so it only uses a new or empty folder (or one of its own runs)"]
+    return writable_problems(field, folder)
+
+
+def writable_problems(field: str, folder: Path) -> list[str]:
+    """``folder`` can be made and written: tried in it, or in its nearest existing parent (a probe
+    folder made and removed at once; permission bits alone do not tell, root and ACLs aside)."""
+    import tempfile
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".titok-write-check-").cleanup()
+    except OSError as err:
+        return [f"{field}: {folder} cannot be written ({existing}: {err.strerror or err})"]
     return []
 
 
@@ -259,9 +291,26 @@ def transplant_problems(cfg) -> list[str]:
 def validate_inputs(cfg) -> None:
     """Every check of a transplant that needs the file system, the models' configs or the task,
     before any model loads or Ray starts; all problems are reported together."""
-    problems = transplant_problems(cfg)
+    problems = transplant_problems(cfg) + gpu_problems(cfg)
     if problems:
         raise ConfigError("\n  ".join(["the transplant cannot start:", *problems]))
+
+
+def gpu_problems(cfg) -> list[str]:
+    """GPU settings on a machine without a GPU, where titok starts its own local Ray (no RAY_ADDRESS):
+    no Ray node will ever have one, so the run would wait or fail after Ray starts."""
+    import os
+
+    if os.environ.get("RAY_ADDRESS"):
+        return []  # a cluster: its nodes, not this machine, have the GPUs (the plan checks them)
+    import torch
+
+    if torch.cuda.device_count():
+        return []
+    asked = [f"engine.gpus_per_actor={cfg.engine.gpus_per_actor:g}"] if cfg.engine.gpus_per_actor else []
+    asked += ["train.use_gpu=true"] if cfg.train.use_gpu else []
+    return [f"{setting}: this machine has no GPU and titok starts a local Ray on it (for a GPU cluster, submit "
+            "with `ray job submit` or set RAY_ADDRESS)" for setting in asked]
 
 
 def check_model(field: str, spec: str, trust_remote_code: bool = False) -> None:
@@ -295,12 +344,16 @@ def check_eval(cfg) -> None:
     if cfg.adapter and not problems:
         problems += adapter_problems("adapter", cfg.adapter, cfg.base, resolve_model_path(cfg.base))
     problems += task_problems("task", cfg.task, cfg.split_seed)[1]
+    if cfg.out and Path(cfg.out).is_dir():
+        problems.append(f"out: {cfg.out} is a folder; the report is a JSON file (give e.g. {Path(cfg.out) / 'eval.json'})")
+    elif cfg.out:
+        problems += writable_problems("out", Path(cfg.out).parent)
     _raise_all("the evaluation", problems)
 
 
-def check_sft(base: str, task: str, out: str, seed: int, max_length: int) -> None:
+def check_sft(base: str, task: str, out: str, seed: int, max_length: int, target_modules: list[str] = ()) -> None:
     """``titok sft``'s inputs, before Ray starts: the base, the task, an output folder titok may fill,
-    and a max length the chat template leaves room in."""
+    a max length the chat template leaves room in, and LoRA modules the base has."""
     out_path = Path(out)
     problems = model_problems("--base", base)
     if out_path.exists() and not out_path.is_dir():
@@ -310,6 +363,12 @@ def check_sft(base: str, task: str, out: str, seed: int, max_length: int) -> Non
                         "give a new or empty folder")
     problems += task_problems("--task", task, seed)[1]
     if not problems:
+        from titok.model_shape import model_shape
+
+        missing = sorted(set(target_modules) - set(model_shape(base).linear_dims))
+        if missing:
+            problems.append(f"lora.target_modules: {missing} are not projections of {base} "
+                            f"(it has {sorted(model_shape(base).linear_dims)})")
         template = template_tokens(base)
         if template + 8 > max_length:
             problems.append(f"max_length={max_length} (--max-length) leaves no room for an example after the chat template "

@@ -33,8 +33,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from titok.config import (ConfigError, EvalSettings, Section, TransplantConfig, TransplantSettings, merged_fields,
-                          read_yaml, validated)
+from titok.config import (ConfigError, EvalSettings, OutputPath, Section, TransplantConfig, TransplantSettings,
+                          merged_fields, read_yaml, validated)
 from titok.layout import share_stages
 from titok.validate import check_model, check_task
 
@@ -82,7 +82,8 @@ class ServingSettings(Section):
 class ZooManifest(Section):
     source_base: str = Field(..., description="the base every source adapter was trained on")
     target_base: str = Field(..., description="the base to move them to")
-    out_dir: str = Field("runs/zoo", description="run directories, migrated adapters and summaries go here")
+    out_dir: OutputPath = Field("runs/zoo", validate_default=True,
+                                description="run directories, migrated adapters and summaries go here")
     defaults: TransplantSettings = Field(
         default_factory=TransplantSettings, description="transplant fields shared by every adapter (engine, queries, "
         "labels, filter, train, seed, split_seed, trust_remote_code)")
@@ -107,6 +108,12 @@ class ZooManifest(Section):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"adapter names listed twice: {twice}")
+        # each name is a folder under out_dir: Bool and bool are one folder on macOS's and Windows' file systems
+        folded = [n.casefold() for n in names]
+        clashing = sorted({n for n in names if folded.count(n.casefold()) > 1})
+        if clashing:
+            raise ValueError(f"adapter names {clashing} differ only in case: one folder on a case-insensitive file "
+                             "system; rename one")
         return self
 
 
@@ -131,7 +138,7 @@ def validate_manifest(manifest: ZooManifest) -> tuple[dict[str, TransplantConfig
     from titok.models import resolve_model_path
     from titok.validate import adapter_config_problems, adapter_weight_problems
 
-    from titok.validate import run_dir_problems
+    from titok.validate import gpu_problems, run_dir_problems
 
     problems, configs, unusable = run_dir_problems("out_dir", manifest.out_dir), {}, {}
     for field, spec in (("source_base", manifest.source_base), ("target_base", manifest.target_base)):
@@ -165,6 +172,8 @@ def validate_manifest(manifest: ZooManifest) -> tuple[dict[str, TransplantConfig
                 tasks[adapter.task] = str(err)
         if tasks[adapter.task]:
             problems.append(tasks[adapter.task])
+    if configs:
+        problems += [f"defaults.{problem}" for problem in gpu_problems(next(iter(configs.values())))]
     if problems:
         raise ConfigError("zoo manifest (nothing was run):\n  " + "\n  ".join(dict.fromkeys(problems)))
     return configs, unusable

@@ -1,0 +1,64 @@
+"""One run per run dir: a second titok process on a held folder is refused at once, naming the
+holder; a holder killed with kill -9 leaves no stale lock, and the next run takes over with a warning."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from titok.runstate import RUN_LOCK, RunDir, RunInUse
+
+HOLD = ("import sys, time\nfrom titok.runstate import RunDir\nrun = RunDir(sys.argv[1])\nrun.claim()\n"
+        "print('held', flush=True)\ntime.sleep(120)\n")
+
+
+def _holder(folder) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tmp_path, capsys):
+    holder = _holder(tmp_path / "run")
+    try:
+        with pytest.raises(RunInUse, match=rf"in use by another titok run \(host .+, pid {holder.pid}, since "):
+            RunDir(tmp_path / "run").claim()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+        RunDir(tmp_path / "run").claim()  # the kernel dropped the dead holder's lock
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "ended without letting go" in err and "taking it over" in err
+    finally:
+        holder.kill()
+
+
+def test_two_runs_started_at_once_on_one_run_dir_one_is_refused(tiny_model_dirs, tmp_path):
+    """Two `titok transplant` on one run dir, started together: one runs, the other stops at once with
+    exit 2 naming the holder (it merged silently before: 8 rows for top_m=4)."""
+    import yaml
+
+    config = {"source_base": tiny_model_dirs["source"], "source_adapter": tiny_model_dirs["adapter"],
+              "target_base": tiny_model_dirs["target"], "task": "boolean_expressions", "run_dir": str(tmp_path / "run"),
+              "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
+              "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3},
+              "labels": {"max_new_tokens": 20}, "filter": {"top_m": 4, "k": 0.7},
+              "train": {"workers": 1, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "titok.cli", "transplant", "--config", str(tmp_path / "run.yaml"), "--until", "queries"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / f"{RUN_LOCK}.json").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another titok run (host" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "run" / "queries").num_rows == 8  # one run's rows, not two merged
