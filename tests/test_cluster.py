@@ -64,6 +64,15 @@ def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path)
         assert "job 'titok-test' succeeded" in (status.stdout + status.stderr).lower()
         assert "adapter:" in submitted.stdout
         assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+        # without RAY_ADDRESS titok starts its own Ray, even with this head on the host (ray.init() joined it,
+        # and died with InvalidAuthToken where the head wanted a token the user never set)
+        own = subprocess.run([sys.executable, "-c", "import ray\nfrom titok.progress import init_ray\ninit_ray()\n"
+                              "print(ray.get_runtime_context().gcs_address)\nray.shutdown()"],
+                             env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}, capture_output=True,
+                             text=True, timeout=300)
+        assert own.returncode == 0, own.stderr[-2000:]
+        assert not own.stdout.strip().endswith(f":{gcs_port}"), own.stdout
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 

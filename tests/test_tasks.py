@@ -202,3 +202,23 @@ def test_bbh_closed_answer_set(tmp_path):
     path = tmp_path / "navigate.json"
     path.write_text(json.dumps({"examples": [{"input": f"step {i}", "target": "Yes" if i % 3 else "No"} for i in range(30)]}))
     assert load_task(str(path)).answer_set == ["No", "Yes"]
+
+
+def test_a_task_files_split_depends_on_its_content_not_its_spelling_and_honours_n_train(tmp_path, monkeypatch):
+    """The same file as a relative and an absolute path: one split (it differed, so a test example of
+    one run could train another); a copy elsewhere too; --n-train caps the training examples."""
+    import json
+
+    rows = [{"input": f"question {i}?", "target": "yes" if i % 3 else "no"} for i in range(120)]
+    (tmp_path / "task.json").write_text(json.dumps({"examples": rows}))
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "task.json").write_text(json.dumps({"examples": rows}))
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = load_task("task.json", n_train=50), load_task(str(tmp_path / "task.json"), n_train=50)
+    elsewhere = load_task("copy/task.json", n_train=50)
+    for other in (absolute, elsewhere):
+        assert [e["input"] for e in other.test_examples] == [e["input"] for e in relative.test_examples]
+        assert [e["input"] for e in other.train_examples] == [e["input"] for e in relative.train_examples]
+    assert len(relative.train_examples) == 50
+    assert len(load_task("task.json", n_train=500).train_examples) == 120 - 8 - 56  # all that is left
+    assert load_task("task.json", seed=1, n_train=50).test_examples != relative.test_examples

@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         import os
 
         os.environ["TITOK_VERBOSE"] = "1"
+    from titok.progress import RayStartFailed
     from titok.runstate import RunInUse
 
     try:
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, RunInUse) as err:
         print(f"titok: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RayStartFailed as err:
+        print(f"titok: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

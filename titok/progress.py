@@ -22,7 +22,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-__all__ = ["Feed", "current", "init_ray", "quiet_ray", "stage", "verbose", "watch_feed"]
+__all__ = ["Feed", "RayStartFailed", "current", "init_ray", "quiet_ray", "stage", "verbose", "watch_feed"]
 
 _LOG_INTERVAL_S = 30.0
 _active: list["_StageBar"] = []
@@ -162,15 +162,37 @@ def watch_feed(apply, interval_s: float = 0.5):
         ray.kill(feed)
 
 
-def init_ray() -> None:
-    """Ray for a titok command: the cluster in ``RAY_ADDRESS`` (``ray job submit``), else a local one;
-    already started (a test, a notebook): left as it is. Workers' stdout stays in Ray's log files
-    unless verbose; then ``quiet_ray``."""
+class RayStartFailed(RuntimeError):
+    """Ray did not start (a busy machine: the node did not register in Ray's 30 s, every try)."""
+
+
+def init_ray(tries: int = 3) -> None:
+    """Ray for a titok command: the cluster in ``RAY_ADDRESS`` (``ray job submit``), else a local Ray
+    of its own (``address="local"``: never a head some ``ray start`` left on this host, which
+    ``ray.init()`` would join); already started (a test, a notebook): left as it is. A local start that
+    fails (Ray waits a fixed 30 s for its node on a loaded machine) is cleaned up, every process of it,
+    and tried again, ``tries`` times. Workers' stdout stays in Ray's log files unless verbose."""
     import ray
 
     quiet_ray()  # before ray.init: it logs the token notice
-    if not ray.is_initialized():
-        ray.init(**({} if verbose() else {"log_to_driver": False, "logging_level": logging.WARNING}))
+    if ray.is_initialized():
+        return
+    options = {} if verbose() else {"log_to_driver": False, "logging_level": logging.WARNING}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**options)
+    else:
+        for attempt in range(1, tries + 1):
+            try:
+                ray.init(address="local", **options)
+                break
+            except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a node that did not register
+                ray.shutdown()  # the GCS, raylet and workers this attempt started
+                if attempt == tries:
+                    raise RayStartFailed(f"a local Ray did not start in {tries} tries ({str(err).splitlines()[0]}); "
+                                         "the machine may be overloaded: a rerun resumes where this run stopped") from None
+                print(f"warning: a local Ray did not start ({str(err).splitlines()[0]}); trying again "
+                      f"({attempt + 1} of {tries})", file=sys.stderr, flush=True)
+                time.sleep(5 * attempt)
     quiet_ray()
 
 

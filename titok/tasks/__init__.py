@@ -16,6 +16,7 @@ option log-likelihood accuracy; ``task.metric`` says how to score.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -64,11 +65,12 @@ def reference_response(example: Example) -> str:
     return example["target"]
 
 
-def _split(examples: list[Example], n_seed: int, n_test: int, name: str, **kind) -> Task:
+def _split(examples: list[Example], n_seed: int, n_test: int, name: str, n_train: int | None = None, **kind) -> Task:
     if len(examples) < n_seed + 2:
         raise ValueError(f"task {name!r} has {len(examples)} examples; at least {n_seed + 2} are needed")
     n_test = min(n_test, (len(examples) - n_seed) // 2)
-    return Task(name, examples[:n_seed], examples[n_seed + n_test :], examples[n_seed : n_seed + n_test], **kind)
+    train_end = None if n_train is None else n_seed + n_test + n_train
+    return Task(name, examples[:n_seed], examples[n_seed + n_test : train_end], examples[n_seed : n_seed + n_test], **kind)
 
 
 def _generate(spec: str, rng: random.Random, n_total: int) -> list[Example]:
@@ -101,8 +103,13 @@ def _distinct(examples: list[Example], spec: str) -> list[Example]:
 
 
 def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_test: int = 200) -> Task:
-    """A built-in task name or a task file -> seeded, disjoint seed/train/test splits."""
-    rng = random.Random(f"{spec}:{seed}")
+    """A built-in task name or a task file -> seeded, disjoint seed/train/test splits (at most
+    ``n_train`` training examples). A file's split is keyed by its content, not by how its path is
+    spelled: ``task.json`` and ``/abs/task.json`` give the same split, so no test example of one run
+    lands in another's training set."""
+    on_disk = spec not in BUILTIN_TASKS and not spec.startswith("hf:") and Path(spec).is_file()
+    key = hashlib.sha256(Path(spec).read_bytes()).hexdigest() if on_disk else spec
+    rng = random.Random(f"{key}:{seed}")
     if spec in BUILTIN_TASKS:
         examples = _generate(spec, rng, n_seed + n_train + n_test)
         return _split(examples, n_seed, n_test, spec, answer_set=BUILTIN_ANSWER_SETS.get(spec))
@@ -122,4 +129,4 @@ def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_t
     has_options = all("options" in e for e in examples)
     answer_set = targets if metric == "accuracy" and not has_options and len(targets) <= _MAX_CLOSED_ANSWERS else None
     name = spec.removeprefix("hf:").replace("/", "_").replace(":", "_") if spec.startswith("hf:") else path.stem
-    return _split(examples, n_seed, n_test, name, metric=metric, answer_set=answer_set)
+    return _split(examples, n_seed, n_test, name, n_train=n_train, metric=metric, answer_set=answer_set)
