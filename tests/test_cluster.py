@@ -14,6 +14,7 @@ import yaml
 from titok.pipeline import transplant
 from titok.runstate import RunDir
 from tests.conftest import tiny_transplant_config
+from tests.test_progress import assert_one_line_per_stage
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -64,6 +65,8 @@ def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path)
         assert "job 'titok-test' succeeded" in (status.stdout + status.stderr).lower()
         assert "adapter:" in submitted.stdout
         assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+        # what the job's log shows: one line per stage, none of Ray's per-dataset or per-worker lines
+        assert_one_line_per_stage(submitted.stdout + submitted.stderr, pool=8)
 
         # without RAY_ADDRESS titok starts its own Ray, even with this head on the host (ray.init() joined it,
         # and died with InvalidAuthToken where the head wanted a token the user never set)

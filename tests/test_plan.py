@@ -215,7 +215,10 @@ def test_a_model_whose_config_cannot_be_read_is_one_line_and_exit_2(tmp_path, ca
 
     from titok.cli import main
 
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
     if spec == "<empty folder>":
         spec = str(tmp_path / "empty")
         Path(spec).mkdir()

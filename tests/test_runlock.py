@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -35,9 +34,9 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_
         holder.kill()
 
 
-def test_two_runs_started_at_once_on_one_run_dir_one_is_refused(tiny_model_dirs, tmp_path):
-    """Two `titok transplant` on one run dir, started together: one runs, the other stops at once with
-    exit 2 naming the holder (it merged silently before: 8 rows for top_m=4)."""
+def test_a_transplant_on_a_held_run_dir_stops_at_once_naming_the_holder(tiny_model_dirs, tmp_path):
+    """`titok transplant` while another process holds its run dir: exit 2, one line naming the holder,
+    and the folder's contents untouched (two runs merged silently before: 8 rows for top_m=4)."""
     import yaml
 
     config = {"source_base": tiny_model_dirs["source"], "source_adapter": tiny_model_dirs["adapter"],
@@ -47,18 +46,15 @@ def test_two_runs_started_at_once_on_one_run_dir_one_is_refused(tiny_model_dirs,
               "labels": {"max_new_tokens": 20}, "filter": {"top_m": 4, "k": 0.7},
               "train": {"workers": 1, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "titok.cli", "transplant", "--config", str(tmp_path / "run.yaml"), "--until", "queries"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 300
-    while not (tmp_path / "run" / f"{RUN_LOCK}.json").exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.2)
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 2, second.stderr[-2000:]
-    assert f"is in use by another titok run (host" in second.stderr and f"pid {first.pid}" in second.stderr
-    assert "Traceback" not in second.stderr
-    import pyarrow.parquet as pq
-
-    assert pq.read_table(tmp_path / "run" / "queries").num_rows == 8  # one run's rows, not two merged
+    holder = _holder(tmp_path / "run")
+    try:
+        before = sorted(p.name for p in (tmp_path / "run").iterdir())
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        second = subprocess.run([sys.executable, "-m", "titok.cli", "transplant", "--config", str(tmp_path / "run.yaml")],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "is in use by another titok run (host" in second.stderr and f"pid {holder.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # no stage started
+    finally:
+        holder.kill()

@@ -182,6 +182,25 @@ def _version() -> str:
     return importlib.metadata.version("titok")
 
 
+def _stop(signum: int) -> None:
+    """After SIGINT/SIGTERM: leave Ray (a local Ray titok started goes with it), say how to resume, and
+    exit at once (128 + the signal), not waiting for threads still blocked on the Ray that is gone."""
+    import atexit
+    import os
+    import signal
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"titok: stopped by {signal.Signals(signum).name}; finished stages are kept in the run directory, and "
+          "the same command resumes from them", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    atexit._run_exitfuncs()  # the run-dir lock's holder file and the like
+    os._exit(128 + signum)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command and option; importing it loads no torch (``--help`` in well under a second)."""
     from titok.choices import STAGES
@@ -302,11 +321,15 @@ def main(argv: list[str] | None = None) -> None:
         import os
 
         os.environ["TITOK_VERBOSE"] = "1"
+    from titok import signals
     from titok.progress import RayStartFailed
     from titok.runstate import RunInUse
 
+    signals.install()
     try:
         args.run(args)
+    except KeyboardInterrupt:  # ours (titok.signals) or the one Ray raises for it
+        _stop(signals.received())
     except (ConfigError, RunInUse) as err:
         print(f"titok: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -193,6 +193,9 @@ def init_ray(tries: int = 3) -> None:
                 print(f"warning: a local Ray did not start ({str(err).splitlines()[0]}); trying again "
                       f"({attempt + 1} of {tries})", file=sys.stderr, flush=True)
                 time.sleep(5 * attempt)
+    from titok import signals
+
+    signals.reinstall()
     quiet_ray()
 
 

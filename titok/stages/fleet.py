@@ -147,6 +147,13 @@ class EngineFleet:
         import ray
         from ray.util import remove_placement_group
 
+        from titok.signals import stopping
+
+        if stopping():  # Ctrl-C or SIGTERM: no graceful shutdown; the session's end frees the processes
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors, self.groups, self.peak_rss_mib = [], [], None
+            return
         try:  # what each engine held at its peak, for the run's record
             self.peak_rss_mib = ray.get([actor.peak_rss_mib.remote() for actor in self.actors], timeout=30)
         except Exception:  # noqa: BLE001 - a dead engine has no peak to report

@@ -403,10 +403,9 @@ def run_training(jobs: dict[str, tuple[object, dict]], storage_path: str, name: 
 def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: str | None) -> BaseException | None:
     """One Ray Train run over ``jobs``; the error that ended it, if one did."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from titok.train import device_rules
 
+    trainer_class = _trainer_class()
     configs = [dict(config, name=job_name) for job_name, (_, config) in jobs.items()]
     first = configs[0]
     train = first["train"]
@@ -414,7 +413,7 @@ def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: 
     with contextlib.ExitStack() as stack:  # the workers' steps on this driver's progress line
         bar = progress.current() or stack.enter_context(progress.stage(name))
         feed = stack.enter_context(progress.watch_feed(functools.partial(_show_step, bar)))
-        trainer = TorchTrainer(
+        trainer = trainer_class(
             train_loop_per_worker,
             train_loop_config={"target_base": first["target_base"], "trust_remote_code": first["trust_remote_code"],
                                "train": train, "jobs": configs, "outcomes": str(outcomes_dir),
@@ -437,6 +436,19 @@ def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: 
         except Exception as err:  # noqa: BLE001 - the group's failure is each unfinished job's outcome
             return err
     return fit.error
+
+
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """Ray Train's TorchTrainer without its SIGINT handler, which aborts the training and lets the
+        driver carry on to the next stage: Ctrl-C stops the whole titok command (``titok.signals``)."""
+
+        def _register_sigint_handler(self, controller) -> None:
+            pass
+
+    return Trainer
 
 
 def _show_step(bar, item: tuple) -> None:

@@ -1,0 +1,70 @@
+"""Stop means stop: SIGINT (Ctrl-C) and SIGTERM (Kubernetes, ``ray job stop``) end a titok command
+within seconds, whatever it is waiting on.
+
+The handler raises ``Stopped``, a KeyboardInterrupt, in the main thread: no ``except Exception`` in a
+stage swallows it, and it is the one exception Ray's blocking calls pass on when a signal handler
+raises (``ray.get`` turns any other into a SystemError once the awaited task ends, which let a
+SIGTERMed training run to its end); Ray raises its own KeyboardInterrupt, so the signal's number is
+kept here (``received``). Ray Train's own SIGINT handler (abort the training, carry on) is switched
+off by titok's trainer. The command then drops its engines without their graceful
+shutdown (``stopping()``: every second counts, and Ray ends their processes with the session),
+disconnects from Ray, shutting down a local Ray it started (no process of it left), and exits 130 or
+143 with one line: finished stages are kept and marked, the interrupted one is not, so the same
+command resumes. A second signal while stopping exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["Stopped", "install", "received", "reinstall", "stopping"]
+
+_stopping = False
+_received: int | None = None
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived; ``code`` is the exit status (128 + the signal's number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.code = signum, 128 + signum
+
+
+def stopping() -> bool:
+    """A stop signal arrived: cleanup should be quick, not graceful."""
+    return _stopping
+
+
+def received() -> int:
+    """The stop signal that arrived (SIGINT for a KeyboardInterrupt no handler of ours saw)."""
+    return _received or signal.SIGINT
+
+
+def _handle(signum, frame) -> None:
+    global _stopping, _received
+    if _stopping:
+        os._exit(128 + signum)  # asked twice: no more cleanup
+    _stopping, _received = True, signum
+    raise Stopped(signum)
+
+
+_installed = False
+
+
+def install() -> None:
+    """SIGINT and SIGTERM raise ``Stopped`` in the main thread (call from the main thread)."""
+    global _installed
+    signal.signal(signal.SIGINT, _handle)
+    signal.signal(signal.SIGTERM, _handle)
+    _installed = True
+
+
+def reinstall() -> None:
+    """Again after ``ray.init``, which sets its own SIGTERM handler (``sys.exit``, whose unwinding through
+    Ray's threads ended in a C++ abort, exit 134); only where a titok command installed them."""
+    import threading
+
+    if _installed and threading.current_thread() is threading.main_thread():
+        install()
