@@ -257,7 +257,7 @@ def gate_and_write(manifest, configs: dict, rows: dict, runners: dict, out: Path
                  f"{p['stage']} {p['seconds']} s for {', '.join(p['adapters'])}" for p in shared) + ".", ""] if shared else []),
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in header) + " |" for row in table]
-    lines += ["", "Fit to ship: the rows whose gate is `pass`. `serve.sh` / `lora-modules.json` serve every migrated "
-                  "adapter with vLLM; `adapters/<name>/provenance.json` says what each was made from."]
+    lines += ["", "Fit to ship: the rows whose gate is `pass`. `serve.sh` (`vllm serve --config serve.yaml`) serves every "
+                  "migrated adapter with vLLM; `adapters/<name>/provenance.json` says what each was made from."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return record
