@@ -64,6 +64,7 @@ class _StageBar:
         stream = stream or sys.stderr
         terminal = hasattr(stream, "isatty") and stream.isatty()
         self.started, self.note, self.counted, self.terminal = time.perf_counter(), "", False, terminal
+        self.job = None  # the training job the steps belong to (a zoo's worker group trains several)
         self.lines = None if terminal else _LineStream(stream)
         self.bar = tqdm(total=None, desc=f"[{name}]", unit=" rows", file=self.lines or stream,
                         mininterval=0.5 if terminal else _LOG_INTERVAL_S, delay=0 if terminal else _LOG_INTERVAL_S,

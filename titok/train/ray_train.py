@@ -454,7 +454,7 @@ def _trainer_class():
 def _show_step(bar, item: tuple) -> None:
     """A worker's ``(job, step, total, loss)`` on the driver's progress line."""
     job, step, total, loss = item
-    if bar.bar.total != total or getattr(bar, "job", None) != job:
+    if bar.bar.total != total or bar.job != job:
         bar.start(total, "steps")
         bar.job = job
     bar.set(step, loss=f"{loss:.4f}", **({"adapter": job} if job != "default" else {}))
