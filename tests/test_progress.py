@@ -46,7 +46,8 @@ def test_workers_feed_the_drivers_line_through_an_actor(local_ray):
     @ray.remote(num_cpus=0)
     def worker(feed, steps):
         for step in range(1, steps + 1):
-            feed.push.remote(("default", step, steps, 1.0 / step))
+            pushed = feed.push.remote(("default", step, steps, 1.0 / step))
+        ray.get(pushed)  # a worker waits for its last push (titok.train.ray_train does), so none is lost
 
     log, seen = io.StringIO(), []
     with progress.stage("train", log) as bar:

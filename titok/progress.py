@@ -89,10 +89,10 @@ class _StageBar:
         """Said once, on the stage's last line (e.g. how many answers kept their generation log-probs)."""
         self.note = f"{self.note}; {text}" if self.note else text
 
-    def close(self, summary: str = "") -> None:
+    def close(self) -> None:
         seconds = time.perf_counter() - self.started
         postfix = (self.bar.postfix or "").lstrip(", ")
-        tail = "; ".join(part for part in (postfix, self.note, summary) if part)
+        tail = "; ".join(part for part in (postfix, self.note) if part)
         if not self.counted:  # nothing counted: the stage's line is its time and outcome
             self.bar.bar_format = "{desc} done in " + f"{seconds:.1f} s" + "{postfix}"
         self.bar.set_postfix_str(tail, refresh=False)

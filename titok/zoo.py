@@ -205,7 +205,7 @@ def migrate(manifest: ZooManifest) -> dict:
     resources = cluster_resources()
     plans = [check_plan(cfg, resources) for cfg in distinct]  # before any model loads
     free_gpu_bytes = max((plan.gpu_bytes_after_engines() for plan in plans), default=0)
-    out = Path(manifest.out_dir).resolve()
+    out = Path(manifest.out_dir)  # resolved by the manifest (OutputPath)
     RunDir(out).claim()  # the zoo's own folder; its event log gets the engine loads
     started, started_at = time.perf_counter(), time.time()
     rows = {a.name: {"name": a.name, "task": a.task, "source_adapter": a.path, "status": "pending", "reason": ""}

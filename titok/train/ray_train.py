@@ -217,10 +217,12 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
                 micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"]))
             loss = mean_over_workers(float(np.mean(micro_losses)), engine.device)
             state = {"step": step + 1, "losses": state["losses"] + [loss]}
-            if rank == 0 and feed is not None:
-                feed.push.remote((name, state["step"], plan.total_steps, loss))  # fire and forget
-            _inject_fault(job, state["step"], rank, world)
             final = state["step"] == plan.total_steps
+            if rank == 0 and feed is not None:
+                pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...
+                if final:
+                    ray.get(pushed)  # ... but the last: the driver's final drain must see every step
+            _inject_fault(job, state["step"], rank, world)
             seconds["steps"] += time.perf_counter() - started
             if final or state["step"] % plan.steps_per_epoch == 0 or (every and state["step"] % every == 0):
                 started = time.perf_counter()
