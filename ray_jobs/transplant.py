@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir holds titok/
 
-from titok.cli import main  # noqa: E402
+from titok.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    main(["transplant", *sys.argv[1:]])
+    run(["transplant", *sys.argv[1:]])

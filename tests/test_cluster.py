@@ -1,11 +1,13 @@
 """titok on a real Ray cluster: `ray job submit` to a token-authenticated head, and a simulated
 two-node cluster where a stage's actors land on both nodes."""
 
+import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,37 @@ def _shutdown_in_process_ray():
         ray.shutdown()
 
 
+def _stop_a_job_mid_run(address: str, env: dict, job: list[str], run_dir: Path) -> None:
+    """``ray job stop`` during the queries stage: the job stops by itself within Ray's 3 s grace (its log
+    says so, no SIGKILL needed), no actor of it is left on the cluster, and the stage is not marked."""
+    subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", "titok-stopped", "--no-wait", *job],
+                   env=env, check=True, capture_output=True, timeout=120)
+    deadline = time.time() + 600
+    while not (run_dir / "queries" / "_STARTED.json").exists():
+        assert time.time() < deadline, "the job never started its queries stage"
+        time.sleep(0.2)
+    time.sleep(1)
+    stopped = subprocess.run([RAY, "job", "stop", "--address", address, "titok-stopped"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, "titok-stopped"],
+                          env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "titok: stopped by SIGTERM" in logs and "Traceback" not in logs, logs[-3000:]
+    status = subprocess.run([RAY, "job", "status", "--address", address, "titok-stopped"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert "stopped" in (status.stdout + status.stderr).lower()
+    for _ in range(50):  # the job's actors go with its driver
+        listed = subprocess.run([RAY, "list", "actors", "--filter", "state=ALIVE", "--format", "json"],
+                                env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        alive = [] if listed.stdout.startswith("No resource") else json.loads(listed.stdout)
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert alive == []
+    assert not (run_dir / "queries" / "_COMPLETE.json").exists()
+
+
 @pytest.mark.slow
 def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path):
     _shutdown_in_process_ray()  # `ray stop` below must not pull the rug from under another test's Ray
@@ -53,12 +86,12 @@ def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path)
                                  env=wrong_token, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
 
-        submitted = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--submission-id", "titok-test", "--working-dir", str(REPO),
-             "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"), "--",
-             "python", "ray_jobs/transplant.py", "--config", str(config_path)],
-            env=env, capture_output=True, text=True, timeout=1200,
-        )
+        job = ["--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"), "--",
+               "python", "ray_jobs/transplant.py", "--config", str(config_path)]
+        _stop_a_job_mid_run(address, env, job, run_dir)  # then the job below resumes its run dir
+
+        submitted = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", "titok-test", *job],
+                                   env=env, capture_output=True, text=True, timeout=1200)
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         status = subprocess.run([RAY, "job", "status", "--address", address, "titok-test"],
                                 env=env, capture_output=True, text=True, timeout=120)

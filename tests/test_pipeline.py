@@ -1,5 +1,6 @@
 """End to end on local Ray with tiny models over the real SmolLM2 and Gemma-3 tokenizers: a run
-killed after the scores stage, its resume, and a rerun that does no model work."""
+stopped in training, its resume to the adapter of an uninterrupted run, and a rerun that does no model
+work; baselines and target-aware selection on the uninterrupted run's scored data."""
 
 import json
 import os
@@ -26,7 +27,7 @@ from titok.runstate import EVENTS_DIR, RunDir
 from titok.select import keep_count
 from titok.sequences import encode_response
 from titok.tasks import load_task
-from tests.conftest import tiny_transplant_config
+from tests.conftest import start_local_ray, tiny_transplant_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,46 +36,60 @@ def _stage(run_dir: Path, name: str) -> pd.DataFrame:
     return pd.read_parquet(run_dir / name).sort_values(C.SAMPLE_ID).reset_index(drop=True)
 
 
-def _run_until_killed_after_scores(config_path: Path, run_dir: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "titok.cli", "transplant", "--config", str(config_path)],
-        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
-    try:
-        deadline = time.time() + 600
-        while not (run_dir / "scores" / "_COMPLETE.json").is_file():
-            assert process.poll() is None, "the run ended before its scores stage completed"
-            assert time.time() < deadline, "scores stage did not complete in 10 minutes"
-            time.sleep(0.5)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def _stop_in_training(config_path: Path, run_dir: Path) -> None:
+    """``titok transplant`` stopped by SIGTERM (what Kubernetes and ``ray job stop`` send) inside training."""
+    process = subprocess.Popen([sys.executable, "-m", "titok.cli", "transplant", "--config", str(config_path)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    deadline = time.time() + 600
+    while not (run_dir / "train" / "_STARTED.json").is_file():
+        assert process.poll() is None, "the run ended before training: " + process.communicate()[1][-3000:]
+        assert time.time() < deadline, "training did not start in 10 minutes"
+        time.sleep(0.2)
+    time.sleep(3)  # Ray Train's workers are up and stepping
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert not (run_dir / "train" / "_COMPLETE.json").exists()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dirs, tmp_path_factory):
+    """TiTok's run of the pipeline-sized config, start to end, on the tests' local Ray."""
+    start_local_ray()
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
+    return {"run_dir": run_dir, "result": result,
+            "weights": load_file(Path(result["adapter"]) / "adapter_model.safetensors")}
+
+
 @pytest.mark.slow
-def test_transplant_killed_after_scores_resumes_and_reruns_without_model_work(tiny_model_dirs, tmp_path, local_ray):
+def test_transplant_stopped_in_training_resumes_to_the_uninterrupted_adapter(tiny_model_dirs, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     cfg = tiny_transplant_config(tiny_model_dirs, run_dir)
     config_path = tmp_path / "transplant.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump()))
 
-    _run_until_killed_after_scores(config_path, run_dir)
+    _stop_in_training(config_path, run_dir)
     loads_before_resume = RunDir(run_dir).events()
     # queries, labels and scores (every query-writing round too) ran on the same engine: one load per actor
-    assert [e["stage"] for e in loads_before_resume if e["event"] == "model_load"] == ["engine"] * cfg.engine.actors
+    assert [e["stage"] for e in loads_before_resume if e["event"] == "model_load"
+            and e["stage"] != "train"] == ["engine"] * cfg.engine.actors
     # a process killed mid-write leaves half a line: the resumed run reads past it (a warning, not a failure)
     with open(sorted((run_dir / EVENTS_DIR).glob("*.jsonl"))[-1], "a") as f:
         f.write('{"time": 1e18, "event": "model_lo')
 
     result = transplant(cfg)
     status = {name: info["status"] for name, info in result["stages"].items()}
-    assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "filter": "ran",
-                      "align": "ran", "train": "ran", "export": "ran"}
+    assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "filter": "cached",
+                      "align": "cached", "train": "ran", "export": "ran"}
     new_loads = [e for e in RunDir(run_dir).events()[len(loads_before_resume):] if e["event"] == "model_load"]
     assert {e["stage"] for e in new_loads} == {"train"}  # nothing before the cut ran again
     assert len(new_loads) == 2  # one per DeepSpeed worker
+    resumed = load_file(Path(result["adapter"]) / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted["weights"].keys()
+    for name, tensor in resumed.items():  # the stop changed nothing the run makes
+        torch.testing.assert_close(tensor, uninterrupted["weights"][name], atol=1e-5, rtol=1e-4, msg=name)
 
     # --- every stage's content ---
     task = load_task("boolean_expressions", seed=cfg.seed)
@@ -186,13 +201,12 @@ def _model_loads_since(run_dir: Path, count: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_dirs, tmp_path, local_ray):
+def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_dirs, uninterrupted, local_ray):
     """kd and filter.reference=target_base in TiTok's run dir: both reuse its queries, labels and
     scores, keep their own filter/align/train/adapter, and leave TiTok's adapter untouched. With
     target_base the target base scores the kept samples, and the top-k% target tokens by
     (expert - target) over aligned spans are trained."""
-    run_dir = tmp_path / "run"
-    titok = transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
+    run_dir, titok = uninterrupted["run_dir"], uninterrupted["result"]
     titok_weights = Path(titok["adapter"], "adapter_model.safetensors").read_bytes()
     loads = len(_model_loads_since(run_dir, 0))
 

@@ -194,10 +194,12 @@ def _stop(signum: int) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
-    print(f"titok: stopped by {signal.Signals(signum).name}; finished stages are kept in the run directory, and "
-          "the same command resumes from them", file=sys.stderr, flush=True)
+    from titok import supervise
+
+    print(f"titok: stopped by {signal.Signals(signum).name}; {supervise.RESUMES}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     atexit._run_exitfuncs()  # the run-dir lock's holder file and the like
+    supervise.python_finished()
     os._exit(128 + signum)
 
 
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--dry-run", action="store_true",
                     help="validate everything and print the plan for this machine (or the cluster in RAY_ADDRESS); "
                          "no model weights are read")
-    tp.set_defaults(run=_transplant)
+    tp.set_defaults(uses_ray=True, run=_transplant)
 
     pl = command("plan", help="memory per GPU and host, time and GPU-hours of a transplant, from configs alone",
                  description="Build every model on the meta device from its config.json and print, per stage, "
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="max prompt+response tokens of a training example (same as --set max_length=N; default 512)")
     sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a training field (epochs=1, lr=5e-4, workers=2, deepspeed_stage=3, lora.rank=16)")
-    sft.set_defaults(run=_sft)
+    sft.set_defaults(uses_ray=True, run=_sft)
 
     ev = command("eval", help="score a base model (+ adapter) on a task's held-out examples",
                  description="Flags override the config file, --set overrides both; every field: --help-config.")
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run these lm-evaluation-harness tasks (comma-separated, e.g. bbh_zeroshot_web_of_lies) "
                          "through lm-eval's HF backend with the adapter and its chat template; <out>.lm-eval.json")
     ev.add_argument("--harness-include", help="a folder of your own lm-eval task YAML files")
-    ev.set_defaults(run=_eval)
+    ev.set_defaults(uses_ray=True, run=_eval)
 
     cmp = command("compare", help="TiTok vs. vanilla, KD and ablations over tasks x targets x seeds, with a report",
                   description="Transplant with every method, evaluate every adapter and the vanilla targets, "
@@ -294,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a compare field (eval.examples=20, transplant.filter.top_m=16); repeatable")
     cmp.add_argument("--help-config", action="store_true", help="list every compare field")
-    cmp.set_defaults(run=_compare)
+    cmp.set_defaults(uses_ray=True, run=_compare)
 
     mg = command("migrate", help="move a whole adapter zoo onto a new base in one job",
                  description="Transplant every adapter of a manifest with shared engines (the source model "
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a manifest field (out_dir=..., gate.examples=20, defaults.train.epochs=4)")
     mg.add_argument("--help-config", action="store_true", help="list every manifest field")
-    mg.set_defaults(run=_migrate)
+    mg.set_defaults(uses_ray=True, run=_migrate)
 
     demo = command("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
     demo.add_argument("--out", default="runs/demo-excess", help="where the demo adapter is kept (reused on rerun)")
@@ -316,27 +318,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.verbose:
-        import os
+    """The command in this process (tests, notebooks, the child of ``run``)."""
+    from titok import signals, supervise
 
-        os.environ["TITOK_VERBOSE"] = "1"
-    from titok import signals
-    from titok.progress import RayStartFailed
-    from titok.runstate import RunInUse
-
-    signals.install()
     try:
-        args.run(args)
-    except KeyboardInterrupt:  # ours (titok.signals) or the one Ray raises for it
-        _stop(signals.received())
-    except (ConfigError, RunInUse) as err:
-        print(f"titok: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RayStartFailed as err:
-        print(f"titok: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        args = build_parser().parse_args(argv)
+        if args.verbose:
+            import os
 
+            os.environ["TITOK_VERBOSE"] = "1"
+        from titok.progress import RayStartFailed
+        from titok.runstate import RunInUse
+
+        signals.install()
+        try:
+            args.run(args)
+        except KeyboardInterrupt:  # ours (titok.signals) or the one Ray raises for it
+            _stop(signals.received())
+        except (ConfigError, RunInUse) as err:
+            print(f"titok: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except RayStartFailed as err:
+            print(f"titok: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except Exception as err:  # noqa: BLE001 - only Ray's own failures become a line, the rest a traceback
+            if not _ray_lost_part_of_the_run(err):
+                raise
+            print(f"titok: Ray lost part of the run ({type(err).__name__}: {str(err).strip().splitlines()[0]}); "
+                  f"{supervise.RESUMES}", file=sys.stderr)
+            raise SystemExit(1) from None
+    finally:
+        supervise.python_finished()
+
+
+def _ray_lost_part_of_the_run(err: BaseException) -> bool:
+    """A process, node or object of the cluster is gone (killed, out of memory, a node marked dead): not
+    a fault of the run's own code, and a rerun resumes; an error raised by titok's code inside a Ray
+    task still shows its traceback."""
+    if "ray" not in sys.modules:
+        return False
+    from ray import exceptions as rx
+
+    return isinstance(err, (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.ObjectLostError,
+                            rx.OutOfMemoryError, rx.RaySystemError, rx.LocalRayletDiedError, rx.ObjectStoreFullError,
+                            rx.OutOfDiskError))
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The ``titok`` command (and the ``ray_jobs/`` entry points): a command that runs on Ray goes to a
+    watched child process (``titok.supervise``: a driver Ray ends from C++ still gets its one line);
+    help, usage errors and the rest stay here."""
+    from titok import supervise
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "uses_ray", False) and not supervise.is_child():
+        raise SystemExit(supervise.run_child(argv))
+    main(argv)
 
 if __name__ == "__main__":
-    main()
+    run()

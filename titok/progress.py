@@ -164,15 +164,20 @@ def watch_feed(apply, interval_s: float = 0.5):
 
 
 class RayStartFailed(RuntimeError):
-    """Ray did not start (a busy machine: the node did not register in Ray's 30 s, every try)."""
+    """Ray did not start: its node did not register in Ray's fixed 30 s, every try (a busy machine), or
+    an error no retry mends (Ray's first line says which)."""
 
 
-def init_ray(tries: int = 3) -> None:
+_RAY_START_TRIES = "TITOK_RAY_START_TRIES"  # default 3: on a very busy machine a user may want more
+
+
+def init_ray(tries: int | None = None) -> None:
     """Ray for a titok command: the cluster in ``RAY_ADDRESS`` (``ray job submit``), else a local Ray
     of its own (``address="local"``: never a head some ``ray start`` left on this host, which
-    ``ray.init()`` would join); already started (a test, a notebook): left as it is. A local start that
-    fails (Ray waits a fixed 30 s for its node on a loaded machine) is cleaned up, every process of it,
-    and tried again, ``tries`` times. Workers' stdout stays in Ray's log files unless verbose."""
+    ``ray.init()`` would join); already started (a test, a notebook): left as it is. Ray waits a fixed
+    30 s for its node to register (``ray._private.node``, not a setting), which a loaded machine misses:
+    such a start is cleaned up, every process of it, and tried again, ``tries`` times
+    (``TITOK_RAY_START_TRIES``). Workers' stdout stays in Ray's log files unless verbose."""
     import ray
 
     quiet_ray()  # before ray.init: it logs the token notice
@@ -182,22 +187,49 @@ def init_ray(tries: int = 3) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**options)
     else:
-        for attempt in range(1, tries + 1):
-            try:
-                ray.init(address="local", **options)
-                break
-            except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a node that did not register
-                ray.shutdown()  # the GCS, raylet and workers this attempt started
-                if attempt == tries:
-                    raise RayStartFailed(f"a local Ray did not start in {tries} tries ({str(err).splitlines()[0]}); "
-                                         "the machine may be overloaded: a rerun resumes where this run stopped") from None
-                print(f"warning: a local Ray did not start ({str(err).splitlines()[0]}); trying again "
-                      f"({attempt + 1} of {tries})", file=sys.stderr, flush=True)
-                time.sleep(5 * attempt)
+        _start_local_ray(options, tries or int(os.environ.get(_RAY_START_TRIES, "3")))
     from titok import signals
 
     signals.reinstall()
     quiet_ray()
+
+
+def _start_local_ray(options: dict, tries: int) -> None:
+    import psutil
+    import ray
+
+    for attempt in range(1, tries + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address="local", **options)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a node that did not register
+            ray.shutdown()
+            # a start that failed half way is no node ray.shutdown knows: its GCS, raylet and agents
+            # would live on until this process exits, taking the CPU the next try needs
+            _kill(p for p in psutil.Process().children(recursive=True) if p.pid not in before)
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "timed out during startup" not in str(err):
+                raise RayStartFailed(f"a local Ray did not start ({why})") from None
+            if attempt == tries:
+                raise RayStartFailed(f"a local Ray did not start in {tries} tries ({why}); the machine may be "
+                                     f"overloaded ({_RAY_START_TRIES} sets the tries): a rerun resumes where this "
+                                     "run stopped") from None
+            print(f"warning: a local Ray did not start ({why}); trying again ({attempt + 1} of {tries})",
+                  file=sys.stderr, flush=True)
+            time.sleep(5 * attempt)
+
+
+def _kill(processes) -> None:
+    import psutil
+
+    processes = list(processes)
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=10)
 
 
 # loggers whose lines say nothing a titok user acts on, and the level that still reaches the screen

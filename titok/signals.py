@@ -10,18 +10,23 @@ off by titok's trainer. The command then drops its engines without their gracefu
 shutdown (``stopping()``: every second counts, and Ray ends their processes with the session),
 disconnects from Ray, shutting down a local Ray it started (no process of it left), and exits 130 or
 143 with one line: finished stages are kept and marked, the interrupted one is not, so the same
-command resumes. A second signal while stopping exits at once.
+command resumes. A second signal while stopping exits at once; copies of the first that arrive within
+a second are one stop (``ray job stop`` signals every process of a job, and the ``titok`` command
+passes the signal on to its child too, see ``titok.supervise``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 __all__ = ["Stopped", "install", "received", "reinstall", "stopping"]
 
 _stopping = False
 _received: int | None = None
+_first_at = 0.0
+_SAME_STOP_S = 1.0  # copies of one stop arrive within milliseconds; a person's second Ctrl-C later
 
 
 class Stopped(KeyboardInterrupt):
@@ -43,10 +48,12 @@ def received() -> int:
 
 
 def _handle(signum, frame) -> None:
-    global _stopping, _received
+    global _stopping, _received, _first_at
     if _stopping:
+        if time.monotonic() - _first_at < _SAME_STOP_S:
+            return  # another copy of the stop in progress
         os._exit(128 + signum)  # asked twice: no more cleanup
-    _stopping, _received = True, signum
+    _stopping, _received, _first_at = True, signum, time.monotonic()
     raise Stopped(signum)
 
 
