@@ -19,7 +19,7 @@ TINY_TRANSPLANT = {
     "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3},
     "labels": {"max_new_tokens": 16},
     "filter": {"top_m": 4, "k": 0.7},
-    "train": {"workers": 2, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
+    "train": {"workers": 1, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
 }
 
 
