@@ -355,6 +355,9 @@ def _ray_lost_part_of_the_run(err: BaseException) -> bool:
     """A process, node or object of the cluster is gone (killed, out of memory, a node marked dead): not
     a fault of the run's own code, and a rerun resumes; an error raised by titok's code inside a Ray
     task still shows its traceback."""
+    fleet = sys.modules.get("titok.stages.fleet")
+    if fleet is not None and isinstance(err, fleet.EngineLost):  # out of restarts: the engine's last error is in it
+        return True
     if "ray" not in sys.modules:
         return False
     from ray import exceptions as rx

@@ -120,7 +120,11 @@ class EngineConfig(Section):
     max_lora_rank: int | None = Field(
         None, ge=1, description="vllm: largest adapter rank (default: the source adapter's), rounded up to a rank vLLM "
         "accepts")
-    batch_size: int = Field(8, ge=1, description="rows per engine call (and most rows per scoring batch)")
+    batch_size: int = Field(8, ge=1, description="transformers: most rows per engine call (and per scoring batch); "
+                            "vllm: most rows per scoring batch (a call takes the rows it is handed, vLLM batches them "
+                            "continuously)")
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a lost engine actor (its batch is redone on a "
+                              "free engine); one more loss stops the stage, and a rerun resumes")
     max_batch_tokens: int | None = Field(
         None, ge=16, description="transformers scoring: most padded tokens per batch over length-sorted pairs (none: "
         "batch_size rows)")

@@ -6,9 +6,17 @@ Every stage writes Parquet (or the adapter) under ``run_dir/<stage>/`` and a com
 rerun of the same config reads complete stages back instead of recomputing them, so a run killed
 after any stage resumes from there. The source model serves queries, labels and scores from one
 set of engine actors (``stages.fleet``), started when the first of them runs and freed before
-training; labels stream into scores (each batch is scored on its engine as soon as it is labelled,
-and both stages still persist their rows). Before any of it, the config's plan must fit the
-cluster Ray reports (``titok.plan``).
+training. Before any of it, the config's plan must fit the cluster Ray reports (``titok.plan``).
+
+Which stage waits for all of its upstream, and why:
+- queries -> labels: waits. A query is kept only if its ROUGE-L to every kept query is under the
+  bound, which is known once the round's whole pool is in; the pool is written round by round.
+- labels -> scores: streams. Each batch is scored on its engine as soon as it is labelled (the
+  expert's log-probs come from generation, only the amateur pass is left); both stages persist.
+- scores -> filter: waits, by definition: the top-M samples and a global top-k% are over all rows.
+- filter -> align: could stream, and does not: aligning a few hundred kept samples takes seconds on
+  the tokenizer, less than one more hand-off would cost.
+- align -> train: waits: epochs read every row, and the engines must have freed their GPUs first.
 """
 
 from __future__ import annotations
@@ -57,7 +65,9 @@ class SourceEngines:
                       "vllm": e.model_dump(include=set(VLLM_FIELDS)), "gpus": e.gpus_per_actor,
                       "max_batch_tokens": e.max_batch_tokens}
             options = actor_options(e.name, e.gpus_per_actor, e.cpus_per_actor, e.tensor_parallel_size, e.pipeline_parallel_size)
-            self.fleet = EngineFleet(self.run_dir, engine, e.actors, options, e.batch_size, e.cpus_per_actor)
+            rows_per_call = None if e.name == "vllm" else e.batch_size  # vLLM batches continuously inside a call
+            self.fleet = EngineFleet(self.run_dir, engine, e.actors, options, rows_per_call, e.cpus_per_actor,
+                                     max_restarts=e.max_restarts)
         return self.fleet
 
     def close(self) -> None:
