@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from titok.excess import text_logprobs
 from titok.metrics import exact_match, exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge
 from titok.sequences import encode_pair
 from tests.conftest import tiny_llama
@@ -37,7 +38,8 @@ def test_rouge_hand_checked():
 def test_option_loglik_picks_the_option_the_model_prefers(smollm2_tokenizer):
     model = tiny_llama(smollm2_tokenizer)
     queries, options = ["Is it True or False?", "Pick a letter"], [["True", "False"], ["(A)", "(B)", "(C)"]]
-    choices = option_loglik_choices(model, smollm2_tokenizer, queries, options, batch_size=2)
+    choices = option_loglik_choices(lambda q, r: text_logprobs(model, smollm2_tokenizer, q, r, batch_size=2),
+                                    queries, options)
     # reference: one option at a time, mean log-prob over its tokens
     for query, query_options, choice in zip(queries, options, choices):
         means = []

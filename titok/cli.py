@@ -91,12 +91,12 @@ def _eval(args: argparse.Namespace) -> None:
         print("\n".join(describe_fields(EvalConfig)))
         return
     flags = {field: getattr(args, field) for field in ("base", "adapter", "task", "split_seed", "examples", "dtype",
-                                                       "max_new_tokens", "out", "harness_include")
+                                                       "max_new_tokens", "out", "harness_include", "engine")
              if getattr(args, field) is not None}
     if args.harness:
         flags["harness"] = [task.strip() for task in args.harness.split(",") if task.strip()]
     cfg = validated(EvalConfig, read_yaml(args.config, args.set, **flags), "eval")
-    from titok.evaluate import evaluate, write_report
+    from titok.evaluate import eval_engine, evaluate, write_report
     from titok.validate import check_eval
 
     check_eval(cfg)
@@ -105,7 +105,8 @@ def _eval(args: argparse.Namespace) -> None:
 
         check_harness_tasks(cfg.harness, cfg.harness_include)
     report = evaluate(cfg.base, cfg.adapter, cfg.task, cfg.split_seed, cfg.examples, cfg.dtype, cfg.max_new_tokens,
-                      cfg.batch_size)
+                      cfg.batch_size, cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor,
+                      engine=eval_engine(cfg))
     summary = {k: v for k, v in report.items() if k != "examples"}
     print(json.dumps(summary, indent=2))
     if cfg.out:
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inference dtype (default: auto, bf16 where the device runs it fast, else fp32)")
     ev.add_argument("--max-new-tokens", type=int,
                     help="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
+    ev.add_argument("--engine", choices=["transformers", "vllm"],
+                    help="engine that answers (default: transformers; vllm: the adapter as a LoRA request, on a GPU)")
     ev.add_argument("--out", help="write the full report (with example predictions) as JSON here")
     ev.add_argument("--harness", metavar="TASKS",
                     help="also run these lm-evaluation-harness tasks (comma-separated, e.g. bbh_zeroshot_web_of_lies) "

@@ -199,8 +199,9 @@ def run_compare(cfg: CompareConfig) -> Path:
     rows, timings = [], []
     for task in cfg.tasks:
         adapter = source_adapter(cfg, task)
+        engine = run_config(cfg, task, 0, cfg.targets[0], cfg.methods[0], adapter, budgets(cfg)[0]).engine
         expert = cached_evaluation(cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / "source-expert.json", cfg.source_base,
-                                   {"expert": adapter}, task)["expert"]
+                                   {"expert": adapter}, task, engine)["expert"]
         rows.append(_row(expert, task, cfg.source_base, "source expert", None))
         for seed in range(cfg.seeds):
             first_run: Path | None = None
@@ -223,7 +224,8 @@ def run_compare(cfg: CompareConfig) -> Path:
                 if seed > 0:
                     variants.pop("vanilla")
                 reports = cached_evaluation(
-                    cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target, variants, task)
+                    cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target,
+                    variants, task, engine)
                 for name, report in reports.items():
                     rows.append(_row(report, task, target, name, None if name == "vanilla" else seed))
     elapsed = time.perf_counter() - started

@@ -97,6 +97,10 @@ class EngineConfig(Section):
     PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = (
         "actors", "gpus_per_actor", "cpus_per_actor", "tensor_parallel_size", "pipeline_parallel_size",
         "gpu_memory_utilization", "max_num_batched_tokens", "max_loras", "max_cpu_loras")
+    # what a vLLM engine is built with (``build_engine(vllm=...)``), beside the common fields
+    VLLM_FIELDS: ClassVar[tuple[str, ...]] = (
+        "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_num_batched_tokens",
+        "max_loras", "max_cpu_loras", "max_lora_rank", "vllm_score_tolerance")
 
     name: Literal["transformers", "vllm"] = Field(
         "transformers", description="inference engine for generation and scoring: transformers (CPU/GPU) or vllm (GPU)"
@@ -287,6 +291,9 @@ class EvalSettings(Section):
         "auto", description="inference dtype; auto = bf16 where the device runs it fast, else fp32")
     cpus_per_actor: int = Field(1, ge=1, description="CPU cores (torch threads) per evaluation actor")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
+    engine: Literal["transformers", "vllm"] | None = Field(
+        None, description="engine that answers and scores options: transformers, or vllm (each adapter a LoRA request, "
+        "one GPU per actor); none: the runs' own engine.name (compare, migrate), transformers for titok eval")
 
 
 class EvalConfig(EvalSettings):

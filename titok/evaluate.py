@@ -2,7 +2,8 @@
 
     titok eval --base gemma3-270m --adapter runs/demo/transplant/adapter --task boolean_expressions
 
-Generation (greedy) and option scoring run in a Ray Data actor pool; the metrics are computed on the
+Generation (greedy) and option scoring run in a Ray Data actor pool, on the configured engine
+(``eval.engine``: transformers, or vLLM with each adapter as a LoRA request); the metrics are computed on the
 driver from the predictions. Reported: exact match after answer extraction, option log-likelihood
 accuracy when the task has a closed answer set (see ``titok.metrics``), ROUGE-1/L for free-text
 tasks, and the majority-label rate beside every accuracy. Several adapters of one base are evaluated
@@ -20,20 +21,22 @@ from titok.engines import GenerationParams, build_engine
 from titok.metrics import exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge_per_example
 from titok.tasks import load_task, reference_response
 
-__all__ = ["EvaluateBatch", "cached_evaluation", "evaluate", "evaluate_variants", "write_report"]
+__all__ = ["EvaluateBatch", "cached_evaluation", "eval_engine", "evaluate", "evaluate_variants", "write_report"]
 
 
 class EvaluateBatch:
     """Actor: for every variant (adapter name -> folder, None = the bare base), greedy answers and,
-    where a row has options, the option with the best mean log-prob."""
+    where a row has options, the option with the best mean log-prob; on the configured engine
+    (``engine``: ``build_engine``'s arguments, ``name`` among them), one base load for every variant,
+    an adapter switched per variant (vLLM: a LoRA request)."""
 
-    def __init__(self, base: str, variants: dict[str, str | None], dtype: str, max_new_tokens: int, batch_size: int,
-                 threads: int = 1):
+    def __init__(self, base: str, variants: dict[str, str | None], engine: dict, max_new_tokens: int, threads: int = 1):
         import torch
 
         torch.set_num_threads(threads)  # on CPU the actor uses the cores it reserved
-        self.engine = build_engine("transformers", base, None, dtype=dtype, batch_size=batch_size)
-        self.engine.load_adapters({name: path for name, path in variants.items() if path})
+        engine = dict(engine)
+        adapters = {name: path for name, path in variants.items() if path}
+        self.engine = build_engine(engine.pop("name"), base, adapters or None, **engine)
         self.variants = variants
         self.params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
@@ -44,20 +47,33 @@ class EvaluateBatch:
         out: dict[str, list] = {"index": [], "variant": [], "prediction": [], "choice": []}
         for name, path in self.variants.items():
             if path:
-                self.engine.model.set_adapter(name)
+                self.engine.select_adapter(name)
             predictions = self.engine.generate(queries, self.params, use_adapter=bool(path))
             choices = np.full(len(queries), -1, dtype=np.int64)
             if with_options:
-                with self.engine.adapter_context(bool(path)):
-                    choices[with_options] = option_loglik_choices(
-                        self.engine.model, self.engine.tokenizer, [queries[i] for i in with_options],
-                        [options[i] for i in with_options])
+                choices[with_options] = option_loglik_choices(
+                    lambda q, r: self.engine.response_logprobs(q, r, use_adapter=bool(path)),
+                    [queries[i] for i in with_options], [options[i] for i in with_options])
             out["index"].extend(batch["index"])
             out["variant"].extend([name] * len(queries))
             out["prediction"].extend(predictions)
             out["choice"].extend(choices)
         return {"index": np.array(out["index"], dtype=np.int64), "variant": np.array(out["variant"], dtype=object),
                 "prediction": np.array(out["prediction"], dtype=object), "choice": np.array(out["choice"], dtype=np.int64)}
+
+
+def eval_engine(settings, run_engine=None, max_length: int = 2048) -> dict:
+    """``build_engine``'s arguments for an evaluation (``settings``: ``config.EvalSettings``):
+    ``settings.engine``, else the runs' own engine (``run_engine``: an ``EngineConfig``, whose vLLM
+    settings a vLLM evaluation takes too), else transformers."""
+    from titok.config import EngineConfig
+
+    name = settings.engine or (run_engine.name if run_engine is not None else "transformers")
+    engine = {"name": name, "dtype": settings.dtype, "batch_size": settings.batch_size, "max_length": max_length}
+    if name == "vllm":
+        source = run_engine if run_engine is not None and run_engine.name == "vllm" else EngineConfig(name="vllm")
+        engine["vllm"] = source.model_dump(include=set(EngineConfig.VLLM_FIELDS))
+    return engine
 
 
 def answer_budget(base: str, examples: list[dict]) -> int:
@@ -73,8 +89,10 @@ def answer_budget(base: str, examples: list[dict]) -> int:
 
 def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str, seed: int = 0, n_test: int = 100,
                       dtype: str = "auto", max_new_tokens: int | None = None, batch_size: int = 16,
-                      actors: int = 1, cpus_per_actor: int = 1, gpus_per_actor: float = 0.0) -> dict[str, dict]:
-    """One report per variant, all on the same held-out examples of the task split ``seed``."""
+                      actors: int = 1, cpus_per_actor: int = 1, gpus_per_actor: float = 0.0,
+                      engine: dict | None = None) -> dict[str, dict]:
+    """One report per variant, all on the same held-out examples of the task split ``seed``; ``engine``:
+    ``eval_engine``'s (default: transformers)."""
     import ray
 
     from titok.progress import init_ray
@@ -88,8 +106,9 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
     rows = [{"index": i, "query": e["input"], "options": e.get("options") or task.answer_set or []}
             for i, e in enumerate(examples)]
     out = ray.data.from_items(rows).map_batches(
-        EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "dtype": dtype,
-                                              "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "max_new_tokens": max_new_tokens,
+                                              "engine": engine or {"name": "transformers", "dtype": dtype,
+                                                                   "batch_size": batch_size},
                                               "threads": cpus_per_actor},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
     ).take_all()
@@ -115,11 +134,12 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
 
 
 def evaluate(base: str, adapter: str | None, task_spec: str, seed: int = 0, n_test: int = 100,
-             dtype: str = "auto", max_new_tokens: int | None = None, batch_size: int = 16, actors: int = 1) -> dict:
-    """One base with one adapter (or none)."""
+             dtype: str = "auto", max_new_tokens: int | None = None, batch_size: int = 16, actors: int = 1,
+             **placement) -> dict:
+    """One base with one adapter (or none); ``placement``: ``evaluate_variants``' keyword arguments."""
     name = "adapter" if adapter else "vanilla"
     return evaluate_variants(base, {name: adapter}, task_spec, seed, n_test, dtype, max_new_tokens, batch_size,
-                             actors)[name]
+                             actors, **placement)[name]
 
 
 def write_report(report: dict, path: str | Path) -> None:
@@ -127,15 +147,18 @@ def write_report(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2))
 
 
-def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants: dict[str, str | None], task: str) -> dict:
-    """Reports per variant (``settings``: ``config.EvalSettings``); reused from ``path`` while the
-    base, the adapters' weights and the eval settings are unchanged."""
+def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants: dict[str, str | None], task: str,
+                      run_engine=None) -> dict:
+    """Reports per variant (``settings``: ``config.EvalSettings``; ``run_engine``: see ``eval_engine``);
+    reused from ``path`` while the base, the adapters' weights, the engine and the eval settings are
+    unchanged."""
     import time
 
     from titok.layout import adapter_digest
 
-    key = {"base": base, "task": task, "split": split_seed,
-           "eval": settings.model_dump(exclude=set(settings.PLACEMENT_FIELDS)),
+    engine = eval_engine(settings, run_engine)
+    key = {"base": base, "task": task, "split": split_seed, "engine": engine["name"],
+           "eval": settings.model_dump(exclude=set(settings.PLACEMENT_FIELDS) | {"engine"}),
            "variants": {name: adapter_digest(adapter) for name, adapter in variants.items()}}
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -144,7 +167,8 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
     started = time.perf_counter()
     reports = evaluate_variants(base, variants, task, seed=split_seed, n_test=settings.examples, dtype=settings.dtype,
                                 max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                                cpus_per_actor=settings.cpus_per_actor, gpus_per_actor=settings.gpus_per_actor)
+                                cpus_per_actor=settings.cpus_per_actor, gpus_per_actor=settings.gpus_per_actor,
+                                engine=engine)
     for report in reports.values():
         report["eval_seconds"] = round(time.perf_counter() - started, 1)
     path.parent.mkdir(parents=True, exist_ok=True)

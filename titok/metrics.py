@@ -16,11 +16,7 @@ import re
 from collections import Counter
 
 import numpy as np
-import torch
 from rouge_score import rouge_scorer
-from transformers import PreTrainedTokenizerBase
-
-from titok.excess import text_logprobs
 
 __all__ = ["exact_match", "exact_matches", "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
@@ -80,15 +76,13 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {name: float(np.mean(values)) for name, values in rouge_per_example(predictions, references).items()}
 
 
-@torch.no_grad()
-def option_loglik_choices(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str], options: list[list[str]],
-    batch_size: int = 16,
-) -> list[int]:
-    """Index of the candidate with the highest mean token log-prob, for each query."""
+def option_loglik_choices(logprobs_of, queries: list[str], options: list[list[str]]) -> list[int]:
+    """Index of the candidate with the highest mean token log-prob, for each query. ``logprobs_of``:
+    (queries, responses) -> each response's token log-probs after its prompt (an engine's
+    ``response_logprobs`` with its adapter on or off), called once for every (query, option)."""
     flat = [(qi, option) for qi, query_options in enumerate(options) for option in query_options]
-    logprobs = text_logprobs(model, tokenizer, [queries[qi] for qi, _ in flat], [option for _, option in flat], batch_size)
-    means = [float(lp.mean()) if len(lp) else -np.inf for lp in logprobs]
+    logprobs = logprobs_of([queries[qi] for qi, _ in flat], [option for _, option in flat])
+    means = [float(np.mean(lp)) if len(lp) else -np.inf for lp in logprobs]
     choices, position = [], 0
     for query_options in options:
         scores = means[position : position + len(query_options)]

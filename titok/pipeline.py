@@ -62,7 +62,7 @@ class SourceEngines:
             e, cfg = self.cfg.engine, self.cfg
             engine = {"name": e.name, "base": cfg.source_base, "adapter": self.adapters, "dtype": e.dtype,
                       "max_length": e.max_length, "batch_size": e.batch_size, "trust_remote_code": cfg.trust_remote_code,
-                      "vllm": e.model_dump(include=set(VLLM_FIELDS)), "gpus": e.gpus_per_actor,
+                      "vllm": e.model_dump(include=set(e.VLLM_FIELDS)), "gpus": e.gpus_per_actor,
                       "max_batch_tokens": e.max_batch_tokens}
             options = actor_options(e.name, e.gpus_per_actor, e.cpus_per_actor, e.tensor_parallel_size, e.pipeline_parallel_size)
             rows_per_call = None if e.name == "vllm" else e.batch_size  # vLLM batches continuously inside a call
@@ -90,10 +90,6 @@ class SourceEngines:
 
 
 _TOKENIZER_ROWS_PER_CALL = 64  # alignment without a model: any block size gives the same rows
-
-VLLM_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_num_batched_tokens",
-               "max_loras", "max_cpu_loras", "max_lora_rank", "vllm_score_tolerance")
-
 
 def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEngines, adapter: str,
                     then_score: bool = False) -> tuple[pa.Table, pa.Table | None]:

@@ -166,10 +166,11 @@ def _gate(manifest, configs: dict, rows: dict, out: Path) -> None:
     for (task, split), names in groups.items():
         metric = _metric(task, split)
         folder = out / "evals" / f"{short_name(task)}-split{split}"
+        engine = configs[names[0]].engine  # shared by every adapter of the zoo
         experts = cached_evaluation(gate, split, folder / "source.json", manifest.source_base,
-                                    {n: rows[n]["source_adapter"] for n in names}, task)
+                                    {n: rows[n]["source_adapter"] for n in names}, task, engine)
         targets = cached_evaluation(gate, split, folder / "target.json", manifest.target_base,
-                                    {"vanilla": None, **{n: rows[n]["adapter"] for n in names}}, task)
+                                    {"vanilla": None, **{n: rows[n]["adapter"] for n in names}}, task, engine)
         for name in names:
             scores = {"expert": experts[name], "vanilla": targets["vanilla"], "migrated": targets[name]}
             floor = targets[name]["majority_rate"] if metric == "exact_match" else None

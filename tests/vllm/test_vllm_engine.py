@@ -147,3 +147,33 @@ def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adap
         out = llm.generate(["Name a color."], SamplingParams(max_tokens=4, temperature=0.0),
                            lora_request=LoRARequest(module.name, index, module.path), use_tqdm=False)
         assert out[0].outputs[0].token_ids
+
+
+def test_evaluation_on_vllm_answers_and_chooses_as_on_transformers(adapter_dir):
+    """``eval.engine: vllm``: the evaluation actor's greedy answers and option choices, for the bare base
+    and the adapter (a LoRA request), against the same actor on transformers; the option log-probs
+    behind the choices within the log-prob tolerance above (1e-3)."""
+    from titok.evaluate import EvaluateBatch
+    from titok.tasks import load_task
+
+    task = load_task("boolean_expressions", seed=0, n_test=6)
+    batch = {"index": np.arange(6), "query": np.array([e["input"] for e in task.test_examples], dtype=object),
+             "options": [list(task.answer_set)] * 6}
+    variants = {"vanilla": None, "adapter": adapter_dir}
+    common = {"dtype": "float32", "batch_size": 8, "max_length": 512}
+    on_hf = EvaluateBatch("smollm2-135m", variants, {"name": "transformers", **common}, max_new_tokens=24)
+    on_vllm = EvaluateBatch("smollm2-135m", variants, {"name": "vllm", **common, "vllm": {"max_loras": 2}},
+                            max_new_tokens=24)
+    try:
+        hf_out, vllm_out = on_hf(batch), on_vllm(batch)
+        assert list(vllm_out["variant"]) == list(hf_out["variant"]) == ["vanilla"] * 6 + ["adapter"] * 6
+        assert list(vllm_out["prediction"]) == list(hf_out["prediction"])  # greedy, fp32: the same answers
+        assert list(vllm_out["choice"]) == list(hf_out["choice"])
+        queries = list(batch["query"][:2])
+        for option in task.answer_set:  # the vanilla base's option log-probs come from vLLM itself
+            got = on_vllm.engine.response_logprobs(queries, [option] * 2, use_adapter=False)
+            ref = on_hf.engine.response_logprobs(queries, [option] * 2, use_adapter=False)
+            for g, r in zip(got, ref):
+                np.testing.assert_allclose(g, r, atol=1e-3)
+    finally:
+        on_vllm.engine.shutdown()

@@ -66,6 +66,11 @@ class InferenceEngine(ABC):
         pass is skipped for pairs whose ``known_expert`` log-probs are given."""
 
     @abstractmethod
+    def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:
+        """Log-probs of each response's tokens after its chat prompt, under the active adapter
+        (``use_adapter``) or the bare base: an evaluation's option choices."""
+
+    @abstractmethod
     def shutdown(self) -> None:
         """Free the engine's memory on every device (and any process it started) before the next stage
         takes them; the engine is unusable afterwards."""

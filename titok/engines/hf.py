@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from peft import PeftModel
 
 from titok.engines.base import GenerationParams, InferenceEngine, Label, canonical_logprobs, named_adapters
-from titok.excess import TokenScores, score_pairs, token_logprobs
+from titok.excess import TokenScores, score_pairs, text_logprobs, token_logprobs
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_model, load_tokenizer
 
@@ -126,6 +127,11 @@ class TransformersEngine(InferenceEngine):
     def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
         return score_pairs(self.model, self.tokenizer, queries, responses, self.batch_size, "left", self.max_length,
                            self.max_batch_tokens, known_expert)
+
+    @torch.no_grad()
+    def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:
+        with self.adapter_context(use_adapter):
+            return text_logprobs(self.model, self.tokenizer, queries, responses, self.batch_size)
 
     def shutdown(self) -> None:
         import gc

@@ -185,9 +185,14 @@ class VLLMEngine(InferenceEngine):
 
     def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:
         """vLLM prompt log-probs of each response's tokens, at most ``batch_size`` sequences per call
-        (prompt_logprobs materializes full-vocabulary logits for every prompt token)."""
+        (prompt_logprobs materializes full-vocabulary logits for every prompt token); verified first,
+        as for scoring, and from transformers where vLLM's are refused."""
+        if self.scoring_backend is None:
+            self._calibrate(queries[0])
+        if self.scoring_backend != "vllm":
+            return self._transformers.response_logprobs(queries, responses, use_adapter)
         pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
-        return [self._prompt_logprobs(p.prompt_ids, p.prompt_ids + p.response_ids, use_adapter) for p in pairs]
+        return self._prompt_logprobs_batch([(p.prompt_ids, p.prompt_ids + p.response_ids) for p in pairs], use_adapter)
 
     def _prompt_logprobs(self, prompt_ids: list[int], ids: list[int], use_adapter: bool) -> np.ndarray:
         return self._prompt_logprobs_batch([(prompt_ids, ids)], use_adapter)[0]
