@@ -134,6 +134,20 @@ def test_aggregate_table_and_paired_tests_by_hand():
     assert tests["vanilla"]["difference"] == pytest.approx(-0.1875) and not tests["vanilla"]["significant"]
 
 
+def test_a_row_that_answers_one_label_to_everything_is_marked():
+    from titok.metrics import answer_spread
+
+    targets = ["True", "False"] * 4
+    rows = (_rows("kd", [0], [[1, 0, 1, 0, 1, 0, 1, 0]]) + _rows("titok", [0], [[1, 1, 0, 1, 1, 0, 1, 1]])
+            + _rows("vanilla", [""], [[0] * 8]))
+    rows[0].update(answer_spread(["True"] * 8, targets))  # kd: "True" to every question, right half the time
+    rows[1].update(answer_spread(["True", "False"] * 4, targets))
+    table = markdown_tables(rows, ["t"], ["kd", "titok"])
+    kd, titok = (next(line for line in table.splitlines() if f"| {m} |" in line) for m in ("kd", "titok"))
+    assert kd.startswith("| g | kd | 0.500") and kd.endswith(" † |") and "†" not in titok
+    assert "- † g kd on t (seed 0): answers 'true' to 8 of 8 examples (100%): collapsed to one answer" in table
+
+
 def _panel_titles_overlap(fig) -> bool:
     fig.canvas.draw()
     boxes = [ax.title.get_window_extent() for ax in fig.axes if ax.get_title()]

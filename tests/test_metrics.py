@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from titok.excess import text_logprobs
-from titok.metrics import exact_match, exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge
+from titok.metrics import answer_spread, collapse_text, collapsed, exact_match, exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge
 from titok.sequences import encode_pair
 from tests.conftest import tiny_llama
 
@@ -49,3 +49,15 @@ def test_option_loglik_picks_the_option_the_model_prefers(smollm2_tokenizer):
             logprobs = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
             means.append(logprobs[-len(pair.response_ids):].mean().item())
         assert choice == max(range(len(means)), key=means.__getitem__)
+
+
+def test_one_answer_to_everything_is_a_collapse_whatever_its_accuracy():
+    targets = ["True", "False"] * 25
+    report = {"n": 50, **answer_spread(["the answer is False."] * 49 + ["True"], targets)}
+    assert report["top_prediction"] == "false" and report["top_prediction_share"] == 0.98
+    assert report["predictions_by_answer"] == {"false": 49, "true": 1} and report["targets_by_answer"] == {"true": 25, "false": 25}
+    assert collapsed(report) and collapse_text(report).startswith("answers 'false' to 49 of 50 examples (98%)")
+    varied = {"n": 50, **answer_spread(["True"] * 30 + ["False"] * 20, targets)}
+    assert not collapsed(varied)  # 60%: a lean, not a collapse
+    uniform_gold = {"n": 10, **answer_spread(["yes"] * 10, ["yes"] * 10)}
+    assert not collapsed(uniform_gold)  # the gold is one answer too: answering it is right, not collapsed

@@ -250,6 +250,16 @@ def test_gate_rule(expert, vanilla, migrated, min_retained, majority, passed, re
     assert share == (None if retained is None else pytest.approx(retained))
 
 
+def test_the_gate_refuses_an_adapter_that_gives_one_answer_to_everything():
+    """navigate onto Gemma-3-270M: "False" to 49 of 50 questions, 0.50 exact match against a vanilla
+    0.00, 98% of the expert's gain kept by arithmetic, and no skill at all."""
+    from titok.metrics import answer_spread, collapse_text
+
+    report = {"n": 50, **answer_spread(["False"] * 49 + ["True"], ["True", "False"] * 25)}
+    ok, share, why = gate_rule(0.51, 0.0, 0.50, 0.5, 0.5, collapse_text(report))
+    assert not ok and share == pytest.approx(0.50 / 0.51) and why.startswith("answers 'false' to 49 of 50")
+
+
 @pytest.mark.parametrize("spec", ["smollm2-135m", "gemma3-270m"])  # its own template; none (titok's plain one)
 def test_provenance_hashes_the_chat_template_the_tokenizer_gets_without_loading_it(spec, tmp_path):
     import hashlib

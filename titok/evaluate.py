@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from titok.engines import GenerationParams, build_engine
-from titok.metrics import exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge_per_example
+from titok.metrics import (answer_spread, exact_matches, extract_answer, majority_rate, option_loglik_choices,
+                           rouge_per_example)
 from titok.tasks import load_task, reference_response
 
 __all__ = ["EvaluateBatch", "cached_evaluation", "eval_engine", "evaluate", "evaluate_variants", "write_report"]
@@ -126,7 +127,8 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
             per_example.update(rouge_per_example(predictions, targets))
         report = {"base": base, "adapter": adapter, "task": task.name, "seed": seed, "n": len(examples),
                   "max_new_tokens": max_new_tokens, "majority_rate": majority_rate(targets),
-                  **{name: float(np.mean(values)) for name, values in per_example.items()}, "per_example": per_example}
+                  **{name: float(np.mean(values)) for name, values in per_example.items()},
+                  **answer_spread(predictions, targets), "per_example": per_example}
         report["examples"] = [{"input": e["input"], "target": t, "prediction": p, "extracted": extract_answer(p)}
                               for e, t, p in list(zip(examples, targets, predictions))[:5]]
         reports[name] = report
@@ -147,6 +149,9 @@ def write_report(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2))
 
 
+_REPORT_VERSION = 2  # 2: the spread of answers (collapse); an older cached report lacks it, so it is redone
+
+
 def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants: dict[str, str | None], task: str,
                       run_engine=None) -> dict:
     """Reports per variant (``settings``: ``config.EvalSettings``; ``run_engine``: see ``eval_engine``);
@@ -157,7 +162,7 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
     from titok.layout import adapter_digest
 
     engine = eval_engine(settings, run_engine)
-    key = {"base": base, "task": task, "split": split_seed, "engine": engine["name"],
+    key = {"base": base, "task": task, "split": split_seed, "engine": engine["name"], "report": _REPORT_VERSION,
            "eval": settings.model_dump(exclude=set(settings.PLACEMENT_FIELDS) | {"engine"}),
            "variants": {name: adapter_digest(adapter) for name, adapter in variants.items()}}
     if path.is_file():

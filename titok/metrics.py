@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 from rouge_score import rouge_scorer
 
-__all__ = ["exact_match", "exact_matches", "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
+__all__ = ["COLLAPSE_SHARE", "answer_spread", "collapse_text", "collapsed", "exact_match", "exact_matches", "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
 
 _ANSWER_MARKER = "the answer is"
@@ -62,6 +62,33 @@ def majority_rate(targets: list[str]) -> float:
     if not targets:
         raise ValueError("no targets")
     return Counter(_normalize(t) for t in targets).most_common(1)[0][1] / len(targets)
+
+
+COLLAPSE_SHARE = 0.9  # one answer to this share of the examples or more: the model has collapsed
+
+
+def answer_spread(predictions: list[str], targets: list[str], top: int = 5) -> dict:
+    """How varied the answers are: the most common extracted answer and its share, and the
+    distribution of extracted answers beside the gold one (the ``top`` most common of each)."""
+    answers = Counter(_normalize(extract_answer(p)) for p in predictions)
+    gold = Counter(_normalize(t) for t in targets)
+    answer, count = answers.most_common(1)[0]
+    return {"top_prediction": answer, "top_prediction_share": count / len(predictions),
+            "predictions_by_answer": dict(answers.most_common(top)), "targets_by_answer": dict(gold.most_common(top))}
+
+
+def collapsed(report: dict) -> bool:
+    """One answer to >= ``COLLAPSE_SHARE`` of the examples where the gold answers are not that uniform:
+    whatever its accuracy, such a model answers the question it was not asked (a coin with one face)."""
+    share = report.get("top_prediction_share")
+    gold = report.get("targets_by_answer") or {}
+    gold_share = max(gold.values(), default=0) / max(report.get("n") or 1, 1)
+    return share is not None and share >= COLLAPSE_SHARE and gold_share < COLLAPSE_SHARE
+
+
+def collapse_text(report: dict) -> str:
+    return (f"answers {report['top_prediction']!r} to {round(report['top_prediction_share'] * report['n'])} of "
+            f"{report['n']} examples ({report['top_prediction_share']:.0%}): collapsed to one answer")
 
 
 def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:

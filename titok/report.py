@@ -23,6 +23,7 @@ import numpy as np
 
 from titok import columns as C
 from titok.layout import budgets, equal_steps, row_label, run_config, short_name
+from titok.metrics import collapse_text, collapsed
 from titok.stats import bootstrap_interval, paired_test
 
 __all__ = ["REPORT_FILES", "accuracy_figure", "aggregate", "excess_figure", "markdown_tables", "shade_tokens",
@@ -125,6 +126,7 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
             if method not in _REFERENCE_ROWS:
                 trained[(task, target)].append(mean)
         best = {key: _strictly_best(means) for key, means in trained.items()}
+        collapses = {(r["task"], r["target"], r["method"]): r for r in rows if collapsed(r)}
         lines = [f"### {title}", "", "| target | method | " + " | ".join(metric_tasks) + " |",
                  "|---|---|" + "---|" * len(metric_tasks)]
         for target, method in _table_rows(rows, methods):
@@ -136,12 +138,15 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
                 mean, low, high, _, _ = stats[(task, target, method)]
                 cell = f"{mean:.3f} [{low:.2f}, {high:.2f}]" if high > low else f"{mean:.3f}"
                 bold = method not in _REFERENCE_ROWS and mean == best.get((task, target))
-                cells.append(f"**{cell}**" if bold else cell)
+                cell = f"**{cell}**" if bold else cell
+                cells.append(cell + " †" if (task, target, method) in collapses else cell)
             lines.append(f"| {short_name(target)} | {method} | " + " | ".join(cells) + " |")
         if metric != "rougeL":
             majority = {r["task"]: r["majority_rate"] for r in rows}
             lines.append("| | majority rate | " + " | ".join(f"{majority[t]:.3f}" for t in metric_tasks) + " |")
-        sections.append("\n".join(lines))
+        notes = [f"† {short_name(target)} {method} on {task} (seed {r['seed'] or 0}): {collapse_text(r)}"
+                 for (task, target, method), r in collapses.items() if task in metric_tasks]
+        sections.append("\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else [])))
     return "\n\n".join(sections)
 
 
@@ -158,6 +163,9 @@ _HOW_TO_READ = """\
   first line), so for small models it is partly a format test. Option log-likelihood accuracy picks
   the answer option with the highest mean log-prob per token: it needs no format, but it scores the
   answer right after the question, with no room for the step-by-step reasoning the adapters learn.
+- † marks a row that gives one answer to at least 90% of the examples (where the gold answers are
+  not that uniform): it has collapsed, whatever its accuracy; `results.csv` has every row's most
+  common answer and its share.
 - [low, high] is a 95% bootstrap interval over the held-out examples and the seeds; vanilla and the
   source expert use greedy decoding on one fixed test split, so they are one run each. The paired
   tests say which differences between TiTok and another row are more than noise (n.s.: they are not).
@@ -169,7 +177,8 @@ _HOW_TO_READ = """\
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    fields = ["task", "target", "method", "seed", "n", "exact_match", "option_accuracy", "rouge1", "rougeL", "majority_rate"]
+    fields = ["task", "target", "method", "seed", "n", "exact_match", "option_accuracy", "rouge1", "rougeL", "majority_rate",
+              "top_prediction", "top_prediction_share"]
     with open(path, "w", newline="") as f:
         # per-example scores stay out of the CSV (one row per run); the paired tests use them
         writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
@@ -317,6 +326,28 @@ def _pool_samples(run_dir: Path, top_m: int, n_top: int = 3, n_bottom: int = 2) 
     return np.array([r[C.SAMPLE_SCORE] for r in pool], dtype=np.float64), shown
 
 
+_SHORT_ANSWER_TOKENS = 4
+
+
+def _short_answers_text(run_dirs: dict[str, Path], k: dict[str, float]) -> str:
+    """Where the expert answers in a few tokens, what the token filter could select: little, so titok
+    then differs from kd mostly in which samples it keeps."""
+    import pyarrow.parquet as pq
+
+    from titok.select import keep_count
+
+    notes = []
+    for task, run_dir in run_dirs.items():
+        if not (run_dir / "scores" / "_COMPLETE.json").is_file():
+            continue
+        median = int(np.median(pq.read_table(run_dir / "scores", columns=[C.N_TOKENS]).column(C.N_TOKENS).to_numpy()))
+        if median <= _SHORT_ANSWER_TOKENS:
+            notes.append(f"On `{task}` the expert's answers are a median {median} token(s) long: the token filter "
+                         f"(k = {k[task]}) keeps {keep_count(median, k[task])} of them, so titok differs from kd mostly "
+                         "in which samples it keeps.")
+    return "".join(note + "\n\n" for note in notes)
+
+
 def _budget_text(cfg, run) -> str:
     epochs = f"{run.train.epochs} epoch(s) each"
     steps = f"{cfg.steps or equal_steps(run)} optimizer steps each"
@@ -345,10 +376,11 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
     tests = [test for task in cfg.tasks for test in paired_tests(rows, [task], methods, primary[task])]
     (folder / "paired_tests.json").write_text(json.dumps(tests, indent=2))
     plot_accuracy(rows, cfg.tasks, methods, folder / "accuracy.png")
-    scores, samples, top_m, task_budgets = {}, {}, {}, {}
+    scores, samples, top_m, task_budgets, run_dirs, k = {}, {}, {}, {}, {}, {}
     for task in cfg.tasks:
         run = run_config(cfg, task, 0, cfg.targets[0], "titok", "<source>")
         top_m[task], task_budgets[task] = run.filter.top_m, _budget_text(cfg, run)
+        run_dirs[task], k[task] = Path(run.run_dir), run.filter.k
         scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m[task])
     plot_excess_histogram(scores, top_m, folder / "excess_histogram.png")
     # the header names the settings every task shares; per_task ones are listed after them
@@ -362,7 +394,7 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
         f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
         f"{rows[0]['n']}. M = {run.filter.top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {budget}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
-        + _per_task_text(cfg, budget, task_budgets) + "Files: " + ", ".join(f"`{name}`" for name in REPORT_FILES if name != "results.md") + ".\n\n"
+        + _per_task_text(cfg, budget, task_budgets) + _short_answers_text(run_dirs, k) + "Files: " + ", ".join(f"`{name}`" for name in REPORT_FILES if name != "results.md") + ".\n\n"
     )
     (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n"
                                        + paired_markdown(tests) + "\n\n" + _HOW_TO_READ)

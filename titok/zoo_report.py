@@ -28,14 +28,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 
 def gate_rule(expert: float, vanilla: float, migrated: float, min_retained: float,
-              majority_rate: float | None = None) -> tuple[bool, float | None, str]:
+              majority_rate: float | None = None, collapse: str | None = None) -> tuple[bool, float | None, str]:
     """``(passed, retained share of the expert's gain, why)``.
 
     ``majority_rate`` (exact match on a closed answer set: the score of always giving the most common
     answer): an expert that does not beat it shows no skill, so whatever the target keeps of its
-    "gain" is no evidence, and the adapter does not pass.
+    "gain" is no evidence, and the adapter does not pass. ``collapse`` (``metrics.collapse_text`` of a
+    migrated adapter that gives one answer to nearly everything): refused whatever its accuracy.
     """
     gain = expert - vanilla
+    if collapse:
+        return False, (migrated - vanilla) / gain if gain > 0 else None, collapse
     if gain <= 0:
         return False, None, f"the expert ({expert:.3f}) does not beat the vanilla target ({vanilla:.3f}): nothing to retain"
     retained = (migrated - vanilla) / gain
@@ -156,6 +159,7 @@ def _metric(task: str, split_seed: int) -> str:
 def _gate(manifest, configs: dict, rows: dict, out: Path) -> None:
     from titok.config import EvalSettings
     from titok.evaluate import cached_evaluation
+    from titok.metrics import collapse_text, collapsed
     from titok.layout import short_name
 
     gate = EvalSettings(**manifest.gate.model_dump(include=set(EvalSettings.model_fields)))  # the eval cache's key
@@ -175,7 +179,8 @@ def _gate(manifest, configs: dict, rows: dict, out: Path) -> None:
             scores = {"expert": experts[name], "vanilla": targets["vanilla"], "migrated": targets[name]}
             floor = targets[name]["majority_rate"] if metric == "exact_match" else None
             passed, retained, why = gate_rule(scores["expert"][metric], scores["vanilla"][metric],
-                                              scores["migrated"][metric], manifest.gate.min_retained, floor)
+                                              scores["migrated"][metric], manifest.gate.min_retained, floor,
+                                              collapse_text(targets[name]) if collapsed(targets[name]) else None)
             rows[name]["gate"] = {
                 "metric": metric, "n": targets[name]["n"], "passed": passed, "retained": retained, "why": why,
                 **{f"{who}_{m}": report[m] for who, report in scores.items()
