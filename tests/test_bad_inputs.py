@@ -69,7 +69,7 @@ def _config(dirs: dict, workspace: Path, tmp_path: Path, **sections) -> Path:
     data = {"source_base": dirs["source"], "source_adapter": dirs["adapter"], "target_base": dirs["target"],
             "task": "boolean_expressions", "run_dir": str(tmp_path / "run"),
             "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
-            "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16},
+            "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "on_task": False},
             "labels": {"max_new_tokens": 20}, "filter": {"top_m": 6},
             "train": {"workers": 2, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2}}
     for key, value in sections.items():

@@ -16,7 +16,7 @@ from titok.report import REPORT_FILES, aggregate, markdown_tables, shade_tokens
 TINY_TRANSPLANT = {
     # two actors on the tests' 2-CPU Ray: every CPU held by the pool (a lazy read feeding it once hung)
     "engine": {"dtype": "float32", "actors": 2, "batch_size": 4, "max_length": 160},
-    "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3},
+    "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3, "on_task": False},
     "labels": {"max_new_tokens": 16},
     "filter": {"top_m": 4, "k": 0.7},
     "train": {"workers": 1, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},

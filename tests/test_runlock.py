@@ -42,7 +42,7 @@ def test_a_transplant_on_a_held_run_dir_stops_at_once_naming_the_holder(tiny_mod
     config = {"source_base": tiny_model_dirs["source"], "source_adapter": tiny_model_dirs["adapter"],
               "target_base": tiny_model_dirs["target"], "task": "boolean_expressions", "run_dir": str(tmp_path / "run"),
               "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
-              "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3},
+              "queries": {"few_shot": 2, "pool_size": 8, "max_new_tokens": 16, "max_rounds": 3, "on_task": False},
               "labels": {"max_new_tokens": 20}, "filter": {"top_m": 4, "k": 0.7},
               "train": {"workers": 1, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))

@@ -19,7 +19,7 @@ def _config(dirs: dict, run_dir: Path) -> dict:
     return {"source_base": dirs["source"], "source_adapter": dirs["adapter"], "target_base": dirs["target"],
             "task": "boolean_expressions", "run_dir": str(run_dir),
             "engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
-            "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3},
+            "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3, "on_task": False},
             "labels": {"max_new_tokens": 20}, "filter": {"top_m": 6, "k": 0.7},
             "train": {"workers": 2, "epochs": 2, "global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-3}}
 

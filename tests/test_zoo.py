@@ -57,7 +57,7 @@ def _manifest(dirs: dict, adapters: dict, out: Path) -> dict:
     return {
         "source_base": dirs["source"], "target_base": dirs["target"], "out_dir": str(out),
         "defaults": {"engine": {"dtype": "float32", "batch_size": 4, "max_length": 160},
-                     "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3},
+                     "queries": {"few_shot": 2, "pool_size": 12, "max_new_tokens": 16, "max_rounds": 3, "on_task": False},
                      "labels": {"max_new_tokens": 20}, "filter": {"top_m": 6, "k": 0.7},
                      "train": {"workers": 2, "epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3,
                                "dtype": "float32"}},

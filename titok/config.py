@@ -158,6 +158,8 @@ class QueriesConfig(Section):
     pool_size: int | None = Field(None, ge=1, description="synthetic queries to collect (default 2 x filter.top_m)")
     rouge_l_max: float = Field(0.7, gt=0.0, le=1.0, description="keep a query only if its ROUGE-L to every kept query and seed is below this")
     max_rounds: int = Field(8, ge=1, description="query-writing rounds before giving up on filling the pool")
+    on_task: bool = Field(True, description="keep only queries shaped like the task's seed inputs (their length "
+                          "window, option block, ending), before the ROUGE-L filter; rejections are counted by reason")
     oversample: float = Field(1.5, ge=1.0, description="prompts per missing query in each round")
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature for query writing")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling for query writing")

@@ -1,4 +1,13 @@
-"""Synthetic queries: few-shot prompts from seed examples, parsing, and the ROUGE-L diversity filter.
+"""Synthetic queries: few-shot prompts from seed examples, parsing, the on-task check, and the ROUGE-L
+diversity filter.
+
+The on-task check (``QueryShape``) learns the shape of the task's inputs from its seeds alone: a
+window of lengths in words, the option block ("Options:" then "(A) ..." lines) where every seed has
+one, and the ending where every seed ends the same way (a "?" or one last word, as "... is" in
+boolean_expressions). A small source model's continuation drifts off that shape (an answer instead
+of an input, three questions run together, chatter); such a query teaches the target nothing about
+the task, and it would take a place in the pool from one that does. No library checks this; it runs
+before the ROUGE filter so an off-task query never blocks an on-task one that resembles it.
 
 The filter keeps a candidate only if its ROUGE-L F1 against every kept query and every seed is below
 the threshold (0.7 in the paper). It runs on the driver over the whole pool, so duplicates written
@@ -7,14 +16,17 @@ by different actors are caught too (the official release builds the scorer and n
 
 from __future__ import annotations
 
+import math
 import random
 import re
+from collections import Counter
+from dataclasses import dataclass
 
 from rouge_score import rouge_scorer
 
 from titok.tasks import Example
 
-__all__ = ["DiversityFilter", "build_query_prompt", "parse_query"]
+__all__ = ["DiversityFilter", "QueryShape", "build_query_prompt", "parse_query"]
 
 def build_query_prompt(seeds: list[Example], few_shot: int, rng: random.Random) -> str:
     """A raw few-shot completion prompt (no chat template) that ends where a new input should begin.
@@ -31,6 +43,44 @@ def parse_query(generated: str) -> str:
     """The generated input: text up to the next blank line or ``Example N:`` label."""
     text = re.split(r"\n\s*\n|\n?Example\s*\d+\s*:", generated.strip(), maxsplit=1)[0]
     return text.strip()
+
+
+_OPTION_BLOCK = re.compile(r"^Options:\s*$(\n^\([A-Z]\).+$){2,}", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class QueryShape:
+    """What the seed inputs look like; ``problem(query)`` names how a query differs (None: on task)."""
+
+    min_words: int
+    max_words: int
+    options: bool  # every seed has an option block
+    ending: str | None  # every seed ends with it: "?" or a last word
+
+    @classmethod
+    def of(cls, seeds: list[str], slack: float = 0.5) -> "QueryShape":
+        """From the seeds: their word counts widened by ``slack`` on each side, their common parts."""
+        words = [len(seed.split()) for seed in seeds]
+        endings = Counter("?" if seed.rstrip().endswith("?") else (seed.split() or [""])[-1] for seed in seeds)
+        (ending, count), = endings.most_common(1)
+        options = all(_OPTION_BLOCK.search(seed) for seed in seeds)
+        return cls(min_words=max(1, math.floor(min(words) * (1 - slack))), max_words=math.ceil(max(words) * (1 + slack)),
+                   options=options,  # with options, the block is the form (the last word is an option's)
+                   ending=ending if count == len(seeds) and ending and not options else None)
+
+    def problem(self, query: str) -> str | None:
+        words = len(query.split())
+        if words < self.min_words:
+            return f"shorter than {self.min_words} words"
+        if words > self.max_words:
+            return f"longer than {self.max_words} words"
+        if self.options and not _OPTION_BLOCK.search(query):
+            return "no option block"
+        if self.ending == "?" and not query.rstrip().endswith("?"):
+            return "not a question"
+        if self.ending not in (None, "?") and query.split()[-1] != self.ending:
+            return f"does not end with {self.ending!r}"
+        return None
 
 
 class DiversityFilter:

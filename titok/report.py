@@ -348,6 +348,21 @@ def _short_answers_text(run_dirs: dict[str, Path], k: dict[str, float]) -> str:
     return "".join(note + "\n\n" for note in notes)
 
 
+def _queries_text(run_dirs: dict[str, Path]) -> str:
+    """Per task: how many synthetic queries were written, kept, and rejected by reason (off the seeds'
+    shape, too similar), from the queries stage's ``queries_checked`` event."""
+    from titok.runstate import RunDir
+
+    lines = []
+    for task, run_dir in run_dirs.items():
+        checked = [e for e in RunDir(run_dir).events() if e.get("event") == "queries_checked"] if run_dir.is_dir() else []
+        if checked:
+            last = checked[-1]
+            rejected = "; ".join(f"{n} {why}" for why, n in last["rejected"].items()) or "none"
+            lines.append(f"- `{task}`: {last['kept']} kept of {last['written']} written; rejected: {rejected}")
+    return ("Synthetic queries (the source model's, before labels):\n\n" + "\n".join(lines) + "\n\n") if lines else ""
+
+
 def _budget_text(cfg, run) -> str:
     epochs = f"{run.train.epochs} epoch(s) each"
     steps = f"{cfg.steps or equal_steps(run)} optimizer steps each"
@@ -394,7 +409,7 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
         f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
         f"{rows[0]['n']}. M = {run.filter.top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {budget}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
-        + _per_task_text(cfg, budget, task_budgets) + _short_answers_text(run_dirs, k) + "Files: " + ", ".join(f"`{name}`" for name in REPORT_FILES if name != "results.md") + ".\n\n"
+        + _per_task_text(cfg, budget, task_budgets) + _short_answers_text(run_dirs, k) + _queries_text(run_dirs) + "Files: " + ", ".join(f"`{name}`" for name in REPORT_FILES if name != "results.md") + ".\n\n"
     )
     (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n"
                                        + paired_markdown(tests) + "\n\n" + _HOW_TO_READ)

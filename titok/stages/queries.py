@@ -1,14 +1,17 @@
-"""The queries stage: rounds of few-shot query writing on the source engines, filtered for diversity.
+"""The queries stage: rounds of few-shot query writing on the source engines, checked for the task's
+shape (``queries.on_task``, ``titok.queries.QueryShape``) and filtered for diversity.
 
-The ROUGE-L filter runs on the driver over the whole pool (every engine's output), against the
-seeds too. The pool is saved after every round (``queries.progress.json``), so a run that stops
+Both run on the driver over the whole pool (every engine's output), the ROUGE-L filter against the
+seeds too; rejections are counted by reason (``queries.progress.json``, the ``queries_checked``
+event, compare's report). The pool is saved after every round (``queries.progress.json``), so a run that stops
 early (out of rounds, killed) keeps what it wrote: rerun, with more ``queries.max_rounds`` if need
-be, and it goes on from there. Every round goes through the same engines (no actor restarts).
+be, and it goes on from there. Every round goes through the same engines.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 import random
 import sys
 
@@ -17,7 +20,7 @@ import pyarrow as pa
 
 from titok import columns as C
 from titok import progress as stage_progress
-from titok.queries import DiversityFilter, build_query_prompt
+from titok.queries import DiversityFilter, QueryShape, build_query_prompt
 from titok.runstate import RunDir, write_atomic
 from titok.tasks import load_task
 
@@ -43,6 +46,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
     (``engines()`` gives the fleet; adapter off)."""
     task = load_task(cfg.task, seed=cfg.split_seed)
     diversity = DiversityFilter([e["input"] for e in task.seed_examples], cfg.queries.rouge_l_max)
+    shape = QueryShape.of([e["input"] for e in task.seed_examples]) if cfg.queries.on_task else None
     params = {"max_new_tokens": cfg.queries.max_new_tokens, "temperature": cfg.queries.temperature,
               "top_p": cfg.queries.top_p, "seed": cfg.seed}
     progress_path = run.root / "queries.progress.json"
@@ -52,6 +56,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
     if progress.get("key") != key:
         progress = {"key": key, "kept": [], "written": 0, "rounds": 0}
     diversity.kept = list(progress["kept"])
+    rejected = Counter(progress.get("rejected", {}))  # by reason: off task (QueryShape), empty, too similar
     bar = stage_progress.current()  # kept queries of the pool; each engine batch back counts as written
     if bar:
         bar.start(cfg.pool_size, "queries")
@@ -76,18 +81,26 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
         generated = engines().map(prompts, "queries", params, on_batch=count_written).to_pylist()
         for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
             if len(diversity.kept) < cfg.pool_size:
-                diversity.offer(row[C.QUERY])
-        progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1)
+                why = shape.problem(row[C.QUERY]) if shape and row[C.QUERY].strip() else None
+                if why is None and not diversity.offer(row[C.QUERY]):
+                    why = "empty" if not row[C.QUERY].strip() else f"ROUGE-L >= {cfg.queries.rouge_l_max} to a kept query"
+                if why:
+                    rejected[why] += 1
+        progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1, rejected=dict(rejected))
         write_atomic(progress_path, json.dumps(progress))
         if bar:
             bar.set(len(diversity.kept), round=round_index + 1, written=progress["written"])
         else:
             print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of "
                   f"{progress['written']} written", flush=True)
+    run.log_event(event="queries_checked", stage="queries", written=progress["written"], kept=len(diversity.kept),
+                  rejected=dict(rejected.most_common()), shape=None if shape is None else vars(shape))
     if len(diversity.kept) < cfg.pool_size:
+        reasons = ", ".join(f"{n} {why}" for why, n in rejected.most_common())
         raise RuntimeError(
-            f"only {len(diversity.kept)} of {cfg.pool_size} queries passed the ROUGE-L < {cfg.queries.rouge_l_max} filter "
-            f"in {cfg.queries.max_rounds} rounds (kept so far: {progress_path}); rerun with more queries.max_rounds to "
-            "continue from them, or raise queries.rouge_l_max, or lower filter.top_m"
+            f"only {len(diversity.kept)} of {cfg.pool_size} queries passed the checks in {cfg.queries.max_rounds} rounds "
+            f"({progress['written']} written; rejected: {reasons or 'none'}; kept so far: {progress_path}); rerun with "
+            "more queries.max_rounds to continue from them, or raise queries.rouge_l_max, or set queries.on_task=false "
+            "(the shape check), or lower filter.top_m"
         )
     return pa.table({C.SAMPLE_ID: np.arange(len(diversity.kept), dtype=np.int64), C.QUERY: diversity.kept})
