@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import pytest
 
 from titok.config import ConfigError, describe_fields, load_config
@@ -100,3 +102,22 @@ def test_a_run_is_reused_up_to_the_first_stage_a_setting_changes(tmp_path, overr
     before, after = fingerprints(load_config(None, [], **BASE)), fingerprints(load_config(None, [override], **BASE))
     changed = [stage for stage, a, b in zip(STAGES, before, after) if a != b]
     assert changed == ([] if first_changed is None else list(STAGES[STAGES.index(first_changed):-1]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_reads_with_its_loader(path):
+    """A field renamed or retyped in the code is caught in the recipes users copy, not in their run."""
+    import yaml
+
+    from titok.compare import load_compare_config
+    from titok.config import load_config
+    from titok.zoo import load_manifest
+
+    data = yaml.safe_load(path.read_text())
+    if "targets" in data:
+        load_compare_config(str(path))
+    elif "adapters" in data:
+        load_manifest(str(path), [])
+    else:
+        load_config(str(path))
