@@ -80,7 +80,8 @@ def test_baseline_and_ablation_methods(local_ray):
 def test_one_pool_form_equals_the_distributed_filter(local_ray, scope):
     """A zoo filters each adapter's pool on one worker (``filter_pool``): same rows, same masks (row order
     carries no meaning: training orders rows by sample id)."""
-    from titok.stages.filtering import FILTER_METHODS, apply_filter_method, filter_pool
+    from titok.choices import FILTER_METHODS
+    from titok.stages.filtering import apply_filter_method, filter_pool
 
     rows = _rows(3, ties=True)  # ties: the tie-breaks must agree too
     ds = local_ray.data.from_items(rows, override_num_blocks=4)
@@ -88,7 +89,7 @@ def test_one_pool_form_equals_the_distributed_filter(local_ray, scope):
     for i, row in enumerate(rows):
         for name, value in row.items():
             pool[name][i] = value
-    one_pool_methods = [m for m, spec in FILTER_METHODS.items() if spec.top_m is not None]
+    one_pool_methods = [m for m, spec in FILTER_METHODS.items() if spec.one_pool]
     assert {"titok", "kd", "top_m_only", "top_k_only"} <= set(one_pool_methods)
     for method in one_pool_methods:
         distributed = apply_filter_method(ds, method, m=12, k=0.6, scope=scope, group_size=3, seed=0).take_all()

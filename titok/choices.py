@@ -7,9 +7,11 @@ what lets ``titok --help`` and config validation start in well under a second.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["REFERENCES", "STAGES", "TOKEN_SCOPES", "Normalization", "Reference", "TokenScope"]
+__all__ = ["FILTER_METHODS", "REFERENCES", "STAGES", "TOKEN_SCOPES", "FilterMethod", "FilterMethodName", "Normalization",
+           "Reference", "TokenScope"]
 
 # the selective loss's normalization (titok.loss)
 Normalization = Literal["selected_mean", "rho1"]
@@ -24,3 +26,36 @@ TOKEN_SCOPES: tuple[str, ...] = TokenScope.__args__
 
 # a transplant's stages, in order (titok.pipeline; ``titok transplant --until``)
 STAGES: tuple[str, ...] = ("queries", "labels", "scores", "filter", "align", "train", "export")
+
+
+@dataclass(frozen=True)
+class FilterMethod:
+    """A way to pick training samples and tokens from the scored pool (TiTok, its baselines, ablations);
+    ``titok.stages.filtering`` runs it from these two answers, nothing else."""
+
+    description: str
+    samples: Literal["top_m", "random_m", "all"]  # the top-M by mean excess, M at random, or every sample
+    token_filter: bool  # the top-k% tokens (so a token reference applies), or every token
+
+    @property
+    def keeps_m(self) -> bool:
+        """Trains on M samples, not the pool (what the plan counts)."""
+        return self.samples != "all"
+
+    @property
+    def one_pool(self) -> bool:
+        """Has a form on one pool held by one worker (a zoo's shared filter pass); random M is Ray
+        Data's seeded shuffle, which has none."""
+        return self.samples != "random_m"
+
+
+# The one list of filter methods: config, plan, the pipeline, the zoo and compare read it here; a new
+# method is an entry (if its samples and tokens are picked one of these ways) plus its tests.
+FILTER_METHODS: dict[str, FilterMethod] = {
+    "titok": FilterMethod("top-M samples + top-k% tokens (the paper)", "top_m", True),
+    "kd": FilterMethod("all samples, all tokens (the expert's answers as plain labels)", "all", False),
+    "random_m": FilterMethod("M random samples, all tokens", "random_m", False),
+    "top_m_only": FilterMethod("top-M samples, all tokens (the sample filter alone)", "top_m", False),
+    "top_k_only": FilterMethod("all samples, top-k% tokens (the token filter alone)", "all", True),
+}
+FilterMethodName = Literal[tuple(FILTER_METHODS)]

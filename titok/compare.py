@@ -21,12 +21,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from titok.choices import REFERENCES
+from titok.choices import FILTER_METHODS, REFERENCES
 from titok.config import (ConfigError, EvalSettings, OutputPath, Section, TrainConfig, TransplantSettings, merged_fields,
                           read_yaml, validated)
 
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
-from titok.stages.filtering import FILTER_METHODS
 from titok.runstate import RunDir
 from titok.validate import check_model, check_task, validate_inputs
 

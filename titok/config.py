@@ -17,8 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from titok.choices import Normalization, Reference, TokenScope
-from titok.stages.filtering import FILTER_METHODS, FilterMethodName
+from titok.choices import FILTER_METHODS, FilterMethodName, Normalization, Reference, TokenScope
 
 __all__ = [
     "ClusterConfig",

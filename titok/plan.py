@@ -42,6 +42,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from titok.choices import FILTER_METHODS
+
 __all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "activation_bytes", "cluster_resources", "local_resources",
            "logits_bytes", "make_plan", "vllm_batched_tokens", "vllm_lora_rank", "zero3_gather", "zero_model_states"]
 
@@ -392,7 +394,7 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = Tru
     if suggest and not stage.fits and on_gpu and res.gpus and res.gpu_memory_gib:
         stage.suggestions += _train_suggestions(cfg, shape, res, a)
 
-    rows = min(cfg.filter.top_m, cfg.pool_size) if cfg.filter.method in ("titok", "top_m_only", "random_m") else cfg.pool_size
+    rows = min(cfg.filter.top_m, cfg.pool_size) if FILTER_METHODS[cfg.filter.method].keeps_m else cfg.pool_size
     samples = t.max_steps * t.global_batch_size if t.max_steps else rows * t.epochs
     tokens = samples * min(a.prompt_tokens + cfg.queries.max_new_tokens + cfg.labels.max_new_tokens, seq)
     stage.flops = (4 + (2 if checkpointing else 0)) * shape.params * tokens

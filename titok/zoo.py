@@ -275,10 +275,10 @@ def _filter_and_align_together(runners: dict, names: list[str], out: Path) -> No
     import ray
 
     from titok import columns as C
-    from titok.stages.filtering import FILTER_METHODS
+    from titok.choices import FILTER_METHODS
 
     eligible = [n for n in names if runners[n].rows is not None and not runners[n].is_complete("filter")
-                and FILTER_METHODS[runners[n].cfg.filter.method].top_m is not None]
+                and FILTER_METHODS[runners[n].cfg.filter.method].one_pool]
     for group in _align_groups(runners, eligible):
         scored = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
         settings = {n: runners[n].cfg.filter.model_dump(include={"method", "top_m", "k", "token_scope", "group_size"})

@@ -17,17 +17,15 @@ pool in one ``groupby(adapter).map_groups`` pass): equal rows and masks, with no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
-
 import numpy as np
 
 from titok import columns as C
+from titok.choices import FILTER_METHODS
 from titok.select import keep_count, select_tokens, validate_k, validate_m
 from titok.stages.arrow import table
 
-__all__ = ["FILTER_METHODS", "FilterMethod", "FilterMethodName", "apply_filter_method", "filter_pool", "global_token_cutoff",
-           "keep_all_tokens", "select_random_m", "select_tokens_distributed", "select_top_m"]
+__all__ = ["apply_filter_method", "filter_pool", "global_token_cutoff", "keep_all_tokens", "select_random_m",
+           "select_tokens_distributed", "select_top_m"]
 
 
 def select_top_m(ds, m: int):
@@ -50,53 +48,28 @@ def keep_all_tokens(ds):
     return ds.map_batches(_keep_all, batch_format="numpy")
 
 
-@dataclass(frozen=True)
-class FilterMethod:
-    """A way to pick training samples and tokens from the scored pool (TiTok, its baselines, ablations)."""
-
-    description: str
-    select: Callable  # (ds, m, k, scope, group_size, seed) -> ds with a keep column
-    token_filter: bool  # picks tokens (so a token reference applies), or keeps every token
-    top_m: bool | None = None  # keeps the top-M samples (True), every sample (False); None: no one-pool form
-
-
-# The one list of filter methods: config, compare and the pipeline read it from here. Adding a method
-# is an entry here plus its tests.
-FILTER_METHODS: dict[str, FilterMethod] = {
-    "titok": FilterMethod("top-M samples + top-k% tokens (the paper)",
-                          lambda ds, m, k, scope, g, seed: select_tokens_distributed(select_top_m(ds, m), k, scope, g), True,
-                          top_m=True),
-    "kd": FilterMethod("all samples, all tokens (the expert's answers as plain labels)",
-                       lambda ds, m, k, scope, g, seed: keep_all_tokens(ds), False, top_m=False),
-    "random_m": FilterMethod("M random samples, all tokens",  # Ray Data's seeded shuffle: no one-pool form
-                             lambda ds, m, k, scope, g, seed: keep_all_tokens(select_random_m(ds, m, seed)), False),
-    "top_m_only": FilterMethod("top-M samples, all tokens (the sample filter alone)",
-                               lambda ds, m, k, scope, g, seed: keep_all_tokens(select_top_m(ds, m)), False, top_m=True),
-    "top_k_only": FilterMethod("all samples, top-k% tokens (the token filter alone)",
-                               lambda ds, m, k, scope, g, seed: select_tokens_distributed(ds, k, scope, g), True,
-                               top_m=False),
-}
-FilterMethodName = Literal[tuple(FILTER_METHODS)]
-
-
 def apply_filter_method(ds, method: str, m: int, k: float, scope: str, group_size: int, seed: int):
-    """TiTok's two filters, or one of the baselines/ablations that share the same scored data."""
+    """TiTok's two filters, or one of the baselines/ablations that share the same scored data
+    (``titok.choices.FILTER_METHODS`` says which samples and whether tokens are picked)."""
     if method not in FILTER_METHODS:
         raise ValueError(f"unknown filter method {method!r}: expected one of {list(FILTER_METHODS)}")
-    return FILTER_METHODS[method].select(ds, m, k, scope, group_size, seed)
+    spec = FILTER_METHODS[method]
+    samples = {"top_m": lambda: select_top_m(ds, m), "random_m": lambda: select_random_m(ds, m, seed),
+               "all": lambda: ds}[spec.samples]()
+    return select_tokens_distributed(samples, k, scope, group_size) if spec.token_filter else keep_all_tokens(samples)
 
 
 def filter_pool(pool: dict, method: str, m: int, k: float, scope: str, group_size: int) -> dict:
     """``apply_filter_method`` on one pool of numpy columns: the same kept rows (best first) and masks.
 
-    Raises ValueError for a method without a one-pool form (``FilterMethod.top_m is None``).
+    Raises ValueError for a method without a one-pool form (``FilterMethod.one_pool``).
     """
     spec = FILTER_METHODS[method]
-    if spec.top_m is None:
+    if not spec.one_pool:
         raise ValueError(f"filter method {method!r} has no one-pool form")
     ids = np.asarray(pool[C.SAMPLE_ID])
     rank = np.lexsort((ids, -np.asarray(pool[C.SAMPLE_SCORE], dtype=np.float64)))  # the distributed sort's order
-    rows = rank[: validate_m(m, len(ids))] if spec.top_m else np.arange(len(ids))
+    rows = rank[: validate_m(m, len(ids))] if spec.keeps_m else np.arange(len(ids))
     excess = [pool[C.EXCESS][i] for i in rows]
     if not spec.token_filter:
         masks = [np.ones(len(x), dtype=bool) for x in excess]
