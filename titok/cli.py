@@ -124,7 +124,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from titok.compare import CompareConfig, load_compare_config, run_compare
+    from titok.compare import run_compare
+    from titok.config import CompareConfig, load_compare_config
 
     if args.help_config:
         print("\n".join(describe_fields(CompareConfig)))

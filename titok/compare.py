@@ -17,123 +17,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
-
-from titok.choices import FILTER_METHODS, REFERENCES
-from titok.config import (ConfigError, EvalSettings, OutputPath, Section, TrainConfig, TransplantSettings, merged_fields,
-                          read_yaml, validated)
+from titok.config import METHODS, CompareConfig, ConfigError, load_compare_config
 
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
 from titok.runstate import RunDir
 from titok.validate import check_model, check_task, validate_inputs
 
 __all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
-
-METHODS = tuple(FILTER_METHODS)
-_PER_CELL_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir", "seed", "split_seed")
-
-
-class SourceSettings(Section):
-    adapters: dict[str, str] = Field(
-        {}, description="task -> an existing source LoRA on source_base; tasks without one get `titok sft`")
-    train_examples: int = Field(256, ge=1, description="training examples for a `titok sft` source expert")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="titok sft training: the fields set here "
-                               "override titok sft's defaults (epochs, lr, lora.rank, ...); the rest keep them")
-
-    def sft_train(self) -> TrainConfig:
-        from titok.sft import sft_train_config
-
-        return sft_train_config(self.train.model_dump(exclude_unset=True), what="compare source.train")
-
-
-class CompareConfig(Section):
-    source_base: str = Field(..., description="the source base model every source expert is trained on")
-    targets: list[str] = Field(..., min_length=1, description="target bases (same or other tokenizer)")
-    tasks: list[str] = Field(..., min_length=1, description="built-in task names or task files")
-    methods: list[str] = Field(
-        list(METHODS), min_length=1, description="trained rows of the table (vanilla is always evaluated): a filter "
-        f"method {list(METHODS)}, optionally with its token reference, method:reference ({list(REFERENCES)}), e.g. "
-        "titok:target_base")
-    budget: Literal["epochs", "steps", "both"] = Field(
-        "epochs", description="training budget of every method: train.epochs each (methods on fewer samples take "
-        "fewer steps), the same number of optimizer steps each (steps), or both side by side")
-    steps: int | None = Field(
-        None, ge=1, description="optimizer steps under budget steps (default: what kd, on the whole pool, takes in "
-        "train.epochs epochs)")
-    seeds: int = Field(3, ge=1, description="transplant seeds 0..seeds-1 (queries, sampling, filters, init)")
-    split_seed: int = Field(0, description="seed of every task's seed/train/test split, the same for all rows")
-    out_dir: OutputPath = Field("runs/compare", validate_default=True, description="runs, evaluations and the report go here")
-    source: SourceSettings = Field(default_factory=SourceSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
-    transplant: TransplantSettings = Field(
-        default_factory=TransplantSettings, description="transplant sections shared by every run: engine, queries, "
-        "labels, filter (not method), train, trust_remote_code")
-    per_task: dict[str, TransplantSettings] = Field(
-        {}, description="task -> transplant fields for that task's runs only, over transplant (a task with longer "
-        "questions: {queries: {max_new_tokens: 160}}); every method and target of the task gets them")
-
-    @field_validator("methods")
-    @classmethod
-    def _known_variants(cls, values: list) -> list:
-        for value in values:
-            method, _, reference = value.partition(":")
-            if method not in METHODS or (reference and reference not in REFERENCES):
-                raise ValueError(f"{value!r} is not a method {list(METHODS)} or method:reference {list(REFERENCES)}")
-        return values
-
-    @field_validator("methods", "targets", "tasks")
-    @classmethod
-    def _unique(cls, values: list) -> list:
-        if len(set(values)) != len(values):
-            raise ValueError(f"listed twice: {sorted({v for v in values if values.count(v) > 1})}")
-        return values
-
-    @field_validator("transplant", mode="before")
-    @classmethod
-    def _no_per_run_fields(cls, values):
-        return _without_per_cell_fields(values)
-
-    @field_validator("per_task", mode="before")
-    @classmethod
-    def _no_per_run_fields_per_task(cls, values):
-        for task, fields in values.items() if isinstance(values, dict) else ():
-            try:
-                _without_per_cell_fields(fields)
-            except ValueError as err:
-                raise ValueError(f"{task}: {err}") from None
-        return values
-
-    @model_validator(mode="after")
-    def _per_task_names_listed_tasks(self) -> "CompareConfig":
-        unknown = sorted(set(self.per_task) - set(self.tasks))
-        if unknown:
-            raise ValueError(f"per_task: {unknown} are not among tasks {self.tasks}")
-        return self
-
-    def task_settings(self, task: str) -> dict:
-        """The transplant fields every run of ``task`` gets: ``transplant``, with ``per_task[task]`` over it."""
-        extra = self.per_task.get(task)
-        return merged_fields(self.transplant.fields(), extra.fields() if extra else {})
-
-
-def _without_per_cell_fields(values):
-    if not isinstance(values, dict):
-        return values
-    clashes = [k for k in values if k in _PER_CELL_FIELDS]
-    if clashes:
-        raise ValueError(f"{clashes} are set per run by compare (use tasks/targets/seeds/source)")
-    if isinstance(values.get("filter"), dict) and {"method", "reference"} & set(values["filter"]):
-        raise ValueError("filter.method and filter.reference are set per run by compare (use methods)")
-    return values
-
-
-def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int | None = None) -> CompareConfig:
-    data = read_yaml(path, overrides)
-    if seeds is not None:
-        data["seeds"] = seeds
-    return validated(CompareConfig, data, "compare")
 
 
 def validate_compare(cfg: CompareConfig) -> None:

@@ -9,18 +9,22 @@ adapter trained on the source base) run in ``titok.validate.validate_inputs`` be
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 import types
 import typing
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from titok.choices import FILTER_METHODS, FilterMethodName, Normalization, Reference, TokenScope
+from titok.choices import FILTER_METHODS, REFERENCES, FilterMethodName, Normalization, Reference, TokenScope
 
 __all__ = [
+    "METHODS",
+    "SFT_DEFAULTS",
     "ClusterConfig",
+    "CompareConfig",
     "ConfigError",
     "Section",
     "EngineConfig",
@@ -31,15 +35,18 @@ __all__ = [
     "LoraShape",
     "OutputPath",
     "QueriesConfig",
+    "SourceSettings",
     "TrainConfig",
     "TransplantConfig",
     "resolved_path",
     "TransplantSettings",
     "apply_overrides",
     "describe_fields",
+    "load_compare_config",
     "load_config",
     "merged_fields",
     "read_yaml",
+    "sft_train_config",
     "validated",
 ]
 
@@ -472,3 +479,120 @@ def describe_fields(model: type[BaseModel] = TransplantConfig, prefix: str = "")
         type_name = getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
         lines.append(f"{prefix}{name} ({type_name}, {default}): {field.description}")
     return lines
+
+
+# A source expert should learn its task quickly: a larger rank, all attention projections, higher lr.
+SFT_DEFAULTS = {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                "lr": 1e-3, "epochs": 2, "max_grad_norm": 1.0, "max_length": 512}
+
+
+def sft_train_config(settings: dict | None = None, overrides: list[str] = (), what: str = "sft training") -> TrainConfig:
+    """``SFT_DEFAULTS`` under a YAML section (``settings``, e.g. compare's ``source.train``) and
+    ``--set`` strings, validated; the defaults themselves are never changed."""
+    data = copy.deepcopy(SFT_DEFAULTS)
+    for key, value in (settings or {}).items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return validated(TrainConfig, apply_overrides(data, list(overrides)), what)
+
+
+METHODS = tuple(FILTER_METHODS)
+_PER_CELL_FIELDS = ("source_base", "source_adapter", "target_base", "task", "run_dir", "seed", "split_seed")
+
+
+class SourceSettings(Section):
+    adapters: dict[str, str] = Field(
+        {}, description="task -> an existing source LoRA on source_base; tasks without one get `titok sft`")
+    train_examples: int = Field(256, ge=1, description="training examples for a `titok sft` source expert")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="titok sft training: the fields set here "
+                               "override titok sft's defaults (epochs, lr, lora.rank, ...); the rest keep them")
+
+    def sft_train(self) -> TrainConfig:
+        return sft_train_config(self.train.model_dump(exclude_unset=True), what="compare source.train")
+
+
+class CompareConfig(Section):
+    source_base: str = Field(..., description="the source base model every source expert is trained on")
+    targets: list[str] = Field(..., min_length=1, description="target bases (same or other tokenizer)")
+    tasks: list[str] = Field(..., min_length=1, description="built-in task names or task files")
+    methods: list[str] = Field(
+        list(METHODS), min_length=1, description="trained rows of the table (vanilla is always evaluated): a filter "
+        f"method {list(METHODS)}, optionally with its token reference, method:reference ({list(REFERENCES)}), e.g. "
+        "titok:target_base")
+    budget: Literal["epochs", "steps", "both"] = Field(
+        "epochs", description="training budget of every method: train.epochs each (methods on fewer samples take "
+        "fewer steps), the same number of optimizer steps each (steps), or both side by side")
+    steps: int | None = Field(
+        None, ge=1, description="optimizer steps under budget steps (default: what kd, on the whole pool, takes in "
+        "train.epochs epochs)")
+    seeds: int = Field(3, ge=1, description="transplant seeds 0..seeds-1 (queries, sampling, filters, init)")
+    split_seed: int = Field(0, description="seed of every task's seed/train/test split, the same for all rows")
+    out_dir: OutputPath = Field("runs/compare", validate_default=True, description="runs, evaluations and the report go here")
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    transplant: TransplantSettings = Field(
+        default_factory=TransplantSettings, description="transplant sections shared by every run: engine, queries, "
+        "labels, filter (not method), train, trust_remote_code")
+    per_task: dict[str, TransplantSettings] = Field(
+        {}, description="task -> transplant fields for that task's runs only, over transplant (a task with longer "
+        "questions: {queries: {max_new_tokens: 160}}); every method and target of the task gets them")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_variants(cls, values: list) -> list:
+        for value in values:
+            method, _, reference = value.partition(":")
+            if method not in METHODS or (reference and reference not in REFERENCES):
+                raise ValueError(f"{value!r} is not a method {list(METHODS)} or method:reference {list(REFERENCES)}")
+        return values
+
+    @field_validator("methods", "targets", "tasks")
+    @classmethod
+    def _unique(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"listed twice: {sorted({v for v in values if values.count(v) > 1})}")
+        return values
+
+    @field_validator("transplant", mode="before")
+    @classmethod
+    def _no_per_run_fields(cls, values):
+        return _without_per_cell_fields(values)
+
+    @field_validator("per_task", mode="before")
+    @classmethod
+    def _no_per_run_fields_per_task(cls, values):
+        for task, fields in values.items() if isinstance(values, dict) else ():
+            try:
+                _without_per_cell_fields(fields)
+            except ValueError as err:
+                raise ValueError(f"{task}: {err}") from None
+        return values
+
+    @model_validator(mode="after")
+    def _per_task_names_listed_tasks(self) -> "CompareConfig":
+        unknown = sorted(set(self.per_task) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"per_task: {unknown} are not among tasks {self.tasks}")
+        return self
+
+    def task_settings(self, task: str) -> dict:
+        """The transplant fields every run of ``task`` gets: ``transplant``, with ``per_task[task]`` over it."""
+        extra = self.per_task.get(task)
+        return merged_fields(self.transplant.fields(), extra.fields() if extra else {})
+
+
+def _without_per_cell_fields(values):
+    if not isinstance(values, dict):
+        return values
+    clashes = [k for k in values if k in _PER_CELL_FIELDS]
+    if clashes:
+        raise ValueError(f"{clashes} are set per run by compare (use tasks/targets/seeds/source)")
+    if isinstance(values.get("filter"), dict) and {"method", "reference"} & set(values["filter"]):
+        raise ValueError("filter.method and filter.reference are set per run by compare (use methods)")
+    return values
+
+
+def load_compare_config(path: str | None, overrides: list[str] = (), seeds: int | None = None) -> CompareConfig:
+    data = read_yaml(path, overrides)
+    if seeds is not None:
+        data["seeds"] = seeds
+    return validated(CompareConfig, data, "compare")

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from titok.compare import CompareConfig
-    from titok.config import TransplantConfig
+    from titok.config import CompareConfig, TransplantConfig
 
 __all__ = ["BUDGETS", "SOURCE_STAGES", "adapter_digest", "budgets", "equal_steps", "file_digest", "row_label", "run_config",
            "share_stages", "short_name"]

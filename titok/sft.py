@@ -3,13 +3,12 @@ the same DeepSpeed training stage as the transplant (every response token weight
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 
 from titok import columns as C
-from titok.config import TrainConfig, apply_overrides, validated
+from titok.config import SFT_DEFAULTS, TrainConfig, sft_train_config
 from titok.export import export_adapter
 from titok.models import load_tokenizer
 from titok.runstate import RunDir
@@ -18,19 +17,6 @@ from titok.tasks import load_task, reference_response
 from titok.train.ray_train import copy_adapter, train_adapter
 
 __all__ = ["SFT_DEFAULTS", "sft_train_config", "train_source_adapter"]
-
-# A source expert should learn its task quickly: a larger rank, all attention projections, higher lr.
-SFT_DEFAULTS = {"lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-                "lr": 1e-3, "epochs": 2, "max_grad_norm": 1.0, "max_length": 512}
-
-
-def sft_train_config(settings: dict | None = None, overrides: list[str] = (), what: str = "sft training") -> TrainConfig:
-    """``SFT_DEFAULTS`` under a YAML section (``settings``, e.g. compare's ``source.train``) and
-    ``--set`` strings, validated; the defaults themselves are never changed."""
-    data = copy.deepcopy(SFT_DEFAULTS)
-    for key, value in (settings or {}).items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    return validated(TrainConfig, apply_overrides(data, list(overrides)), what)
 
 
 def train_source_adapter(base: str, task: str, out_dir: str | Path, train: TrainConfig, seed: int = 0,
