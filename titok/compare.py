@@ -21,7 +21,7 @@ from pathlib import Path
 from titok.config import METHODS, CompareConfig, ConfigError, load_compare_config
 
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
-from titok.runstate import RunDir
+from titok.runstate import ADAPTER_WEIGHTS, RunDir
 from titok.validate import check_model, check_task, validate_inputs
 
 __all__ = ["METHODS", "CompareConfig", "load_compare_config", "run_compare", "short_name"]
@@ -55,7 +55,7 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     if task in cfg.source.adapters:
         return cfg.source.adapters[task]
     out = Path(cfg.out_dir) / "sources" / short_name(task)
-    if not (out / "adapter_model.safetensors").is_file():
+    if not (out / ADAPTER_WEIGHTS).is_file():
         print(f"[compare] training the source expert for {task} (titok sft)", flush=True)
         from titok.sft import train_source_adapter
 

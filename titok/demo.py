@@ -17,6 +17,7 @@ from titok.excess import score_pairs
 from titok.sequences import build_training_batch
 from titok.models import format_prompt, load_model, load_tokenizer
 from titok.train.step import TorchEngine, attach_fresh_lora, training_step
+from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["run_excess_demo"]
 
@@ -62,7 +63,7 @@ def _answer(expert: PeftModel, tokenizer, queries: list[str], max_new_tokens: in
 def run_excess_demo(out_dir: str | Path = "runs/demo-excess", base_spec: str = "smollm2-135m", steps: int = 40) -> None:
     out_dir = Path(out_dir)
     adapter_dir = out_dir / "pirate-lora"
-    if (adapter_dir / "adapter_config.json").is_file():
+    if (adapter_dir / ADAPTER_CONFIG).is_file():
         print(f"reusing the pirate adapter in {adapter_dir}")
     else:
         print(f"training a pirate LoRA on {base_spec} ({len(PIRATE_EXAMPLES)} examples, {steps} steps)")

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from titok.models import HUB_IDS, SHORT_NAMES, chat_template, hub_id, load_tokenizer, resolve_model_path
+from titok.runstate import ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 __all__ = ["CHAT_TEMPLATE_FILE", "export_adapter", "model_card"]
 
@@ -32,10 +33,10 @@ def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, target_base:
     out_dir = final.with_name(f".{final.name}.partial")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         shutil.copy2(Path(checkpoint_dir) / name, out_dir / name)
     base_id = hub_id(target_base, trust_remote_code)
-    config_path = out_dir / "adapter_config.json"
+    config_path = out_dir / ADAPTER_CONFIG
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = base_id
     config_path.write_text(json.dumps(adapter_config, indent=2))
@@ -43,7 +44,7 @@ def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, target_base:
     (out_dir / CHAT_TEMPLATE_FILE).write_text(template)
     record = {**card, "base_model": base_id,
               "local": {"base_model_path": resolve_model_path(target_base), "adapter_folder": str(final.resolve())}}
-    (out_dir / "titok.json").write_text(json.dumps(record, indent=2, default=str))
+    (out_dir / ADAPTER_CARD).write_text(json.dumps(record, indent=2, default=str))
     model_card(card, target_base, base_id, final.name).save(out_dir / "README.md")
     previous = final.with_name(f".{final.name}.old")
     shutil.rmtree(previous, ignore_errors=True)

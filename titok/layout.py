@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from titok.runstate import ADAPTER_WEIGHTS, COMPLETE
+
 if TYPE_CHECKING:
     from titok.config import CompareConfig, TransplantConfig
 
@@ -46,7 +48,7 @@ def file_digest(path: str | Path, length: int = 16) -> str:
 
 def adapter_digest(path: str | Path | None) -> str | None:
     """Content digest of a PEFT folder's weights (what an evaluation or a provenance record keys on)."""
-    return None if path is None else file_digest(Path(path) / "adapter_model.safetensors")
+    return None if path is None else file_digest(Path(path) / ADAPTER_WEIGHTS)
 
 
 def share_stages(source_run: Path, run_dir: Path, stages: tuple[str, ...] = SOURCE_STAGES) -> None:
@@ -54,7 +56,7 @@ def share_stages(source_run: Path, run_dir: Path, stages: tuple[str, ...] = SOUR
     completion marker; the pipeline reuses it only where the fingerprints match, so sharing is safe
     whenever the two runs' settings for those stages agree (and harmless where they do not)."""
     for stage in stages:
-        if (source_run / stage / "_COMPLETE.json").is_file() and not (run_dir / stage / "_COMPLETE.json").is_file():
+        if (source_run / stage / COMPLETE).is_file() and not (run_dir / stage / COMPLETE).is_file():
             shutil.rmtree(run_dir / stage, ignore_errors=True)
             shutil.copytree(source_run / stage, run_dir / stage)
     progress = source_run / "queries.progress.json"

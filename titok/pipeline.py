@@ -35,7 +35,7 @@ from titok.export import export_adapter
 from titok.layout import SOURCE_STAGES
 from titok.plan import GIB, Plan, Resources, cluster_resources, make_plan
 from titok.readiness import wait_for_free_gpus, wait_for_resources
-from titok.runstate import RunDir, dataset_of, run_stage
+from titok.runstate import RUN_CONFIG, RunDir, dataset_of, run_stage
 from titok.stages.alignment import AlignToTarget
 from titok.stages.filtering import apply_filter_method
 from titok.stages.fleet import EngineFleet
@@ -281,7 +281,7 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
     run = RunDir(cfg.run_dir)
     run.claim()
     (run.root / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
-    (run.root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    (run.root / RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
     engines = SourceEngines(cfg, str(run.root), {"default": cfg.source_adapter}, plan.gpu_bytes_after_engines())
     runner = StageRunner(cfg, engines)

@@ -43,6 +43,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from titok.choices import FILTER_METHODS
+from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "activation_bytes", "cluster_resources", "local_resources",
            "logits_bytes", "make_plan", "vllm_batched_tokens", "vllm_lora_rank", "zero3_gather", "zero_model_states"]
@@ -544,7 +545,7 @@ def _adapter_rank(folder: str) -> int | None:
     import json
     from pathlib import Path
 
-    path = Path(folder) / "adapter_config.json"
+    path = Path(folder) / ADAPTER_CONFIG
     try:
         return int(json.loads(path.read_text())["r"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -25,6 +25,7 @@ from titok import columns as C
 from titok.layout import budgets, equal_steps, row_label, run_config, short_name
 from titok.metrics import collapse_text, collapsed
 from titok.stats import bootstrap_interval, paired_test
+from titok.runstate import COMPLETE
 
 __all__ = ["REPORT_FILES", "accuracy_figure", "aggregate", "excess_figure", "markdown_tables", "shade_tokens",
            "write_compare_report"]
@@ -316,7 +317,7 @@ def _pool_samples(run_dir: Path, top_m: int, n_top: int = 3, n_bottom: int = 2) 
     pool = pq.read_table(run_dir / "scores").to_pylist()
     pool.sort(key=lambda r: (-r[C.SAMPLE_SCORE], r[C.SAMPLE_ID]))
     kept_masks = {}
-    if (run_dir / "filter" / "_COMPLETE.json").is_file():
+    if (run_dir / "filter" / COMPLETE).is_file():
         kept_masks = {r[C.SAMPLE_ID]: r[C.KEEP] for r in pq.read_table(run_dir / "filter").to_pylist()}
     shown = []
     for rank, row in enumerate(pool, start=1):
@@ -338,7 +339,7 @@ def _short_answers_text(run_dirs: dict[str, Path], k: dict[str, float]) -> str:
 
     notes = []
     for task, run_dir in run_dirs.items():
-        if not (run_dir / "scores" / "_COMPLETE.json").is_file():
+        if not (run_dir / "scores" / COMPLETE).is_file():
             continue
         median = int(np.median(pq.read_table(run_dir / "scores", columns=[C.N_TOKENS]).column(C.N_TOKENS).to_numpy()))
         if median <= _SHORT_ANSWER_TOKENS:

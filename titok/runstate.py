@@ -23,11 +23,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EVENTS_DIR", "RUN_LOCK", "RUN_MANIFEST", "RunDir", "RunInUse", "dataset_of", "read_events", "run_stage",
+__all__ = ["ADAPTER_CARD", "ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "COMPLETE", "EVENTS_DIR", "RUN_CONFIG",
+           "RUN_LOCK", "RUN_MANIFEST", "STARTED", "RunDir", "RunInUse", "dataset_of", "read_events", "run_stage",
            "write_atomic"]
 
+# The names in a run folder, here and nowhere else (every module that reads or writes one imports them)
 RUN_MANIFEST = ".titok-run.json"  # marks a folder as a titok run (titok only clears its own folders)
+RUN_CONFIG = "config.yaml"  # the run's full config, as resolved
 EVENTS_DIR = "events"  # one event file per writing process
+COMPLETE = "_COMPLETE.json"  # a stage's completion marker, written last (fingerprint, outputs digest, summary)
+STARTED = "_STARTED.json"  # a stage attempt under way (its fingerprint: what a resubmission may go on from)
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's own names
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+ADAPTER_CARD = "titok.json"  # how titok made an adapter (titok.export)
 _LEGACY_EVENTS = "events.jsonl"  # runs from before per-process files
 
 
@@ -38,7 +46,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-_MARKERS = ("_COMPLETE.json", "_STARTED.json")
+_MARKERS = (COMPLETE, STARTED)
 _NOT_OUTPUTS = ("ray",)  # Ray Train's checkpoints: resumable state, not the stage's product
 
 
@@ -125,7 +133,7 @@ class RunDir:
         """Complete with this fingerprint, and its outputs are the ones the marker recorded. A torn
         marker or outputs changed since (a truncated Parquet, a deleted adapter) are recomputed,
         with a warning, never trusted."""
-        marker = self.stage_dir(stage) / "_COMPLETE.json"
+        marker = self.stage_dir(stage) / COMPLETE
         if not marker.is_file():
             return False
         record = _read_json(marker)
@@ -147,7 +155,7 @@ class RunDir:
         ``resumable`` entries of an attempt with the same fingerprint (training checkpoints: a killed
         job, resubmitted, goes on from its last checkpoint instead of from step 0)."""
         path = self.stage_dir(stage)
-        started = path / "_STARTED.json"
+        started = path / STARTED
         same = started.is_file() and _read_json(started).get("fingerprint") == fingerprint
         if path.is_dir():
             for entry in path.iterdir():
@@ -161,10 +169,10 @@ class RunDir:
         """Write the completion marker last, with a digest of the stage's outputs (checked on reuse)."""
         record = {"fingerprint": fingerprint, "finished": time.time(),
                   "outputs": _outputs_digest(self.stage_dir(stage)), **summary}
-        write_atomic(self.stage_dir(stage) / "_COMPLETE.json", json.dumps(record, indent=2, default=str))
+        write_atomic(self.stage_dir(stage) / COMPLETE, json.dumps(record, indent=2, default=str))
 
     def summary(self, stage: str) -> dict:
-        return json.loads((self.stage_dir(stage) / "_COMPLETE.json").read_text())
+        return json.loads((self.stage_dir(stage) / COMPLETE).read_text())
 
     def log_event(self, **event: Any) -> None:
         """Append one JSON line to this process's own event file (one writer per file, one write per line)."""

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from titok.config import ConfigError
-from titok.runstate import RUN_MANIFEST
+from titok.runstate import ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, COMPLETE, RUN_MANIFEST, STARTED
 
 __all__ = [
     "adapter_config_problems", "adapter_problems", "adapter_weight_problems", "check_eval", "check_model", "check_sft",
@@ -27,7 +27,7 @@ _LORA_KEY = re.compile(r"layers\.(\d+)\..*?([A-Za-z0-9_]+)\.lora_([AB])(?:\.[A-Z
 
 
 def _read_adapter_config(field: str, folder: Path) -> tuple[dict | None, list[str]]:
-    path = folder / "adapter_config.json"
+    path = folder / ADAPTER_CONFIG
     if not path.is_file():
         return None, [f"{field}: {folder} has no adapter_config.json (not a PEFT adapter folder)"]
     try:
@@ -92,7 +92,7 @@ def adapter_weight_problems(field: str, folder: str | Path, base: str, trust_rem
     config, problems = _read_adapter_config(field, folder)
     if config is None:
         return problems
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = (folder / "adapter_model.bin").is_file()
         return [f"{field}: {folder} has " + ("only adapter_model.bin (pickle), which titok never loads; re-save it "
@@ -241,7 +241,7 @@ def is_titok_folder(folder: Path) -> bool:
     """A folder titok made: its run manifest, or (runs from before the manifest) titok's own files."""
     if (folder / RUN_MANIFEST).is_file() or (folder / "events.jsonl").is_file():
         return True
-    return any((child / "_COMPLETE.json").is_file() or (child / "_STARTED.json").is_file()
+    return any((child / COMPLETE).is_file() or (child / STARTED).is_file()
                for child in folder.iterdir() if child.is_dir())
 
 
@@ -358,7 +358,7 @@ def check_sft(base: str, task: str, out: str, seed: int, max_length: int, target
     problems = model_problems("--base", base)
     if out_path.exists() and not out_path.is_dir():
         problems.append(f"--out: {out_path} is a file")
-    elif out_path.is_dir() and any(out_path.iterdir()) and not (out_path / "titok.json").is_file():
+    elif out_path.is_dir() and any(out_path.iterdir()) and not (out_path / ADAPTER_CARD).is_file():
         problems.append(f"--out: {out_path} holds files titok did not write (a new adapter would replace them); "
                         "give a new or empty folder")
     problems += task_problems("--task", task, seed)[1]

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from titok.layout import adapter_digest, file_digest
+from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["SERVE_CONFIG", "gate_and_write", "gate_rule", "provenance", "serve_config", "write_serving_files"]
 
@@ -100,7 +101,7 @@ def provenance(cfg, run_root: Path, bases: dict | None = None) -> dict:
     return {
         "titok_version": importlib.metadata.version("titok"),
         "source_adapter": {"path": str(source), "weights_sha256": adapter_digest(source),
-                           "config_sha256": file_digest(source / "adapter_config.json")},
+                           "config_sha256": file_digest(source / ADAPTER_CONFIG)},
         "source_base": bases[cfg.source_base],
         "target_base": bases[cfg.target_base],
         "synthetic_data_sha256": _stage_digest(run_root, ("queries", "labels", "scores")),

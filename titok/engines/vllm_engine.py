@@ -37,6 +37,7 @@ from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_tokenizer, resolve_model_path
 from titok.plan import GIB, vllm_batched_tokens, vllm_lora_rank
 from titok.sequences import encode_pair
+from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["VLLMEngine", "vllm_engine_args"]
 
@@ -87,7 +88,7 @@ class VLLMEngine(InferenceEngine):
         self.max_length, self.batch_size, self.tolerance = max_length, batch_size, vllm_score_tolerance
         self.trust_remote_code = trust_remote_code
         self.tokenizer = load_tokenizer(base, trust_remote_code)
-        rank = max((json.loads((Path(p) / "adapter_config.json").read_text())["r"] for p in self.adapters.values()),
+        rank = max((json.loads((Path(p) / ADAPTER_CONFIG).read_text())["r"] for p in self.adapters.values()),
                    default=None)
         on_cpu = current_platform.is_cpu()
         self.engine_args = vllm_engine_args(resolve_model_path(base), self.dtype_choice[0], max_length, trust_remote_code,

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from titok import columns as C, progress
+from titok.runstate import ADAPTER_FILES
 
-__all__ = ["ADAPTER_FILES", "GRADIENT_CHECKPOINTING_MIN_PARAMS", "WORKER_GROUP_FIELDS", "TrainOutcome", "copy_adapter",
+__all__ = ["GRADIENT_CHECKPOINTING_MIN_PARAMS", "WORKER_GROUP_FIELDS", "TrainOutcome", "copy_adapter",
            "group_jobs", "run_training", "train_adapter", "train_loop_per_worker"]
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 # gradient_checkpointing "auto": on from this target size (activations dominate memory beyond it)
 GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
