@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -248,3 +249,21 @@ def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
     assert (path / "ray" / "checkpoint").read_text() == "step 2" and not (path / "adapter").exists()
     run.start("train", "fp2", resumable=("ray",))  # another config: nothing of the old attempt is reused
     assert not (path / "ray").exists()
+
+
+def test_a_runner_takes_made_rows_only_for_its_next_stages(tiny_model_dirs, tmp_path):
+    """A zoo hands rows it made for several runs at once to each run's ``StageRunner``: only for the
+    next stages, in order, so rows can never be taken by a stage they were not made for."""
+    from titok.pipeline import SourceEngines, StageRunner
+
+    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run")
+    runner = StageRunner(cfg, SourceEngines(cfg, str(tmp_path), {}))
+    rows = pa.table({C.SAMPLE_ID: [0]})
+    assert runner.next_stage == "queries"
+    with pytest.raises(ValueError, match=r"\['filter', 'align'\] are not the next stages .* \(next: \['queries', 'labels'\]"):
+        runner.provide(filter=rows, align=rows)
+    with pytest.raises(ValueError, match="not the next stages"):
+        runner.provide(queries=rows)  # the queries stage makes its own: a provided pool would be ignored
+    with pytest.raises(ValueError, match="stage 'labels' is not the next one"):
+        runner.run_next("labels")
+    assert not runner.has_provided("filter") and runner.timings == {} and runner.rows is None

@@ -206,6 +206,9 @@ def _stage_fields(cfg: TransplantConfig) -> dict:
     }
 
 
+_PROVIDABLE = {"scores", "filter", "align", "train"}  # the stages whose step takes rows made elsewhere
+
+
 class StageRunner:
     """One run directory's stages, in order: ``run(name)`` runs or reuses the next one.
 
@@ -215,58 +218,98 @@ class StageRunner:
     """
 
     def __init__(self, cfg: TransplantConfig, engines: SourceEngines, adapter: str = "default"):
-        self.cfg, self.run, self.engines, self.adapter = cfg, RunDir(cfg.run_dir), engines, adapter
+        self._cfg, self._run, self.engines, self.adapter = cfg, RunDir(cfg.run_dir), engines, adapter
         self.stream_scores = True  # labels stream into scores (off when the run stops after labels)
-        self.fields, self.timings, self.fingerprint, self.rows = _stage_fields(cfg), {}, "", None
-        self.provided: dict = {}  # rows a stage gets made already: "scores" with the labels, "filter"/"align"
-        # rows or a "train" outcome made together with other runs' (a zoo)
+        self.fields, self._timings, self.fingerprint, self._rows = _stage_fields(cfg), {}, "", None
+        self._ran: list[str] = []  # the stages run (or reused) so far, in order
+        # rows a stage gets made already (``provide``): "scores" with the labels, "filter"/"align" rows or
+        # a "train" outcome made together with other runs' (a zoo)
+        self._provided: dict = {}
         self.steps = {
-            "queries": lambda _: write_query_pool(cfg, self.run, engines),
+            "queries": lambda _: write_query_pool(cfg, self._run, engines),
             "labels": self._labels,
             "scores": self._provided_or("scores", lambda labels: score_excess(cfg, labels, engines, adapter)),
             "filter": self._provided_or("filter", lambda scores: filter_samples_and_tokens(cfg, scores)),
             "align": self._provided_or("align", lambda kept: align_to_target(cfg, kept)),
-            "train": lambda aligned: train_target(cfg, self.run, aligned, self.provided.pop("train", None)),
+            "train": lambda aligned: train_target(cfg, self._run, aligned, self._provided.pop("train", None)),
         }
 
+    @property
+    def cfg(self) -> TransplantConfig:
+        return self._cfg
+
+    @property
+    def run(self) -> RunDir:
+        return self._run
+
+    @property
+    def rows(self):
+        """The rows of the last stage run or reused (None before the first)."""
+        return self._rows
+
+    @property
+    def timings(self) -> dict:
+        """Per stage run or reused: its status and seconds (a copy)."""
+        return dict(self._timings)
+
+    @property
+    def next_stage(self) -> str | None:
+        return STAGES[len(self._ran)] if len(self._ran) < len(STAGES) else None
+
+    def provide(self, **made) -> None:
+        """Rows (or, for train, the outcome) of the next stages, made elsewhere (a zoo's shared pass):
+        ``provide(filter=kept, align=aligned)``. Refused unless they are the next stages, in order, so a
+        provided result can never be taken by a stage it was not made for."""
+        ahead = list(STAGES[len(self._ran):len(self._ran) + len(made)])
+        if list(made) != ahead or not set(made) <= _PROVIDABLE:
+            raise ValueError(f"{list(made)} are not the next stages of {self._run.root} that take made rows (next: "
+                             f"{ahead or 'none'}; made rows go to {sorted(_PROVIDABLE)})")
+        self._provided.update(made)
+
+    def has_provided(self, stage: str) -> bool:
+        return stage in self._provided
+
     def _labels(self, queries: pa.Table) -> pa.Table:
-        labels, scores = label_responses(self.cfg, queries, self.engines, self.adapter, self.stream_scores)
+        labels, scores = label_responses(self._cfg, queries, self.engines, self.adapter, self.stream_scores)
         if scores is not None:  # the scores stage persists them (a run killed before it rescores from labels)
-            self.provided["scores"] = scores
+            self._provided["scores"] = scores
         return labels
 
     def _provided_or(self, stage: str, compute):
         """The stage's rows made already (scores streamed with the labels, a zoo's shared pass), else its own."""
-        return lambda rows: self.provided.pop(stage) if stage in self.provided else compute(rows)
+        return lambda rows: self._provided.pop(stage) if stage in self._provided else compute(rows)
 
     def fingerprint_of(self, name: str) -> str:
         """The fingerprint stage ``name`` will have (stages before it need not have run)."""
         fingerprint = ""
         for stage in STAGES[: STAGES.index(name) + 1]:
-            fingerprint = self.run.fingerprint(fingerprint, self.fields[stage])
+            fingerprint = self._run.fingerprint(fingerprint, self.fields[stage])
         return fingerprint
 
     def is_complete(self, name: str) -> bool:
         """Stage ``name`` is already done for this config (a rerun will reuse it)."""
-        return self.run.is_complete(_stage_path(self.cfg, name), self.fingerprint_of(name))
+        return self._run.is_complete(_stage_path(self._cfg, name), self.fingerprint_of(name))
 
     def training_job(self):
         """The target training's ``(dataset, config)``, once align has run (see ``training_job``)."""
-        return training_job(self.cfg, self.run, self.rows)
+        return training_job(self._cfg, self._run, self._rows)
 
     def run_next(self, name: str) -> None:
+        if name != self.next_stage:
+            raise ValueError(f"stage {name!r} is not the next one of {self._run.root} ({self.next_stage!r} is)")
+        self._ran.append(name)
         if name == "export":
-            self.timings["export"] = {"status": "ran"}
-            self.adapter_path = export(self.cfg, self.run)
+            self._timings["export"] = {"status": "ran"}
+            self.adapter_path = export(self._cfg, self._run)
             return
-        self.fingerprint = self.run.fingerprint(self.fingerprint, self.fields[name])
-        self.rows = run_stage(self.run, _stage_path(self.cfg, name), self.fingerprint, lambda: self.steps[name](self.rows),
-                              self.timings, resumable=("ray",) if name == "train" else ())  # Ray Train's checkpoints
+        self.fingerprint = self._run.fingerprint(self.fingerprint, self.fields[name])
+        self._rows = run_stage(self._run, _stage_path(self._cfg, name), self.fingerprint, lambda: self.steps[name](self._rows),
+                              self._timings, resumable=("ray",) if name == "train" else ())  # Ray Train's checkpoints
 
     def result(self) -> dict:
         # which dtype each model ran in, and why (dtype: auto decides per device)
-        dtypes = {e["stage"]: e["dtype"] for e in self.run.events() if e.get("event") == "model_load" and e.get("dtype")}
-        out = {"run_dir": str(self.run.root), "stages": self.timings, "dtypes": dtypes}
+        dtypes = {e["stage"]: e["dtype"] for e in self._run.events() if e.get("event") == "model_load" and e.get("dtype")}
+        out = {"run_dir": str(self._run.root), "stages": self._timings, "dtypes": dtypes}
         return {**out, "adapter": self.adapter_path} if hasattr(self, "adapter_path") else out
 
 

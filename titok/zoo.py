@@ -289,8 +289,7 @@ def _filter_and_align_together(runners: dict, names: list[str], out: Path) -> No
         for name in group if aligned is not None else ():
             mine = aligned.filter(pc.equal(aligned[_ADAPTER], name))
             mine = mine.take(pc.sort_indices(mine[_ORDER])).drop_columns([_ADAPTER, _ORDER])  # the filter's order
-            runners[name].provided["filter"] = mine.select(runners[name].rows.column_names + [C.KEEP])
-            runners[name].provided["align"] = mine
+            runners[name].provide(filter=mine.select(runners[name].rows.column_names + [C.KEEP]), align=mine)
 
 
 def _numbered(rows, name: str):
@@ -319,13 +318,13 @@ def _align_together(runners: dict, names: list[str], out: Path) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    eligible = [n for n in names if runners[n].rows is not None and "align" not in runners[n].provided
+    eligible = [n for n in names if runners[n].rows is not None and not runners[n].has_provided("align")
                 and not runners[n].is_complete("align")]
     for group in _align_groups(runners, eligible):
         kept = pa.concat_tables([_numbered(runners[n].rows, n) for n in group], promote_options="default")
         aligned = _aligned_together("align", group, runners, kept, kept.num_rows, out)
         for name in group if aligned is not None else ():
-            runners[name].provided["align"] = aligned.filter(pc.equal(aligned[_ADAPTER], name)).drop_columns([_ADAPTER])
+            runners[name].provide(align=aligned.filter(pc.equal(aligned[_ADAPTER], name)).drop_columns([_ADAPTER]))
 
 
 def _align_groups(runners: dict, names: list[str]) -> list[list[str]]:
@@ -374,7 +373,7 @@ def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: 
         try:
             jobs[name] = runners[name].training_job()
         except Exception as err:  # noqa: BLE001 - that adapter's failure alone
-            runners[name].provided["train"] = TrainOutcome(name, error=err)
+            runners[name].provide(train=TrainOutcome(name, error=err))
 
     def fit(group: list[str]) -> dict:
         key = hashlib.sha256(json.dumps([[n, runners[n].fingerprint_of("train")] for n in group]).encode()).hexdigest()[:12]
@@ -391,7 +390,7 @@ def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: 
     with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
         for outcomes in pool.map(fit, group_jobs({n: config for n, (_, config) in jobs.items()}, groups_at_once)):
             for name, outcome in outcomes.items():
-                runners[name].provided["train"] = outcome
+                runners[name].provide(train=outcome)
 
 
 def _share_queries(runners: dict, name: str, order: list[str]) -> None:
