@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FILTER_METHODS", "REFERENCES", "STAGES", "TOKEN_SCOPES", "FilterMethod", "FilterMethodName", "Normalization",
-           "Reference", "TokenScope"]
+__all__ = ["ENGINES", "FILTER_METHODS", "REFERENCES", "STAGES", "TOKEN_SCOPES", "EngineName", "EngineSpec", "FilterMethod",
+           "FilterMethodName", "Normalization", "Reference", "TokenScope"]
 
 # the selective loss's normalization (titok.loss)
 Normalization = Literal["selected_mean", "rho1"]
@@ -59,3 +59,24 @@ FILTER_METHODS: dict[str, FilterMethod] = {
     "top_k_only": FilterMethod("all samples, top-k% tokens (the token filter alone)", "all", True),
 }
 FilterMethodName = Literal[tuple(FILTER_METHODS)]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the rest of titok needs to know of an inference engine (``titok.engines``): how one engine
+    spreads over GPUs, how it takes rows, how its GPU memory behaves (the plan's estimate)."""
+
+    description: str
+    shards: Literal["device_map", "tensor_parallel"]  # whole layers over the actor's GPUs, or TP x PP workers
+    batches_continuously: bool  # takes all the rows it is handed in one call (no rows-per-call cap)
+    gpu_memory: Literal["grows", "preallocated"]  # with the batch (weights, KV, logits), or a share taken up front
+
+
+# The one list of engines: config, placement, plan, the pipeline and the CLI read it here.
+ENGINES: dict[str, EngineSpec] = {
+    "transformers": EngineSpec("CPU or GPU; a model larger than one GPU is split over the actor's GPUs",
+                               "device_map", batches_continuously=False, gpu_memory="grows"),
+    "vllm": EngineSpec("GPU; continuous batching, adapters as LoRA requests, tensor/pipeline parallel",
+                       "tensor_parallel", batches_continuously=True, gpu_memory="preallocated"),
+}
+EngineName = Literal[tuple(ENGINES)]

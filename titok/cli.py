@@ -207,7 +207,7 @@ def _stop(signum: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every command and option; importing it loads no torch (``--help`` in well under a second)."""
-    from titok.choices import STAGES
+    from titok.choices import ENGINES, STAGES
 
     parser = argparse.ArgumentParser(prog="titok", description="Transplant LoRA adapters between LLM backbones (TiTok).")
     parser.add_argument("--version", action="version", version=f"titok {_version()}")
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inference dtype (default: auto, bf16 where the device runs it fast, else fp32)")
     ev.add_argument("--max-new-tokens", type=int,
                     help="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
-    ev.add_argument("--engine", choices=["transformers", "vllm"],
+    ev.add_argument("--engine", choices=list(ENGINES),
                     help="engine that answers (default: transformers; vllm: the adapter as a LoRA request, on a GPU)")
     ev.add_argument("--out", help="write the full report (with example predictions) as JSON here")
     ev.add_argument("--harness", metavar="TASKS",

@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from titok.choices import FILTER_METHODS, REFERENCES, FilterMethodName, Normalization, Reference, TokenScope
+from titok.choices import ENGINES, FILTER_METHODS, REFERENCES, EngineName, FilterMethodName, Normalization, Reference, TokenScope
 
 __all__ = [
     "METHODS",
@@ -108,9 +108,9 @@ class EngineConfig(Section):
         "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_num_batched_tokens",
         "max_loras", "max_cpu_loras", "max_lora_rank", "vllm_score_tolerance")
 
-    name: Literal["transformers", "vllm"] = Field(
-        "transformers", description="inference engine for generation and scoring: transformers (CPU/GPU) or vllm (GPU)"
-    )
+    name: EngineName = Field(
+        "transformers", description="inference engine for generation and scoring: "
+        + "; ".join(f"{name} = {spec.description}" for name, spec in ENGINES.items()))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype for inference; auto = bf16 where the device runs it fast (CUDA with bf16, "
         "CPUs with AMX/AVX512-BF16), else fp32")
@@ -146,15 +146,16 @@ class EngineConfig(Section):
     @model_validator(mode="after")
     def _parallelism(self) -> "EngineConfig":
         parallel = self.tensor_parallel_size * self.pipeline_parallel_size
-        if self.name == "transformers" and parallel > 1:
-            raise ValueError("tensor/pipeline_parallel_size are vllm settings; the transformers engine splits a model "
+        tensor_parallel = ENGINES[self.name].shards == "tensor_parallel"
+        if not tensor_parallel and parallel > 1:
+            raise ValueError(f"tensor/pipeline_parallel_size are vllm settings; the {self.name} engine splits a model "
                              "over its gpus_per_actor GPUs (device_map)")
-        if self.name == "vllm" and self.gpus_per_actor > 0 and self.gpus_per_actor != parallel:
-            raise ValueError(f"vllm: gpus_per_actor={self.gpus_per_actor:g} must equal tensor_parallel_size x "
+        if tensor_parallel and self.gpus_per_actor > 0 and self.gpus_per_actor != parallel:
+            raise ValueError(f"{self.name}: gpus_per_actor={self.gpus_per_actor:g} must equal tensor_parallel_size x "
                              f"pipeline_parallel_size = {parallel}")
         if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
             raise ValueError(f"gpus_per_actor={self.gpus_per_actor:g}: above 1 it must be a whole number")
-        if self.name == "vllm" and self.gpus_per_actor == 0 and parallel > 1:
+        if tensor_parallel and self.gpus_per_actor == 0 and parallel > 1:
             raise ValueError("tensor/pipeline parallelism needs GPUs: set gpus_per_actor")
         return self
 
@@ -299,7 +300,7 @@ class EvalSettings(Section):
         "auto", description="inference dtype; auto = bf16 where the device runs it fast, else fp32")
     cpus_per_actor: int = Field(1, ge=1, description="CPU cores (torch threads) per evaluation actor")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per evaluation actor (0 = CPU)")
-    engine: Literal["transformers", "vllm"] | None = Field(
+    engine: EngineName | None = Field(
         None, description="engine that answers and scores options: transformers, or vllm (each adapter a LoRA request, "
         "one GPU per actor); none: the runs' own engine.name (compare, migrate), transformers for titok eval")
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import yaml
 
 from titok import columns as C, progress
-from titok.choices import STAGES
+from titok.choices import ENGINES, STAGES
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
@@ -65,7 +65,7 @@ class SourceEngines:
                       "vllm": e.model_dump(include=set(e.VLLM_FIELDS)), "gpus": e.gpus_per_actor,
                       "max_batch_tokens": e.max_batch_tokens}
             options = actor_options(e.name, e.gpus_per_actor, e.cpus_per_actor, e.tensor_parallel_size, e.pipeline_parallel_size)
-            rows_per_call = None if e.name == "vllm" else e.batch_size  # vLLM batches continuously inside a call
+            rows_per_call = None if ENGINES[e.name].batches_continuously else e.batch_size
             self.fleet = EngineFleet(self.run_dir, engine, e.actors, options, rows_per_call, e.cpus_per_actor,
                                      max_restarts=e.max_restarts)
         return self.fleet

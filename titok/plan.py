@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from titok.choices import FILTER_METHODS
+from titok.choices import ENGINES, FILTER_METHODS
 from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "activation_bytes", "cluster_resources", "local_resources",
@@ -238,13 +238,15 @@ def _engine_stage(cfg, shape, adapter_rank: int, res: Resources, a: Assumptions)
     on_gpu = e.gpus_per_actor > 0
     dtype = _plan_dtype(e.dtype, on_gpu)
     wbytes = _dtype_bytes(dtype)
-    shards = e.tensor_parallel_size * e.pipeline_parallel_size if e.name == "vllm" else max(1, math.ceil(e.gpus_per_actor))
+    spec = ENGINES[e.name]
+    tensor_parallel = spec.shards == "tensor_parallel"
+    shards = e.tensor_parallel_size * e.pipeline_parallel_size if tensor_parallel else max(1, math.ceil(e.gpus_per_actor))
     placement = (f"{e.actors} actor(s) x {e.gpus_per_actor:g} GPU" + (f" (TP {e.tensor_parallel_size}, PP {e.pipeline_parallel_size})"
-                 if e.name == "vllm" else "") if on_gpu else f"{e.actors} actor(s) on CPU") + f", {e.name}"
+                 if tensor_parallel else "") if on_gpu else f"{e.actors} actor(s) on CPU") + f", {e.name}"
     stage = StagePlan("engine: queries, labels, scores", shape.name, placement)
     weights = shape.params * wbytes
     seq = e.max_length
-    if on_gpu and e.name == "vllm":
+    if on_gpu and spec.gpu_memory == "preallocated":  # vLLM: weights, LoRA slots, activations, then KV cache
         rank = vllm_lora_rank(e.max_lora_rank or adapter_rank)
         slot = shape.layers * rank * sum(i + o for i, o in shape.linear_dims.values()) * wbytes
         tokens = vllm_batched_tokens(e.max_num_batched_tokens, seq, res.gpu_memory_gib)
@@ -296,15 +298,16 @@ def _check_engine_fit(stage: StagePlan, e, shards: int, res: Resources) -> None:
         if res.gpus == 0:
             stage.problems.append(f"engine.gpus_per_actor={e.gpus_per_actor:g} but the cluster has no GPUs")
             return
-        if e.name == "vllm" and e.tensor_parallel_size > res.gpus_per_node:
+        spec = ENGINES[e.name]
+        if spec.shards == "tensor_parallel" and e.tensor_parallel_size > res.gpus_per_node:
             stage.problems.append(f"engine.tensor_parallel_size={e.tensor_parallel_size} is more than the "
                                   f"{res.gpus_per_node} GPUs of one node (tensor parallelism stays within a node)")
-        elif e.name == "transformers" and e.gpus_per_actor > res.gpus_per_node:
+        elif spec.shards == "device_map" and e.gpus_per_actor > res.gpus_per_node:
             stage.problems.append(f"engine.gpus_per_actor={e.gpus_per_actor:g} is more than the {res.gpus_per_node} GPUs of one node")
         if e.actors * e.gpus_per_actor > res.gpus:
             stage.problems.append(f"{e.actors} actors x {e.gpus_per_actor:g} GPUs need {e.actors * e.gpus_per_actor:g} GPUs; "
                                   f"the cluster has {res.gpus}")
-        if res.gpu_memory_gib and e.name == "transformers":
+        if res.gpu_memory_gib and spec.gpu_memory == "grows":  # a preallocated engine fits by construction
             need = sum(stage.gpu.values()) + CUDA_RESERVE_BYTES
             if need > res.gpu_memory_gib * GIB:
                 stage.problems.append(f"needs {_gib(need)} per GPU (with {_gib(CUDA_RESERVE_BYTES)} reserve), "
@@ -528,7 +531,7 @@ def _check_align_fit(stage: StagePlan, gpus: int, res: Resources) -> None:
 
 def _engine_suggestions(cfg, shape, adapter_rank: int, res: Resources, a: Assumptions) -> list[str]:
     e = cfg.engine
-    if e.name != "vllm" or e.gpus_per_actor == 0:
+    if ENGINES[e.name].shards != "tensor_parallel" or e.gpus_per_actor == 0:
         return []
     for tp in (1, 2, 4, 8, 16):
         if tp <= e.tensor_parallel_size or tp > res.gpus_per_node or shape.heads % tp:

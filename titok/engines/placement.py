@@ -38,8 +38,10 @@ def actor_options(name: str, gpus_per_actor: float, cpus_per_actor: int, tensor_
     scheduling strategy to start the actor with."""
     from functools import partial
 
+    from titok.choices import ENGINES
+
     parallel = tensor_parallel_size * pipeline_parallel_size
-    if name == "vllm" and gpus_per_actor > 0 and parallel > 1:
+    if ENGINES[name].shards == "tensor_parallel" and gpus_per_actor > 0 and parallel > 1:
         bundles, strategy = engine_bundles(tensor_parallel_size, pipeline_parallel_size)
         return {"num_cpus": 1, "num_gpus": 0, "placement": partial(_placement_group_strategy, bundles, strategy)}
     return {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "scheduling_strategy": "SPREAD"}
