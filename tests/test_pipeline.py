@@ -186,10 +186,14 @@ def test_labels_stream_into_the_scores_the_scores_stage_would_make(tiny_model_di
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local_ray):
+def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local_ray, uninterrupted):
+    from titok.layout import share_stages
+
     cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
                                  "train.deepspeed_stage=3")
+    share_stages(uninterrupted["run_dir"], tmp_path / "run")  # its queries, labels and scores: no engine work here
     result = transplant(cfg)
+    assert [result["stages"][s]["status"] for s in ("queries", "labels", "scores")] == ["cached"] * 3
     kept = pd.read_parquet(tmp_path / "run" / "filter")
     total = int(kept[C.N_TOKENS].sum())
     assert sum(np.asarray(k, dtype=bool).sum() for k in kept[C.KEEP]) == keep_count(total, cfg.filter.k)
