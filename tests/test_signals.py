@@ -38,6 +38,14 @@ def _ray_processes(ray_tmp: str) -> list[str]:
     return [line for line in found if "pgrep" not in line]
 
 
+def _wait_for(marker: Path, process: subprocess.Popen) -> None:
+    """Until the run writes ``marker`` (a stage's _STARTED.json), with the run still going."""
+    deadline = time.time() + 600
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+
+
 @pytest.fixture
 def ray_tmp():
     """A temp dir of the titok process's own Ray (short: Ray's socket paths must fit 107 bytes), so its
@@ -57,10 +65,7 @@ def test_a_signal_stops_the_run_at_once(tiny_model_dirs, tmp_path, ray_tmp, sign
     stopped = _command(tmp_path, tiny_model_dirs, "stopped", long_labels=stage == "labels")
     process = subprocess.Popen(stopped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     started = tmp_path / "stopped" / stage / "_STARTED.json"
-    deadline = time.time() + 600
-    while not started.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, process.communicate()[1][-3000:]
+    _wait_for(started, process)
     time.sleep(0.5)  # inside the stage: engine calls running
     sent = time.time()
     process.send_signal(signum)
@@ -88,10 +93,7 @@ def test_a_dead_raylet_ends_the_run_in_one_line_that_says_it_resumes(tiny_model_
     process = subprocess.Popen(_command(tmp_path, tiny_model_dirs, "dead"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
     started = tmp_path / "dead" / "queries" / "_STARTED.json"
-    deadline = time.time() + 600
-    while not started.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert process.poll() is None, process.communicate()[1][-3000:]
+    _wait_for(started, process)
     raylets = [line for line in _ray_processes(ray_tmp) if "/raylet " in line]
     assert len(raylets) == 1, raylets
     os.kill(int(raylets[0].split()[0]), signal.SIGKILL)
@@ -121,10 +123,7 @@ def test_a_killed_driver_is_named_in_one_line(tiny_model_dirs, tmp_path, ray_tmp
     process = subprocess.Popen(_command(tmp_path, tiny_model_dirs, "killed"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
     started = tmp_path / "killed" / "queries" / "_STARTED.json"
-    deadline = time.time() + 600
-    while not started.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert process.poll() is None, process.communicate()[1][-3000:]
+    _wait_for(started, process)
     (driver,) = [p for p in psutil.Process(process.pid).children() if "titok.cli" in " ".join(p.cmdline())]
     driver.kill()
     out, err = process.communicate(timeout=120)
