@@ -53,11 +53,13 @@ def test_option_loglik_picks_the_option_the_model_prefers(smollm2_tokenizer):
 
 def test_one_answer_to_everything_is_a_collapse_whatever_its_accuracy():
     targets = ["True", "False"] * 25
-    report = {"n": 50, **answer_spread(["the answer is False."] * 49 + ["True"], targets)}
+    # an evaluation's report: n, the majority rate, the spread of answers
+    report = {"n": 50, "majority_rate": majority_rate(targets),
+              **answer_spread(["the answer is False."] * 49 + ["True"], targets)}
     assert report["top_prediction"] == "false" and report["top_prediction_share"] == 0.98
     assert report["predictions_by_answer"] == {"false": 49, "true": 1} and report["targets_by_answer"] == {"true": 25, "false": 25}
     assert collapsed(report) and collapse_text(report).startswith("answers 'false' to 49 of 50 examples (98%)")
-    varied = {"n": 50, **answer_spread(["True"] * 30 + ["False"] * 20, targets)}
+    varied = {"n": 50, "majority_rate": majority_rate(targets), **answer_spread(["True"] * 30 + ["False"] * 20, targets)}
     assert not collapsed(varied)  # 60%: a lean, not a collapse
-    uniform_gold = {"n": 10, **answer_spread(["yes"] * 10, ["yes"] * 10)}
+    uniform_gold = {"n": 10, "majority_rate": majority_rate(["yes"] * 10), **answer_spread(["yes"] * 10, ["yes"] * 10)}
     assert not collapsed(uniform_gold)  # the gold is one answer too: answering it is right, not collapsed

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ENGINES", "FILTER_METHODS", "REFERENCES", "STAGES", "TOKEN_SCOPES", "EngineName", "EngineSpec", "FilterMethod",
-           "FilterMethodName", "Normalization", "Reference", "TokenScope"]
+__all__ = ["ENGINES", "FILTER_METHODS", "REFERENCES", "STAGES", "TOKEN_SCOPES", "EngineName", "EngineSpec",
+           "FilterMethod", "FilterMethodName", "Normalization", "Reference", "TokenScope"]
 
 # the selective loss's normalization (titok.loss)
 Normalization = Literal["selected_mean", "rho1"]

@@ -18,7 +18,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from titok.choices import ENGINES, FILTER_METHODS, REFERENCES, EngineName, FilterMethodName, Normalization, Reference, TokenScope
+from titok.choices import (ENGINES, FILTER_METHODS, REFERENCES, EngineName, FilterMethodName, Normalization, Reference,
+                           TokenScope)
 
 __all__ = [
     "METHODS",

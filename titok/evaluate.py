@@ -3,8 +3,8 @@
     titok eval --base gemma3-270m --adapter runs/demo/transplant/adapter --task boolean_expressions
 
 Generation (greedy) and option scoring run in a Ray Data actor pool, on the configured engine
-(``eval.engine``: transformers, or vLLM with each adapter as a LoRA request); the metrics are computed on the
-driver from the predictions. Reported: exact match after answer extraction, option log-likelihood
+(``eval.engine``: transformers, or vLLM with each adapter as a LoRA request); the metrics are computed
+on the driver from the predictions. Reported: exact match after answer extraction, option log-likelihood
 accuracy when the task has a closed answer set (see ``titok.metrics``), ROUGE-1/L for free-text
 tasks, and the majority-label rate beside every accuracy. Several adapters of one base are evaluated
 in one pass (``evaluate_variants``): each actor loads the base once and switches adapters.

@@ -18,7 +18,8 @@ from collections import Counter
 import numpy as np
 from rouge_score import rouge_scorer
 
-__all__ = ["COLLAPSE_SHARE", "answer_spread", "collapse_text", "collapsed", "exact_match", "exact_matches", "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
+__all__ = ["COLLAPSE_SHARE", "answer_spread", "collapse_text", "collapsed", "exact_match", "exact_matches",
+           "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
 
 _ANSWER_MARKER = "the answer is"
@@ -78,12 +79,11 @@ def answer_spread(predictions: list[str], targets: list[str], top: int = 5) -> d
 
 
 def collapsed(report: dict) -> bool:
-    """One answer to >= ``COLLAPSE_SHARE`` of the examples where the gold answers are not that uniform:
-    whatever its accuracy, such a model answers the question it was not asked (a coin with one face)."""
+    """One answer to >= ``COLLAPSE_SHARE`` of the examples where the gold answers are not that uniform
+    (their majority rate, the most common gold answer's share, is below it): whatever its accuracy,
+    such a model answers the question it was not asked (a coin with one face)."""
     share = report.get("top_prediction_share")
-    gold = report.get("targets_by_answer") or {}
-    gold_share = max(gold.values(), default=0) / max(report.get("n") or 1, 1)
-    return share is not None and share >= COLLAPSE_SHARE and gold_share < COLLAPSE_SHARE
+    return share is not None and share >= COLLAPSE_SHARE and report["majority_rate"] < COLLAPSE_SHARE
 
 
 def collapse_text(report: dict) -> str:

@@ -221,7 +221,7 @@ class StageRunner:
         self._cfg, self._run, self.engines, self.adapter = cfg, RunDir(cfg.run_dir), engines, adapter
         self.stream_scores = True  # labels stream into scores (off when the run stops after labels)
         self.fields, self._timings, self.fingerprint, self._rows = _stage_fields(cfg), {}, "", None
-        self._ran: list[str] = []  # the stages run (or reused) so far, in order
+        self._position = 0  # how many stages have run (or been reused), in STAGES order
         # rows a stage gets made already (``provide``): "scores" with the labels, "filter"/"align" rows or
         # a "train" outcome made together with other runs' (a zoo)
         self._provided: dict = {}
@@ -254,13 +254,13 @@ class StageRunner:
 
     @property
     def next_stage(self) -> str | None:
-        return STAGES[len(self._ran)] if len(self._ran) < len(STAGES) else None
+        return STAGES[self._position] if self._position < len(STAGES) else None
 
     def provide(self, **made) -> None:
         """Rows (or, for train, the outcome) of the next stages, made elsewhere (a zoo's shared pass):
         ``provide(filter=kept, align=aligned)``. Refused unless they are the next stages, in order, so a
         provided result can never be taken by a stage it was not made for."""
-        ahead = list(STAGES[len(self._ran):len(self._ran) + len(made)])
+        ahead = list(STAGES[self._position:self._position + len(made)])
         if list(made) != ahead or not set(made) <= _PROVIDABLE:
             raise ValueError(f"{list(made)} are not the next stages of {self._run.root} that take made rows (next: "
                              f"{ahead or 'none'}; made rows go to {sorted(_PROVIDABLE)})")
@@ -297,14 +297,15 @@ class StageRunner:
     def run_next(self, name: str) -> None:
         if name != self.next_stage:
             raise ValueError(f"stage {name!r} is not the next one of {self._run.root} ({self.next_stage!r} is)")
-        self._ran.append(name)
+        self._position += 1
         if name == "export":
             self._timings["export"] = {"status": "ran"}
             self.adapter_path = export(self._cfg, self._run)
             return
         self.fingerprint = self._run.fingerprint(self.fingerprint, self.fields[name])
-        self._rows = run_stage(self._run, _stage_path(self._cfg, name), self.fingerprint, lambda: self.steps[name](self._rows),
-                              self._timings, resumable=("ray",) if name == "train" else ())  # Ray Train's checkpoints
+        self._rows = run_stage(self._run, _stage_path(self._cfg, name), self.fingerprint,
+                               lambda: self.steps[name](self._rows), self._timings,
+                               resumable=("ray",) if name == "train" else ())  # Ray Train's checkpoints
 
     def result(self) -> dict:
         # which dtype each model ran in, and why (dtype: auto decides per device)

@@ -4,10 +4,10 @@ Ray Data's ``map_batches`` (and ``ray.data.llm``, which builds on it) starts a f
 every pass, so three stages, and every query-writing round, would load the source model again: for
 a 70B source that is minutes and 141 GB read each time. Here N engine actors are started once per
 run (``EngineFleet``), each holding the source base and its adapters (an adapter is switched off to
-write queries and for the amateur pass), and every stage sends its rows through them (``map``). Ray Data is not used for this hop because it cannot
-stream through actors it did not start: forwarding actors stall as soon as the engines hold every
-CPU of a node (its executor waits for a free CPU; seen on the 2-core machine, where one engine with
-``cpus_per_actor: 2`` holds both). Stage rows are small (text and per-token arrays) and travel as
+write queries and for the amateur pass), and every stage sends its rows through them (``map``). Ray
+Data is not used for this hop because it cannot stream through actors it did not start: forwarding
+actors stall as soon as the engines hold every CPU of a node (its executor waits for a free CPU; seen
+on the 2-core machine, where one engine with ``cpus_per_actor: 2`` holds both). Stage rows are small (text and per-token arrays) and travel as
 Arrow tables.
 
 Rows are handed out as engines free up (self-scheduling, written here because ``ray.util.ActorPool``
