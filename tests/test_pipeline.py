@@ -242,6 +242,29 @@ def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_d
     assert json.loads(Path(aware["adapter"], "titok.json").read_text())["method"] == "titok:target_base"
     assert Path(titok["adapter"], "adapter_model.safetensors").read_bytes() == titok_weights
 
+    # uld: kd's samples and tokens, plus the expert's top-n log-probs kept by labels, paired by span
+    uld = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.method=uld"))
+    assert all(uld["stages"][name]["status"] == "cached" for name in ("queries", "labels", "scores"))
+    labels = pd.read_parquet(run_dir / "labels")
+    with_top = labels[labels[C.EXPERT_TOP_LOGPROBS].notna()]
+    assert len(with_top) == labels[C.EXPERT_LOGPROBS].notna().sum() > 0
+    for _, row in with_top.iterrows():
+        top = np.stack(row[C.EXPERT_TOP_LOGPROBS])
+        assert top.shape == (len(row[C.EXPERT_LOGPROBS]), 20) and (np.diff(top, axis=1) <= 0).all()
+    aligned = pd.read_parquet(run_dir / "uld" / "align")
+    paired = 0
+    for _, row in aligned.iterrows():
+        if row[C.TARGET_TEACHER] is None:
+            continue
+        teacher = np.stack(row[C.TARGET_TEACHER])
+        assert teacher.shape == (len(row[C.TARGET_TOKEN_IDS]), 20) and not np.isnan(teacher[0]).any()
+        paired += int((~np.isnan(teacher[:, 0])).sum())
+    assert paired > 0
+    assert uld["stages"]["uld/train"]["status"] == "ran"
+    # the same data, seed and steps as kd: only the ULD term can make the adapters differ
+    kd_weights, uld_weights = (load_file(Path(r["adapter"]) / "adapter_model.safetensors") for r in (kd, uld))
+    assert any(not torch.equal(kd_weights[name], uld_weights[name]) for name in kd_weights)
+
 
 def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
     run = RunDir(tmp_path)

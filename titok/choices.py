@@ -36,6 +36,7 @@ class FilterMethod:
     description: str
     samples: Literal["top_m", "random_m", "all"]  # the top-M by mean excess, M at random, or every sample
     token_filter: bool  # the top-k% tokens (so a token reference applies), or every token
+    distills: bool = False  # trains on the expert's top-n log-probs too (titok.distill's ULD), not its text alone
 
     @property
     def keeps_m(self) -> bool:
@@ -57,6 +58,8 @@ FILTER_METHODS: dict[str, FilterMethod] = {
     "random_m": FilterMethod("M random samples, all tokens", "random_m", False),
     "top_m_only": FilterMethod("top-M samples, all tokens (the sample filter alone)", "top_m", False),
     "top_k_only": FilterMethod("all samples, top-k% tokens (the token filter alone)", "all", True),
+    "uld": FilterMethod("all samples, all tokens, cross-entropy plus logit distillation across tokenizers (ULD on "
+                        "the expert's top-n log-probs, paired by character spans)", "all", False, distills=True),
 }
 FilterMethodName = Literal[tuple(FILTER_METHODS)]
 

@@ -177,6 +177,9 @@ class QueriesConfig(Section):
 class LabelsConfig(Section):
     max_new_tokens: int = Field(128, ge=1, description="token budget of one expert response")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy expert responses")
+    top_logprobs: int = Field(
+        20, ge=0, le=100, description="the expert's n likeliest log-probs kept at every answer token (what the "
+        "uld method distills; 0 keeps none, which saves vLLM's per-token log-prob lists on a large fleet)")
 
 
 class FilterConfig(Section):
@@ -252,6 +255,8 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of all steps")
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")
     normalization: Normalization = Field("selected_mean", description="selective-loss normalization")
+    distill_weight: float = Field(1.0, ge=0.0, description="weight of the ULD distance next to the cross-entropy "
+                                  "(filter.method=uld only; ULD's and TRL GOLD's default)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training dtype of the target base; auto = bf16 on CUDA GPUs with bf16, fp32 on CPUs "
         "(bf16 backward is slower there; titok.hardware)")
@@ -347,6 +352,9 @@ class TransplantConfig(Section):
             raise ValueError(
                 f"filter.top_m={self.filter.top_m} is larger than queries.pool_size={self.queries.pool_size}"
             )
+        if FILTER_METHODS[self.filter.method].distills and not self.labels.top_logprobs:
+            raise ValueError(f"filter.method={self.filter.method} distills the expert's top-n log-probs: set "
+                             "labels.top_logprobs above 0 (e.g. 20)")
         if self.train.global_batch_size > self.filter.top_m:
             raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is larger than "
                              f"filter.top_m={self.filter.top_m}, the samples there are to train on")

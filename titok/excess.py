@@ -31,8 +31,8 @@ from transformers import PreTrainedTokenizerBase
 
 from titok.sequences import Batch, EncodedPair, collate, encode_pair
 
-__all__ = ["TokenScores", "response_logprobs", "score_batch", "score_pairs", "text_logprobs", "token_budget_batches",
-           "token_logprobs"]
+__all__ = ["TokenScores", "response_logprobs", "response_scores", "score_batch", "score_pairs", "text_logprobs",
+           "token_budget_batches", "token_logprobs"]
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 values per log-sum-exp chunk (64 MB)
 
@@ -45,6 +45,7 @@ class TokenScores:
     offsets: np.ndarray  # (R, 2) int64, character spans in the response text
     expert_logprobs: np.ndarray  # float32
     amateur_logprobs: np.ndarray  # float32
+    expert_top: np.ndarray | None = None  # (R, n) the expert's n likeliest log-probs, where its pass ran here
 
     @property
     def excess(self) -> np.ndarray:
@@ -98,6 +99,16 @@ def lm_head_only_at(model: torch.nn.Module, positions: torch.Tensor):
 @torch.no_grad()
 def response_logprobs(model: torch.nn.Module, batch: Batch, **forward_kwargs) -> list[torch.Tensor]:
     """log P(token | prefix) for each sequence's response tokens: a list of B float32 tensors."""
+    return response_scores(model, batch, **forward_kwargs)[0]
+
+
+@torch.no_grad()
+def response_scores(model: torch.nn.Module, batch: Batch, top_n: int = 0,
+                    **forward_kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """``response_logprobs`` and, with ``top_n``, each response token's n likeliest log-probs, (R, n)
+    per sequence, from the same logits (what logit distillation reads: ``titok.distill``)."""
+    from titok.distill import top_logprobs
+
     batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
     # logits at kept position j predict input token keep_from + j + 1
@@ -106,11 +117,15 @@ def response_logprobs(model: torch.nn.Module, batch: Batch, **forward_kwargs) ->
     per_row_head = "adapter_names" in forward_kwargs and isinstance(model.get_output_embeddings(), LoraLayer)
     with nullcontext({"gathered": False}) if per_row_head else lm_head_only_at(model, predicts_response) as head:
         logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep(), **forward_kwargs).logits
+    counts = predicts_response.sum(dim=1).tolist()
     if head["gathered"]:
-        flat = token_logprobs(logits[0], targets[predicts_response].to(logits.device))
-        return list(flat.split(predicts_response.sum(dim=1).tolist()))
-    logprobs = token_logprobs(logits[:, :-1], targets)
-    return [row[row_mask] for row, row_mask in zip(logprobs, predicts_response)]
+        flat_logits = logits[0]
+        flat = token_logprobs(flat_logits, targets[predicts_response].to(logits.device))
+    else:
+        flat_logits = logits[:, :-1][predicts_response.to(logits.device)]
+        flat = token_logprobs(flat_logits, targets[predicts_response].to(logits.device))
+    tops = list(top_logprobs(flat_logits, top_n).split(counts)) if top_n else None
+    return list(flat.split(counts)), tops
 
 
 def text_logprobs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, queries: list[str], responses: list[str],
@@ -126,37 +141,43 @@ def text_logprobs(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, qu
 
 
 def score_batch(model: PeftModel, pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "left",
-                known_expert: list[np.ndarray | None] | None = None, mixed_batch: bool = False) -> list[TokenScores]:
+                known_expert: list[np.ndarray | None] | None = None, mixed_batch: bool = False,
+                top_n: int = 0) -> list[TokenScores]:
     """Expert and amateur log-probs of one padded batch, with a single copy of the base weights.
 
     ``known_expert[i]``, when given, are pair i's expert log-probs already (from generation): the
     expert pass then runs only for the pairs without them. ``mixed_batch``: both passes in one forward.
+    ``top_n``: where the expert pass runs, the expert's n likeliest log-probs at each token too.
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"the expert must be a peft.PeftModel (base + source adapter), got {type(model).__name__}")
     known = known_expert or [None] * len(pairs)
     unknown = [i for i, k in enumerate(known) if k is None]
     expert: list = list(known)
+    tops: list = [None] * len(pairs)
     if mixed_batch and unknown:
         rows = pairs + [pairs[i] for i in unknown]
         names = ["__base__"] * len(pairs) + [model.active_adapter] * len(unknown)
-        scored = response_logprobs(model, collate(rows, pad_token_id, padding_side), adapter_names=names)
-        amateur, unknown_expert = scored[: len(pairs)], scored[len(pairs) :]
+        scored, top = response_scores(model, collate(rows, pad_token_id, padding_side), top_n, adapter_names=names)
+        amateur, unknown_expert, unknown_top = scored[: len(pairs)], scored[len(pairs) :], (top or [])[len(pairs) :]
     else:
         with model.disable_adapter():
             amateur = response_logprobs(model, collate(pairs, pad_token_id, padding_side))
-        unknown_expert = response_logprobs(model, collate([pairs[i] for i in unknown], pad_token_id, padding_side)) \
-            if unknown else []
+        unknown_expert, unknown_top = response_scores(model, collate([pairs[i] for i in unknown], pad_token_id, padding_side),
+                                                      top_n) if unknown else ([], None)
     for i, lp in zip(unknown, unknown_expert):
         expert[i] = lp.cpu().numpy()
+    for i, top in zip(unknown, unknown_top or []):
+        tops[i] = top.cpu().numpy()
     return [
         TokenScores(
             token_ids=np.asarray(pair.response_ids, dtype=np.int64),
             offsets=np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2),
             expert_logprobs=np.asarray(e, dtype=np.float32),
             amateur_logprobs=a.cpu().numpy(),
+            expert_top=top,
         )
-        for pair, e, a in zip(pairs, expert, amateur)
+        for pair, e, a, top in zip(pairs, expert, amateur, tops)
     ]
 
 
@@ -185,6 +206,7 @@ def score_pairs(
     max_batch_tokens: int | None = None,
     known_expert: list[np.ndarray | None] | None = None,
     mixed_batch: bool = False,
+    top_n: int = 0,
 ) -> list[TokenScores]:
     """Score (query, response) pairs in length-sorted batches (``batch_size`` rows, ``max_batch_tokens``)."""
     if len(queries) != len(responses):
@@ -200,7 +222,7 @@ def score_pairs(
     lengths = [len(p.prompt_ids) + len(p.response_ids) for p in pairs]
     for chunk in token_budget_batches(lengths, batch_size, max_batch_tokens):
         scored = score_batch(model, [pairs[i] for i in chunk], tokenizer.pad_token_id, padding_side, [known[i] for i in chunk],
-                             mixed_batch)
+                             mixed_batch, top_n)
         for i, item in zip(chunk, scored):
             results[i] = item
     return results

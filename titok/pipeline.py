@@ -28,7 +28,7 @@ import pyarrow as pa
 import yaml
 
 from titok import columns as C, progress
-from titok.choices import ENGINES, STAGES
+from titok.choices import ENGINES, FILTER_METHODS, STAGES
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
@@ -98,7 +98,8 @@ def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEng
     scores, no wait for the whole stage); else scores is None and the scores stage does it."""
     params = {"max_new_tokens": cfg.labels.max_new_tokens, "temperature": cfg.labels.temperature, "seed": cfg.seed}
     operation = "labels+scores" if then_score and queries.num_rows else "labels"
-    out = engines().map(queries, operation, {"generation": params, "adapter": adapter})
+    out = engines().map(queries, operation,
+                        {"generation": params, "adapter": adapter, "top_logprobs": cfg.labels.top_logprobs})
     labels, scores = out if isinstance(out, tuple) else (out, None)
     rescore = labels.column(C.EXPERT_LOGPROBS).null_count  # answers that do not re-tokenize to their own tokens
     note = (f"{labels.num_rows - rescore} answers keep their expert log-probs from generation, {rescore} are "
@@ -112,7 +113,7 @@ def label_responses(cfg: TransplantConfig, queries: pa.Table, engines: SourceEng
 
 def score_excess(cfg: TransplantConfig, labels: pa.Table, engines: SourceEngines, adapter: str):
     """Expert and amateur log-probs of every response token, one base copy per engine."""
-    return engines().map(labels, "scores", {"adapter": adapter})
+    return engines().map(labels, "scores", {"adapter": adapter, "top_logprobs": cfg.labels.top_logprobs})
 
 
 def filter_samples_and_tokens(cfg: TransplantConfig, scores: pa.Table):
@@ -126,7 +127,8 @@ def align_settings(cfg: TransplantConfig) -> dict:
     """What the alignment of a kept sample depends on (runs that agree on it may align in one pass)."""
     return {"target_base": cfg.target_base, "trust_remote_code": cfg.trust_remote_code,
             "reference": cfg.filter.token_reference, "k": cfg.filter.k, "dtype": cfg.engine.dtype,
-            "batch_size": cfg.filter.reference_batch_size, "gpus": cfg.filter.reference_gpus if cfg.train.use_gpu else 0}
+            "batch_size": cfg.filter.reference_batch_size, "gpus": cfg.filter.reference_gpus if cfg.train.use_gpu else 0,
+            "distill": FILTER_METHODS[cfg.filter.method].distills}
 
 
 def align_to_target(cfg: TransplantConfig, kept, log_dir: str | None = None):
@@ -156,7 +158,8 @@ def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table):
 
 def _teaching_rows(aligned: pa.Table) -> pa.Table:
     teaches = pa.array([float(np.sum(w)) > 0 for w in aligned.column(C.TARGET_WEIGHTS).to_pylist()], type=pa.bool_())
-    return aligned.filter(teaches).select([C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS])
+    columns = [C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]
+    return aligned.filter(teaches).select(columns + [C.TARGET_TEACHER] * (C.TARGET_TEACHER in aligned.column_names))
 
 
 def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained: TrainOutcome | None = None) -> dict:

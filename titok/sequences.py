@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -63,7 +64,8 @@ class Batch:
         return torch.arange(self.logits_start(), self.input_ids.shape[1])
 
     def to(self, device) -> "Batch":
-        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                             for f in fields(self)})
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -139,9 +141,11 @@ def collate(pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "le
 
 @dataclass
 class TrainingBatch(Batch):
-    """A right-padded ``Batch`` plus (B, T) token weights for ``selective_cross_entropy``."""
+    """A right-padded ``Batch`` plus (B, T) token weights for ``selective_cross_entropy`` and, for
+    logit distillation (``titok.distill``), (B, T, n) teacher top-n log-probs, NaN where none."""
 
     token_weights: torch.Tensor
+    teacher_top: torch.Tensor | None = None
 
 
 def build_training_batch(
@@ -150,11 +154,14 @@ def build_training_batch(
     responses: list[str],
     response_weights: list,
     max_length: int | None = None,
+    teacher_top: list | None = None,
 ) -> TrainingBatch:
     """Tokenize pairs for the target model; ``response_weights[i]`` has one weight per target response token.
 
     The end-of-turn token after each response is always trained (weight 1), so the target learns
-    where an answer ends; it is not a scored token, so no filter weight exists for it.
+    where an answer ends; it is not a scored token, so no filter weight exists for it (nor a teacher
+    distribution). ``teacher_top[i]``: (target response tokens, n) teacher log-probs, NaN rows where
+    none, or None for a sample without them.
     """
     pairs = [encode_pair(tokenizer, q, r, max_length, append_eos=True) for q, r in zip(queries, responses)]
     batch = collate(pairs, tokenizer.pad_token_id, padding_side="right")
@@ -169,4 +176,20 @@ def build_training_batch(
             )
         # max_length may have cut the response (and its end-of-turn token): keep the weights that fit
         token_weights[row, batch.response_mask[row]] = torch.cat([weights, torch.ones(1)])[: len(pair.response_ids)]
-    return TrainingBatch(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask, token_weights)
+    return TrainingBatch(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_mask, token_weights,
+                         None if teacher_top is None else _teacher_tensor(batch, response_weights, teacher_top))
+
+
+def _teacher_tensor(batch: Batch, response_weights: list, teacher_top: list) -> torch.Tensor:
+    """(B, T, n) teacher log-probs at each sample's response positions, NaN elsewhere."""
+    tops = [None if t is None or not len(t) else np.stack([np.asarray(r, dtype=np.float32) for r in t]) for t in teacher_top]
+    n = next((t.shape[1] for t in tops if t is not None), 1)
+    out = torch.full((*batch.input_ids.shape, n), float("nan"), dtype=torch.float32)
+    for row, (weights, top) in enumerate(zip(response_weights, tops)):
+        if top is None:
+            continue
+        if len(top) != len(weights):
+            raise ValueError(f"sample {row}: teacher log-probs for {len(top)} tokens, weights for {len(weights)}")
+        positions = batch.response_mask[row].nonzero()[:, 0][: len(weights)]  # the end-of-turn token has none
+        out[row, positions] = torch.as_tensor(top[: len(positions)])
+    return out

@@ -32,10 +32,18 @@ class GenerationParams:
 @dataclass
 class Label:
     """An expert answer and, when its generated tokens are exactly how the text tokenizes, the
-    expert's log-prob of each of them (so scoring needs only the amateur pass)."""
+    expert's log-prob of each of them (so scoring needs only the amateur pass) and, when asked for,
+    its n likeliest log-probs at each of them, (tokens, n) in decreasing order (``titok.distill``)."""
 
     text: str
     expert_logprobs: np.ndarray | None
+    top_logprobs: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, tokenizer, text: str, generated: list[int], logprobs: list[float], tops=None) -> "Label":
+        """Both log-prob kinds kept only where ``text`` re-tokenizes to the generated tokens."""
+        kept = canonical_logprobs(tokenizer, text, generated, logprobs)
+        return cls(text, kept, None if kept is None or tops is None else np.asarray(tops, dtype=np.float32))
 
 
 def canonical_logprobs(tokenizer, text: str, generated: list[int], logprobs: list[float]) -> np.ndarray | None:
@@ -53,17 +61,20 @@ class InferenceEngine(ABC):
         raw prompt (``chat=False``); returns the generated texts."""
 
     @abstractmethod
-    def label(self, messages: list[str], params: GenerationParams) -> list[Label]:
-        """The expert answers each user message (chat template), keeping each answer token's log-prob."""
+    def label(self, messages: list[str], params: GenerationParams, top_logprobs: int = 0) -> list[Label]:
+        """The expert answers each user message (chat template), keeping each answer token's log-prob
+        (and its ``top_logprobs`` likeliest log-probs at each step)."""
 
     @abstractmethod
     def select_adapter(self, name: str) -> None:
         """Make the adapter called ``name`` the expert for the calls that follow."""
 
     @abstractmethod
-    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
+    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None,
+              top_n: int = 0) -> list[TokenScores]:
         """Expert (with adapter) and amateur (without) log-probs of each response's tokens; the expert
-        pass is skipped for pairs whose ``known_expert`` log-probs are given."""
+        pass is skipped for pairs whose ``known_expert`` log-probs are given; where it runs, it keeps the
+        expert's ``top_n`` likeliest log-probs at each token too."""
 
     @abstractmethod
     def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:

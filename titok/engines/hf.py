@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from titok.engines.base import GenerationParams, InferenceEngine, Label, canonical_logprobs, named_adapters
+from titok.engines.base import GenerationParams, InferenceEngine, Label, named_adapters
+from titok.distill import top_logprobs
 from titok.excess import TokenScores, score_pairs, text_logprobs, token_logprobs
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_model, load_tokenizer
@@ -26,14 +27,17 @@ class _StepLogprobs:
 
     A hook on the LM head keeps the last position's logits of each step; the next step's forward
     receives the token chosen from them, and its log-prob is taken then (``output_logits`` would hold
-    every step's full-vocabulary logits until the end instead).
+    every step's full-vocabulary logits until the end instead). ``top_n``: each step's n likeliest
+    log-probs too (``titok.distill``).
     """
 
-    def __init__(self, model):
-        self.model, self.previous, self.steps = model, None, []
+    def __init__(self, model, top_n: int = 0):
+        self.model, self.top_n, self.previous, self.steps, self.tops = model, top_n, None, [], []
 
     def _on_logits(self, module, inputs, output):
         self.previous = output[:, -1, :].float()
+        if self.top_n:
+            self.tops.append(top_logprobs(self.previous, self.top_n))
 
     def _on_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -54,6 +58,10 @@ class _StepLogprobs:
         """(B, T) log-probs of ``new_tokens``; the last step's token never fed a forward pass."""
         steps = self.steps + [token_logprobs(self.previous, new_tokens[:, -1])]
         return torch.stack(steps[-new_tokens.shape[1] :], dim=1).cpu()
+
+    def finish_top(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, n) top-n log-probs of each step that chose one of ``new_tokens``."""
+        return torch.stack(self.tops[-new_tokens.shape[1] :], dim=1).cpu()
 
 
 class TransformersEngine(InferenceEngine):
@@ -89,8 +97,10 @@ class TransformersEngine(InferenceEngine):
         return contextlib.nullcontext() if use_adapter or not isinstance(self.model, PeftModel) else self.model.disable_adapter()
 
     @torch.no_grad()
-    def _generate(self, prompts: list[str], params: GenerationParams, use_adapter: bool, chat: bool, logits: bool):
-        """(new token ids per row, cut at the end of the answer; their raw log-probs or None) per batch."""
+    def _generate(self, prompts: list[str], params: GenerationParams, use_adapter: bool, chat: bool, logits: bool,
+                  top_n: int = 0):
+        """(new token ids per row, cut at the end of the answer; their raw log-probs or None; each step's
+        top-n log-probs, (T, n), or None) per row."""
         device = self.model.get_input_embeddings().weight.device  # where inputs go under a device_map
         torch.manual_seed(params.seed)
         stop = set(self.model.generation_config.eos_token_id if isinstance(self.model.generation_config.eos_token_id, list)
@@ -101,32 +111,36 @@ class TransformersEngine(InferenceEngine):
                                  padding=True, return_tensors="pt").to(device)
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
                 if params.temperature > 0 else {"do_sample": False}
-            recorder = _StepLogprobs(self.model) if logits else contextlib.nullcontext()
+            recorder = _StepLogprobs(self.model, top_n) if logits else contextlib.nullcontext()
             with self.adapter_context(use_adapter), recorder:
                 out = self.model.generate(**enc, max_new_tokens=params.max_new_tokens,
                                           pad_token_id=self.tokenizer.pad_token_id, **sampling)
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             steps = recorder.finish(new_tokens) if logits else None
+            tops = recorder.finish_top(new_tokens) if logits and top_n else None
             for row, tokens in enumerate(new_tokens.tolist()):
                 end = next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
-                yield tokens[:end], (steps[row, :end].tolist() if logits else None)
+                yield tokens[:end], (steps[row, :end].tolist() if logits else None), \
+                    (tops[row, :end].numpy() if tops is not None else None)
 
     def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
         prompts = [format_prompt(self.tokenizer, m) for m in messages] if chat else list(messages)
         return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                for tokens, _ in self._generate(prompts, params, use_adapter, chat, logits=False)]
+                for tokens, _, _ in self._generate(prompts, params, use_adapter, chat, logits=False)]
 
-    def label(self, messages: list[str], params: GenerationParams) -> list[Label]:
+    def label(self, messages: list[str], params: GenerationParams, top_logprobs: int = 0) -> list[Label]:
         prompts = [format_prompt(self.tokenizer, m) for m in messages]
         labels = []
-        for tokens, logprobs in self._generate(prompts, params, use_adapter=True, chat=True, logits=True):
+        for tokens, logprobs, tops in self._generate(prompts, params, use_adapter=True, chat=True, logits=True,
+                                                     top_n=top_logprobs):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            labels.append(Label(text, canonical_logprobs(self.tokenizer, text, tokens, logprobs)))
+            labels.append(Label.of(self.tokenizer, text, tokens, logprobs, tops))
         return labels
 
-    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
+    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None,
+              top_n: int = 0) -> list[TokenScores]:
         return score_pairs(self.model, self.tokenizer, queries, responses, self.batch_size, "left", self.max_length,
-                           self.max_batch_tokens, known_expert)
+                           self.max_batch_tokens, known_expert, top_n=top_n)
 
     @torch.no_grad()
     def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from titok.engines.base import GenerationParams, InferenceEngine, Label, canonical_logprobs, named_adapters
+from titok.engines.base import GenerationParams, InferenceEngine, Label, named_adapters
 from titok.excess import TokenScores
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_tokenizer, resolve_model_path
@@ -165,13 +165,14 @@ class VLLMEngine(InferenceEngine):
         outputs = self.llm.generate(prompts, sampling, lora_request=self._lora(use_adapter), use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
-    def label(self, messages: list[str], params: GenerationParams) -> list[Label]:
+    def label(self, messages: list[str], params: GenerationParams, top_logprobs: int = 0) -> list[Label]:
         if self.llm is None:
-            return self._transformers.label(messages, params)
+            return self._transformers.label(messages, params, top_logprobs)
         from vllm import SamplingParams, TokensPrompt
 
-        # logprobs=0: the chosen token's log-prob, from the raw logits (vLLM's default logprobs mode)
-        sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature, logprobs=0,
+        # logprobs=0: the chosen token's log-prob, from the raw logits (vLLM's default logprobs mode);
+        # logprobs=n: the n likeliest too (each step's dict holds them, ranked, and the chosen token)
+        sampling = SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature, logprobs=top_logprobs,
                                   top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=self._prompt_ids(m)) for m in messages], sampling,
                                     lora_request=self._lora(True), use_tqdm=False)
@@ -180,8 +181,9 @@ class VLLMEngine(InferenceEngine):
             out = output.outputs[0]
             tokens = [t for t in out.token_ids if t not in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)]
             logprobs = [step[t].logprob for t, step in zip(out.token_ids, out.logprobs)][: len(tokens)]
-            text = out.text.strip()
-            labels.append(Label(text, canonical_logprobs(self.tokenizer, text, tokens, logprobs)))
+            tops = [sorted((lp.logprob for lp in step.values() if lp.rank <= top_logprobs), reverse=True)[:top_logprobs]
+                    for step in out.logprobs[: len(tokens)]] if top_logprobs else None
+            labels.append(Label.of(self.tokenizer, out.text.strip(), tokens, logprobs, tops))
         return labels
 
     def response_logprobs(self, queries: list[str], responses: list[str], use_adapter: bool) -> list[np.ndarray]:
@@ -198,18 +200,24 @@ class VLLMEngine(InferenceEngine):
     def _prompt_logprobs(self, prompt_ids: list[int], ids: list[int], use_adapter: bool) -> np.ndarray:
         return self._prompt_logprobs_batch([(prompt_ids, ids)], use_adapter)[0]
 
-    def _prompt_logprobs_batch(self, items: list[tuple[list[int], list[int]]], use_adapter: bool) -> list[np.ndarray]:
+    def _prompt_logprobs_batch(self, items: list[tuple[list[int], list[int]]], use_adapter: bool,
+                               tops: list | None = None, top_n: int = 0) -> list[np.ndarray]:
+        """Each item's response-token log-probs; with ``top_n``, each token's n likeliest log-probs
+        are appended to ``tops``, (R, n) per item."""
         from vllm import SamplingParams, TokensPrompt
 
-        sampling = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        sampling = SamplingParams(max_tokens=1, prompt_logprobs=top_n, temperature=0.0)
         result = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in chunk], sampling,
                                         lora_request=self._lora(use_adapter), use_tqdm=False)
             for (prompt_ids, ids), output in zip(chunk, outputs):
-                result.append(np.array([output.prompt_logprobs[i][ids[i]].logprob for i in range(len(prompt_ids), len(ids))],
-                                       dtype=np.float32))
+                steps = output.prompt_logprobs[len(prompt_ids) : len(ids)]
+                result.append(np.array([step[t].logprob for t, step in zip(ids[len(prompt_ids) :], steps)], dtype=np.float32))
+                if top_n and tops is not None:
+                    tops.append(np.array([sorted((lp.logprob for lp in step.values() if lp.rank <= top_n), reverse=True)
+                                          for step in steps], dtype=np.float32).reshape(len(steps), top_n))
         return result
 
     def _self_check_gap(self, query: str) -> float:
@@ -262,18 +270,23 @@ class VLLMEngine(InferenceEngine):
                                                 self.batch_size, self.trust_remote_code)
         self._transformers.select_adapter(self.adapter)
 
-    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None) -> list[TokenScores]:
+    def score(self, queries: list[str], responses: list[str], known_expert: list | None = None,
+              top_n: int = 0) -> list[TokenScores]:
         if self.scoring_backend is None:
             self._calibrate(queries[0])
         if self.scoring_backend != "vllm":
-            return self._transformers.score(queries, responses, known_expert)
+            return self._transformers.score(queries, responses, known_expert, top_n)
         pairs = [encode_pair(self.tokenizer, q, r, self.max_length) for q, r in zip(queries, responses)]
         items = [(p.prompt_ids, p.prompt_ids + p.response_ids) for p in pairs]
         amateur = self._prompt_logprobs_batch(items, use_adapter=False)
         expert = list(known_expert or [None] * len(pairs))
         unknown = [i for i, (k, p) in enumerate(zip(expert, pairs)) if k is None or len(k) != len(p.response_ids)]
-        for i, lp in zip(unknown, self._prompt_logprobs_batch([items[i] for i in unknown], use_adapter=True)):
+        tops, expert_top = [], [None] * len(pairs)
+        for i, lp in zip(unknown, self._prompt_logprobs_batch([items[i] for i in unknown], True, tops, top_n)):
             expert[i] = lp
+        for i, top in zip(unknown, tops):
+            expert_top[i] = top
         return [TokenScores(np.asarray(pair.response_ids, dtype=np.int64),
-                            np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2), np.asarray(e, dtype=np.float32), a)
-                for pair, e, a in zip(pairs, expert, amateur)]
+                            np.asarray(pair.response_offsets, dtype=np.int64).reshape(-1, 2), np.asarray(e, dtype=np.float32), a,
+                            top)
+                for pair, e, a, top in zip(pairs, expert, amateur, expert_top)]

@@ -1,4 +1,5 @@
-"""Carry each kept sample's token mask onto the target tokenizer (identity when tokenizers agree)."""
+"""Carry each kept sample's token mask onto the target tokenizer (identity when tokenizers agree),
+and for a distilling method the expert's top-n log-probs, paired by character span (``titok.distill``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 
 from titok import columns as C
 from titok.align import align_values
+from titok.distill import teacher_for_target
 from titok.reference import target_token_scores
 from titok.select import select_tokens
 from titok.models import load_tokenizer
@@ -22,9 +24,10 @@ class AlignToTarget:
     required_columns = (C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.OFFSET_STARTS, C.OFFSET_ENDS, C.KEEP)
 
     def __init__(self, target_base: str, trust_remote_code: bool = False, reference: str = "source_amateur",
-                 k: float = 0.7, dtype: str = "auto", batch_size: int = 8, gpus: int = 0, run_dir: str | None = None):
+                 k: float = 0.7, dtype: str = "auto", batch_size: int = 8, gpus: int = 0, run_dir: str | None = None,
+                 distill: bool = False):
         self.tokenizer = load_tokenizer(target_base, trust_remote_code)
-        self.reference, self.k, self.batch_size = reference, k, batch_size
+        self.reference, self.k, self.batch_size, self.distill = reference, k, batch_size, distill
         self.model = None
         if reference != "source_amateur":  # the target base scores the kept samples
             import torch
@@ -45,7 +48,10 @@ class AlignToTarget:
         missing = [c for c in self.required_columns if c not in batch]
         if missing:
             raise KeyError(f"align stage needs columns {missing}; got {sorted(batch)}")
-        target_ids, target_weights, target_lps = [], [], []
+        if self.distill and C.EXPERT_TOP_LOGPROBS not in batch:
+            raise KeyError(f"a distilling method needs the labels' {C.EXPERT_TOP_LOGPROBS} (labels.top_logprobs > 0); "
+                           f"got {sorted(batch)}")
+        target_ids, target_weights, target_lps, teachers = [], [], [], []
         scored = None
         if self.model is not None:
             from titok.excess import text_logprobs
@@ -66,7 +72,14 @@ class AlignToTarget:
             target_ids.append(np.asarray(ids, dtype=np.int64))
             target_weights.append(weights.astype(np.float32))
             target_lps.append(None if scored is None else scored[row])
+            if self.distill:
+                top = batch[C.EXPERT_TOP_LOGPROBS][row]
+                teachers.append(None if top is None or not (len(ids) and len(starts)) else
+                                teacher_for_target(source_offsets, np.stack(list(top)) if len(top) else top, offsets,
+                                                   len(response)))
         columns = {**batch, C.TARGET_TOKEN_IDS: target_ids, C.TARGET_WEIGHTS: target_weights}
         if scored is not None:
             columns[C.TARGET_LOGPROBS] = target_lps
+        if self.distill:
+            columns[C.TARGET_TEACHER] = teachers
         return table(columns)

@@ -21,6 +21,11 @@ _LIST_TYPES = {
     C.TARGET_WEIGHTS: pa.list_(pa.float32()),
     C.TARGET_LOGPROBS: pa.list_(pa.float32()),
 }
+# per token, n values: (tokens, n) arrays
+_NESTED_TYPES = {
+    C.EXPERT_TOP_LOGPROBS: pa.list_(pa.list_(pa.float32())),
+    C.TARGET_TEACHER: pa.list_(pa.list_(pa.float32())),
+}
 
 
 def table(columns: dict) -> pa.Table:
@@ -28,6 +33,9 @@ def table(columns: dict) -> pa.Table:
     for name, values in columns.items():
         if name in _LIST_TYPES:  # None stays null: "not known" (e.g. expert log-probs to be rescored)
             arrays[name] = pa.array([None if v is None else np.asarray(v).tolist() for v in values], type=_LIST_TYPES[name])
+        elif name in _NESTED_TYPES:
+            arrays[name] = pa.array([None if v is None else [np.asarray(r, dtype=np.float32).tolist() for r in v]
+                                     for v in values], type=_NESTED_TYPES[name])
         else:
             arrays[name] = pa.array(list(values) if isinstance(values, np.ndarray) and values.dtype == object else values)
     return pa.table(arrays)

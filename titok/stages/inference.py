@@ -43,11 +43,17 @@ def label_responses(engine: InferenceEngine, batch: dict, params: dict) -> dict:
     """The expert (source base + adapter) answers each query."""
     _check("labels", batch, (C.SAMPLE_ID, C.QUERY))
     _select_adapter(engine, params)
-    labels = engine.label(list(batch[C.QUERY]), GenerationParams(**params["generation"]))
+    top_n = params.get("top_logprobs", 0)
+    labels = engine.label(list(batch[C.QUERY]), GenerationParams(**params["generation"]), top_n)
     # the expert's log-prob of each answer token, kept from generation: scoring then runs the amateur
-    # only (null where the generated tokens are not the answer's own tokenization: rescored)
-    return table({**batch, C.RESPONSE: [label.text for label in labels],
-                  C.EXPERT_LOGPROBS: [label.expert_logprobs for label in labels]})
+    # only (null where the generated tokens are not the answer's own tokenization: rescored); and its
+    # top-n log-probs there, what logit distillation reads (null for a rescored answer: it trains on
+    # cross-entropy alone)
+    columns = {**batch, C.RESPONSE: [label.text for label in labels],
+               C.EXPERT_LOGPROBS: [label.expert_logprobs for label in labels]}
+    if top_n:
+        columns[C.EXPERT_TOP_LOGPROBS] = [None if label.top_logprobs is None else list(label.top_logprobs) for label in labels]
+    return table(columns)
 
 
 def score_excess(engine: InferenceEngine, batch: dict, params: dict):
@@ -55,10 +61,16 @@ def score_excess(engine: InferenceEngine, batch: dict, params: dict):
     _check("scores", batch, (C.SAMPLE_ID, C.QUERY, C.RESPONSE))
     _select_adapter(engine, params)
     known = list(batch[C.EXPERT_LOGPROBS]) if C.EXPERT_LOGPROBS in batch else None
-    scored = engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]), known)
+    top_n = params.get("top_logprobs", 0)
+    scored = engine.score(list(batch[C.QUERY]), list(batch[C.RESPONSE]), known, top_n)
     excess = [s.excess for s in scored]
+    top = {}
+    if top_n:  # the labels' where generation gave them, this pass's where the expert was rescored
+        from_labels = batch[C.EXPERT_TOP_LOGPROBS] if C.EXPERT_TOP_LOGPROBS in batch else [None] * len(scored)
+        top = {C.EXPERT_TOP_LOGPROBS: [s.expert_top if s.expert_top is not None else kept
+                                        for s, kept in zip(scored, from_labels)]}
     return table({
-        **{name: batch[name] for name in (C.SAMPLE_ID, C.QUERY, C.RESPONSE)},
+        **{name: batch[name] for name in (C.SAMPLE_ID, C.QUERY, C.RESPONSE)}, **top,
         C.TOKEN_IDS: [s.token_ids for s in scored],
         C.OFFSET_STARTS: [s.offsets[:, 0] for s in scored],
         C.OFFSET_ENDS: [s.offsets[:, 1] for s in scored],

@@ -212,9 +212,12 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
             for j, indices in enumerate(worker_micro_batches(order, plan, step_in_epoch, rank)):
                 torch.manual_seed(_micro_batch_seed(job["seed"], step, plan, rank, j))  # dropout
                 picked = [rows[i] for i in indices]
+                # a distilling method's rows carry the expert's top-n log-probs on target tokens
+                teacher = [r[C.TARGET_TEACHER] for r in picked] if C.TARGET_TEACHER in picked[0] else None
                 batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
-                                             [r[C.TARGET_WEIGHTS] for r in picked], job["max_length"])
-                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"]))
+                                             [r[C.TARGET_WEIGHTS] for r in picked], job["max_length"], teacher)
+                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"],
+                                                  train["distill_weight"]))
             loss = mean_over_workers(float(np.mean(micro_losses)), engine.device)
             state = {"step": step + 1, "losses": state["losses"] + [loss]}
             final = state["step"] == plan.total_steps

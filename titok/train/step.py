@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from titok.distill import uld_distance
 from titok.excess import lm_head_only_at
 from titok.loss import Normalization, normalize, selected_cross_entropy, selective_cross_entropy
 from titok.sequences import TrainingBatch
@@ -49,10 +50,13 @@ def enable_gradient_checkpointing(model: PeftModel) -> None:
 
 
 def selective_loss(
-    model: torch.nn.Module, batch: TrainingBatch, normalization: Normalization = "selected_mean", k: float | None = None
+    model: torch.nn.Module, batch: TrainingBatch, normalization: Normalization = "selected_mean", k: float | None = None,
+    distill_weight: float = 0.0,
 ) -> torch.Tensor:
     """Selective CE; the LM head runs only where a prediction has weight (``lm_head_only_at``): with
-    a 262k vocabulary (Gemma) the head costs more than the body per position, forward and backward."""
+    a 262k vocabulary (Gemma) the head costs more than the body per position, forward and backward.
+    With ``distill_weight`` and a batch that carries teacher distributions, plus that weight times the
+    mean ULD distance over the trained positions that have one (``titok.distill``)."""
     keep_from = batch.logits_start()
     # kept position j predicts input token keep_from + j + 1
     predicts_response = batch.response_mask[:, keep_from + 1 :]
@@ -63,21 +67,30 @@ def selective_loss(
     with lm_head_only_at(getattr(model, "module", model), selected) as head:
         logits = model(**batch.model_inputs(), logits_to_keep=batch.logits_to_keep()).logits
     if not head["gathered"]:
-        return selective_cross_entropy(logits, batch.input_ids[:, keep_from:], batch.token_weights[:, keep_from:],
+        loss = selective_cross_entropy(logits, batch.input_ids[:, keep_from:], batch.token_weights[:, keep_from:],
                                        batch.response_mask[:, keep_from:], normalization, k)
-    targets = batch.input_ids[:, keep_from + 1 :][selected]
-    total = selected_cross_entropy(logits[0], targets.to(logits.device), weights[selected].to(logits.device))
-    return normalize(total, weights, predicts_response, normalization, k)
+        student = logits[:, :-1][selected.to(logits.device)]
+    else:
+        targets = batch.input_ids[:, keep_from + 1 :][selected]
+        total = selected_cross_entropy(logits[0], targets.to(logits.device), weights[selected].to(logits.device))
+        loss = normalize(total, weights, predicts_response, normalization, k)
+        student = logits[0]
+    if distill_weight and batch.teacher_top is not None:
+        teacher = batch.teacher_top[:, keep_from + 1 :][selected].to(logits.device)
+        paired = ~teacher[:, 0].isnan()
+        if paired.any():
+            loss = loss + distill_weight * uld_distance(student[paired], teacher[paired]).mean()
+    return loss
 
 
 def training_step(engine, batch: TrainingBatch, normalization: Normalization = "selected_mean",
-                  k: float | None = None) -> float:
+                  k: float | None = None, distill_weight: float = 0.0) -> float:
     """Train mode, forward, backward, step. Raises on a non-finite loss instead of training on it,
     on every data-parallel rank at once (``all_ranks_finite``: this rank's alone when not distributed),
     so that no rank waits in a collective for another.
     """
     engine.train()
-    loss = selective_loss(engine, batch, normalization, k)
+    loss = selective_loss(engine, batch, normalization, k, distill_weight)
     if not all_ranks_finite(loss):
         raise FloatingPointError(f"non-finite training loss ({loss.item()} on this rank)")
     engine.backward(loss)

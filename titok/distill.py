@@ -1,0 +1,78 @@
+"""Logit-level distillation across tokenizers: the ULD loss on the expert's stored top-n log-probs.
+
+ULD (Boizard et al., 2024, arXiv 2402.12030) compares two next-token distributions over different
+vocabularies by sorting each one's probabilities and taking the L1 distance between the sorted
+vectors (the Wasserstein-1 distance once the token identities are dropped); training adds it to the
+cross-entropy on the teacher's text: ``loss = CE + distill_weight * ULD`` (ULD's and TRL's GOLD's
+defaults weigh both 1).
+
+What titok changes, and why it is written here rather than taken from TRL:
+- **The teacher is not loaded at training time.** TRL's ``GOLDTrainer`` runs the teacher model next
+  to the student inside a ``transformers.Trainer`` (its own loop, teacher and student on one device
+  set). titok trains under Ray Train + DeepSpeed ZeRO on targets up to 70B, and the expert (source
+  base + LoRA) has already run once, in the labels stage: that stage keeps the expert's **top-n
+  log-probs** at every answer token (``labels.top_logprobs``), sorted, which is all ULD reads, since
+  it drops token identities. Training then costs what kd's costs, plus a top-n over each position's
+  vocabulary.
+- **Truncated to the top n.** With the teacher's top n only, the distance is
+  ``sum_i<n |p_s[i] - p_t[i]| + |tail_s - tail_t|``: both sorted top-n vectors, then the mass
+  outside them (the student's tail is ``1 - sum(top n)``, the teacher's the same of its stored
+  values). By the triangle inequality the tail term is a lower bound of the full distance over the
+  rest of the vocabulary, and with n = 20 the rest holds little mass on a trained expert's answers.
+- **Positions paired by characters, not by index.** ULD pairs the i-th teacher token with the i-th
+  student token. titok already aligns both tokenizations by character spans (``titok.align``): in
+  each aligned group (source tokens and target tokens covering the same characters) the group's
+  first source token's distribution and the group's first target token's prediction are both "what
+  comes next at this character", so they are paired there (GOLD's token groups do the same; GOLD
+  then also matches the tokens both vocabularies share, which needs token identities). The other
+  target tokens of a group get cross-entropy only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from titok.align import alignment_groups
+
+__all__ = ["teacher_for_target", "top_logprobs", "uld_distance"]
+
+_CHUNK_ELEMENTS = 1 << 24  # fp32 values per chunk (64 MB): Gemma's vocabulary is 262k wide
+
+
+def top_logprobs(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, n) log-probs of each row's n likeliest tokens, in decreasing order, in fp32 chunks (no
+    full-vocabulary fp32 copy of every row at once). Differentiable: the student's side of ULD."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+    parts = []
+    for start in range(0, logits.shape[0], rows):
+        chunk = logits[start : start + rows].float()
+        parts.append(chunk.topk(n, dim=-1).values - torch.logsumexp(chunk, dim=-1, keepdim=True))
+    return torch.cat(parts) if parts else logits.new_zeros((0, n), dtype=torch.float32)
+
+
+def uld_distance(student_logits: torch.Tensor, teacher_top: torch.Tensor) -> torch.Tensor:
+    """(N,) ULD distance of each student position (logits (N, V)) to the teacher's sorted top-n
+    log-probs (N, n): sorted top-n probabilities compared one by one, plus the two tails' mass."""
+    n = teacher_top.shape[-1]
+    student = top_logprobs(student_logits, min(n, student_logits.shape[-1])).exp()
+    teacher = teacher_top.float().exp()
+    if student.shape[-1] < n:  # a student vocabulary smaller than n: its missing ranks have probability 0
+        student = torch.nn.functional.pad(student, (0, n - student.shape[-1]))
+    head = (student - teacher).abs().sum(dim=-1)
+    tail = ((1 - student.sum(dim=-1)).clamp(min=0) - (1 - teacher.sum(dim=-1)).clamp(min=0)).abs()
+    return head + tail
+
+
+def teacher_for_target(source_offsets: Sequence[Sequence[int]], source_top: np.ndarray,
+                       target_offsets: Sequence[Sequence[int]], text_length: int) -> np.ndarray:
+    """(R_target, n) teacher top-n log-probs per target token: the group's first source token's for
+    the first target token of each aligned group, NaN for every other target token (no pairing)."""
+    source_top = np.asarray(source_top, dtype=np.float32).reshape(len(np.asarray(source_offsets).reshape(-1, 2)), -1)
+    out = np.full((len(np.asarray(target_offsets).reshape(-1, 2)), source_top.shape[1]), np.nan, dtype=np.float32)
+    for group_src, group_tgt in alignment_groups(source_offsets, target_offsets, text_length):
+        out[group_tgt[0]] = source_top[group_src[0]]
+    return out
