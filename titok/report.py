@@ -157,7 +157,9 @@ _HOW_TO_READ = """\
 - **vanilla** is the target base without an adapter; a transplant is only worth something where it
   beats vanilla *and* the majority rate (always answering the most common label).
 - **kd** trains on every synthetic sample and token (hard labels from the expert): it is the
-  baseline TiTok must beat. **random_m**, **top_m_only** and **top_k_only** take TiTok apart:
+  baseline TiTok must beat. **uld** trains on the same data and also matches the expert's top-n
+  next-token distributions across tokenizers (logit-level distillation): the field's strongest
+  cross-tokenizer baseline. **random_m**, **top_m_only** and **top_k_only** take TiTok apart:
   M random samples; TiTok's sample filter alone; its token filter alone.
 - **source expert** is the adapter being transplanted, on its own base: roughly the ceiling.
 - Exact match is taken after answer extraction (the text after the last "the answer is", else the
