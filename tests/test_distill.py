@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from titok.distill import teacher_for_target, top_logprobs, uld_distance
+from titok.distill import teacher_for_target, uld_distance
+from titok.excess import top_logprobs
 from titok.loss import selective_cross_entropy
 from titok.sequences import build_training_batch
 from titok.train.step import attach_fresh_lora, selective_loss
@@ -37,11 +38,11 @@ def test_uld_ignores_which_tokens_carry_the_mass():
 
 
 def test_top_logprobs_sorted_and_normalized_in_chunks(monkeypatch):
-    import titok.distill
+    import titok.excess
 
     logits = torch.randn(7, 50)
     want = torch.log_softmax(logits, dim=-1).sort(dim=-1, descending=True).values[:, :5]
-    monkeypatch.setattr(titok.distill, "_CHUNK_ELEMENTS", 100)  # two rows per chunk
+    monkeypatch.setattr(titok.excess, "_CHUNK_ELEMENTS", 100)  # two rows per chunk
     torch.testing.assert_close(top_logprobs(logits, 5), want)
 
 

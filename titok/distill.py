@@ -36,23 +36,9 @@ import numpy as np
 import torch
 
 from titok.align import alignment_groups
+from titok.excess import top_logprobs
 
-__all__ = ["teacher_for_target", "top_logprobs", "uld_distance"]
-
-_CHUNK_ELEMENTS = 1 << 24  # fp32 values per chunk (64 MB): Gemma's vocabulary is 262k wide
-
-
-def top_logprobs(logits: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, n) log-probs of each row's n likeliest tokens, in decreasing order, in fp32 chunks (no
-    full-vocabulary fp32 copy of every row at once). Differentiable: the student's side of ULD."""
-    logits = logits.reshape(-1, logits.shape[-1])
-    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    parts = []
-    for start in range(0, logits.shape[0], rows):
-        chunk = logits[start : start + rows].float()
-        parts.append(chunk.topk(n, dim=-1).values - torch.logsumexp(chunk, dim=-1, keepdim=True))
-    return torch.cat(parts) if parts else logits.new_zeros((0, n), dtype=torch.float32)
-
+__all__ = ["teacher_for_target", "uld_distance"]
 
 def uld_distance(student_logits: torch.Tensor, teacher_top: torch.Tensor) -> torch.Tensor:
     """(N,) ULD distance of each student position (logits (N, V)) to the teacher's sorted top-n

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from titok.sequences import Batch, EncodedPair, collate, encode_pair
 
 __all__ = ["TokenScores", "response_logprobs", "response_scores", "score_batch", "score_pairs", "text_logprobs",
-           "token_budget_batches", "token_logprobs"]
+           "token_budget_batches", "token_logprobs", "top_logprobs"]
 
 _CHUNK_ELEMENTS = 1 << 24  # fp32 values per log-sum-exp chunk (64 MB)
 
@@ -67,6 +67,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         picked = chunk.gather(-1, flat_targets[start : start + rows, None])[:, 0]
         out[start : start + rows] = picked - torch.logsumexp(chunk, dim=-1)
     return out.view(targets.shape)
+
+
+def top_logprobs(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, n) log-probs of each row's n likeliest tokens, in decreasing order, in fp32 chunks (no
+    full-vocabulary fp32 copy of every row at once). Differentiable: the student's side of ULD."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+    parts = []
+    for start in range(0, logits.shape[0], rows):
+        chunk = logits[start : start + rows].float()
+        parts.append(chunk.topk(n, dim=-1).values - torch.logsumexp(chunk, dim=-1, keepdim=True))
+    return torch.cat(parts) if parts else logits.new_zeros((0, n), dtype=torch.float32)
 
 
 @contextmanager
@@ -107,8 +119,6 @@ def response_scores(model: torch.nn.Module, batch: Batch, top_n: int = 0,
                     **forward_kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """``response_logprobs`` and, with ``top_n``, each response token's n likeliest log-probs, (R, n)
     per sequence, from the same logits (what logit distillation reads: ``titok.distill``)."""
-    from titok.distill import top_logprobs
-
     batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
     # logits at kept position j predict input token keep_from + j + 1

@@ -13,8 +13,7 @@ import torch
 from peft import PeftModel
 
 from titok.engines.base import GenerationParams, InferenceEngine, Label, named_adapters
-from titok.distill import top_logprobs
-from titok.excess import TokenScores, score_pairs, text_logprobs, token_logprobs
+from titok.excess import TokenScores, score_pairs, text_logprobs, token_logprobs, top_logprobs
 from titok.hardware import resolve_dtype
 from titok.models import format_prompt, load_model, load_tokenizer
 
