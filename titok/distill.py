@@ -37,6 +37,7 @@ import torch
 
 from titok.align import alignment_groups
 from titok.excess import top_logprobs
+from titok.sequences import token_matrix
 
 __all__ = ["teacher_for_target", "uld_distance"]
 
@@ -57,7 +58,7 @@ def teacher_for_target(source_offsets: Sequence[Sequence[int]], source_top: np.n
                        target_offsets: Sequence[Sequence[int]], text_length: int) -> np.ndarray:
     """(R_target, n) teacher top-n log-probs per target token: the group's first source token's for
     the first target token of each aligned group, NaN for every other target token (no pairing)."""
-    source_top = np.asarray(source_top, dtype=np.float32).reshape(len(np.asarray(source_offsets).reshape(-1, 2)), -1)
+    source_top = token_matrix(source_top)
     out = np.full((len(np.asarray(target_offsets).reshape(-1, 2)), source_top.shape[1]), np.nan, dtype=np.float32)
     for group_src, group_tgt in alignment_groups(source_offsets, target_offsets, text_length):
         out[group_tgt[0]] = source_top[group_src[0]]

@@ -19,7 +19,7 @@ from titok.models import format_prompt
 
 __all__ = [
     "Batch", "EncodedPair", "OffsetsUnavailableError", "TrainingBatch", "build_training_batch", "collate", "encode_pair",
-    "encode_response",
+    "encode_response", "token_matrix",
 ]
 
 
@@ -180,9 +180,15 @@ def build_training_batch(
                          None if teacher_top is None else _teacher_tensor(batch, response_weights, teacher_top))
 
 
+def token_matrix(rows) -> np.ndarray:
+    """A (tokens, n) float32 matrix from a stored list-of-lists cell (Arrow and Ray Data hand it over as
+    an object array of arrays, which ``np.asarray`` cannot stack)."""
+    return np.stack([np.asarray(r, dtype=np.float32) for r in rows]) if len(rows) else np.zeros((0, 0), np.float32)
+
+
 def _teacher_tensor(batch: Batch, response_weights: list, teacher_top: list) -> torch.Tensor:
     """(B, T, n) teacher log-probs at each sample's response positions, NaN elsewhere."""
-    tops = [None if t is None or not len(t) else np.stack([np.asarray(r, dtype=np.float32) for r in t]) for t in teacher_top]
+    tops = [None if t is None or not len(t) else token_matrix(t) for t in teacher_top]
     n = next((t.shape[1] for t in tops if t is not None), 1)
     out = torch.full((*batch.input_ids.shape, n), float("nan"), dtype=torch.float32)
     for row, (weights, top) in enumerate(zip(response_weights, tops)):

@@ -76,6 +76,12 @@ def _gpu_memory_gib() -> float:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
 
 
+def _step_top(step: dict, n: int) -> list[float]:
+    """One position's n likeliest log-probs, in decreasing order, from vLLM's ``{token: Logprob}`` (its
+    top n by rank, plus the chosen or actual token, which is left out unless it is among them)."""
+    return sorted((lp.logprob for lp in step.values() if lp.rank <= n), reverse=True)[:n]
+
+
 class VLLMEngine(InferenceEngine):
     def __init__(self, base: str, adapter: str | None, dtype: str = "auto", max_length: int = 512,
                  batch_size: int = 8, trust_remote_code: bool = False, vllm_score_tolerance: float = 0.05,
@@ -181,8 +187,7 @@ class VLLMEngine(InferenceEngine):
             out = output.outputs[0]
             tokens = [t for t in out.token_ids if t not in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)]
             logprobs = [step[t].logprob for t, step in zip(out.token_ids, out.logprobs)][: len(tokens)]
-            tops = [sorted((lp.logprob for lp in step.values() if lp.rank <= top_logprobs), reverse=True)[:top_logprobs]
-                    for step in out.logprobs[: len(tokens)]] if top_logprobs else None
+            tops = [_step_top(step, top_logprobs) for step in out.logprobs[: len(tokens)]] if top_logprobs else None
             labels.append(Label.of(self.tokenizer, out.text.strip(), tokens, logprobs, tops))
         return labels
 
@@ -216,8 +221,7 @@ class VLLMEngine(InferenceEngine):
                 steps = output.prompt_logprobs[len(prompt_ids) : len(ids)]
                 result.append(np.array([step[t].logprob for t, step in zip(ids[len(prompt_ids) :], steps)], dtype=np.float32))
                 if top_n and tops is not None:
-                    tops.append(np.array([sorted((lp.logprob for lp in step.values() if lp.rank <= top_n), reverse=True)
-                                          for step in steps], dtype=np.float32).reshape(len(steps), top_n))
+                    tops.append(np.array([_step_top(step, top_n) for step in steps], dtype=np.float32).reshape(len(steps), top_n))
         return result
 
     def _self_check_gap(self, query: str) -> float:

@@ -75,8 +75,7 @@ class AlignToTarget:
             if self.distill:
                 top = batch[C.EXPERT_TOP_LOGPROBS][row]
                 teachers.append(None if top is None or not (len(ids) and len(starts)) else
-                                teacher_for_target(source_offsets, np.stack(list(top)) if len(top) else top, offsets,
-                                                   len(response)))
+                                teacher_for_target(source_offsets, top, offsets, len(response)))
         columns = {**batch, C.TARGET_TOKEN_IDS: target_ids, C.TARGET_WEIGHTS: target_weights}
         if scored is not None:
             columns[C.TARGET_LOGPROBS] = target_lps

@@ -47,8 +47,8 @@ def label_responses(engine: InferenceEngine, batch: dict, params: dict) -> dict:
     labels = engine.label(list(batch[C.QUERY]), GenerationParams(**params["generation"]), top_n)
     # the expert's log-prob of each answer token, kept from generation: scoring then runs the amateur
     # only (null where the generated tokens are not the answer's own tokenization: rescored); and its
-    # top-n log-probs there, what logit distillation reads (null for a rescored answer: it trains on
-    # cross-entropy alone)
+    # top-n log-probs there, what logit distillation reads (null for a rescored answer: scoring's
+    # expert pass gives them)
     columns = {**batch, C.RESPONSE: [label.text for label in labels],
                C.EXPERT_LOGPROBS: [label.expert_logprobs for label in labels]}
     if top_n:
