@@ -385,13 +385,20 @@ def test_folder_names_never_collide():
 
 # ---------- run directories that heal ----------
 
+def _plain(value):
+    """A stored cell as plain Python (nested list cells arrive as object arrays of arrays)."""
+    if hasattr(value, "tolist") and getattr(value, "dtype", None) == object:
+        return [_plain(v) for v in value]
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
 def _outputs(run_dir: Path) -> dict:
     import pandas as pd
 
     stages = {}
     for stage in ("queries", "labels", "scores", "filter", "align"):
         frame = pd.read_parquet(run_dir / stage).sort_values("sample_id").reset_index(drop=True)
-        stages[stage] = frame.map(lambda v: v.tolist() if hasattr(v, "tolist") else v).to_dict("list")
+        stages[stage] = frame.map(_plain).to_dict("list")
     stages["adapter"] = hashlib.sha256((run_dir / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
     return stages
 

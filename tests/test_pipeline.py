@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from titok import columns as C
 from titok.models import load_tokenizer
 from titok.pipeline import transplant
+from titok.sequences import token_matrix
 from titok.runstate import EVENTS_DIR, RunDir
 from titok.select import keep_count
 from titok.sequences import encode_response
@@ -180,8 +181,9 @@ def test_labels_stream_into_the_scores_the_scores_stage_would_make(tiny_model_di
                     assert x == y or (x != x and y != y), column  # NaN == NaN for empty responses' scores
                 elif x is None or y is None:
                     assert x is None and y is None, column
-                else:
-                    np.testing.assert_allclose(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64),
+                else:  # a list cell, or a list-of-lists cell (the expert's top-n at each token)
+                    as_floats = token_matrix if len(x) and not np.isscalar(x[0]) else np.asarray
+                    np.testing.assert_allclose(np.asarray(as_floats(x), np.float64), np.asarray(as_floats(y), np.float64),
                                                atol=1e-6, err_msg=column)
 
 
