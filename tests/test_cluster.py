@@ -4,9 +4,11 @@ two-node cluster where a stage's actors land on both nodes."""
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +28,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop the head started with ``--temp-dir temp_dir`` and everything under it (workers, the job's
+    driver), and nothing else: ``ray stop`` would kill every Ray on the machine, another test's or a
+    user's long run among them."""
+    import psutil
+
+    roots = []
+    for process in psutil.process_iter(["cmdline"]):
+        if temp_dir in " ".join(process.info["cmdline"] or ()) and process.pid != os.getpid():
+            roots.append(process)
+    tree = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
+    for process in tree.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(tree.values()), timeout=30)
+
+
+def _descendants(process):
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _shutdown_in_process_ray():
@@ -68,7 +98,7 @@ def _stop_a_job_mid_run(address: str, env: dict, job: list[str], run_dir: Path) 
 
 @pytest.mark.slow
 def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path):
-    _shutdown_in_process_ray()  # `ray stop` below must not pull the rug from under another test's Ray
+    _shutdown_in_process_ray()  # one Ray of this session at a time: a second slows the head past its start timeouts
     run_dir = tmp_path / "run"
     cfg = tiny_transplant_config(tiny_model_dirs, run_dir, "filter.top_m=4", "queries.pool_size=8")
     config_path = tmp_path / "transplant.yaml"
@@ -77,10 +107,13 @@ def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     gcs_port, dashboard_port = _free_port(), _free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    # its own temp dir (short: Ray's socket paths must fit 107 bytes) and agent port (52365 belongs to any other
+    # Ray on this machine), so that it starts beside another Ray and is stopped without touching it
+    temp_dir = tempfile.mkdtemp(prefix="titok-head-", dir="/tmp")
     try:
+        subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
+                        f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                        f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
         wrong_token = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
         refused = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
                                  env=wrong_token, capture_output=True, text=True, timeout=120)
@@ -110,7 +143,8 @@ def test_ray_job_submit_to_a_token_authenticated_head(tiny_model_dirs, tmp_path)
         assert own.returncode == 0, own.stderr[-2000:]
         assert not own.stdout.strip().endswith(f":{gcs_port}"), own.stdout
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -62,13 +62,16 @@ def test_workers_feed_the_drivers_line_through_an_actor(local_ray):
 def assert_one_line_per_stage(output: str, pool: int) -> None:
     """A transplant's output as a person reads it (test_cluster's `ray job submit` run, a small run on
     a token-authenticated head): each stage one line, Ray's per-dataset lines, worker chatter and the
-    token notice gone, the loss once."""
+    token notice gone, the loss only on the train stage's line. A stage longer than the log interval
+    (30 s: a slow or busy machine) writes a line per interval, so a stage's lines are counted as one."""
     stage_lines = [line for line in output.splitlines() if STAGE_LINE.match(line)]
-    assert [STAGE_LINE.match(line).group(1) for line in stage_lines] == \
+    names = [STAGE_LINE.match(line).group(1) for line in stage_lines]
+    assert [name for i, name in enumerate(names) if i == 0 or name != names[i - 1]] == \
         ["queries", "labels", "scores", "filter", "align", "train"], stage_lines
-    assert re.match(rf"\[queries\] {pool}/{pool} queries 100%", stage_lines[0]), stage_lines[0]
+    last_queries_line = stage_lines[names.count("queries") - 1]
+    assert re.match(rf"\[queries\] {pool}/{pool} queries 100%", last_queries_line), last_queries_line
     assert re.match(r"\[train\] \d+/\d+ steps 100% .*loss \d+\.\d{4}$", stage_lines[-1]), stage_lines[-1]
     for noise in ("execution finished", "Running Dataset", "RayTrainWorker", "TrainController", "Token authentication",
                   "Progress bars disabled", "UserWarning", "is deprecated", "Loading weights", "Started a local Ray"):
         assert noise not in output, noise
-    assert output.count("loss") == 1
+    assert output.count("loss") == names.count("train"), output
