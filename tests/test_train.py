@@ -5,6 +5,7 @@ with the adapter an uninterrupted run ends with. Plus the pure batching arithmet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,8 +20,9 @@ from titok.runstate import RunDir
 from titok.sequences import encode_response
 from titok.tasks import load_task, reference_response
 from titok.train.batching import epoch_order, plan_batches, worker_micro_batches
-from titok.train.strategy import DEEPSPEED_CONFIG_DIR
+from titok.train.job import TrainingJob
 from titok.train.ray_train import copy_adapter, group_jobs, run_training, train_adapter
+from titok.train.strategy import DEEPSPEED_CONFIG_DIR
 from tests.conftest import real_tokenizer, tiny_llama
 
 
@@ -111,12 +113,12 @@ def _rows(n: int = 12) -> list[dict]:
     return rows
 
 
-def _job(target_dir, run_dir, **train_fields) -> dict:
+def _job(target_dir, run_dir, **train_fields) -> TrainingJob:
     fields = {"workers": 2, "epochs": 2, "global_batch_size": 4, "micro_batch_size": 2, "lr": 5e-3, "dtype": "float32",
               "lora": {"rank": 4, "alpha": 8, "dropout": 0.1}, **train_fields}
-    return {"train": TrainConfig(**{k: v for k, v in fields.items() if not k.startswith("fault")}).model_dump(),
-            "target_base": target_dir, "seed": 0, "run_dir": str(run_dir), "max_length": 160, "k": 0.7,
-            "trust_remote_code": False, **{k: v for k, v in fields.items() if k.startswith("fault")}}
+    train = TrainConfig(**{k: v for k, v in fields.items() if not k.startswith("fault")})
+    job = TrainingJob.of(train, target_dir, seed=0, run_dir=str(run_dir), max_length=160, k=0.7)
+    return dataclasses.replace(job, **{k: v for k, v in fields.items() if k.startswith("fault")})
 
 
 def _train(local_ray, target_dir, run_dir, **train_fields) -> dict:

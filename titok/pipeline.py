@@ -40,6 +40,7 @@ from titok.stages.alignment import AlignToTarget
 from titok.stages.filtering import apply_filter_method
 from titok.stages.fleet import EngineFleet
 from titok.stages.queries import write_query_pool
+from titok.train.job import TrainingJob
 from titok.train.ray_train import TrainOutcome, copy_adapter, train_adapter
 from titok.validate import validate_inputs
 
@@ -147,13 +148,12 @@ def align_to_target(cfg: TransplantConfig, kept, log_dir: str | None = None):
 
 
 def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table):
-    """``(dataset, worker config)`` of the target training: the aligned samples that teach something."""
+    """``(dataset, TrainingJob)`` of the target training: the aligned samples that teach something."""
     import ray
 
-    config = {"train": cfg.train.model_dump(), "target_base": cfg.target_base, "seed": cfg.seed,
-              "run_dir": str(run.root), "max_length": cfg.train_max_length, "k": cfg.filter.k,
-              "trust_remote_code": cfg.trust_remote_code}
-    return ray.data.from_arrow(_teaching_rows(aligned)), config
+    job = TrainingJob.of(cfg.train, cfg.target_base, cfg.seed, str(run.root), cfg.train_max_length, cfg.filter.k,
+                         cfg.trust_remote_code)
+    return ray.data.from_arrow(_teaching_rows(aligned)), job
 
 
 def _teaching_rows(aligned: pa.Table) -> pa.Table:

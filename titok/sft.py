@@ -14,6 +14,7 @@ from titok.models import load_tokenizer
 from titok.runstate import RunDir
 from titok.sequences import encode_response
 from titok.tasks import load_task, reference_response
+from titok.train.job import TrainingJob
 from titok.train.ray_train import copy_adapter, train_adapter
 
 __all__ = ["SFT_DEFAULTS", "sft_train_config", "train_source_adapter"]
@@ -37,9 +38,9 @@ def train_source_adapter(base: str, task: str, out_dir: str | Path, train: Train
     out_dir = Path(out_dir).resolve()
     run = RunDir(out_dir.parent / f"{out_dir.name}-sft")
     run.claim()
-    config = {"train": train.model_dump(), "target_base": base, "seed": seed, "run_dir": str(run.root),
-              "max_length": train.max_length or SFT_DEFAULTS["max_length"], "k": 1.0, "trust_remote_code": trust_remote_code}
-    outcome = train_adapter(ray.data.from_items(rows), config, storage_path=str(run.root / "ray"))
+    job = TrainingJob.of(train, base, seed, str(run.root), train.max_length or SFT_DEFAULTS["max_length"], k=1.0,
+                         trust_remote_code=trust_remote_code)
+    outcome = train_adapter(ray.data.from_items(rows), job, storage_path=str(run.root / "ray"))
     checkpoint = copy_adapter(outcome, run.root / "checkpoint")
     card = {"kind": "sft", "base": base, "task": task, "train_examples": len(rows),
             "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}}

@@ -388,7 +388,7 @@ def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: 
         return outcomes
 
     with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
-        for outcomes in pool.map(fit, group_jobs({n: config for n, (_, config) in jobs.items()}, groups_at_once)):
+        for outcomes in pool.map(fit, group_jobs({n: job for n, (_, job) in jobs.items()}, groups_at_once)):
             for name, outcome in outcomes.items():
                 runners[name].provide(train=outcome)
 

@@ -5,8 +5,8 @@ One Ray Train run trains one adapter or several (a zoo's): each worker builds th
 LoRA, runs ``step.training_step`` on its micro-batches of each global batch (``batching``) with
 that job's recipe, and unloads the LoRA again. Starting a worker group and loading the target cost
 more than training a small adapter, so a zoo pays them once per worker group, not once per adapter.
-Jobs share a group only when they agree on the target and the worker settings
-(``WORKER_GROUP_FIELDS``) and do not use ZeRO-3 (its hooks bind the base to one DeepSpeed engine).
+Jobs (``train.job.TrainingJob``) share a group only when their ``WorkerGroup`` (the target and the
+worker settings) is the same and they do not use ZeRO-3 (its hooks bind the base to one DeepSpeed engine).
 Every worker reads all the (few hundred) selected samples of a job from its dataset and picks its
 rows itself, so the rows of step s never depend on how many workers run it.
 
@@ -39,17 +39,14 @@ import torch
 
 from titok import columns as C, progress
 from titok.runstate import ADAPTER_FILES
+from titok.train.job import TrainingJob, WorkerGroup
 
-__all__ = ["GRADIENT_CHECKPOINTING_MIN_PARAMS", "WORKER_GROUP_FIELDS", "TrainOutcome", "copy_adapter",
+__all__ = ["GRADIENT_CHECKPOINTING_MIN_PARAMS", "TrainOutcome", "copy_adapter",
            "group_jobs", "run_training", "train_adapter", "train_loop_per_worker"]
 
 
 # gradient_checkpointing "auto": on from this target size (activations dominate memory beyond it)
 GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
-
-# train settings that shape the worker group and the loaded target: jobs that share a group agree on them
-WORKER_GROUP_FIELDS = ("workers", "use_gpu", "cpus_per_worker", "dtype", "deepspeed_stage", "deepspeed_config",
-                       "gradient_checkpointing", "offload_optimizer", "offload_params", "max_failures")
 
 _PROGRESS = "progress.json"  # in every checkpoint: the run's attempt, finished jobs, the job in progress
 
@@ -74,21 +71,19 @@ def _micro_batch_seed(seed: int, global_step: int, plan, rank: int, j: int) -> i
     return seed * 1_000_003 + global_step * micro_per_step + rank * plan.accumulation + j
 
 
-def _job_plan(job: dict, n_rows: int, world: int):
+def _job_plan(job: TrainingJob, n_rows: int, world: int):
     from titok.train.batching import plan_batches
 
-    train = job["train"]
-    return plan_batches(n_rows, train["global_batch_size"], world, train["micro_batch_size"], train["epochs"],
-                        train["max_steps"])
+    train = job.train
+    return plan_batches(n_rows, train.global_batch_size, world, train.micro_batch_size, train.epochs, train.max_steps)
 
 
-def _job_deepspeed_config(job: dict, plan, bf16: bool) -> dict:
+def _job_deepspeed_config(job: TrainingJob, plan, bf16: bool) -> dict:
     from titok.train import strategy
 
-    train = job["train"]
-    return strategy.deepspeed_config(train["deepspeed_stage"], plan.micro_batch, plan.accumulation,
-                                     train["max_grad_norm"], bf16, train["offload_optimizer"], train["offload_params"],
-                                     train["deepspeed_config"])
+    group = job.group
+    return strategy.deepspeed_config(group.deepspeed_stage, plan.micro_batch, plan.accumulation, job.train.max_grad_norm,
+                                     bf16, group.offload_optimizer, group.offload_params, group.deepspeed_config)
 
 
 def _read_progress(attempt: str):
@@ -109,7 +104,8 @@ def _read_progress(attempt: str):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's ``train_func``: runs on every worker; trains ``config["jobs"]`` one after another
+    """Ray Train's ``train_func``: runs on every worker; trains ``config["jobs"]`` (``{name: TrainingJob}``,
+    all of ``config["group"]``) one after another
     (under NCCL's device rule, checked on CPU, where ``TITOK_GPU_RULES=1``: ``device_rules``)."""
     from titok.train import device_rules
 
@@ -133,42 +129,41 @@ def _train_jobs(config: dict) -> None:
     from titok.runstate import RunDir
     from titok.train import strategy
 
-    train = config["train"]  # the worker settings every job of the group shares
+    group: WorkerGroup = config["group"]  # what every job of the group shares
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     progress, checkpoint = _read_progress(config["attempt"])
     resume_job = progress["job"]
-    jobs = [job for job in config["jobs"] if job["name"] not in progress["done"] + progress["failed"]]
+    jobs = {name: job for name, job in config["jobs"].items() if name not in progress["done"] + progress["failed"]}
     if not jobs:
         return
-    rows = {job["name"]: sorted(ray.train.get_dataset_shard(job["name"]).iter_rows(), key=lambda r: r[C.SAMPLE_ID])
-            for job in jobs}
+    rows = {name: sorted(ray.train.get_dataset_shard(name).iter_rows(), key=lambda r: r[C.SAMPLE_ID]) for name in jobs}
 
-    dtype, dtype_reason = resolve_dtype(train["dtype"], train["use_gpu"], training=True)
-    first = jobs[0]
-    load_config = _job_deepspeed_config(first, _job_plan(first, len(rows[first["name"]]), world), dtype == "bfloat16")
-    tokenizer = load_tokenizer(config["target_base"], config["trust_remote_code"])
-    base, _zero3 = strategy.load_target(config["target_base"], getattr(torch, dtype), load_config, config["trust_remote_code"])
+    dtype, dtype_reason = resolve_dtype(group.dtype, group.use_gpu, training=True)
+    first = next(iter(jobs))
+    load_config = _job_deepspeed_config(jobs[first], _job_plan(jobs[first], len(rows[first]), world), dtype == "bfloat16")
+    tokenizer = load_tokenizer(group.target_base, group.trust_remote_code)
+    base, _zero3 = strategy.load_target(group.target_base, getattr(torch, dtype), load_config, group.trust_remote_code)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
-    checkpointing = train["gradient_checkpointing"]
+    checkpointing = group.gradient_checkpointing
     if checkpointing == "auto":
         checkpointing = n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
     RunDir(config["log_dir"]).log_event(
         event="model_load", stage="train", rank=rank, node_id=ray.get_runtime_context().get_node_id(),
-        dtype=[dtype, dtype_reason], zero_stage=train["deepspeed_stage"],
+        dtype=[dtype, dtype_reason], zero_stage=group.deepspeed_stage,
         partitioned=all(strategy.is_partitioned(p) for p in base.parameters()),
         local_numel=sum(p.numel() for p in base.parameters()), params=n_params, gradient_checkpointing=checkpointing,
-        adapters=[job["name"] for job in jobs])
+        adapters=list(jobs))
 
-    for job in jobs:
-        resume_from = checkpoint if job["name"] == resume_job else None
-        outcome = Path(config["outcomes"]) / job["name"]
-        base = _train_job(base, tokenizer, job, rows[job["name"]], progress, outcome, resume_from, dtype, checkpointing,
+    for name, job in jobs.items():
+        resume_from = checkpoint if name == resume_job else None
+        outcome = Path(config["outcomes"]) / name
+        base = _train_job(base, tokenizer, name, job, rows[name], progress, outcome, resume_from, dtype, checkpointing,
                           rank, world, config.get("progress_feed"))
 
 
-def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, outcome: Path, resume_from, dtype: str,
-               checkpointing: bool, rank: int, world: int, feed=None):
+def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], progress: dict, outcome: Path,
+               resume_from, dtype: str, checkpointing: bool, rank: int, world: int, feed=None):
     """Train one fresh LoRA on ``base``; returns ``base`` without it, ready for the next job. Rank 0
     sends each step's loss to ``feed`` (``titok.progress``): the driver's progress line."""
     import ray.train
@@ -180,17 +175,17 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
     from titok.train.collectives import mean_over_workers
     from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
 
-    train, run, name = job["train"], RunDir(job["run_dir"]), job["name"]
+    train, run = job.train, RunDir(job.run_dir)
     seconds = {"setup": -time.perf_counter(), "steps": 0.0, "checkpoints": 0.0}  # where a job's time goes
     plan = _job_plan(job, len(rows), world)
     ds_config = _job_deepspeed_config(job, plan, dtype == "bfloat16")
-    torch.manual_seed(job["seed"])  # the same fresh LoRA on every rank, whatever trained before it
-    lora = train["lora"]
-    model = attach_fresh_lora(base, lora["rank"], lora["alpha"], tuple(lora["target_modules"]), lora["dropout"])
+    torch.manual_seed(job.seed)  # the same fresh LoRA on every rank, whatever trained before it
+    lora = train.lora
+    model = attach_fresh_lora(base, lora.rank, lora.alpha, tuple(lora.target_modules), lora.dropout)
     if checkpointing:
         enable_gradient_checkpointing(model)
-    warmup = int(train["warmup_ratio"] * plan.total_steps)
-    engine = strategy.build_engine(model, ds_config, train["lr"], train["weight_decay"],
+    warmup = int(train.warmup_ratio * plan.total_steps)
+    engine = strategy.build_engine(model, ds_config, train.lr, train.weight_decay,
                                    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _linear_warmup_decay(plan.total_steps, warmup)))
     progress["job"] = name
     state = {"step": 0, "losses": []}
@@ -199,7 +194,7 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
             state = strategy.load_state(engine, directory)
         run.log_event(event="train_resumed", stage="train", rank=rank, step=state["step"])
 
-    every = train["checkpoint_every_steps"]
+    every = train.checkpoint_every_steps
     order_epoch, order = -1, None
     seconds["setup"] += time.perf_counter()
     try:
@@ -207,17 +202,17 @@ def _train_job(base, tokenizer, job: dict, rows: list[dict], progress: dict, out
             started = time.perf_counter()
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             if epoch != order_epoch:
-                order_epoch, order = epoch, epoch_order(plan.rows, job["seed"], epoch, plan.global_batch)
+                order_epoch, order = epoch, epoch_order(plan.rows, job.seed, epoch, plan.global_batch)
             micro_losses = []
             for j, indices in enumerate(worker_micro_batches(order, plan, step_in_epoch, rank)):
-                torch.manual_seed(_micro_batch_seed(job["seed"], step, plan, rank, j))  # dropout
+                torch.manual_seed(_micro_batch_seed(job.seed, step, plan, rank, j))  # dropout
                 picked = [rows[i] for i in indices]
                 # a distilling method's rows carry the expert's top-n log-probs on target tokens
                 teacher = [r[C.TARGET_TEACHER] for r in picked] if C.TARGET_TEACHER in picked[0] else None
                 batch = build_training_batch(tokenizer, [r[C.QUERY] for r in picked], [r[C.RESPONSE] for r in picked],
-                                             [r[C.TARGET_WEIGHTS] for r in picked], job["max_length"], teacher)
-                micro_losses.append(training_step(engine, batch.to(engine.device), train["normalization"], job["k"],
-                                                  train["distill_weight"]))
+                                             [r[C.TARGET_WEIGHTS] for r in picked], job.max_length, teacher)
+                micro_losses.append(training_step(engine, batch.to(engine.device), train.normalization, job.k,
+                                                  train.distill_weight))
             loss = mean_over_workers(float(np.mean(micro_losses)), engine.device)
             state = {"step": step + 1, "losses": state["losses"] + [loss]}
             final = state["step"] == plan.total_steps
@@ -319,14 +314,14 @@ def _write_outcome(folder: Path, result: dict, adapter_from: str | None = None) 
     os.replace(tmp, folder)
 
 
-def _inject_fault(job: dict, step: int, rank: int, world: int) -> None:
+def _inject_fault(job: TrainingJob, step: int, rank: int, world: int) -> None:
     """Test hook: the last worker dies once, after optimizer step ``fault_at_step``.
 
     It dies a few seconds later, as a real crash comes a while after the last checkpoint: Ray Train's
     controller collects reports by polling the workers (every 2 s), and a checkpoint reported an
     instant before its worker dies may never be registered.
     """
-    at, marker = job.get("fault_at_step"), job.get("fault_marker")
+    at, marker = job.fault_at_step, job.fault_marker
     if at is None or step != at or rank != world - 1 or Path(marker).exists():
         return
     Path(marker).write_text(f"worker {rank} killed after step {step}")
@@ -334,21 +329,16 @@ def _inject_fault(job: dict, step: int, rank: int, world: int) -> None:
     os._exit(1)
 
 
-def _group_key(config: dict) -> str:
-    train = config["train"]
-    return json.dumps({"target_base": config["target_base"], "trust_remote_code": config["trust_remote_code"],
-                       **{f: train[f] for f in WORKER_GROUP_FIELDS}}, sort_keys=True, default=str)
-
-
-def group_jobs(configs: dict[str, dict], groups_at_once: int = 1) -> list[list[str]]:
-    """Job names in worker groups: jobs that can share a loaded target, spread over ``groups_at_once``
-    groups (the trainings a cluster runs side by side); a ZeRO-3 job always trains alone."""
-    by_key: dict[str, list[str]] = {}
-    for name, config in configs.items():
-        by_key.setdefault(_group_key(config), []).append(name)
+def group_jobs(jobs: dict[str, TrainingJob], groups_at_once: int = 1) -> list[list[str]]:
+    """Job names in worker groups: jobs with the same ``WorkerGroup`` can share a loaded target, spread
+    over ``groups_at_once`` groups (the trainings a cluster runs side by side); a ZeRO-3 job always
+    trains alone."""
+    by_group: dict[WorkerGroup, list[str]] = {}
+    for name, job in jobs.items():
+        by_group.setdefault(job.group, []).append(name)
     groups = []
-    for names in by_key.values():
-        if configs[names[0]]["train"]["deepspeed_stage"] == 3:
+    for group, names in by_group.items():
+        if group.deepspeed_stage == 3:
             groups += [[n] for n in names]
         else:
             n_groups = min(groups_at_once, len(names))
@@ -366,25 +356,23 @@ def _read_outcome(folder: Path, name: str) -> TrainOutcome | None:
     return TrainOutcome(name, adapter_dir=folder, metrics=result["metrics"])
 
 
-def run_training(jobs: dict[str, tuple[object, dict]], storage_path: str, name: str = "train",
+def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str, name: str = "train",
                  log_dir: str | None = None) -> dict[str, TrainOutcome]:
     """Train every job on one worker group; ``{job name: TrainOutcome}``, one failure per job.
 
-    ``jobs``: ``{name: (dataset, config)}``, the dataset with columns sample_id, query, response,
-    target_weights; the config with ``train`` (TrainConfig as a dict), ``target_base``, ``seed``,
-    ``run_dir`` (the job's event log), ``max_length``, ``k``, ``trust_remote_code`` (tests may add
-    ``fault_at_step`` + ``fault_marker``). Every job must have the same ``group_jobs`` key. A job
-    whose adapter is already under the outcomes folder is not trained again; the same ``storage_path``
-    and ``name`` resume an interrupted run from its last checkpoint. Model loads are logged in
-    ``log_dir`` (default: the first job's ``run_dir``).
+    ``jobs``: ``{name: (dataset, TrainingJob)}``, the dataset with columns sample_id, query, response,
+    target_weights (and target_teacher for a distilling method). Every job must have the same
+    ``WorkerGroup``. A job whose adapter is already under the outcomes folder is not trained again;
+    the same ``storage_path`` and ``name`` resume an interrupted run from its last checkpoint. Model
+    loads are logged in ``log_dir`` (default: the first job's ``run_dir``).
     """
-    if len({_group_key(config) for _, config in jobs.values()}) > 1:
-        raise ValueError(f"jobs {list(jobs)} differ in target or worker settings {WORKER_GROUP_FIELDS}: "
+    if len({job.group for _, job in jobs.values()}) > 1:
+        raise ValueError(f"jobs {list(jobs)} differ in target or worker settings (WorkerGroup): "
                          "they cannot share one worker group (group_jobs splits them)")
     outcomes_dir = Path(storage_path) / f"{name}-outcomes"
     outcomes = {n: _read_outcome(outcomes_dir / n, n) for n in jobs}
     todo = {}
-    for job_name, (ds, config) in jobs.items():
+    for job_name, (ds, job) in jobs.items():
         if outcomes[job_name] is not None and outcomes[job_name].error is None:
             continue  # trained before this call (a resubmitted job)
         shutil.rmtree(outcomes_dir / job_name, ignore_errors=True)  # an earlier divergence: retried
@@ -392,11 +380,11 @@ def run_training(jobs: dict[str, tuple[object, dict]], storage_path: str, name: 
         # Materialized first: the workers hold the CPUs, and a lazy read would wait for one forever.
         ds = ds.materialize()
         try:
-            _job_plan(config, ds.count(), config["train"]["workers"])  # a recipe that cannot run fails here, alone
+            _job_plan(job, ds.count(), job.group.workers)  # a recipe that cannot run fails here, alone
         except ValueError as err:
             outcomes[job_name] = TrainOutcome(job_name, error=err)
             continue
-        todo[job_name] = (ds, config)
+        todo[job_name] = (ds, job)
     if todo:
         error = _fit(todo, storage_path, name, outcomes_dir, log_dir)
         for job_name in todo:
@@ -411,25 +399,24 @@ def _fit(jobs: dict, storage_path: str, name: str, outcomes_dir: Path, log_dir: 
     from titok.train import device_rules
 
     trainer_class = _trainer_class()
-    configs = [dict(config, name=job_name) for job_name, (_, config) in jobs.items()]
-    first = configs[0]
-    train = first["train"]
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if train["use_gpu"] else "cpu")
+    typed = {job_name: job for job_name, (_, job) in jobs.items()}
+    first = next(iter(typed.values()))
+    group = first.group
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if group.use_gpu else "cpu")
     with contextlib.ExitStack() as stack:  # the workers' steps on this driver's progress line
         bar = progress.current() or stack.enter_context(progress.stage(name))
         feed = stack.enter_context(progress.watch_feed(functools.partial(_show_step, bar)))
         trainer = trainer_class(
             train_loop_per_worker,
-            train_loop_config={"target_base": first["target_base"], "trust_remote_code": first["trust_remote_code"],
-                               "train": train, "jobs": configs, "outcomes": str(outcomes_dir),
-                               "log_dir": log_dir or first["run_dir"], "attempt": uuid.uuid4().hex,
+            train_loop_config={"group": group, "jobs": typed, "outcomes": str(outcomes_dir),
+                               "log_dir": log_dir or first.run_dir, "attempt": uuid.uuid4().hex,
                                "progress_feed": feed},
-            scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=train["use_gpu"],
-                                         resources_per_worker={"CPU": train["cpus_per_worker"],
-                                                               **({"GPU": 1} if train["use_gpu"] else {})}),
+            scaling_config=ScalingConfig(num_workers=group.workers, use_gpu=group.use_gpu,
+                                         resources_per_worker={"CPU": group.cpus_per_worker,
+                                                               **({"GPU": 1} if group.use_gpu else {})}),
             run_config=RunConfig(
                 storage_path=storage_path, name=name, checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=train["max_failures"]),
+                failure_config=FailureConfig(max_failures=group.max_failures),
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
                                                  **({device_rules.ENV: "1"} if device_rules.enabled() else {})}},
             ),
@@ -465,9 +452,9 @@ def _show_step(bar, item: tuple) -> None:
     bar.set(step, loss=f"{loss:.4f}", **({"adapter": job} if job != "default" else {}))
 
 
-def train_adapter(ds, config: dict, storage_path: str, name: str = "train") -> TrainOutcome:
+def train_adapter(ds, job: TrainingJob, storage_path: str, name: str = "train") -> TrainOutcome:
     """One job (a transplant's target LoRA, ``titok sft``'s source LoRA) on its own worker group."""
-    return run_training({"default": (ds, config)}, storage_path, name)["default"]
+    return run_training({"default": (ds, job)}, storage_path, name)["default"]
 
 
 def copy_adapter(outcome: TrainOutcome, out_dir: str | Path) -> Path:
