@@ -91,3 +91,21 @@ def test_help_and_config_checks_import_no_torch():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "heavy: []"
+
+
+def test_each_filter_method_and_engine_is_named_in_its_table_alone():
+    """A new method or engine is an entry in ``titok.choices`` (plus its code), never a branch on its name
+    elsewhere: no other module holds a string that is a method's or an engine's name. An engine's own
+    implementation may name itself; "titok" is also the tool's name (CLI, manifests), so the paper's
+    method is checked as ``PAPER_METHOD``'s uses instead."""
+    from titok.choices import ENGINES, FILTER_METHODS, PAPER_METHOD
+
+    names = {name: {"titok.choices"} for name in FILTER_METHODS if name != PAPER_METHOD}
+    for name, spec in ENGINES.items():
+        names[name] = {"titok.choices", spec.implementation.partition(":")[0]}
+    found = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names and module not in names[node.value]:
+                found.append(f"{module}:{node.lineno} {node.value!r}")
+    assert found == [], found

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from titok.choices import PAPER_METHOD
 from titok.config import METHODS, CompareConfig, ConfigError, load_compare_config
 
 from titok.layout import budgets, row_label, run_config, share_stages, short_name
@@ -99,7 +100,7 @@ def run_compare(cfg: CompareConfig) -> Path:
                 variants: dict[str, str | None] = {"vanilla": None}
                 for budget in budgets(cfg):
                     if first_run is not None:  # the source stages do not depend on target or budget
-                        share_stages(first_run, Path(run_config(cfg, task, seed, target, "titok", adapter, budget).run_dir))
+                        share_stages(first_run, Path(run_config(cfg, task, seed, target, PAPER_METHOD, adapter, budget).run_dir))
                     for variant in cfg.methods:
                         run = run_config(cfg, task, seed, target, variant, adapter, budget)
                         print(f"[compare] {task} seed {seed} -> {target}: {variant} ({budget})", flush=True)

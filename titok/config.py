@@ -18,8 +18,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from titok.choices import (ENGINES, FILTER_METHODS, REFERENCES, EngineName, FilterMethodName, Normalization, Reference,
-                           TokenScope)
+from titok.choices import (DEFAULT_ENGINE, ENGINES, FILTER_METHODS, PAPER_METHOD, REFERENCES, EngineName,
+                           FilterMethodName, Normalization, Reference, TokenScope)
 
 __all__ = [
     "METHODS",
@@ -104,13 +104,9 @@ class EngineConfig(Section):
     PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = (
         "actors", "gpus_per_actor", "cpus_per_actor", "tensor_parallel_size", "pipeline_parallel_size",
         "gpu_memory_utilization", "max_num_batched_tokens", "max_loras", "max_cpu_loras")
-    # what a vLLM engine is built with (``build_engine(vllm=...)``), beside the common fields
-    VLLM_FIELDS: ClassVar[tuple[str, ...]] = (
-        "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_num_batched_tokens",
-        "max_loras", "max_cpu_loras", "max_lora_rank", "vllm_score_tolerance")
 
     name: EngineName = Field(
-        "transformers", description="inference engine for generation and scoring: "
+        DEFAULT_ENGINE, description="inference engine for generation and scoring: "
         + "; ".join(f"{name} = {spec.description}" for name, spec in ENGINES.items()))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype for inference; auto = bf16 where the device runs it fast (CUDA with bf16, "
@@ -143,6 +139,10 @@ class EngineConfig(Section):
     vllm_score_tolerance: float = Field(
         0.05, gt=0.0, description="max |prefill - decode| log-prob on the calibration sample before vLLM scoring is refused"
     )
+
+    def engine_settings(self) -> dict:
+        """The fields the chosen engine alone is built with (``choices.ENGINES[name].settings``)."""
+        return self.model_dump(include=set(ENGINES[self.name].settings))
 
     @model_validator(mode="after")
     def _parallelism(self) -> "EngineConfig":
@@ -193,7 +193,7 @@ class FilterConfig(Section):
     )
     group_size: int = Field(4, ge=1, description="samples per group for token_scope=per_batch")
     method: FilterMethodName = Field(
-        "titok", description="how samples and tokens are picked (baselines and ablations share the synthetic data): "
+        PAPER_METHOD, description="how samples and tokens are picked (baselines and ablations share the synthetic data): "
         + "; ".join(f"{name} = {m.description}" for name, m in FILTER_METHODS.items()))
     reference: Reference = Field(
         "source_amateur", description="what the expert is compared with to pick the top-k% tokens: source_amateur "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from titok.choices import DEFAULT_ENGINE
 from titok.engines import GenerationParams, build_engine
 from titok.metrics import (answer_spread, exact_matches, extract_answer, majority_rate, option_loglik_choices,
                            rouge_per_example)
@@ -65,16 +66,14 @@ class EvaluateBatch:
 
 def eval_engine(settings, run_engine=None, max_length: int = 2048) -> dict:
     """``build_engine``'s arguments for an evaluation (``settings``: ``config.EvalSettings``):
-    ``settings.engine``, else the runs' own engine (``run_engine``: an ``EngineConfig``, whose vLLM
-    settings a vLLM evaluation takes too), else transformers."""
+    ``settings.engine``, else the runs' own engine (``run_engine``: an ``EngineConfig``, whose
+    engine-specific settings an evaluation on the same engine takes too), else the default engine."""
     from titok.config import EngineConfig
 
-    name = settings.engine or (run_engine.name if run_engine is not None else "transformers")
-    engine = {"name": name, "dtype": settings.dtype, "batch_size": settings.batch_size, "max_length": max_length}
-    if name == "vllm":
-        source = run_engine if run_engine is not None and run_engine.name == "vllm" else EngineConfig(name="vllm")
-        engine["vllm"] = source.model_dump(include=set(EngineConfig.VLLM_FIELDS))
-    return engine
+    name = settings.engine or (run_engine.name if run_engine is not None else DEFAULT_ENGINE)
+    source = run_engine if run_engine is not None and run_engine.name == name else EngineConfig(name=name)
+    return {"name": name, "dtype": settings.dtype, "batch_size": settings.batch_size, "max_length": max_length,
+            "settings": source.engine_settings()}
 
 
 def answer_budget(base: str, examples: list[dict]) -> int:
@@ -93,7 +92,7 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
                       actors: int = 1, cpus_per_actor: int = 1, gpus_per_actor: float = 0.0,
                       engine: dict | None = None) -> dict[str, dict]:
     """One report per variant, all on the same held-out examples of the task split ``seed``; ``engine``:
-    ``eval_engine``'s (default: transformers)."""
+    ``eval_engine``'s (default: the default engine at ``dtype`` and ``batch_size``)."""
     import ray
 
     from titok.progress import init_ray
@@ -108,7 +107,7 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
             for i, e in enumerate(examples)]
     out = ray.data.from_items(rows).map_batches(
         EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "max_new_tokens": max_new_tokens,
-                                              "engine": engine or {"name": "transformers", "dtype": dtype,
+                                              "engine": engine or {"name": DEFAULT_ENGINE, "dtype": dtype,
                                                                    "batch_size": batch_size},
                                               "threads": cpus_per_actor},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,

@@ -28,7 +28,7 @@ import pyarrow as pa
 import yaml
 
 from titok import columns as C, progress
-from titok.choices import ENGINES, FILTER_METHODS, STAGES
+from titok.choices import ENGINES, FILTER_METHODS, PAPER_METHOD, STAGES
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
@@ -63,8 +63,7 @@ class SourceEngines:
             e, cfg = self.cfg.engine, self.cfg
             engine = {"name": e.name, "base": cfg.source_base, "adapter": self.adapters, "dtype": e.dtype,
                       "max_length": e.max_length, "batch_size": e.batch_size, "trust_remote_code": cfg.trust_remote_code,
-                      "vllm": e.model_dump(include=set(e.VLLM_FIELDS)), "gpus": e.gpus_per_actor,
-                      "max_batch_tokens": e.max_batch_tokens}
+                      "settings": e.engine_settings(), "gpus": e.gpus_per_actor}
             options = actor_options(e.name, e.gpus_per_actor, e.cpus_per_actor, e.tensor_parallel_size, e.pipeline_parallel_size)
             rows_per_call = None if ENGINES[e.name].batches_continuously else e.batch_size
             self.fleet = EngineFleet(self.run_dir, engine, e.actors, options, rows_per_call, e.cpus_per_actor,
@@ -189,7 +188,7 @@ def _stage_path(cfg: TransplantConfig, stage: str) -> str:
     scores with TiTok and keep their own filter/align/train/adapter under ``<method>/``, so trying
     every method in one run dir loses nothing."""
     variant = cfg.filter.variant
-    if variant == "titok" or stage in SOURCE_STAGES:
+    if variant == PAPER_METHOD or stage in SOURCE_STAGES:
         return stage
     return f"{variant.replace(':', '-')}/{stage}"
 

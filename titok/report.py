@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from titok import columns as C
+from titok.choices import PAPER_METHOD
 from titok.layout import budgets, equal_steps, row_label, run_config, short_name
 from titok.metrics import collapse_text, collapsed
 from titok.stats import bootstrap_interval, paired_test
@@ -71,7 +72,7 @@ def paired_tests(rows: list[dict], tasks: list[str], methods: list[str], metric:
     tests = []
     for task in tasks:
         for target in dict.fromkeys(r["target"] for r in rows if r["task"] == task and r["method"] != "source expert"):
-            for mine in (m for m in methods if m.startswith("titok")):
+            for mine in (m for m in methods if m.partition(":")[0] == PAPER_METHOD):
                 a = _matrix(rows, (task, target, mine), metric)
                 for other in ["vanilla", *(m for m in methods if m != mine)]:
                     b = _matrix(rows, (task, target, other), metric)
@@ -396,13 +397,13 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
     plot_accuracy(rows, cfg.tasks, methods, folder / "accuracy.png")
     scores, samples, top_m, task_budgets, run_dirs, k = {}, {}, {}, {}, {}, {}
     for task in cfg.tasks:
-        run = run_config(cfg, task, 0, cfg.targets[0], "titok", "<source>")
+        run = run_config(cfg, task, 0, cfg.targets[0], PAPER_METHOD, "<source>")
         top_m[task], task_budgets[task] = run.filter.top_m, _budget_text(cfg, run)
         run_dirs[task], k[task] = Path(run.run_dir), run.filter.k
         scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m[task])
     plot_excess_histogram(scores, top_m, folder / "excess_histogram.png")
     # the header names the settings every task shares; per_task ones are listed after them
-    run = run_config(cfg.model_copy(update={"per_task": {}}), cfg.tasks[0], 0, cfg.targets[0], "titok", "<source>")
+    run = run_config(cfg.model_copy(update={"per_task": {}}), cfg.tasks[0], 0, cfg.targets[0], PAPER_METHOD, "<source>")
     budget = _budget_text(cfg, run)
     (folder / "tokens.html").write_text(token_page(samples))
     header = (

@@ -38,7 +38,7 @@ def hf(adapter_dir):
 @pytest.fixture(scope="module")
 def vllm_engine(adapter_dir):
     return build_engine("vllm", "smollm2-135m", adapter_dir, dtype="float32", max_length=256,
-                        vllm={"vllm_score_tolerance": 1e-2, "max_loras": 2, "max_cpu_loras": 3})
+                        settings={"vllm_score_tolerance": 1e-2, "max_loras": 2, "max_cpu_loras": 3})
 
 
 @pytest.fixture(scope="module")

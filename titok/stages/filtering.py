@@ -54,7 +54,7 @@ def apply_filter_method(ds, method: str, m: int, k: float, scope: str, group_siz
     if method not in FILTER_METHODS:
         raise ValueError(f"unknown filter method {method!r}: expected one of {list(FILTER_METHODS)}")
     spec = FILTER_METHODS[method]
-    samples = {"top_m": lambda: select_top_m(ds, m), "random_m": lambda: select_random_m(ds, m, seed),
+    samples = {"top_m": lambda: select_top_m(ds, m), "random": lambda: select_random_m(ds, m, seed),
                "all": lambda: ds}[spec.samples]()
     return select_tokens_distributed(samples, k, scope, group_size) if spec.token_filter else keep_all_tokens(samples)
 
