@@ -9,7 +9,8 @@ import pytest
 
 from titok.config import load_config
 from titok.model_shape import model_shape
-from titok.plan import Resources, make_plan, vllm_lora_rank, zero_model_states
+from titok.gpu_facts import vllm_lora_rank
+from titok.plan import Resources, make_plan, zero_model_states
 
 CONFIGS = Path(__file__).parent / "assets" / "configs"
 LLAMA_8B, LLAMA_70B, QWEN_72B = (str(CONFIGS / n) for n in ("llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "qwen2.5-72b-instruct"))

@@ -15,7 +15,8 @@ from peft import PeftModel
 
 from titok.excess import score_pairs
 from titok.sequences import build_training_batch
-from titok.models import format_prompt, load_model, load_tokenizer
+from titok.models import load_model, load_tokenizer
+from titok.sequences import format_prompt
 from titok.train.step import TorchEngine, attach_fresh_lora, training_step
 from titok.runstate import ADAPTER_CONFIG
 

@@ -25,7 +25,6 @@ __all__ = [
     "cache_dir",
     "chat_template",
     "HUB_IDS",
-    "format_prompt",
     "hub_id",
     "load_model",
     "load_tokenizer",
@@ -186,10 +185,3 @@ def load_model(
         resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map
     )
     return model.eval()
-
-
-def format_prompt(tokenizer: PreTrainedTokenizerBase, query: str, system: str | None = None) -> str:
-    """Chat-formatted prompt text that ends where the assistant's response begins."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": query})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

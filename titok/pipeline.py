@@ -33,7 +33,8 @@ from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
 from titok.layout import SOURCE_STAGES
-from titok.plan import GIB, Plan, Resources, cluster_resources, make_plan
+from titok.gpu_facts import GIB
+from titok.plan import Plan, Resources, cluster_resources, make_plan
 from titok.readiness import wait_for_free_gpus, wait_for_resources
 from titok.runstate import RUN_CONFIG, RunDir, dataset_of, run_stage
 from titok.stages.alignment import AlignToTarget

@@ -43,38 +43,17 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from titok.choices import ENGINES, FILTER_METHODS
+from titok.gpu_facts import GIB, vllm_batched_tokens, vllm_lora_rank
 from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["Assumptions", "Plan", "Resources", "StagePlan", "activation_bytes", "cluster_resources", "local_resources",
-           "logits_bytes", "make_plan", "vllm_batched_tokens", "vllm_lora_rank", "zero3_gather", "zero_model_states"]
+           "logits_bytes", "make_plan", "zero3_gather", "zero_model_states"]
 
-GIB = 1024**3
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # GPU memory by Ray's accelerator_type label (ray.util.accelerators); unknown types skip memory checks
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "B200": 180, "GH200": 96, "A100-80G": 80, "A100-40G": 40, "A100": 40,
                   "L40S": 48, "L4": 24, "A10G": 24, "T4": 16, "V100": 16}
 CUDA_RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL buffers, allocator slack: never planned for tensors
 ENGINE_PROCESS_BYTES = 4 * GIB  # host RAM of one GPU engine process (Python, CUDA, tokenizer, pinned buffers)
-
-
-VLLM_LARGE_GPU_GIB = 70  # vLLM batches 16,384 tokens per step on GPUs with at least this memory, else 8,192
-
-
-def vllm_batched_tokens(setting: int | None, max_length: int, gpu_memory_gib: float | None) -> int:
-    """Tokens per vLLM engine step: the setting, else vLLM's default for the GPU (16,384 from 70 GiB,
-    8,192 below; the larger where the memory is unknown), at least one whole sequence."""
-    if setting:
-        return setting
-    large = gpu_memory_gib is None or gpu_memory_gib >= VLLM_LARGE_GPU_GIB
-    return max(16384 if large else 8192, max_length)
-
-
-def vllm_lora_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts for ``max_lora_rank`` that holds ``rank``."""
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
 
 
 def zero_model_states(frozen: int, trainable: int, largest_module: int, gpus_per_node: int, nodes: int, stage: int,

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from titok.config import ConfigError
-from titok.plan import GIB
+from titok.gpu_facts import GIB
 
 __all__ = ["GpuMemoryHeld", "GpuReading", "gpu_bundles", "nvml_readings", "wait_for_free_gpus", "wait_for_resources"]
 

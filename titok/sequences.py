@@ -15,12 +15,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from titok.models import format_prompt
-
 __all__ = [
     "Batch", "EncodedPair", "OffsetsUnavailableError", "TrainingBatch", "build_training_batch", "collate", "encode_pair",
-    "encode_response", "token_matrix",
+    "encode_response", "format_prompt", "token_matrix",
 ]
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, query: str, system: str | None = None) -> str:
+    """Chat-formatted prompt text that ends where the assistant's response begins."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": query})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 class OffsetsUnavailableError(ValueError):

@@ -119,7 +119,7 @@ def serve_config(model: str, adapters: dict[str, str], max_rank: int, max_loras:
     paths relative to the zoo folder), ``max-loras`` adapters in one batch (GPU slots), ``max-cpu-loras``
     = the zoo (every adapter stays in host memory, none is reloaded from disk), the rank vLLM must
     allow, and the chat template the adapters were trained with."""
-    from titok.plan import vllm_lora_rank
+    from titok.gpu_facts import vllm_lora_rank
 
     config = {"model": model, "enable-lora": True, "max-loras": max(1, min(max_loras, len(adapters))),
               "max-cpu-loras": max(1, len(adapters)), "max-lora-rank": vllm_lora_rank(max_rank),

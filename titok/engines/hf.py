@@ -15,7 +15,8 @@ from peft import PeftModel
 from titok.engines.base import GenerationParams, InferenceEngine, Label, named_adapters
 from titok.excess import TokenScores, score_pairs, text_logprobs, token_logprobs, top_logprobs
 from titok.hardware import resolve_dtype
-from titok.models import format_prompt, load_model, load_tokenizer
+from titok.models import load_model, load_tokenizer
+from titok.sequences import format_prompt
 
 __all__ = ["TransformersEngine"]
 
