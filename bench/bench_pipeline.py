@@ -28,13 +28,13 @@ def main() -> None:
     import ray
 
     from titok.config import load_config
-    from titok.pipeline import transplant
+    from titok.workflows.pipeline import transplant
     from titok.runstate import RunDir
 
     source = REPO / "runs" / "demo" / "source-adapter"
     if not (source / "adapter_config.json").is_file():
         from titok.config import TrainConfig
-        from titok.sft import SFT_DEFAULTS, train_source_adapter
+        from titok.workflows.sft import SFT_DEFAULTS, train_source_adapter
 
         train_source_adapter("smollm2-135m", "boolean_expressions", source, TrainConfig(**SFT_DEFAULTS))
     run_dir = REPO / "runs" / "bench-pipeline"

@@ -31,10 +31,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from titok.engines import GenerationParams, build_engine
-from titok.excess import score_pairs
+from titok.core.excess import score_pairs
 from titok.hardware import resolve_dtype
 from titok.models import load_model, load_tokenizer
-from titok.sequences import collate, encode_pair
+from titok.core.sequences import collate, encode_pair
 
 TOPICS = ["the sea", "a mountain", "bread", "the moon", "a violin", "rain", "an old map", "a bicycle"]
 

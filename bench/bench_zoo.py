@@ -104,8 +104,8 @@ ORDER = ["separate bool-1", "separate count-1", "zoo", "separate bool-2", "separ
 
 def one_round(work: Path, sources: dict[str, str]) -> dict:
     from titok.config import load_config
-    from titok.pipeline import transplant
-    from titok.zoo import load_manifest, migrate
+    from titok.workflows.pipeline import transplant
+    from titok.workflows.zoo import load_manifest, migrate
 
     for folder in ("separate", "zoo"):
         shutil.rmtree(work / folder, ignore_errors=True)

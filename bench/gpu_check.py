@@ -47,8 +47,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from titok.excess import score_batch  # noqa: E402
-from titok.sequences import EncodedPair, TrainingBatch, collate  # noqa: E402
+from titok.core.excess import score_batch  # noqa: E402
+from titok.core.sequences import EncodedPair, TrainingBatch, collate  # noqa: E402
 
 GIB = 1024**3
 CONFIGS = REPO / "tests" / "assets" / "configs"
@@ -127,7 +127,7 @@ def _training_batch(micro: int, seq: int, response: int, vocab: int) -> Training
 def _plan_train_gib(target_dir: str, micro: int, seq: int, response: int, gpu_gib: float | None) -> dict:
     """``titok plan``'s training memory per GPU for this shape and these settings (one worker)."""
     from titok.config import load_config
-    from titok.plan import Resources, make_plan
+    from titok.workflows.plan import Resources, make_plan
 
     cfg = load_config(source_base=target_dir, source_adapter="unused", target_base=target_dir, task="boolean_expressions",
                       engine={"max_length": seq}, labels={"max_new_tokens": response - 1},

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from titok.align import AlignmentError, align_to_tokenizer, align_values, alignment_groups, token_boundaries
-from titok.sequences import encode_response
+from titok.core.span_transfer import AlignmentError, align_to_tokenizer, align_values, alignment_groups, token_boundaries
+from titok.core.sequences import encode_response
 from tests.conftest import real_tokenizer
 
 unicode_text = st.text(
@@ -127,7 +127,7 @@ def test_identical_tokenizers_give_the_identity_map(text, seed, which):
 # ---------- target-aware selection: the group arithmetic ----------
 
 def test_identical_tokenizers_reduce_to_per_token_differences():
-    from titok.reference import target_token_scores
+    from titok.core.reference import target_token_scores
 
     offsets = [(0, 3), (3, 8), (8, 12)]
     expert, amateur, target = [-0.5, -1.0, -2.0], [-0.7, -3.0, -2.5], [-1.5, -0.2, -2.0]
@@ -140,7 +140,7 @@ def test_identical_tokenizers_reduce_to_per_token_differences():
 def test_a_split_token_scores_the_same_whichever_side_splits_it():
     """'righteousness' as three source tokens and one target token, then the other way round: the
     group compares the same span's total log-probabilities, so the score is the same."""
-    from titok.reference import target_token_scores
+    from titok.core.reference import target_token_scores
 
     text_length = len("righteousness")
     pieces, whole = [(0, 5), (5, 9), (9, 13)], [(0, 13)]

@@ -406,7 +406,7 @@ def _outputs(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_damaged_run_directories_are_recomputed_and_end_as_an_untouched_run(tiny_model_dirs, tmp_path, local_ray, capsys):
     from tests.conftest import tiny_transplant_config
-    from titok.pipeline import transplant
+    from titok.workflows.pipeline import transplant
 
     untouched = tmp_path / "untouched"
     transplant(tiny_transplant_config(tiny_model_dirs, untouched))

@@ -59,9 +59,9 @@ def test_older_spellings_stay_out_of_the_help(capsys):
 
 
 def test_held_out_examples_have_one_name_in_every_config():
-    from titok.compare import CompareConfig
+    from titok.workflows.compare import CompareConfig
     from titok.config import EvalConfig
-    from titok.zoo import GateSettings
+    from titok.workflows.zoo import GateSettings
 
     assert "examples" in EvalConfig.model_fields and "examples" in GateSettings.model_fields
     assert "examples" in CompareConfig.model_fields["eval"].annotation.model_fields

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from titok.pipeline import transplant
+from titok.workflows.pipeline import transplant
 from titok.runstate import RunDir
 from tests.conftest import tiny_transplant_config
 from tests.test_progress import assert_one_line_per_stage

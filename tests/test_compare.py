@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from titok.compare import load_compare_config, run_compare, short_name
+from titok.workflows.compare import load_compare_config, run_compare, short_name
 from titok.config import ConfigError
 from titok.runstate import RunDir
-from titok.report import REPORT_FILES, aggregate, markdown_tables, shade_tokens
+from titok.workflows.report import REPORT_FILES, aggregate, markdown_tables, shade_tokens
 
 TINY_TRANSPLANT = {
     # two actors on the tests' 2-CPU Ray: every CPU held by the pool (a lazy read feeding it once hung)
@@ -59,7 +59,7 @@ def test_bad_compare_configs_are_named_before_any_compute(tmp_path, tiny_model_d
     combinations per run before anything computes."""
     path = _compare_yaml(tmp_path, tiny_model_dirs)
     with pytest.raises(ConfigError, match=re.escape(named)):
-        from titok.compare import validate_compare
+        from titok.workflows.compare import validate_compare
 
         validate_compare(load_compare_config(path, [override]))
     assert not (tmp_path / "compare").exists()
@@ -82,7 +82,7 @@ def test_per_task_settings_change_only_their_tasks_runs(tmp_path, tiny_model_dir
     """A task's ``per_task`` fields go over ``transplant`` for its runs alone: the other task's runs keep
     their config and their stages' fingerprints (so adding one task's settings reuses the other's runs)."""
     from titok.layout import run_config
-    from titok.pipeline import _stage_fields
+    from titok.workflows.pipeline import _stage_fields
 
     def runs(cfg):
         return {task: run_config(cfg, task, 0, tiny_model_dirs["target"], "titok", "adapter", "steps") for task in cfg.tasks}
@@ -112,7 +112,7 @@ def _rows(method, seeds, per_example, target="g"):
 
 
 def test_aggregate_table_and_paired_tests_by_hand():
-    from titok.report import paired_tests
+    from titok.workflows.report import paired_tests
 
     rows = (_rows("titok", [0, 1], [[1, 0, 1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]])
             + _rows("kd", [0, 1], [[0, 0, 1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]])
@@ -135,7 +135,7 @@ def test_aggregate_table_and_paired_tests_by_hand():
 
 
 def test_a_row_that_answers_one_label_to_everything_is_marked():
-    from titok.metrics import answer_spread
+    from titok.core.metrics import answer_spread
 
     targets = ["True", "False"] * 4
     rows = (_rows("kd", [0], [[1, 0, 1, 0, 1, 0, 1, 0]]) + _rows("titok", [0], [[1, 1, 0, 1, 1, 0, 1, 1]])
@@ -159,7 +159,7 @@ def test_the_accuracy_bars_are_the_reported_means_and_intervals(tmp_path):
     runs from the interval's low to its high (the numbers results.md prints), not mean +- low."""
     from matplotlib.container import BarContainer
 
-    from titok.report import accuracy_figure, write_csv
+    from titok.workflows.report import accuracy_figure, write_csv
 
     rows = (_rows("titok", [0, 1], [[1, 0, 1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]])
             + _rows("kd", [0, 1], [[0, 0, 1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 1, 0, 0, 0]])
@@ -186,7 +186,7 @@ def test_the_accuracy_bars_are_the_reported_means_and_intervals(tmp_path):
 
 
 def test_the_excess_histogram_titles_do_not_run_into_each_other():
-    from titok.report import excess_figure
+    from titok.workflows.report import excess_figure
 
     scores = {task: np.random.default_rng(0).normal(size=40) for task in
               ("tracking_shuffled_objects_three_objects", "logical_deduction_seven_objects", "web_of_lies")}

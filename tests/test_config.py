@@ -92,7 +92,7 @@ def test_cli_reports_config_errors_with_exit_2(capsys):
     ("filter.k=0.5", "filter"), ("filter.reference=target_base", "filter"), ("train.lr=0.01", "train"),
 ])
 def test_a_run_is_reused_up_to_the_first_stage_a_setting_changes(tmp_path, override, first_changed):
-    from titok.pipeline import STAGES, StageRunner
+    from titok.workflows.pipeline import STAGES, StageRunner
 
     def fingerprints(cfg):
         runner = StageRunner(cfg.model_copy(update={"run_dir": str(tmp_path)}), engines=None)
@@ -109,9 +109,9 @@ def test_every_shipped_config_reads_with_its_loader(path):
     """A field renamed or retyped in the code is caught in the recipes users copy, not in their run."""
     import yaml
 
-    from titok.compare import load_compare_config
+    from titok.workflows.compare import load_compare_config
     from titok.config import load_config
-    from titok.zoo import load_manifest
+    from titok.workflows.zoo import load_manifest
 
     data = yaml.safe_load(path.read_text())
     if "targets" in data:

@@ -1,4 +1,4 @@
-"""ULD across tokenizers (titok.distill): the distance on hand cases, the pairing by character spans,
+"""ULD across tokenizers (titok.core.distill): the distance on hand cases, the pairing by character spans,
 the training loss with it, and the expert's top-n log-probs from generation."""
 
 import math
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from titok.distill import teacher_for_target, uld_distance
-from titok.excess import top_logprobs
-from titok.loss import selective_cross_entropy
-from titok.sequences import build_training_batch
+from titok.core.distill import teacher_for_target, uld_distance
+from titok.core.excess import top_logprobs
+from titok.core.loss import selective_cross_entropy
+from titok.core.sequences import build_training_batch
 from titok.train.step import attach_fresh_lora, selective_loss
 from tests.conftest import tiny_llama
 
@@ -38,11 +38,11 @@ def test_uld_ignores_which_tokens_carry_the_mass():
 
 
 def test_top_logprobs_sorted_and_normalized_in_chunks(monkeypatch):
-    import titok.excess
+    import titok.core.excess
 
     logits = torch.randn(7, 50)
     want = torch.log_softmax(logits, dim=-1).sort(dim=-1, descending=True).values[:, :5]
-    monkeypatch.setattr(titok.excess, "_CHUNK_ELEMENTS", 100)  # two rows per chunk
+    monkeypatch.setattr(titok.core.excess, "_CHUNK_ELEMENTS", 100)  # two rows per chunk
     torch.testing.assert_close(top_logprobs(logits, 5), want)
 
 
@@ -119,7 +119,7 @@ def test_labels_keep_the_top_n_of_every_generated_token(tmp_path):
     from titok.engines import GenerationParams
     from titok.engines.hf import TransformersEngine
     from titok.models import load_model
-    from titok.sequences import collate, encode_pair
+    from titok.core.sequences import collate, encode_pair
 
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
@@ -150,8 +150,8 @@ def test_a_rescored_answer_gets_its_top_n_from_the_expert_pass(smollm2_tokenizer
     log-probs were known from generation, scoring leaves the top-n to the labels."""
     from peft import LoraConfig, get_peft_model
 
-    from titok.excess import score_pairs
-    from titok.sequences import collate, encode_pair
+    from titok.core.excess import score_pairs
+    from titok.core.sequences import collate, encode_pair
 
     torch.manual_seed(0)
     expert = get_peft_model(tiny_llama(smollm2_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],

@@ -3,7 +3,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from titok.evaluate import answer_budget, evaluate, evaluate_variants
+from titok.workflows.evaluate import answer_budget, evaluate, evaluate_variants
 from titok.tasks import load_task
 
 
@@ -40,7 +40,7 @@ def test_eval_stage_on_a_tiny_model(tiny_model_dirs, local_ray):
     predictions it reports."""
     from collections import Counter
 
-    from titok.metrics import extract_answer
+    from titok.core.metrics import extract_answer
 
     report = evaluate(tiny_model_dirs["source"], tiny_model_dirs["adapter"], "boolean_expressions", n_test=6,
                       dtype="float32", max_new_tokens=8, batch_size=4)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from titok.excess import response_logprobs, score_pairs
+from titok.core.excess import response_logprobs, score_pairs
 from titok.models import load_model
-from titok.sequences import collate, encode_pair
+from titok.core.sequences import collate, encode_pair
 from tests.conftest import lm_head_copies
 
 PAIRS = [
@@ -162,7 +162,7 @@ def test_known_expert_logprobs_skip_the_expert_pass(smollm2_tokenizer):
 
 
 def test_selective_log_softmax_equals_the_full_one():
-    from titok.excess import token_logprobs
+    from titok.core.excess import token_logprobs
 
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 1000, dtype=torch.bfloat16) * 5
@@ -177,7 +177,7 @@ def test_selective_log_softmax_equals_the_full_one():
     ([4, 4, 8, 8], 4, 16, [[0, 1], [2, 3]]),
 ])
 def test_token_budget_batches(lengths, rows, tokens, expected):
-    from titok.excess import token_budget_batches
+    from titok.core.excess import token_budget_batches
 
     assert token_budget_batches(lengths, rows, tokens) == expected
 

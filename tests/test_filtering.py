@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from titok import columns as C
-from titok.select import sample_scores, select_tokens, top_m_samples
+from titok.core.select import sample_scores, select_tokens, top_m_samples
 from titok.stages.filtering import select_tokens_distributed, select_top_m
 
 
@@ -50,7 +50,7 @@ def test_token_selection_matches_core(local_ray, scope, ties):
 
 
 def test_baseline_and_ablation_methods(local_ray):
-    from titok.select import keep_count
+    from titok.core.select import keep_count
     from titok.stages.filtering import apply_filter_method
 
     rows = _rows(2)

@@ -8,7 +8,7 @@ import pytest
 
 from titok.cli import main
 from titok.models import PLAIN_CHAT_TEMPLATE, load_tokenizer
-from titok.sequences import format_prompt
+from titok.core.sequences import format_prompt
 
 _TASK = """task: titok_local_bool
 dataset_path: json

@@ -1,4 +1,5 @@
-"""The package's module graph: every module imports, and no two modules import each other.
+"""The package's module graph: every module imports, no two modules import each other, and no module
+imports a floor above its own (``FLOORS``).
 
 Cycles are found from the source (every ``import``/``from`` statement, those under ``if TYPE_CHECKING:``
 too: a cycle of type hints is still two modules that need each other), so the test does not depend on
@@ -68,7 +69,38 @@ def test_imports_form_no_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
-    assert graph["titok.report"] and "titok.compare" not in graph["titok.report"]
+    assert graph["titok.workflows.report"] and "titok.workflows.compare" not in graph["titok.workflows.report"]
+
+
+# The house's floors, bottom up: a module imports its own floor and those below, never one above.
+FLOORS = (
+    ("names", ("titok.choices", "titok.columns")),  # what a config may choose, column names: no titok import
+    ("pure cores and task data", ("titok.core", "titok.tasks")),  # arrays/text in and out, no Ray
+    ("infrastructure and Ray shells", ("titok",)),  # configs, run folders, models, engines, stages, training
+    ("workflows", ("titok.workflows",)),  # what a command does
+    ("the command line", ("titok.cli",)),
+)
+
+
+def floor_of(module: str) -> int:
+    """The floor of the longest prefix that names ``module`` (``titok`` itself: everything not named)."""
+    matches = [(len(prefix), floor) for floor, (_, prefixes) in enumerate(FLOORS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1]
+
+
+def test_no_module_imports_a_floor_above_its_own():
+    modules = _modules()
+    upward = []
+    for name, path in modules.items():
+        if name == "titok":
+            continue
+        for target in sorted(_imports(name, path, set(modules))):
+            if floor_of(target) > floor_of(name):
+                upward.append(f"{name} ({FLOORS[floor_of(name)][0]}) imports {target} ({FLOORS[floor_of(target)][0]})")
+    assert upward == [], "\n".join(upward)
+    assert floor_of("titok.core.excess") == 1 and floor_of("titok.workflows.zoo") == 3 and floor_of("titok.cli") == 4
+    assert floor_of("titok.stages.fleet") == 2 and floor_of("titok.choices") == 0 and floor_of("titok.tasks.files") == 1
 
 
 def test_help_and_config_checks_import_no_torch():

@@ -2,8 +2,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from titok.loss import selective_cross_entropy
-from titok.sequences import build_training_batch
+from titok.core.loss import selective_cross_entropy
+from titok.core.sequences import build_training_batch
 from titok.train.step import TorchEngine, attach_fresh_lora, selective_loss, training_step
 from tests.conftest import lm_head_copies, tiny_gemma3, tiny_llama
 

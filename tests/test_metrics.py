@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from titok.excess import text_logprobs
-from titok.metrics import answer_spread, collapse_text, collapsed, exact_match, exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge
-from titok.sequences import encode_pair
+from titok.core.excess import text_logprobs
+from titok.core.metrics import answer_spread, collapse_text, collapsed, exact_match, exact_matches, extract_answer, majority_rate, option_loglik_choices, rouge
+from titok.core.sequences import encode_pair
 from tests.conftest import tiny_llama
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from titok.models import PLAIN_CHAT_TEMPLATE, SHORT_NAMES, cache_dir, resolve_model_path
-from titok.sequences import format_prompt
+from titok.core.sequences import format_prompt
 
 
 def test_short_names_resolve_to_cached_hf_folders():

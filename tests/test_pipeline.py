@@ -23,11 +23,11 @@ from transformers import AutoModelForCausalLM
 
 from titok import columns as C
 from titok.models import load_tokenizer
-from titok.pipeline import transplant
-from titok.sequences import token_matrix
+from titok.workflows.pipeline import transplant
+from titok.core.sequences import token_matrix
 from titok.runstate import EVENTS_DIR, RunDir
-from titok.select import keep_count
-from titok.sequences import encode_response
+from titok.core.select import keep_count
+from titok.core.sequences import encode_response
 from titok.tasks import load_task
 from tests.conftest import start_local_ray, tiny_transplant_config
 
@@ -284,7 +284,7 @@ def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
 def test_a_runner_takes_made_rows_only_for_its_next_stages(tiny_model_dirs, tmp_path):
     """A zoo hands rows it made for several runs at once to each run's ``StageRunner``: only for the
     next stages, in order, so rows can never be taken by a stage they were not made for."""
-    from titok.pipeline import SourceEngines, StageRunner
+    from titok.workflows.pipeline import SourceEngines, StageRunner
 
     cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run")
     runner = StageRunner(cfg, SourceEngines(cfg, str(tmp_path), {}))

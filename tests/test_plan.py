@@ -10,7 +10,7 @@ import pytest
 from titok.config import load_config
 from titok.model_shape import model_shape
 from titok.gpu_facts import vllm_lora_rank
-from titok.plan import Resources, make_plan, zero_model_states
+from titok.workflows.plan import Resources, make_plan, zero_model_states
 
 CONFIGS = Path(__file__).parent / "assets" / "configs"
 LLAMA_8B, LLAMA_70B, QWEN_72B = (str(CONFIGS / n) for n in ("llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "qwen2.5-72b-instruct"))
@@ -149,7 +149,7 @@ def test_transplant_refuses_a_plan_that_cannot_fit_before_any_model_loads(tiny_m
     from safetensors.torch import save_file
 
     from titok.config import ConfigError
-    from titok.pipeline import transplant
+    from titok.workflows.pipeline import transplant
     from tests.conftest import tiny_transplant_config
 
     if override.get("target_base") == "70b-with-weights":

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from titok.queries import DiversityFilter, QueryShape, build_query_prompt, parse_query
+from titok.core.synthetic_queries import DiversityFilter, QueryShape, build_query_prompt, parse_query
 from titok.tasks import load_task
 
 SEEDS = [{"input": f"True and {'not ' * i}False is", "target": "x"} for i in range(5)]
@@ -58,7 +58,7 @@ def test_queries_off_the_seeds_shape_are_named_by_how():
 def test_a_pool_of_off_task_queries_stops_naming_what_was_rejected(tiny_model_dirs, tmp_path, local_ray):
     """A tiny random model writes random text: no query has the seeds' shape, and the stage says so,
     counted by reason, with the setting that turns the check off; the event log has the counts."""
-    from titok.pipeline import transplant
+    from titok.workflows.pipeline import transplant
     from titok.runstate import RunDir
     from tests.conftest import tiny_transplant_config
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from titok.select import keep_count, sample_scores, select_tokens, top_m_samples
+from titok.core.select import keep_count, sample_scores, select_tokens, top_m_samples
 
 
 def test_sample_scores_are_means_and_empty_is_minus_inf():

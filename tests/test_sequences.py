@@ -2,7 +2,7 @@ import pytest
 from transformers import BertTokenizer
 from transformers.models.bert import BertTokenizerLegacy
 
-from titok.sequences import OffsetsUnavailableError, collate, encode_pair, encode_response
+from titok.core.sequences import OffsetsUnavailableError, collate, encode_pair, encode_response
 
 
 def test_collate_masks_and_positions(smollm2_tokenizer):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from titok.stats import bootstrap_interval, paired_test
+from titok.core.stats import bootstrap_interval, paired_test
 
 
 def test_an_interval_around_a_constant_is_the_constant():

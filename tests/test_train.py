@@ -17,7 +17,7 @@ from titok import columns as C
 from titok.config import TrainConfig
 from titok.hardware import cpu_bf16_instructions
 from titok.runstate import RunDir
-from titok.sequences import encode_response
+from titok.core.sequences import encode_response
 from titok.tasks import load_task, reference_response
 from titok.train.batching import epoch_order, plan_batches, worker_micro_batches
 from titok.train.job import TrainingJob

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from titok import columns as C
 from titok.config import ConfigError
 from titok.runstate import EVENTS_DIR, RunDir
-from titok.zoo import load_manifest, migrate, validate_manifest
-from titok.zoo_report import gate_rule
+from titok.workflows.zoo import load_manifest, migrate, validate_manifest
+from titok.workflows.zoo_report import gate_rule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,8 +163,8 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
 
     # the zoo's count-b (not the engines' first adapter) equals a lone transplant of it: no other
     # adapter leaked into its batches
-    from titok.pipeline import transplant
-    from titok.zoo import adapter_config
+    from titok.workflows.pipeline import transplant
+    from titok.workflows.zoo import adapter_config
 
     alone_cfg = adapter_config(manifest, manifest.adapters[2]).model_copy(update={"run_dir": str(tmp_path / "alone")})
     alone = transplant(alone_cfg)
@@ -253,7 +253,7 @@ def test_gate_rule(expert, vanilla, migrated, min_retained, majority, passed, re
 def test_the_gate_refuses_an_adapter_that_gives_one_answer_to_everything():
     """navigate onto Gemma-3-270M: "False" to 49 of 50 questions, 0.50 exact match against a vanilla
     0.00, 98% of the expert's gain kept by arithmetic, and no skill at all."""
-    from titok.metrics import answer_spread, collapse_text
+    from titok.core.metrics import answer_spread, collapse_text
 
     report = {"n": 50, **answer_spread(["False"] * 49 + ["True"], ["True", "False"] * 25)}
     ok, share, why = gate_rule(0.51, 0.0, 0.50, 0.5, 0.5, collapse_text(report))
@@ -265,7 +265,7 @@ def test_provenance_hashes_the_chat_template_the_tokenizer_gets_without_loading_
     import hashlib
 
     from titok.models import load_tokenizer, resolve_model_path
-    from titok.zoo_report import _chat_template_text, _model_fingerprint
+    from titok.workflows.zoo_report import _chat_template_text, _model_fingerprint
 
     expected = hashlib.sha256(load_tokenizer(spec).chat_template.encode()).hexdigest()[:16]
     assert _chat_template_text(Path(resolve_model_path(spec))) is not None  # read from the folder

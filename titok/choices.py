@@ -13,18 +13,18 @@ from typing import Literal
 __all__ = ["DEFAULT_ENGINE", "ENGINES", "FILTER_METHODS", "PAPER_METHOD", "REFERENCES", "STAGES", "TOKEN_SCOPES", "EngineName", "EngineSpec",
            "FilterMethod", "FilterMethodName", "Normalization", "Reference", "TokenScope"]
 
-# the selective loss's normalization (titok.loss)
+# the selective loss's normalization (titok.core.loss)
 Normalization = Literal["selected_mean", "rho1"]
 
-# whose log-probabilities the excess is measured against (titok.reference)
+# whose log-probabilities the excess is measured against (titok.core.reference)
 Reference = Literal["source_amateur", "target_base", "both"]
 REFERENCES: tuple[str, ...] = Reference.__args__
 
-# where the top-k% token cut is taken (titok.select)
+# where the top-k% token cut is taken (titok.core.select)
 TokenScope = Literal["per_sample", "per_batch", "global"]
 TOKEN_SCOPES: tuple[str, ...] = TokenScope.__args__
 
-# a transplant's stages, in order (titok.pipeline; ``titok transplant --until``)
+# a transplant's stages, in order (titok.workflows.pipeline; ``titok transplant --until``)
 STAGES: tuple[str, ...] = ("queries", "labels", "scores", "filter", "align", "train", "export")
 
 
@@ -36,7 +36,7 @@ class FilterMethod:
     description: str
     samples: Literal["top_m", "random", "all"]  # the top-M by mean excess, M at random, or every sample
     token_filter: bool  # the top-k% tokens (so a token reference applies), or every token
-    distills: bool = False  # trains on the expert's top-n log-probs too (titok.distill's ULD), not its text alone
+    distills: bool = False  # trains on the expert's top-n log-probs too (titok.core.distill's ULD), not its text alone
 
     @property
     def keeps_m(self) -> bool:

@@ -22,7 +22,7 @@ def _transplant(args: argparse.Namespace) -> None:
     if args.dry_run:
         _dry_run(cfg)
         return
-    from titok.pipeline import format_summary, transplant
+    from titok.workflows.pipeline import format_summary, transplant
 
     result = transplant(cfg, until=args.until)
     print(format_summary(result))
@@ -33,8 +33,8 @@ def _dry_run(cfg) -> None:
     import os
 
     from titok.validate import validate_inputs
-    from titok.pipeline import check_plan
-    from titok.plan import cluster_resources, local_resources
+    from titok.workflows.pipeline import check_plan
+    from titok.workflows.plan import cluster_resources, local_resources
 
     validate_inputs(cfg)
     if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster: plan for it
@@ -50,7 +50,7 @@ def _dry_run(cfg) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from titok.config import load_config
-    from titok.plan import Assumptions, Resources, local_resources, make_plan
+    from titok.workflows.plan import Assumptions, Resources, local_resources, make_plan
 
     cfg = load_config(args.config, args.set)
     local = local_resources()
@@ -71,7 +71,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _sft(args: argparse.Namespace) -> None:
-    from titok.sft import sft_train_config, train_source_adapter
+    from titok.workflows.sft import sft_train_config, train_source_adapter
     from titok.validate import check_sft
 
     from titok.config import resolved_path
@@ -96,12 +96,12 @@ def _eval(args: argparse.Namespace) -> None:
     if args.harness:
         flags["harness"] = [task.strip() for task in args.harness.split(",") if task.strip()]
     cfg = validated(EvalConfig, read_yaml(args.config, args.set, **flags), "eval")
-    from titok.evaluate import eval_engine, evaluate, write_report
+    from titok.workflows.evaluate import eval_engine, evaluate, write_report
     from titok.validate import check_eval
 
     check_eval(cfg)
     if cfg.harness:
-        from titok.harness import check_harness_tasks
+        from titok.workflows.harness import check_harness_tasks
 
         check_harness_tasks(cfg.harness, cfg.harness_include)
     report = evaluate(cfg.base, cfg.adapter, cfg.task, cfg.split_seed, cfg.examples, cfg.dtype, cfg.max_new_tokens,
@@ -115,7 +115,7 @@ def _eval(args: argparse.Namespace) -> None:
     if cfg.harness:
         from lm_eval.utils import make_table
 
-        from titok.harness import run_harness, write_harness_results
+        from titok.workflows.harness import run_harness, write_harness_results
 
         results = run_harness(cfg, seed=cfg.split_seed)
         print(make_table(results))
@@ -124,7 +124,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from titok.compare import run_compare
+    from titok.workflows.compare import run_compare
     from titok.config import CompareConfig, load_compare_config
 
     if args.help_config:
@@ -138,7 +138,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _migrate(args: argparse.Namespace) -> None:
-    from titok.zoo import ZooManifest, load_manifest, migrate
+    from titok.workflows.zoo import ZooManifest, load_manifest, migrate
 
     if args.help_config:
         print("\n".join(describe_fields(ZooManifest)))
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo-excess", help="train a tiny pirate LoRA on SmolLM2 and show the tokens it makes likelier")
     demo.add_argument("--out", default="runs/demo-excess", help="where the demo adapter is kept (reused on rerun)")
     demo.add_argument("--steps", type=int, default=40, help="LoRA training steps")
-    demo.set_defaults(run=lambda a: __import__("titok.demo", fromlist=["run_excess_demo"]).run_excess_demo(a.out, steps=a.steps))
+    demo.set_defaults(run=lambda a: __import__("titok.workflows.demo", fromlist=["run_excess_demo"]).run_excess_demo(a.out, steps=a.steps))
 
     return parser
 

@@ -3,7 +3,7 @@
 compare, report and migrate all name folders after models, tasks and adapters, and share the source
 stages (queries, labels, scores) between run directories by copying them: both are decided here, as
 is each compare cell's run (its config and folder, its training budget, its row in the tables), so
-that ``titok.report`` reads a compare folder without importing ``titok.compare``.
+that ``titok.workflows.report`` reads a compare folder without importing ``titok.workflows.compare``.
 """
 
 from __future__ import annotations

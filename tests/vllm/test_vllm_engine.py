@@ -81,8 +81,8 @@ def test_labels_and_prompt_scores_keep_the_same_top_n_as_transformers(vllm_engin
         np.testing.assert_allclose(got.top_logprobs, ref.top_logprobs, atol=1e-2)
         compared += 1
     assert compared
-    from titok.excess import response_scores
-    from titok.sequences import collate, encode_pair
+    from titok.core.excess import response_scores
+    from titok.core.sequences import collate, encode_pair
 
     pairs = [encode_pair(hf.tokenizer, q, r) for q, r in zip(QUERIES, RESPONSES)]
     tops = []
@@ -152,7 +152,7 @@ def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adap
 
     from titok.export import CHAT_TEMPLATE_FILE
     from titok.models import PLAIN_CHAT_TEMPLATE, resolve_model_path
-    from titok.zoo_report import SERVE_CONFIG, write_serving_files
+    from titok.workflows.zoo_report import SERVE_CONFIG, write_serving_files
 
     adapters = {}
     for name in ("boolean", "counting", "web"):
@@ -181,7 +181,7 @@ def test_evaluation_on_vllm_answers_and_chooses_as_on_transformers(adapter_dir):
     """``eval.engine: vllm``: the evaluation actor's greedy answers and option choices, for the bare base
     and the adapter (a LoRA request), against the same actor on transformers; the option log-probs
     behind the choices within the log-prob tolerance above (1e-3)."""
-    from titok.evaluate import EvaluateBatch
+    from titok.workflows.evaluate import EvaluateBatch
     from titok.tasks import load_task
 
     task = load_task("boolean_expressions", seed=0, n_test=6)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from titok.excess import TokenScores
-from titok.sequences import encode_response
+from titok.core.excess import TokenScores
+from titok.core.sequences import encode_response
 
 __all__ = ["GenerationParams", "InferenceEngine", "Label", "canonical_logprobs", "named_adapters"]
 
@@ -33,7 +33,7 @@ class GenerationParams:
 class Label:
     """An expert answer and, when its generated tokens are exactly how the text tokenizes, the
     expert's log-prob of each of them (so scoring needs only the amateur pass) and, when asked for,
-    its n likeliest log-probs at each of them, (tokens, n) in decreasing order (``titok.distill``)."""
+    its n likeliest log-probs at each of them, (tokens, n) in decreasing order (``titok.core.distill``)."""
 
     text: str
     expert_logprobs: np.ndarray | None

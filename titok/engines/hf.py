@@ -13,10 +13,10 @@ import torch
 from peft import PeftModel
 
 from titok.engines.base import GenerationParams, InferenceEngine, Label, named_adapters
-from titok.excess import TokenScores, score_pairs, text_logprobs, token_logprobs, top_logprobs
+from titok.core.excess import TokenScores, score_pairs, text_logprobs, token_logprobs, top_logprobs
 from titok.hardware import resolve_dtype
 from titok.models import load_model, load_tokenizer
-from titok.sequences import format_prompt
+from titok.core.sequences import format_prompt
 
 __all__ = ["TransformersEngine"]
 
@@ -28,7 +28,7 @@ class _StepLogprobs:
     A hook on the LM head keeps the last position's logits of each step; the next step's forward
     receives the token chosen from them, and its log-prob is taken then (``output_logits`` would hold
     every step's full-vocabulary logits until the end instead). ``top_n``: each step's n likeliest
-    log-probs too (``titok.distill``).
+    log-probs too (``titok.core.distill``).
     """
 
     def __init__(self, model, top_n: int = 0):

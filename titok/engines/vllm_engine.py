@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from titok.engines.base import GenerationParams, InferenceEngine, Label, named_adapters
-from titok.excess import TokenScores
+from titok.core.excess import TokenScores
 from titok.hardware import resolve_dtype
 from titok.models import load_tokenizer, resolve_model_path
-from titok.sequences import format_prompt
+from titok.core.sequences import format_prompt
 from titok.gpu_facts import GIB, vllm_batched_tokens, vllm_lora_rank
-from titok.sequences import encode_pair
+from titok.core.sequences import encode_pair
 from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["VLLMEngine", "vllm_engine_args"]

@@ -1,17 +1,17 @@
 """Carry each kept sample's token mask onto the target tokenizer (identity when tokenizers agree),
-and for a distilling method the expert's top-n log-probs, paired by character span (``titok.distill``)."""
+and for a distilling method the expert's top-n log-probs, paired by character span (``titok.core.distill``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from titok import columns as C
-from titok.align import align_values
-from titok.distill import teacher_for_target
-from titok.reference import target_token_scores
-from titok.select import select_tokens
+from titok.core.span_transfer import align_values
+from titok.core.distill import teacher_for_target
+from titok.core.reference import target_token_scores
+from titok.core.select import select_tokens
 from titok.models import load_tokenizer
-from titok.sequences import encode_response
+from titok.core.sequences import encode_response
 from titok.stages.arrow import table
 
 __all__ = ["AlignToTarget"]
@@ -54,7 +54,7 @@ class AlignToTarget:
         target_ids, target_weights, target_lps, teachers = [], [], [], []
         scored = None
         if self.model is not None:
-            from titok.excess import text_logprobs
+            from titok.core.excess import text_logprobs
 
             scored = text_logprobs(self.model, self.tokenizer, list(batch[C.QUERY]), list(batch[C.RESPONSE]), self.batch_size)
         for row, (response, starts, ends, keep) in enumerate(zip(batch[C.RESPONSE], batch[C.OFFSET_STARTS],

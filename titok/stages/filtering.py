@@ -7,7 +7,7 @@
 - ``global``: exact, by bracketing. ``ApproximateQuantile`` (a KLL sketch) estimates the excess value
   at the cut; two exact distributed passes then count the tokens above the bracket and fetch only
   the tokens inside it (a few percent of all tokens), where the exact cut-off token is found with the
-  same tie-breaking as ``titok.select`` (earlier sample id, then earlier token, wins). The bracket
+  same tie-breaking as ``titok.core.select`` (earlier sample id, then earlier token, wins). The bracket
   widens until it provably contains the cut. Exact rather than approximate so that the kept count is
   exactly ``ceil(k * N)``, the same as the single-machine core.
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from titok import columns as C
 from titok.choices import FILTER_METHODS
-from titok.select import keep_count, select_tokens, validate_k, validate_m
+from titok.core.select import keep_count, select_tokens, validate_k, validate_m
 from titok.stages.arrow import table
 
 __all__ = ["apply_filter_method", "filter_pool", "global_token_cutoff", "keep_all_tokens", "select_random_m",

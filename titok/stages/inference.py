@@ -11,8 +11,8 @@ import numpy as np
 
 from titok import columns as C
 from titok.engines import GenerationParams, InferenceEngine
-from titok.queries import parse_query
-from titok.select import sample_scores
+from titok.core.synthetic_queries import parse_query
+from titok.core.select import sample_scores
 from titok.stages.arrow import numpy_columns, table
 
 __all__ = ["OPERATIONS", "label_and_score", "label_responses", "score_excess", "write_queries"]

@@ -1,5 +1,5 @@
 """The queries stage: rounds of few-shot query writing on the source engines, checked for the task's
-shape (``queries.on_task``, ``titok.queries.QueryShape``) and filtered for diversity.
+shape (``queries.on_task``, ``titok.core.synthetic_queries.QueryShape``) and filtered for diversity.
 
 Both run on the driver over the whole pool (every engine's output), the ROUGE-L filter against the
 seeds too; rejections are counted by reason (``queries.progress.json``, the ``queries_checked``
@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from titok import columns as C
 from titok import progress as stage_progress
-from titok.queries import DiversityFilter, QueryShape, build_query_prompt
+from titok.core.synthetic_queries import DiversityFilter, QueryShape, build_query_prompt
 from titok.runstate import RunDir, write_atomic
 from titok.tasks import load_task
 

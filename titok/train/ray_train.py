@@ -169,7 +169,7 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     import ray.train
 
     from titok.runstate import RunDir
-    from titok.sequences import build_training_batch
+    from titok.core.sequences import build_training_batch
     from titok.train import strategy
     from titok.train.batching import epoch_order, worker_micro_batches
     from titok.train.collectives import mean_over_workers

@@ -13,10 +13,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from titok.distill import uld_distance
-from titok.excess import lm_head_only_at
-from titok.loss import Normalization, normalize, selected_cross_entropy, selective_cross_entropy
-from titok.sequences import TrainingBatch
+from titok.core.distill import uld_distance
+from titok.core.excess import lm_head_only_at
+from titok.core.loss import Normalization, normalize, selected_cross_entropy, selective_cross_entropy
+from titok.core.sequences import TrainingBatch
 from titok.train.collectives import all_ranks_finite
 
 __all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "selective_loss", "training_step"]
@@ -56,7 +56,7 @@ def selective_loss(
     """Selective CE; the LM head runs only where a prediction has weight (``lm_head_only_at``): with
     a 262k vocabulary (Gemma) the head costs more than the body per position, forward and backward.
     With ``distill_weight`` and a batch that carries teacher distributions, plus that weight times the
-    mean ULD distance over the trained positions that have one (``titok.distill``)."""
+    mean ULD distance over the trained positions that have one (``titok.core.distill``)."""
     keep_from = batch.logits_start()
     # kept position j predicts input token keep_from + j + 1
     predicts_response = batch.response_mask[:, keep_from + 1 :]

@@ -12,7 +12,7 @@ from titok.config import SFT_DEFAULTS, TrainConfig, sft_train_config
 from titok.export import export_adapter
 from titok.models import load_tokenizer
 from titok.runstate import RunDir
-from titok.sequences import encode_response
+from titok.core.sequences import encode_response
 from titok.tasks import load_task, reference_response
 from titok.train.job import TrainingJob
 from titok.train.ray_train import copy_adapter, train_adapter

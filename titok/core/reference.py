@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from titok.align import alignment_groups
+from titok.core.span_transfer import alignment_groups
 from titok.choices import REFERENCES, Reference
 
 __all__ = ["REFERENCES", "Reference", "target_token_scores"]

@@ -6,7 +6,7 @@ Every stage writes Parquet (or the adapter) under ``run_dir/<stage>/`` and a com
 rerun of the same config reads complete stages back instead of recomputing them, so a run killed
 after any stage resumes from there. The source model serves queries, labels and scores from one
 set of engine actors (``stages.fleet``), started when the first of them runs and freed before
-training. Before any of it, the config's plan must fit the cluster Ray reports (``titok.plan``).
+training. Before any of it, the config's plan must fit the cluster Ray reports (``titok.workflows.plan``).
 
 Which stage waits for all of its upstream, and why:
 - queries -> labels: waits. A query is kept only if its ROUGE-L to every kept query is under the
@@ -34,7 +34,7 @@ from titok.engines.placement import actor_options
 from titok.export import export_adapter
 from titok.layout import SOURCE_STAGES
 from titok.gpu_facts import GIB
-from titok.plan import Plan, Resources, cluster_resources, make_plan
+from titok.workflows.plan import Plan, Resources, cluster_resources, make_plan
 from titok.readiness import wait_for_free_gpus, wait_for_resources
 from titok.runstate import RUN_CONFIG, RunDir, dataset_of, run_stage
 from titok.stages.alignment import AlignToTarget

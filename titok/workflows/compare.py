@@ -9,7 +9,7 @@ pipeline reuses them). For every target: one transplant per method (``filter.met
 evaluation pass that loads the target once and scores the vanilla base and every adapter on the same
 held-out examples. Everything lands under ``out_dir``; a rerun reuses every finished transplant and
 evaluation, so a stopped compare resumes and a changed report costs nothing. The report is written by
-``titok.report``.
+``titok.workflows.report``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     out = Path(cfg.out_dir) / "sources" / short_name(task)
     if not (out / ADAPTER_WEIGHTS).is_file():
         print(f"[compare] training the source expert for {task} (titok sft)", flush=True)
-        from titok.sft import train_source_adapter
+        from titok.workflows.sft import train_source_adapter
 
         train = cfg.source.sft_train()
         train_source_adapter(cfg.source_base, task, out, train, seed=cfg.split_seed, n_train=cfg.source.train_examples)
@@ -77,10 +77,10 @@ def _row(report: dict, task: str, target: str, method: str, seed: int | None) ->
 
 def run_compare(cfg: CompareConfig) -> Path:
     """All runs and evaluations (resuming what is done), then the report; returns the report folder."""
-    from titok.evaluate import cached_evaluation
-    from titok.pipeline import transplant
+    from titok.workflows.evaluate import cached_evaluation
+    from titok.workflows.pipeline import transplant
     from titok.progress import init_ray
-    from titok.report import write_compare_report
+    from titok.workflows.report import write_compare_report
 
     validate_compare(cfg)
     init_ray()

@@ -190,12 +190,12 @@ def _failure(err: BaseException) -> str:
 
 def migrate(manifest: ZooManifest) -> dict:
     """Migrate every adapter (resuming what is done); returns the zoo record written to ``zoo.json``."""
-    from titok.pipeline import SourceEngines, StageRunner, check_plan
-    from titok.plan import cluster_resources
+    from titok.workflows.pipeline import SourceEngines, StageRunner, check_plan
+    from titok.workflows.plan import cluster_resources
     from titok.progress import init_ray
     from titok.readiness import wait_for_resources
     from titok.runstate import RunDir
-    from titok.zoo_report import gate_and_write
+    from titok.workflows.zoo_report import gate_and_write
 
     configs, unusable = validate_manifest(manifest)
     init_ray()
@@ -330,7 +330,7 @@ def _align_together(runners: dict, names: list[str], out: Path) -> None:
 def _align_groups(runners: dict, names: list[str]) -> list[list[str]]:
     """Adapters that can share an alignment pass (same align settings), two or more to a group; a lone
     one runs its own stage as in a transplant."""
-    from titok.pipeline import align_settings
+    from titok.workflows.pipeline import align_settings
 
     groups: dict[str, list[str]] = {}
     for name in names:
@@ -345,7 +345,7 @@ def _aligned_together(stage: str, group: list[str], runners: dict, kept, n_rows:
     import pyarrow as pa
     import ray
 
-    from titok.pipeline import align_to_target
+    from titok.workflows.pipeline import align_to_target
     from titok.runstate import RunDir
 
     started = time.perf_counter()

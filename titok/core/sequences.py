@@ -147,7 +147,7 @@ def collate(pairs: list[EncodedPair], pad_token_id: int, padding_side: str = "le
 @dataclass
 class TrainingBatch(Batch):
     """A right-padded ``Batch`` plus (B, T) token weights for ``selective_cross_entropy`` and, for
-    logit distillation (``titok.distill``), (B, T, n) teacher top-n log-probs, NaN where none."""
+    logit distillation (``titok.core.distill``), (B, T, n) teacher top-n log-probs, NaN where none."""
 
     token_weights: torch.Tensor
     teacher_top: torch.Tensor | None = None

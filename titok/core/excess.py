@@ -29,7 +29,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedTokenizerBase
 
-from titok.sequences import Batch, EncodedPair, collate, encode_pair
+from titok.core.sequences import Batch, EncodedPair, collate, encode_pair
 
 __all__ = ["TokenScores", "response_logprobs", "response_scores", "score_batch", "score_pairs", "text_logprobs",
            "token_budget_batches", "token_logprobs", "top_logprobs"]
@@ -118,7 +118,7 @@ def response_logprobs(model: torch.nn.Module, batch: Batch, **forward_kwargs) ->
 def response_scores(model: torch.nn.Module, batch: Batch, top_n: int = 0,
                     **forward_kwargs) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """``response_logprobs`` and, with ``top_n``, each response token's n likeliest log-probs, (R, n)
-    per sequence, from the same logits (what logit distillation reads: ``titok.distill``)."""
+    per sequence, from the same logits (what logit distillation reads: ``titok.core.distill``)."""
     batch = batch.to(model.get_input_embeddings().weight.device)  # the first GPU under a device_map
     keep_from = batch.logits_start()
     # logits at kept position j predict input token keep_from + j + 1

@@ -20,7 +20,7 @@ What titok changes, and why it is written here rather than taken from TRL:
   values). By the triangle inequality the tail term is a lower bound of the full distance over the
   rest of the vocabulary, and with n = 20 the rest holds little mass on a trained expert's answers.
 - **Positions paired by characters, not by index.** ULD pairs the i-th teacher token with the i-th
-  student token. titok already aligns both tokenizations by character spans (``titok.align``): in
+  student token. titok already aligns both tokenizations by character spans (``titok.core.span_transfer``): in
   each aligned group (source tokens and target tokens covering the same characters) the group's
   first source token's distribution and the group's first target token's prediction are both "what
   comes next at this character", so they are paired there (GOLD's token groups do the same; GOLD
@@ -35,9 +35,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from titok.align import alignment_groups
-from titok.excess import top_logprobs
-from titok.sequences import token_matrix
+from titok.core.span_transfer import alignment_groups
+from titok.core.excess import top_logprobs
+from titok.core.sequences import token_matrix
 
 __all__ = ["teacher_for_target", "uld_distance"]
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from titok.excess import score_pairs
-from titok.sequences import build_training_batch
+from titok.core.excess import score_pairs
+from titok.core.sequences import build_training_batch
 from titok.models import load_model, load_tokenizer
-from titok.sequences import format_prompt
+from titok.core.sequences import format_prompt
 from titok.train.step import TorchEngine, attach_fresh_lora, training_step
 from titok.runstate import ADAPTER_CONFIG
 

@@ -10,7 +10,7 @@ both partitions and closes a group whenever the two cumulative boundaries meet:
 - several source tokens over one or more target tokens: each target token gets their mean weighted
   by characters, so the character-weighted mean of the values over the text is preserved.
 
-Offsets come from the tokenizers (``titok.sequences.encode_response``), never from decoding single
+Offsets come from the tokenizers (``titok.core.sequences.encode_response``), never from decoding single
 tokens and stripping spaces, which breaks on multi-byte characters and on BOS asymmetry. A token
 with an empty span (a BOS, an EOS) joins the group where it stands: on the source side it carries
 no weight, on the target side it receives that group's value.
@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from titok.sequences import encode_response
+from titok.core.sequences import encode_response
 
 __all__ = ["AlignmentError", "align_to_tokenizer", "align_values", "alignment_groups", "token_boundaries"]
 

@@ -24,8 +24,8 @@ import numpy as np
 from titok import columns as C
 from titok.choices import PAPER_METHOD
 from titok.layout import budgets, equal_steps, row_label, run_config, short_name
-from titok.metrics import collapse_text, collapsed
-from titok.stats import bootstrap_interval, paired_test
+from titok.core.metrics import collapse_text, collapsed
+from titok.core.stats import bootstrap_interval, paired_test
 from titok.runstate import COMPLETE
 
 __all__ = ["REPORT_FILES", "accuracy_figure", "aggregate", "excess_figure", "markdown_tables", "shade_tokens",
@@ -48,7 +48,7 @@ def _matrix(rows: list[dict], key: tuple, metric: str) -> np.ndarray | None:
 
 def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple[float, float, float, int, int]]:
     """(task, target, method) -> (mean, 95% low, 95% high, seeds, examples). The interval is a
-    bootstrap over examples and seeds (``titok.stats``) where per-example scores exist, else the
+    bootstrap over examples and seeds (``titok.core.stats``) where per-example scores exist, else the
     mean ± the sample std over seeds."""
     values: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
@@ -338,7 +338,7 @@ def _short_answers_text(run_dirs: dict[str, Path], k: dict[str, float]) -> str:
     then differs from kd mostly in which samples it keeps."""
     import pyarrow.parquet as pq
 
-    from titok.select import keep_count
+    from titok.core.select import keep_count
 
     notes = []
     for task, run_dir in run_dirs.items():

@@ -5,7 +5,7 @@
 Generation (greedy) and option scoring run in a Ray Data actor pool, on the configured engine
 (``eval.engine``: transformers, or vLLM with each adapter as a LoRA request); the metrics are computed
 on the driver from the predictions. Reported: exact match after answer extraction, option log-likelihood
-accuracy when the task has a closed answer set (see ``titok.metrics``), ROUGE-1/L for free-text
+accuracy when the task has a closed answer set (see ``titok.core.metrics``), ROUGE-1/L for free-text
 tasks, and the majority-label rate beside every accuracy. Several adapters of one base are evaluated
 in one pass (``evaluate_variants``): each actor loads the base once and switches adapters.
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from titok.choices import DEFAULT_ENGINE
 from titok.engines import GenerationParams, build_engine
-from titok.metrics import (answer_spread, exact_matches, extract_answer, majority_rate, option_loglik_choices,
+from titok.core.metrics import (answer_spread, exact_matches, extract_answer, majority_rate, option_loglik_choices,
                            rouge_per_example)
 from titok.tasks import load_task, reference_response
 

@@ -159,8 +159,8 @@ def _metric(task: str, split_seed: int) -> str:
 
 def _gate(manifest, configs: dict, rows: dict, out: Path) -> None:
     from titok.config import EvalSettings
-    from titok.evaluate import cached_evaluation
-    from titok.metrics import collapse_text, collapsed
+    from titok.workflows.evaluate import cached_evaluation
+    from titok.core.metrics import collapse_text, collapsed
     from titok.layout import short_name
 
     gate = EvalSettings(**manifest.gate.model_dump(include=set(EvalSettings.model_fields)))  # the eval cache's key
