@@ -141,3 +141,15 @@ def test_each_filter_method_and_engine_is_named_in_its_table_alone():
             if isinstance(node, ast.Constant) and node.value in names and module not in names[node.value]:
                 found.append(f"{module}:{node.lineno} {node.value!r}")
     assert found == [], found
+
+
+def test_run_folder_names_are_spelled_in_runstate_alone():
+    """Every file name titok writes into a run or adapter folder is a constant of ``titok.runstate``;
+    any other module that spells one (instead of importing it) would drift from it unseen."""
+    from titok import runstate
+
+    names = {getattr(runstate, n) for n in runstate.__all__ if n.isupper() and isinstance(getattr(runstate, n), str)}
+    found = [f"{module}:{node.lineno} {node.value!r}" for module, path in _modules().items() if module != "titok.runstate"
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names]
+    assert found == [], found

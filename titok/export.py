@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from titok.models import HUB_IDS, SHORT_NAMES, chat_template, hub_id, load_tokenizer, resolve_model_path
-from titok.runstate import ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from titok.runstate import ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD
 
 __all__ = ["CHAT_TEMPLATE_FILE", "export_adapter", "model_card"]
 
@@ -45,7 +45,7 @@ def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, target_base:
     record = {**card, "base_model": base_id,
               "local": {"base_model_path": resolve_model_path(target_base), "adapter_folder": str(final.resolve())}}
     (out_dir / ADAPTER_CARD).write_text(json.dumps(record, indent=2, default=str))
-    model_card(card, target_base, base_id, final.name).save(out_dir / "README.md")
+    model_card(card, target_base, base_id, final.name).save(out_dir / MODEL_CARD)
     previous = final.with_name(f".{final.name}.old")
     shutil.rmtree(previous, ignore_errors=True)
     if final.exists():

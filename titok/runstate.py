@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADAPTER_CARD", "ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "COMPLETE", "EVENTS_DIR", "RUN_CONFIG",
-           "RUN_LOCK", "RUN_MANIFEST", "STARTED", "RunDir", "RunInUse", "dataset_of", "read_events", "run_stage",
-           "write_atomic"]
+__all__ = ["ADAPTER_CARD", "ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "COMPLETE", "EVENTS_DIR", "LEGACY_EVENTS",
+           "MODEL_CARD", "RUN_CONFIG", "RUN_LOCK", "RUN_MANIFEST", "STARTED", "RunDir", "RunInUse", "dataset_of",
+           "read_events", "run_stage", "write_atomic"]
 
 # The names in a run folder, here and nowhere else (every module that reads or writes one imports them)
 RUN_MANIFEST = ".titok-run.json"  # marks a folder as a titok run (titok only clears its own folders)
@@ -36,7 +36,8 @@ STARTED = "_STARTED.json"  # a stage attempt under way (its fingerprint: what a 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's own names
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 ADAPTER_CARD = "titok.json"  # how titok made an adapter (titok.export)
-_LEGACY_EVENTS = "events.jsonl"  # runs from before per-process files
+MODEL_CARD = "README.md"  # an exported adapter's model card (the Hub shows it)
+LEGACY_EVENTS = "events.jsonl"  # runs from before per-process files
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -194,7 +195,7 @@ def read_events(root: str | Path) -> list[dict]:
     """The events under run folder ``root``, merged by time; a line that does not parse (a writer
     died mid-line) is skipped and named in a warning."""
     root = Path(root)
-    files = sorted((root / EVENTS_DIR).glob("*.jsonl")) + [p for p in [root / _LEGACY_EVENTS] if p.is_file()]
+    files = sorted((root / EVENTS_DIR).glob("*.jsonl")) + [p for p in [root / LEGACY_EVENTS] if p.is_file()]
     events = []
     for path in files:
         try:

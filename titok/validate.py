@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from titok.config import ConfigError
-from titok.runstate import ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, COMPLETE, RUN_MANIFEST, STARTED
+from titok.runstate import ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, COMPLETE, LEGACY_EVENTS, RUN_MANIFEST, STARTED
 
 __all__ = [
     "adapter_config_problems", "adapter_problems", "adapter_weight_problems", "check_eval", "check_model", "check_sft",
@@ -240,7 +240,7 @@ def length_problems(cfg) -> list[str]:
 
 def is_titok_folder(folder: Path) -> bool:
     """A folder titok made: its run manifest, or (runs from before the manifest) titok's own files."""
-    if (folder / RUN_MANIFEST).is_file() or (folder / "events.jsonl").is_file():
+    if (folder / RUN_MANIFEST).is_file() or (folder / LEGACY_EVENTS).is_file():
         return True
     return any((child / COMPLETE).is_file() or (child / STARTED).is_file()
                for child in folder.iterdir() if child.is_dir())
