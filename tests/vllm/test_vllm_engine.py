@@ -190,7 +190,7 @@ def test_evaluation_on_vllm_answers_and_chooses_as_on_transformers(adapter_dir):
     variants = {"vanilla": None, "adapter": adapter_dir}
     common = {"dtype": "float32", "batch_size": 8, "max_length": 512}
     on_hf = EvaluateBatch("smollm2-135m", variants, {"name": "transformers", **common}, max_new_tokens=24)
-    on_vllm = EvaluateBatch("smollm2-135m", variants, {"name": "vllm", **common, "vllm": {"max_loras": 2}},
+    on_vllm = EvaluateBatch("smollm2-135m", variants, {"name": "vllm", **common, "settings": {"max_loras": 2}},
                             max_new_tokens=24)
     try:
         hf_out, vllm_out = on_hf(batch), on_vllm(batch)
