@@ -257,7 +257,6 @@ def test_the_gpu_check_dry_run_passes_on_cpu(tmp_path):
 # ---------- the 70B path's arithmetic, by hand ----------
 
 def test_training_activations_use_train_max_length_not_the_engines():
-    shape = model_shape(LLAMA_70B)
     train = make_plan(_cfg(train={"max_length": 1024}), TWO_NODES_80GB).stage("train")
     # checkpointing: each layer's input kept (80 x 8192 x 2 bytes per token) plus one layer recomputed
     per_token = 80 * 8192 * 2 + (7 * 8192 + 4 * 28672) * 2

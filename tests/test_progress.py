@@ -4,8 +4,6 @@ import io
 import re
 import time
 
-import pytest
-
 from titok import progress
 
 STAGE_LINE = re.compile(r"^\[(queries|labels|scores|filter|align|train)\] ")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from titok.runstate import RUN_LOCK, RunDir, RunInUse
+from titok.runstate import RunDir, RunInUse
 
 HOLD = ("import sys, time\nfrom titok.runstate import RunDir\nrun = RunDir(sys.argv[1])\nrun.claim()\n"
         "print('held', flush=True)\ntime.sleep(120)\n")

@@ -15,7 +15,6 @@ import csv
 import hashlib
 import importlib.metadata
 import json
-import shlex
 import shutil
 from pathlib import Path
 
