@@ -296,6 +296,17 @@ def test_zero3_gathers_are_in_the_training_time():
     assert make_plan(_cfg(train={"deepspeed_stage": 2, "workers": 8}), TWO_NODES_80GB).stage("train").comm_s == 0
 
 
+def test_an_lr_search_costs_one_training_per_rate_on_the_samples_not_held_out():
+    one = make_plan(_cfg(), TWO_NODES_80GB).stage("train")
+    search = make_plan(_cfg(train={"validation_fraction": 0.1, "lr_search": [3e-4, 1e-3, 3e-3]}),
+                       TWO_NODES_80GB).stage("train")
+    assert search.flops == pytest.approx(one.flops * 3 * 225 / 250)  # 25 of the 250 samples held out
+    # ZeRO-3: each rate loads (and broadcasts) the 70B target again
+    assert search.load_s == pytest.approx(3 * one.load_s)
+    notes = "\n".join(search.notes)
+    assert "x 3 learning rates" in notes and "25 samples held out for validation" in notes
+
+
 def test_a_refused_trainings_suggestion_is_checked_in_full():
     """1 node x 8 GPUs with train.workers=16: memory alone would accept checkpointing, which cannot run."""
     one_node = Resources(nodes=1, gpus_per_node=8, gpu_memory_gib=80, host_memory_gib=1800)

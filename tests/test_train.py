@@ -299,3 +299,72 @@ def test_jobs_share_a_worker_group_only_when_target_and_worker_settings_agree(ta
                "z3a": _job(target_dir, tmp_path, deepspeed_stage=3), "z3b": _job(target_dir, tmp_path, deepspeed_stage=3)}
     assert group_jobs(configs) == [["a", "b", "d"], ["c"], ["z3a"], ["z3b"]]  # recipes may differ, workers may not
     assert group_jobs(configs, groups_at_once=2) == [["a", "d"], ["b"], ["c"], ["z3a"], ["z3b"]]
+
+
+# ---------- learning rate chosen on held-out synthetic samples ----------
+
+LR_SEARCH = {"validation_fraction": 0.25, "lr_search": [1e-6, 5e-3, 1e30]}  # 3 of the 12 rows held out
+
+
+@pytest.fixture(scope="module")
+def lr_search_zero2(target_dir, tmp_path_factory):
+    import ray
+
+    from tests.conftest import start_local_ray
+
+    start_local_ray()
+    run_dir = tmp_path_factory.mktemp("lr-search-zero2")
+    job = _job(target_dir, run_dir, **LR_SEARCH)
+    outcome = run_training({"default": (ray.data.from_items(_rows()), job)}, storage_path=str(run_dir / "ray"),
+                           log_dir=str(run_dir))["default"]
+    return outcome, RunDir(run_dir).events()
+
+
+@pytest.mark.slow
+def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zero2, target_dir):
+    """Three rates train in one worker group (one target load) on the same 9 rows; the one that
+    diverges cannot win, and the held-out loss the workers report is the kept adapter's loss on exactly
+    the held-out rows, recomputed here outside Ray."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from titok.core.sequences import build_training_batch
+    from titok.core.validation_split import validation_mask
+    from titok.train.step import TorchEngine, validation_loss
+
+    outcome, events = lr_search_zero2
+    assert outcome.error is None, outcome.error
+    curves = outcome.lr_search
+    assert curves[1e30] == [] and len(curves[1e-6]) == len(curves[5e-3]) == 2  # one value per epoch
+    assert outcome.metrics["lr"] == 5e-3 and outcome.val_losses == curves[5e-3]
+    assert curves[5e-3][-1] < curves[1e-6][-1] - 0.1  # it learned; 1e-6 barely moved
+    assert outcome.metrics["train_rows"] == 9 and outcome.metrics["val_loss"] == curves[5e-3][-1]
+    loads = [e for e in events if e["event"] == "model_load"]
+    assert len(loads) == 2 and all(e["adapters"] == ["default@lr1e-06", "default@lr0.005", "default@lr1e+30"]
+                                   for e in loads)
+
+    tokenizer = real_tokenizer("smollm2-135m")
+    held_out = [r for r, held in zip(_rows(), validation_mask(12, LR_SEARCH["validation_fraction"], seed=0)) if held]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(target_dir), str(outcome.adapter_dir))
+    batches = [build_training_batch(tokenizer, [r[C.QUERY] for r in held_out[i : i + 2]],
+                                    [r[C.RESPONSE] for r in held_out[i : i + 2]],
+                                    [r[C.TARGET_WEIGHTS] for r in held_out[i : i + 2]], max_length=160)
+               for i in range(0, len(held_out), 2)]
+    assert validation_loss(TorchEngine(model, None), batches) == pytest.approx(outcome.val_losses[-1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_lr_search_under_zero3_gives_each_rate_its_own_group_and_the_same_losses(lr_search_zero2, target_dir,
+                                                                                   tmp_path, local_ray):
+    """ZeRO-3 binds the base to one DeepSpeed engine, so each rate loads the target itself; the
+    held-out forward (every rank runs it: ZeRO-3 gathers parameters collectively) gives ZeRO-2's losses."""
+    job = _job(target_dir, tmp_path, deepspeed_stage=3, validation_fraction=0.25, lr_search=[1e-6, 5e-3])
+    outcome = run_training({"default": (local_ray.data.from_items(_rows()), job)}, storage_path=str(tmp_path / "ray"),
+                           log_dir=str(tmp_path))["default"]
+    loads = [e for e in RunDir(tmp_path).events() if e["event"] == "model_load"]
+    assert sorted(e["adapters"][0] for e in loads) == ["default@lr0.005"] * 2 + ["default@lr1e-06"] * 2
+    assert all(e["partitioned"] for e in loads)
+    zero2 = lr_search_zero2[0].lr_search
+    for lr in (1e-6, 5e-3):
+        np.testing.assert_allclose(outcome.lr_search[lr], zero2[lr], rtol=1e-5)
+    assert outcome.metrics["lr"] == 5e-3

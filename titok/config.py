@@ -250,7 +250,13 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(
         4, ge=1, description="most samples per worker per forward pass (the largest divisor of "
         "global_batch_size / workers up to this is used)")
-    lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate")
+    lr: float = Field(2e-4, gt=0.0, description="AdamW learning rate (unless lr_search picks one)")
+    validation_fraction: float = Field(
+        0.0, ge=0.0, le=0.5, description="share of the training samples held out of training (a seeded draw): the "
+        "adapter's loss on their kept tokens is measured after every epoch (val_loss in the train metrics)")
+    lr_search: list[float] = Field(
+        [], description="learning rates to try, each training its own LoRA on the same rows; the run keeps the one "
+        "with the lowest final validation loss (needs validation_fraction > 0; costs one training per rate)")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of all steps")
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")
@@ -276,6 +282,10 @@ class TrainConfig(Section):
             raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of workers={self.workers}")
         if self.offload_params and self.deepspeed_stage != 3:
             raise ValueError("offload_params needs deepspeed_stage=3 (only ZeRO-3 partitions parameters)")
+        if self.lr_search and not self.validation_fraction:
+            raise ValueError("lr_search needs validation_fraction > 0: the rates are compared on held-out samples")
+        if any(lr <= 0 for lr in self.lr_search) or len(set(self.lr_search)) != len(self.lr_search):
+            raise ValueError(f"lr_search={self.lr_search}: learning rates must be positive and listed once")
         if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
             raise ValueError(f"deepspeed_config: {self.deepspeed_config} does not exist")
         return self

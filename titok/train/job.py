@@ -9,7 +9,7 @@ share one group exactly when their ``WorkerGroup`` values are equal: no second l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from titok.config import TrainConfig
 
@@ -60,3 +60,9 @@ class TrainingJob:
            trust_remote_code: bool = False) -> "TrainingJob":
         """The one way a training job is made (transplant, zoo and ``titok sft`` alike)."""
         return cls(WorkerGroup.of(target_base, trust_remote_code, train), train, seed, str(run_dir), max_length, k)
+
+    def with_lr(self, lr: float | None) -> "TrainingJob":
+        """This job at one learning rate of its ``lr_search`` (itself for ``None``)."""
+        if lr is None:
+            return self
+        return replace(self, train=self.train.model_copy(update={"lr": lr, "lr_search": []}))

@@ -59,6 +59,8 @@ class TrainOutcome:
     adapter_dir: Path | None = None
     metrics: dict = field(default_factory=dict)
     error: BaseException | None = None
+    val_losses: list[float] = field(default_factory=list)  # after each epoch, with train.validation_fraction
+    lr_search: dict[float, list[float]] = field(default_factory=dict)  # each tried rate's val_losses ([]: diverged)
 
 
 def _linear_warmup_decay(total_steps: int, warmup: int):
@@ -72,10 +74,21 @@ def _micro_batch_seed(seed: int, global_step: int, plan, rank: int, j: int) -> i
 
 
 def _job_plan(job: TrainingJob, n_rows: int, world: int):
+    """The batch plan of a job's ``n_rows`` samples, less those it holds out for validation."""
+    from titok.core.validation_split import validation_count
     from titok.train.batching import plan_batches
 
     train = job.train
-    return plan_batches(n_rows, train.global_batch_size, world, train.micro_batch_size, train.epochs, train.max_steps)
+    n_train = n_rows - validation_count(n_rows, train.validation_fraction)
+    return plan_batches(n_train, train.global_batch_size, world, train.micro_batch_size, train.epochs, train.max_steps)
+
+
+def _split_validation(job: TrainingJob, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(training rows, held-out rows)``: the same seeded draw on every worker (rows come sorted by id)."""
+    from titok.core.validation_split import validation_mask
+
+    held_out = validation_mask(len(rows), job.train.validation_fraction, job.seed)
+    return [r for r, h in zip(rows, held_out) if not h], [r for r, h in zip(rows, held_out) if h]
 
 
 def _job_deepspeed_config(job: TrainingJob, plan, bf16: bool) -> dict:
@@ -178,6 +191,7 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     train, run = job.train, RunDir(job.run_dir)
     seconds = {"setup": -time.perf_counter(), "steps": 0.0, "checkpoints": 0.0}  # where a job's time goes
     plan = _job_plan(job, len(rows), world)
+    rows, held_out = _split_validation(job, rows)
     ds_config = _job_deepspeed_config(job, plan, dtype == "bfloat16")
     torch.manual_seed(job.seed)  # the same fresh LoRA on every rank, whatever trained before it
     lora = train.lora
@@ -188,7 +202,7 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     engine = strategy.build_engine(model, ds_config, train.lr, train.weight_decay,
                                    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _linear_warmup_decay(plan.total_steps, warmup)))
     progress["job"] = name
-    state = {"step": 0, "losses": []}
+    state = {"step": 0, "losses": [], "val_losses": []}
     if resume_from is not None:
         with resume_from.as_directory() as directory:
             state = strategy.load_state(engine, directory)
@@ -214,15 +228,18 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                 micro_losses.append(training_step(engine, batch.to(engine.device), train.normalization, job.k,
                                                   train.distill_weight))
             loss = mean_over_workers(float(np.mean(micro_losses)), engine.device)
-            state = {"step": step + 1, "losses": state["losses"] + [loss]}
+            state = {**state, "step": step + 1, "losses": state["losses"] + [loss]}
             final = state["step"] == plan.total_steps
+            epoch_end = state["step"] % plan.steps_per_epoch == 0
+            if held_out and (final or epoch_end):
+                state["val_losses"] = state["val_losses"] + [_validation_loss(engine, tokenizer, held_out, job, plan)]
             if rank == 0 and feed is not None:
                 pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...
                 if final:
                     ray.get(pushed)  # ... but the last: the driver's final drain must see every step
             _inject_fault(job, state["step"], rank, world)
             seconds["steps"] += time.perf_counter() - started
-            if final or state["step"] % plan.steps_per_epoch == 0 or (every and state["step"] % every == 0):
+            if final or epoch_end or (every and state["step"] % every == 0):
                 started = time.perf_counter()
                 _report(engine, model, state, plan, rank, progress, outcome if final else None)
                 seconds["checkpoints"] += time.perf_counter() - started
@@ -236,6 +253,21 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                   peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   lora_dtypes=sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}))
     return _detach(model, engine, checkpointing)
+
+
+def _validation_loss(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan) -> float:
+    """The LoRA's mean CE on the kept tokens of the held-out rows, in micro-batches, dropout off.
+
+    Every rank computes it on all the held-out rows (a tenth of a few hundred samples, forward only):
+    the ranks get the same number, with no collective to agree on it, and under ZeRO-3, whose forward
+    gathers parameters collectively, every rank runs the same forwards."""
+    from titok.core.sequences import build_training_batch
+    from titok.train.step import validation_loss
+
+    batches = [build_training_batch(tokenizer, [r[C.QUERY] for r in chunk], [r[C.RESPONSE] for r in chunk],
+                                    [r[C.TARGET_WEIGHTS] for r in chunk], job.max_length).to(engine.device)
+               for chunk in (held_out[i : i + plan.micro_batch] for i in range(0, len(held_out), plan.micro_batch))]
+    return validation_loss(engine, batches)
 
 
 def _detach(model, engine, checkpointing: bool):
@@ -271,7 +303,10 @@ def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome
     job = progress["job"]
     metrics = {"step": state["step"], "epoch": (state["step"] - 1) // steps_per_epoch, "final": outcome is not None,
                "loss": float(np.mean(losses[-steps_per_epoch:])), "first_loss": losses[0],
-               "optimizer_steps": plan.total_steps, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation}
+               "optimizer_steps": plan.total_steps, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
+               "train_rows": plan.rows}
+    if state["val_losses"]:
+        metrics["val_loss"] = state["val_losses"][-1]
     with tempfile.TemporaryDirectory() as tmp:
         if outcome is None:
             strategy.save_state(engine, tmp, state)
@@ -280,7 +315,8 @@ def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome
             _finish(progress, failed=False)
             if rank == 0:
                 model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
-                _write_outcome(outcome, {"metrics": metrics, "losses": losses}, adapter_from=tmp)
+                _write_outcome(outcome, {"metrics": metrics, "losses": losses, "val_losses": state["val_losses"]},
+                               adapter_from=tmp)
         if rank == 0:
             Path(tmp, _PROGRESS).write_text(json.dumps(progress))
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 or outcome is None else None
@@ -353,7 +389,7 @@ def _read_outcome(folder: Path, name: str) -> TrainOutcome | None:
     result = json.loads(path.read_text())
     if "failed" in result:
         return TrainOutcome(name, error=FloatingPointError(result["failed"]))
-    return TrainOutcome(name, adapter_dir=folder, metrics=result["metrics"])
+    return TrainOutcome(name, adapter_dir=folder, metrics=result["metrics"], val_losses=result.get("val_losses", []))
 
 
 def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str, name: str = "train",
@@ -365,20 +401,62 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
     ``WorkerGroup``. A job whose adapter is already under the outcomes folder is not trained again;
     the same ``storage_path`` and ``name`` resume an interrupted run from its last checkpoint. Model
     loads are logged in ``log_dir`` (default: the first job's ``run_dir``).
+
+    A job with ``train.lr_search`` trains one LoRA per rate (``<job>@lr<rate>``, on the same rows and
+    held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the lowest final validation
+    loss (``titok.core.validation_split.best_lr``), with every rate's curve in ``lr_search``.
     """
+    trials = {_trial(job_name, lr): (ds, job.with_lr(lr))
+              for job_name, (ds, job) in jobs.items() for lr in job.train.lr_search or [None]}
+    outcomes = {}
+    groups = group_jobs({trial: job for trial, (_, job) in trials.items()})  # ZeRO-3: one rate per group
+    for i, names in enumerate(groups):
+        outcomes |= _run_jobs({n: trials[n] for n in names}, storage_path, name if len(groups) == 1 else f"{name}-{i}",
+                              log_dir)
+    return {job_name: _chosen(job_name, job, outcomes) for job_name, (_, job) in jobs.items()}
+
+
+def _trial(job_name: str, lr: float | None) -> str:
+    return job_name if lr is None else f"{job_name}@lr{lr:g}"
+
+
+def _chosen(job_name: str, job: TrainingJob, outcomes: dict[str, TrainOutcome]) -> TrainOutcome:
+    """A job's outcome; under lr_search, the best rate's adapter and metrics as the job's own."""
+    from titok.core.validation_split import best_lr
+
+    if not job.train.lr_search:
+        return outcomes[job_name]
+    tried = {lr: outcomes[_trial(job_name, lr)] for lr in job.train.lr_search}
+    curves = {lr: [] if o.error is not None else o.val_losses for lr, o in tried.items()}
+    try:
+        lr = best_lr(curves)
+    except ValueError as err:
+        errors = "; ".join(f"lr {rate:g}: {o.error}" for rate, o in tried.items() if o.error is not None)
+        return TrainOutcome(job_name, error=RuntimeError(f"{err}{' (' + errors + ')' if errors else ''}"),
+                            lr_search=curves)
+    won = tried[lr]
+    return TrainOutcome(job_name, adapter_dir=won.adapter_dir, metrics={**won.metrics, "lr": lr},
+                        val_losses=won.val_losses, lr_search=curves)
+
+
+def _run_jobs(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str, name: str,
+              log_dir: str | None) -> dict[str, TrainOutcome]:
+    """``run_training`` for jobs of one learning rate each."""
     if len({job.group for _, job in jobs.values()}) > 1:
         raise ValueError(f"jobs {list(jobs)} differ in target or worker settings (WorkerGroup): "
                          "they cannot share one worker group (group_jobs splits them)")
     outcomes_dir = Path(storage_path) / f"{name}-outcomes"
     outcomes = {n: _read_outcome(outcomes_dir / n, n) for n in jobs}
-    todo = {}
+    todo, materialized = {}, {}
     for job_name, (ds, job) in jobs.items():
         if outcomes[job_name] is not None and outcomes[job_name].error is None:
             continue  # trained before this call (a resubmitted job)
         shutil.rmtree(outcomes_dir / job_name, ignore_errors=True)  # an earlier divergence: retried
         outcomes[job_name] = None
         # Materialized first: the workers hold the CPUs, and a lazy read would wait for one forever.
-        ds = ds.materialize()
+        if id(ds) not in materialized:  # once for all the rates of an lr_search
+            materialized[id(ds)] = ds.materialize()
+        ds = materialized[id(ds)]
         try:
             _job_plan(job, ds.count(), job.group.workers)  # a recipe that cannot run fails here, alone
         except ValueError as err:

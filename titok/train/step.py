@@ -19,7 +19,8 @@ from titok.core.loss import Normalization, normalize, selected_cross_entropy, se
 from titok.core.sequences import TrainingBatch
 from titok.train.collectives import all_ranks_finite
 
-__all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "selective_loss", "training_step"]
+__all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "selective_loss", "training_step",
+           "validation_loss"]
 
 
 def attach_fresh_lora(
@@ -98,6 +99,21 @@ def training_step(engine, batch: TrainingBatch, normalization: Normalization = "
     return loss.item()
 
 
+def validation_loss(engine, batches: list[TrainingBatch]) -> float:
+    """Mean cross-entropy over the kept tokens of ``batches`` (weighted as in training, no distillation
+    term), in eval mode (no dropout) and without gradients; the engine is left in eval mode (every
+    ``training_step`` sets train mode again)."""
+    engine.eval()
+    total, weight = 0.0, 0.0
+    with torch.no_grad():
+        for batch in batches:
+            kept = float((batch.token_weights * batch.response_mask)[:, 1:].sum())
+            if kept > 0:
+                total += selective_loss(engine, batch, "selected_mean").item() * kept
+                weight += kept
+    return total / weight if weight else float("nan")
+
+
 class TorchEngine:
     """DeepSpeed's training interface over a plain model and optimizer."""
 
@@ -111,6 +127,9 @@ class TorchEngine:
 
     def train(self) -> None:
         self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()  # the window's gradient is the mean of its micro-batches'

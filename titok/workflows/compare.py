@@ -87,7 +87,7 @@ def run_compare(cfg: CompareConfig) -> Path:
     out = Path(cfg.out_dir)
     RunDir(out).claim()
     started = time.perf_counter()
-    rows, timings = [], []
+    rows, timings, trainings = [], [], {}
     for task in cfg.tasks:
         adapter = source_adapter(cfg, task)
         engine = run_config(cfg, task, 0, cfg.targets[0], cfg.methods[0], adapter, budgets(cfg)[0]).engine
@@ -109,7 +109,9 @@ def run_compare(cfg: CompareConfig) -> Path:
                         timings.append({"task": task, "seed": seed, "target": target, "method": variant, "budget": budget,
                                         "max_steps": run.train.max_steps, "seconds": round(time.perf_counter() - cell_started, 1),
                                         "stages": {k: v.get("status") for k, v in result["stages"].items()}})
-                        variants[row_label(cfg, variant, budget)] = result["adapter"]
+                        label = row_label(cfg, variant, budget)
+                        variants[label] = result["adapter"]
+                        trainings[(task, target, label, seed)] = result["stages"]["train"]
                     first_run = first_run or Path(run.run_dir).resolve()
                 # greedy decoding on a fixed split: the vanilla target is the same for every seed
                 if seed > 0:
@@ -118,7 +120,9 @@ def run_compare(cfg: CompareConfig) -> Path:
                     cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target,
                     variants, task, engine)
                 for name, report in reports.items():
-                    rows.append(_row(report, task, target, name, None if name == "vanilla" else seed))
+                    row = _row(report, task, target, name, None if name == "vanilla" else seed)
+                    trained = trainings.get((task, target, name, seed), {})
+                    rows.append(row | {"lr": trained["metrics"]["lr"]} if "lr_search" in trained else row)
     elapsed = time.perf_counter() - started
     (out / "timings.json").write_text(json.dumps({"seconds": round(elapsed, 1), "runs": timings}, indent=2))
-    return write_compare_report(cfg, rows, out / "report", elapsed)
+    return write_compare_report(cfg, rows, out / "report", elapsed, trainings)

@@ -169,7 +169,13 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained:
     outcome = trained or train_adapter(*training_job(cfg, run, aligned), storage_path=str(stage / "ray"))
     copy_adapter(outcome, stage / "adapter")
     metrics = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str))}
-    return {"rows": _teaching_rows(aligned).num_rows, "metrics": metrics}
+    summary = {"rows": _teaching_rows(aligned).num_rows, "metrics": metrics}
+    if outcome.val_losses:
+        summary["val_losses"] = outcome.val_losses
+    if outcome.lr_search:
+        summary["lr_search"] = {f"{lr:g}": curve for lr, curve in outcome.lr_search.items()}
+        run.log_event(event="lr_chosen", stage="train", lr=metrics["lr"], val_losses=summary["lr_search"])
+    return summary
 
 
 def export(cfg: TransplantConfig, run: RunDir) -> str:
@@ -359,6 +365,10 @@ def format_summary(result: dict) -> str:
         lines.append(f"{name:8s} {info['status']:7s} {str(info.get('rows', '')):>6s} {str(info.get('seconds', '')):>8s}")
     for stage, (dtype, reason) in result.get("dtypes", {}).items():
         lines.append(f"{stage} dtype: {dtype} ({reason})")
+    searched = result["stages"].get("train", {}).get("lr_search")
+    if searched:
+        losses = ", ".join(f"{lr}: {curve[-1]:.4f}" if curve else f"{lr}: diverged" for lr, curve in searched.items())
+        lines.append(f"train lr: {result['stages']['train']['metrics']['lr']:g}, the lowest validation loss of {losses}")
     lines.append(f"run dir: {result['run_dir']}")
     if "adapter" in result:
         lines.append(f"adapter: {result['adapter']}  (load with peft.PeftModel.from_pretrained)")

@@ -43,6 +43,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from titok.choices import ENGINES, FILTER_METHODS
+from titok.core.validation_split import validation_count
 from titok.gpu_facts import GIB, vllm_batched_tokens, vllm_lora_rank
 from titok.runstate import ADAPTER_CONFIG
 
@@ -378,11 +379,15 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = Tru
         stage.suggestions += _train_suggestions(cfg, shape, res, a)
 
     rows = min(cfg.filter.top_m, cfg.pool_size) if FILTER_METHODS[cfg.filter.method].keeps_m else cfg.pool_size
-    samples = t.max_steps * t.global_batch_size if t.max_steps else rows * t.epochs
+    held_out = validation_count(rows, t.validation_fraction)
+    rows -= held_out
+    rates = len(t.lr_search) or 1  # an lr search trains one LoRA per rate
+    samples = rates * (t.max_steps * t.global_batch_size if t.max_steps else rows * t.epochs)
     tokens = samples * min(a.prompt_tokens + cfg.queries.max_new_tokens + cfg.labels.max_new_tokens, seq)
     stage.flops = (4 + (2 if checkpointing else 0)) * shape.params * tokens
     budget = f"{t.max_steps} steps x {t.global_batch_size}" if t.max_steps else f"{rows} samples x {t.epochs} epochs"
-    stage.notes.append(f"trained tokens: {tokens:,} ({budget}, upper bound)")
+    stage.notes.append(f"trained tokens: {tokens:,} ({budget}{f' x {rates} learning rates' if rates > 1 else ''}, "
+                       f"upper bound{f'; {held_out} samples held out for validation' if held_out else ''})")
     stage.devices = t.workers if on_gpu else 0
     rate = t.workers * (res.gpu_tflops * 1e12 if on_gpu else t.cpus_per_worker * res.cpu_gflops_per_core * 1e9)
     stage.compute_s = stage.flops / (rate * a.mfu_train)
@@ -407,6 +412,10 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = Tru
                 stage.notes += _one_node_note(cfg, shape, res, a, stage)
         else:
             stage.notes.append("ZeRO-3 with offload_params: the gathers come from host memory over PCIe (not timed here)")
+        if rates > 1:
+            stage.load_s *= rates
+            stage.notes.append(f"ZeRO-3 binds the base to one DeepSpeed engine: each of the {rates} learning rates "
+                               "loads the target again")
     return stage
 
 

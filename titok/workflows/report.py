@@ -182,7 +182,7 @@ _HOW_TO_READ = """\
 
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ["task", "target", "method", "seed", "n", "exact_match", "option_accuracy", "rouge1", "rougeL", "majority_rate",
-              "top_prediction", "top_prediction_share"]
+              "top_prediction", "top_prediction_share", "lr"]
     with open(path, "w", newline="") as f:
         # per-example scores stay out of the CSV (one row per run); the paired tests use them
         writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
@@ -367,6 +367,28 @@ def _queries_text(run_dirs: dict[str, Path]) -> str:
     return ("Synthetic queries (the source model's, before labels):\n\n" + "\n".join(lines) + "\n\n") if lines else ""
 
 
+def _learning_rates_text(trainings: dict[tuple, dict]) -> str:
+    """Per trained row, the rate ``train.lr_search`` chose and every rate's final loss on the held-out
+    synthetic samples (the test split is never read for it)."""
+    searched = {key: t for key, t in trainings.items() if "lr_search" in t}
+    if not searched:
+        return ""
+    rates = sorted({float(lr) for t in searched.values() for lr in t["lr_search"]})
+    lines = ["Learning rate chosen per row on held-out synthetic samples (`train.lr_search`): the final validation "
+             "loss on the kept tokens for each rate; the lowest wins (bold); '-': diverged.\n",
+             "| task | target | method | seed | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+             "|---|---|---|---|" + "---|" * len(rates)]
+    for (task, target, method, seed), trained in searched.items():
+        curves, chosen = trained["lr_search"], trained["metrics"]["lr"]
+        cells = []
+        for lr in rates:
+            curve = curves.get(f"{lr:g}")
+            cell = "" if curve is None else f"{curve[-1]:.3f}" if curve else "-"
+            cells.append(f"**{cell}**" if lr == chosen and cell else cell)
+        lines.append(f"| {task} | {target} | {method} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
 def _budget_text(cfg, run) -> str:
     epochs = f"{run.train.epochs} epoch(s) each"
     steps = f"{cfg.steps or equal_steps(run)} optimizer steps each"
@@ -386,7 +408,9 @@ def _per_task_text(cfg, shared_budget: str, task_budgets: dict[str, str]) -> str
     return "Settings for one task only (over the shared ones): " + "; ".join(lines) + ".\n\n" if lines else ""
 
 
-def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) -> Path:
+def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float,
+                         trainings: dict[tuple, dict] | None = None) -> Path:
+    """The report folder; ``trainings``: each trained row's train summary, by (task, target, method, seed)."""
     folder.mkdir(parents=True, exist_ok=True)
     methods = [row_label(cfg, variant, budget) for budget in budgets(cfg) for variant in cfg.methods]
     write_csv(rows, folder / "results.csv")
@@ -413,7 +437,8 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float) ->
         f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
         f"{rows[0]['n']}. M = {run.filter.top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {budget}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
-        + _per_task_text(cfg, budget, task_budgets) + _short_answers_text(run_dirs, k) + _queries_text(run_dirs) + "Files: " + ", ".join(f"`{name}`" for name in REPORT_FILES if name != "results.md") + ".\n\n"
+        + _per_task_text(cfg, budget, task_budgets) + _short_answers_text(run_dirs, k) + _queries_text(run_dirs)
+        + _learning_rates_text(trainings or {}) + "Files: " + ", ".join(f"`{name}`" for name in REPORT_FILES if name != "results.md") + ".\n\n"
     )
     (folder / "results.md").write_text(header + markdown_tables(rows, cfg.tasks, methods) + "\n\n"
                                        + paired_markdown(tests) + "\n\n" + _HOW_TO_READ)

@@ -1,0 +1,77 @@
+"""The validation split of the synthetic samples and the learning-rate rule (pure), and the held-out
+loss the trainer measures, against the same loss computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titok.config import TrainConfig
+from titok.core.sequences import build_training_batch
+from titok.core.validation_split import best_lr, validation_count, validation_mask
+from titok.train.step import TorchEngine, attach_fresh_lora, validation_loss
+from tests.conftest import real_tokenizer, tiny_llama
+
+
+@pytest.mark.parametrize("rows,fraction,held_out", [(250, 0.1, 25), (12, 0.25, 3), (5, 0.01, 1), (2, 0.5, 1),
+                                                     (1, 0.5, 0), (100, 0.0, 0)])
+def test_the_held_out_count_is_the_fraction_at_least_one_never_all(rows, fraction, held_out):
+    assert validation_count(rows, fraction) == held_out
+    assert validation_mask(rows, fraction, seed=0).sum() == held_out
+
+
+def test_the_held_out_rows_are_a_seeded_draw():
+    first = validation_mask(250, 0.1, seed=0)
+    assert (first == validation_mask(250, 0.1, seed=0)).all()  # every worker and a resumed run agree
+    assert not (first == validation_mask(250, 0.1, seed=1)).all()
+    assert np.flatnonzero(first).max() > 125  # drawn from the whole pool, not its head
+
+
+def test_the_lowest_final_validation_loss_wins_and_a_diverged_rate_cannot():
+    assert best_lr({3e-4: [2.0, 1.5], 1e-3: [1.8, 1.2], 3e-3: [1.1, 1.3]}) == 1e-3  # the last epoch counts
+    assert best_lr({1e-3: [1.0], 3e-4: [1.0]}) == 3e-4  # a tie: the smaller rate
+    assert best_lr({1e-3: [1.4], 1e30: [], 3e-3: [1.0, math.nan]}) == 1e-3
+    with pytest.raises(ValueError, match="no learning rate"):
+        best_lr({1e30: [], 3e-3: [math.inf]})
+
+
+def test_a_search_needs_held_out_samples_and_distinct_positive_rates():
+    with pytest.raises(ValueError, match="lr_search needs validation_fraction"):
+        TrainConfig.model_validate({"lr_search": [1e-4, 1e-3]})
+    with pytest.raises(ValueError, match="listed once"):
+        TrainConfig.model_validate({"lr_search": [1e-3, 1e-3], "validation_fraction": 0.1})
+    assert TrainConfig.model_validate({"lr_search": [1e-4, 1e-3], "validation_fraction": 0.1}).lr_search == [1e-4, 1e-3]
+
+
+def test_the_validation_loss_is_the_token_weighted_mean_over_the_kept_tokens_without_dropout():
+    tokenizer = real_tokenizer("smollm2-135m")
+    model = attach_fresh_lora(tiny_llama(tokenizer), rank=4, dropout=0.5)
+    with torch.no_grad():  # a LoRA that has trained: a fresh one (B = 0) hides its dropout
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    engine = TorchEngine(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    queries = ["True and False is", "not ( True ) or False is", "False or False is"]
+    responses = ["False. So the answer is False.", "The answer is False.", "So the answer is False."]
+    weights = [np.array([1.0, 0.0, 0.5] + [1.0] * 20)[: len(tokenizer(r, add_special_tokens=False).input_ids)]
+               for r in responses]
+    batches = [build_training_batch(tokenizer, queries[:2], responses[:2], weights[:2]),
+               build_training_batch(tokenizer, queries[2:], responses[2:], weights[2:])]
+
+    total, kept = 0.0, 0.0
+    with torch.no_grad():
+        model.eval()
+        for batch in batches:  # by hand: every kept prediction once, weighted, over all batches
+            logits = model(**batch.model_inputs()).logits
+            w = (batch.token_weights * batch.response_mask)[:, 1:].float()
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.input_ids[:, 1:].flatten(), reduction="none")
+            total += float((ce.view_as(w) * w).sum())
+            kept += float(w.sum())
+    model.train()  # dropout on: validation_loss must turn it off itself
+    measured = validation_loss(engine, batches)
+    assert measured == pytest.approx(total / kept, rel=1e-5)
+    assert validation_loss(engine, batches) == measured  # no dropout: the same number twice
