@@ -148,6 +148,21 @@ def test_a_row_that_answers_one_label_to_everything_is_marked():
     assert "- † g kd on t (seed 0): answers 'true' to 8 of 8 examples (100%): collapsed to one answer" in table
 
 
+def test_a_row_whose_answers_run_out_of_tokens_is_marked_apart_from_a_wrong_one():
+    from titok.core.metrics import answered
+
+    options = [["True", "False"]] * 8
+    looping = ["True = True. True = True. True = True."] * 3 + ["So the answer is False."] * 5
+    assert answered(looping, options) == [0.0] * 3 + [1.0] * 5
+    assert answered(["The answer is: true.", "So the answer is Maybe."], options[:2]) == [1.0, 0.0]
+    rows = _rows("titok", [0], [[0, 0, 0, 1, 1, 0, 1, 1]]) + _rows("kd", [0], [[1, 0, 1, 0, 1, 0, 1, 0]])
+    rows[0]["answered_share"], rows[1]["answered_share"] = 5 / 8, 1.0
+    table = markdown_tables(rows, ["t"], ["kd", "titok"])
+    titok = [line for line in table.splitlines() if line.startswith("| g | titok |")]
+    assert titok[0].endswith(" ‡ |") and "‡" not in next(line for line in table.splitlines() if "| kd |" in line)
+    assert "- ‡ g titok on t (seed 0): an answer from the answer set on 5 of 8 examples" in table
+
+
 def _panel_titles_overlap(fig) -> bool:
     fig.canvas.draw()
     boxes = [ax.title.get_window_extent() for ax in fig.axes if ax.get_title()]

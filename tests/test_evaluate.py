@@ -61,6 +61,9 @@ def test_eval_stage_on_a_tiny_model(tiny_model_dirs, local_ray):
     assert [e["extracted"] for e in shown] == [extract_answer(e["prediction"]) for e in shown]
     assert report["per_example"]["exact_match"][:5] == [float(extract_answer(e["prediction"]) == e["target"]) for e in shown]
     assert report["exact_match"] == pytest.approx(sum(report["per_example"]["exact_match"]) / 6)
+    assert report["predictions"][:5] == [e["prediction"] for e in shown] and len(report["predictions"]) == 6
+    in_set = [extract_answer(p).strip().lower() in {"true", "false"} for p in report["predictions"]]
+    assert report["answered_share"] == pytest.approx(sum(in_set) / 6)
     vanilla = evaluate(tiny_model_dirs["source"], None, "boolean_expressions", n_test=6, dtype="float32",
                        max_new_tokens=8, batch_size=4)
     assert [e["prediction"] for e in vanilla["examples"]] != [e["prediction"] for e in shown]

@@ -38,6 +38,18 @@ def test_a_long_stage_in_a_log_says_where_it_is_every_interval(monkeypatch):
     assert lines[-1].startswith("[train] 4/4 steps 100%") and lines[-1].endswith("loss 6.0000")
 
 
+def test_a_training_line_names_the_rate_an_lr_search_is_on_and_a_zoos_adapter():
+    from titok.train.ray_train import _show_step
+
+    log = io.StringIO()
+    with progress.stage("train", log) as bar:
+        _show_step(bar, ("default@lr0.003", 2, 2, 0.5))
+        _show_step(bar, ("lawyer@lr1e-05", 2, 2, 0.25))
+    lines = log.getvalue().splitlines()
+    assert lines[-1].endswith("loss 0.2500, adapter lawyer, lr 1e-05"), lines
+    assert "adapter default" not in log.getvalue()
+
+
 def test_workers_feed_the_drivers_line_through_an_actor(local_ray):
     import ray
 

@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 from rouge_score import rouge_scorer
 
-__all__ = ["COLLAPSE_SHARE", "answer_spread", "collapse_text", "collapsed", "exact_match", "exact_matches",
+__all__ = ["COLLAPSE_SHARE", "UNANSWERED_SHARE", "answer_spread", "answered", "collapse_text", "collapsed", "exact_match", "exact_matches",
            "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
 
@@ -76,6 +76,16 @@ def answer_spread(predictions: list[str], targets: list[str], top: int = 5) -> d
     answer, count = answers.most_common(1)[0]
     return {"top_prediction": answer, "top_prediction_share": count / len(predictions),
             "predictions_by_answer": dict(answers.most_common(top)), "targets_by_answer": dict(gold.most_common(top))}
+
+
+def answered(predictions: list[str], options: list[list[str]]) -> list[float]:
+    """1.0 where the extracted answer is one of that example's options (normalized), else 0.0: a miss
+    that is no answer at all (a loop, reasoning cut off by the token budget) against a wrong answer."""
+    allowed = [{_normalize(o) for o in example_options} for example_options in options]
+    return [float(_normalize(extract_answer(p)) in ok) for p, ok in zip(predictions, allowed, strict=True)]
+
+
+UNANSWERED_SHARE = 0.1  # more examples than this without an answer from the answer set: the report says so
 
 
 def collapsed(report: dict) -> bool:

@@ -527,7 +527,9 @@ def _show_step(bar, item: tuple) -> None:
     if bar.bar.total != total or bar.job != job:
         bar.start(total, "steps")
         bar.job = job
-    bar.set(step, loss=f"{loss:.4f}", **({"adapter": job} if job != "default" else {}))
+    adapter, _, lr = job.partition("@lr")  # an lr_search's rate trains as <job>@lr<rate>
+    shown = {"adapter": adapter} if adapter != "default" else {}
+    bar.set(step, loss=f"{loss:.4f}", **shown, **({"lr": lr} if lr else {}))
 
 
 def train_adapter(ds, job: TrainingJob, storage_path: str, name: str = "train") -> TrainOutcome:

@@ -68,7 +68,7 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
 def _row(report: dict, task: str, target: str, method: str, seed: int | None) -> dict:
     row = {"task": task, "target": target, "method": method, "seed": "" if seed is None else seed, "n": report["n"],
            "exact_match": report["exact_match"], "majority_rate": report["majority_rate"]}
-    for name in ("option_accuracy", "rouge1", "rougeL", "top_prediction", "top_prediction_share"):
+    for name in ("option_accuracy", "rouge1", "rougeL", "top_prediction", "top_prediction_share", "answered_share"):
         if name in report:
             row[name] = report[name]
     row["per_example"] = report.get("per_example", {})

@@ -19,8 +19,8 @@ import numpy as np
 
 from titok.choices import DEFAULT_ENGINE
 from titok.engines import GenerationParams, build_engine
-from titok.core.metrics import (answer_spread, exact_matches, extract_answer, majority_rate, option_loglik_choices,
-                           rouge_per_example)
+from titok.core.metrics import (answer_spread, answered, exact_matches, extract_answer, majority_rate,
+                                option_loglik_choices, rouge_per_example)
 from titok.tasks import load_task, reference_response
 
 __all__ = ["EvaluateBatch", "cached_evaluation", "eval_engine", "evaluate", "evaluate_variants", "write_report"]
@@ -128,8 +128,11 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
                   "max_new_tokens": max_new_tokens, "majority_rate": majority_rate(targets),
                   **{name: float(np.mean(values)) for name, values in per_example.items()},
                   **answer_spread(predictions, targets), "per_example": per_example}
+        if rows[0]["options"]:
+            report["answered_share"] = float(np.mean(answered(predictions, [row["options"] for row in rows])))
         report["examples"] = [{"input": e["input"], "target": t, "prediction": p, "extracted": extract_answer(p)}
                               for e, t, p in list(zip(examples, targets, predictions))[:5]]
+        report["predictions"] = predictions  # every one, in example order: to read why a row misses
         reports[name] = report
     return reports
 

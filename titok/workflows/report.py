@@ -24,7 +24,7 @@ import numpy as np
 from titok import columns as C
 from titok.choices import PAPER_METHOD
 from titok.layout import budgets, equal_steps, row_label, run_config, short_name
-from titok.core.metrics import collapse_text, collapsed
+from titok.core.metrics import UNANSWERED_SHARE, collapse_text, collapsed
 from titok.core.stats import bootstrap_interval, paired_test
 from titok.runstate import COMPLETE
 
@@ -129,6 +129,8 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
                 trained[(task, target)].append(mean)
         best = {key: _strictly_best(means) for key, means in trained.items()}
         collapses = {(r["task"], r["target"], r["method"]): r for r in rows if collapsed(r)}
+        unanswered = {(r["task"], r["target"], r["method"]): r for r in rows
+                      if metric == "exact_match" and r.get("answered_share", 1.0) < 1 - UNANSWERED_SHARE}
         lines = [f"### {title}", "", "| target | method | " + " | ".join(metric_tasks) + " |",
                  "|---|---|" + "---|" * len(metric_tasks)]
         for target, method in _table_rows(rows, methods):
@@ -141,13 +143,18 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
                 cell = f"{mean:.3f} [{low:.2f}, {high:.2f}]" if high > low else f"{mean:.3f}"
                 bold = method not in _REFERENCE_ROWS and mean == best.get((task, target))
                 cell = f"**{cell}**" if bold else cell
-                cells.append(cell + " †" if (task, target, method) in collapses else cell)
+                cell += " †" if (task, target, method) in collapses else ""
+                cells.append(cell + " ‡" if (task, target, method) in unanswered else cell)
             lines.append(f"| {short_name(target)} | {method} | " + " | ".join(cells) + " |")
         if metric != "rougeL":
             majority = {r["task"]: r["majority_rate"] for r in rows}
             lines.append("| | majority rate | " + " | ".join(f"{majority[t]:.3f}" for t in metric_tasks) + " |")
         notes = [f"† {short_name(target)} {method} on {task} (seed {r['seed'] or 0}): {collapse_text(r)}"
                  for (task, target, method), r in collapses.items() if task in metric_tasks]
+        notes += [f"‡ {short_name(target)} {method} on {task} (seed {r['seed'] or 0}): an answer from the answer set on "
+                  f"{round(r['answered_share'] * r['n'])} of {r['n']} examples; the others end without one (a loop, "
+                  "or reasoning the token budget cut off)" for (task, target, method), r in unanswered.items()
+                  if task in metric_tasks]
         sections.append("\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else [])))
     return "\n\n".join(sections)
 
@@ -182,7 +189,7 @@ _HOW_TO_READ = """\
 
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ["task", "target", "method", "seed", "n", "exact_match", "option_accuracy", "rouge1", "rougeL", "majority_rate",
-              "top_prediction", "top_prediction_share", "lr"]
+              "top_prediction", "top_prediction_share", "answered_share", "lr"]
     with open(path, "w", newline="") as f:
         # per-example scores stay out of the CSV (one row per run); the paired tests use them
         writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
