@@ -69,3 +69,13 @@ def test_a_pool_of_off_task_queries_stops_naming_what_was_rejected(tiny_model_di
     (checked,) = [e for e in RunDir(tmp_path / "run").events() if e["event"] == "queries_checked"]
     assert checked["kept"] == 0 and sum(checked["rejected"].values()) == checked["written"]
     assert checked["shape"]["ending"] == "is"
+    from titok.core.synthetic_queries import QueryShape
+    from titok.stages.queries import REJECTED_EXAMPLES
+    from titok.tasks import load_task
+
+    shape = QueryShape.of([e["input"] for e in load_task("boolean_expressions", seed=0).seed_examples])
+    examples = checked["rejected_examples"]
+    assert set(examples) == set(checked["rejected"])  # every reason shows what it refused, and why
+    for why, queries in examples.items():
+        assert 1 <= len(queries) <= min(REJECTED_EXAMPLES, checked["rejected"][why])
+        assert all(shape.problem(q) == why for q in queries if q.strip())

@@ -24,7 +24,9 @@ from titok.core.synthetic_queries import DiversityFilter, QueryShape, build_quer
 from titok.runstate import RunDir, write_atomic
 from titok.tasks import load_task
 
-__all__ = ["write_query_pool"]
+__all__ = ["REJECTED_EXAMPLES", "write_query_pool"]
+
+REJECTED_EXAMPLES = 5  # rejected queries kept per reason (progress file, event, report)
 
 
 def _read_progress(path) -> dict:
@@ -57,6 +59,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
         progress = {"key": key, "kept": [], "written": 0, "rounds": 0}
     diversity.kept = list(progress["kept"])
     rejected = Counter(progress.get("rejected", {}))  # by reason: off task (QueryShape), empty, too similar
+    examples = progress.get("rejected_examples", {})  # the first few of each reason, to read what a check refuses
     bar = stage_progress.current()  # kept queries of the pool; each engine batch back counts as written
     if bar:
         bar.start(cfg.pool_size, "queries")
@@ -86,7 +89,10 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
                     why = "empty" if not row[C.QUERY].strip() else f"ROUGE-L >= {cfg.queries.rouge_l_max} to a kept query"
                 if why:
                     rejected[why] += 1
-        progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1, rejected=dict(rejected))
+                    if len(examples.setdefault(why, [])) < REJECTED_EXAMPLES:
+                        examples[why].append(row[C.QUERY])
+        progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1, rejected=dict(rejected),
+                        rejected_examples=examples)
         write_atomic(progress_path, json.dumps(progress))
         if bar:
             bar.set(len(diversity.kept), round=round_index + 1, written=progress["written"])
@@ -94,7 +100,8 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
             print(f"  queries round {round_index + 1}: {len(diversity.kept)}/{cfg.pool_size} kept of "
                   f"{progress['written']} written", flush=True)
     run.log_event(event="queries_checked", stage="queries", written=progress["written"], kept=len(diversity.kept),
-                  rejected=dict(rejected.most_common()), shape=None if shape is None else vars(shape))
+                  rejected=dict(rejected.most_common()), rejected_examples=examples,
+                  shape=None if shape is None else vars(shape))
     if len(diversity.kept) < cfg.pool_size:
         reasons = ", ".join(f"{n} {why}" for why, n in rejected.most_common())
         raise RuntimeError(

@@ -359,6 +359,11 @@ def _short_answers_text(run_dirs: dict[str, Path], k: dict[str, float]) -> str:
     return "".join(note + "\n\n" for note in notes)
 
 
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split()).replace("`", "'")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _queries_text(run_dirs: dict[str, Path]) -> str:
     """Per task: how many synthetic queries were written, kept, and rejected by reason (off the seeds'
     shape, too similar), from the queries stage's ``queries_checked`` event."""
@@ -371,6 +376,8 @@ def _queries_text(run_dirs: dict[str, Path]) -> str:
             last = checked[-1]
             rejected = "; ".join(f"{n} {why}" for why, n in last["rejected"].items()) or "none"
             lines.append(f"- `{task}`: {last['kept']} kept of {last['written']} written; rejected: {rejected}")
+            for why, queries in last.get("rejected_examples", {}).items():
+                lines.append(f"  - {why}, e.g. " + " · ".join(f"`{_one_line(q, 100)}`" for q in queries[:2]))
     return ("Synthetic queries (the source model's, before labels):\n\n" + "\n".join(lines) + "\n\n") if lines else ""
 
 
