@@ -188,43 +188,39 @@ def test_labels_stream_into_the_scores_the_scores_stage_would_make(tiny_model_di
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_and_global_token_scope(tiny_model_dirs, tmp_path, local_ray, uninterrupted):
+def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(tiny_model_dirs, tmp_path, local_ray,
+                                                                              uninterrupted):
+    """ZeRO-3 with the token filter over the whole pool, and two learning rates: each rate trains on
+    its own worker group (ZeRO-3 binds the base to one engine) on the kept samples less the held-out
+    one; the run's adapter is the rate with the lower validation loss, and its summary, events, card
+    and the compare report say which rate won."""
     from titok.layout import share_stages
+    from titok.workflows.pipeline import format_summary
+    from titok.workflows.report import _learning_rates_text
 
     cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
-                                 "train.deepspeed_stage=3")
+                                 "train.deepspeed_stage=3", "train.validation_fraction=0.2",
+                                 "train.lr_search=[1e-5, 3e-2]", "train.epochs=2")
     share_stages(uninterrupted["run_dir"], tmp_path / "run")  # its queries, labels and scores: no engine work here
     result = transplant(cfg)
     assert [result["stages"][s]["status"] for s in ("queries", "labels", "scores")] == ["cached"] * 3
     kept = pd.read_parquet(tmp_path / "run" / "filter")
     total = int(kept[C.N_TOKENS].sum())
     assert sum(np.asarray(k, dtype=bool).sum() for k in kept[C.KEEP]) == keep_count(total, cfg.filter.k)
-    assert np.isfinite(RunDir(tmp_path / "run").summary("train")["metrics"]["loss"])
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["target"]), result["adapter"])
 
-
-@pytest.mark.slow
-def test_an_lr_search_picks_the_transplants_rate_on_held_out_samples_and_says_so(tiny_model_dirs, tmp_path, local_ray,
-                                                                                 uninterrupted):
-    """The rates train side by side on the run's own kept samples, less the held-out ones; the run's
-    adapter is the winner's, and its summary, events, card and the compare report say which rate won."""
-    from titok.layout import share_stages
-    from titok.workflows.pipeline import format_summary
-    from titok.workflows.report import _learning_rates_text
-
-    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "train.validation_fraction=0.2",
-                                 "train.lr_search=[1e-5, 3e-2]", "train.epochs=2")
-    share_stages(uninterrupted["run_dir"], tmp_path / "run")
-    result = transplant(cfg)
     train = result["stages"]["train"]
-    assert train["rows"] == 6 and train["metrics"]["train_rows"] == 5  # top_m 6, one held out
+    assert train["rows"] == 6 and train["metrics"]["train_rows"] == 5 and np.isfinite(train["metrics"]["loss"])
     curves = train["lr_search"]
-    assert set(curves) == {"1e-05", "0.03"} and all(len(curve) == 2 for curve in curves.values())
+    assert set(curves) == {"1e-05", "0.03"} and all(len(c) == 2 and np.isfinite(c).all() for c in curves.values())
     chosen = min(curves, key=lambda lr: curves[lr][-1])
     assert train["metrics"]["lr"] == float(chosen) and train["val_losses"] == curves[chosen]
-    assert [e["lr"] for e in RunDir(tmp_path / "run").events() if e["event"] == "lr_chosen"] == [float(chosen)]
-    card = json.loads(Path(result["adapter"], "titok.json").read_text())
-    assert card["train_metrics"]["lr"] == float(chosen)
+    events = RunDir(tmp_path / "run").events()
+    assert [e["lr"] for e in events if e["event"] == "lr_chosen"] == [float(chosen)]
+    loads = [e for e in events if e["event"] == "model_load" and e["stage"] == "train"]
+    assert sorted(e["adapters"][0] for e in loads) == ["default@lr0.03"] * 2 + ["default@lr1e-05"] * 2
+    assert all(e["partitioned"] for e in loads)
+    assert json.loads(Path(result["adapter"], "titok.json").read_text())["train_metrics"]["lr"] == float(chosen)
     assert f"train lr: {chosen}, the lowest validation loss of 1e-05: " in format_summary(result)
     table = _learning_rates_text({("boolean_expressions", "tiny", "titok", 0): train})
     assert "| boolean_expressions | tiny | titok | 0 |" in table and f"**{curves[chosen][-1]:.3f}**" in table

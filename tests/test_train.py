@@ -351,20 +351,3 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
                                     [r[C.TARGET_WEIGHTS] for r in held_out[i : i + 2]], max_length=160)
                for i in range(0, len(held_out), 2)]
     assert validation_loss(TorchEngine(model, None), batches) == pytest.approx(outcome.val_losses[-1], rel=1e-5)
-
-
-@pytest.mark.slow
-def test_an_lr_search_under_zero3_gives_each_rate_its_own_group_and_the_same_losses(lr_search_zero2, target_dir,
-                                                                                   tmp_path, local_ray):
-    """ZeRO-3 binds the base to one DeepSpeed engine, so each rate loads the target itself; the
-    held-out forward (every rank runs it: ZeRO-3 gathers parameters collectively) gives ZeRO-2's losses."""
-    job = _job(target_dir, tmp_path, deepspeed_stage=3, validation_fraction=0.25, lr_search=[1e-6, 5e-3])
-    outcome = run_training({"default": (local_ray.data.from_items(_rows()), job)}, storage_path=str(tmp_path / "ray"),
-                           log_dir=str(tmp_path))["default"]
-    loads = [e for e in RunDir(tmp_path).events() if e["event"] == "model_load"]
-    assert sorted(e["adapters"][0] for e in loads) == ["default@lr0.005"] * 2 + ["default@lr1e-06"] * 2
-    assert all(e["partitioned"] for e in loads)
-    zero2 = lr_search_zero2[0].lr_search
-    for lr in (1e-6, 5e-3):
-        np.testing.assert_allclose(outcome.lr_search[lr], zero2[lr], rtol=1e-5)
-    assert outcome.metrics["lr"] == 5e-3
