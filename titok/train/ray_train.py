@@ -205,7 +205,7 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     state = {"step": 0, "losses": [], "val_losses": []}
     if resume_from is not None:
         with resume_from.as_directory() as directory:
-            state = strategy.load_state(engine, directory)
+            state = {"val_losses": [], **strategy.load_state(engine, directory)}  # older checkpoints lack it
         run.log_event(event="train_resumed", stage="train", rank=rank, step=state["step"])
 
     every = train.checkpoint_every_steps
@@ -403,8 +403,9 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
     loads are logged in ``log_dir`` (default: the first job's ``run_dir``).
 
     A job with ``train.lr_search`` trains one LoRA per rate (``<job>@lr<rate>``, on the same rows and
-    held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the lowest final validation
-    loss (``titok.core.validation_split.best_lr``), with every rate's curve in ``lr_search``.
+    held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the
+    lowest final validation loss (``titok.core.validation_split.best_lr``), with every rate's curve
+    in ``lr_search``.
     """
     trials = {_trial(job_name, lr): (ds, job.with_lr(lr))
               for job_name, (ds, job) in jobs.items() for lr in job.train.lr_search or [None]}
