@@ -75,3 +75,21 @@ def test_the_validation_loss_is_the_token_weighted_mean_over_the_kept_tokens_wit
     measured = validation_loss(engine, batches)
     assert measured == pytest.approx(total / kept, rel=1e-5)
     assert validation_loss(engine, batches) == measured  # no dropout: the same number twice
+
+
+def test_only_a_diverged_rate_loses_a_search_a_crashed_one_fails_the_job(tmp_path):
+    """A rate whose training diverged (non-finite loss) cannot win; one whose workers died (a lost
+    node, a crashed controller) never finished, so the job fails rather than crown another rate."""
+    from titok.train.job import TrainingJob
+    from titok.train.ray_train import TrainOutcome, _chosen
+
+    train = TrainConfig.model_validate({"validation_fraction": 0.1, "lr_search": [1e-4, 1e-3, 1e30]})
+    job = TrainingJob.of(train, "tiny", seed=0, run_dir=str(tmp_path), max_length=64, k=0.7)
+    done = {"default@lr0.0001": TrainOutcome("a", tmp_path, {"lr": 1e-4}, val_losses=[2.0, 1.5]),
+            "default@lr0.001": TrainOutcome("b", tmp_path, {"lr": 1e-3}, val_losses=[1.8, 1.2]),
+            "default@lr1e+30": TrainOutcome("c", error=FloatingPointError("step 0: non-finite training loss"))}
+    won = _chosen("default", job, done)
+    assert won.error is None and won.metrics["lr"] == 1e-3 and won.lr_search[1e30] == []
+    lost = dict(done, **{"default@lr0.001": TrainOutcome("b", error=RuntimeError("the train controller died"))})
+    failed = _chosen("default", job, lost)
+    assert isinstance(failed.error, RuntimeError) and "controller died" in str(failed.error)

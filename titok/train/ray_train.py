@@ -429,6 +429,9 @@ def _chosen(job_name: str, job: TrainingJob, outcomes: dict[str, TrainOutcome]) 
         return outcomes[job_name]
     tried = {lr: outcomes[_trial(job_name, lr)] for lr in job.train.lr_search}
     curves = {lr: [] if o.error is not None else o.val_losses for lr, o in tried.items()}
+    crashed = [o.error for o in tried.values() if o.error is not None and not isinstance(o.error, FloatingPointError)]
+    if crashed:  # a rate that never finished is no evidence against it: the job fails, and a rerun goes on
+        return TrainOutcome(job_name, error=crashed[0], lr_search=curves)
     try:
         lr = best_lr(curves)
     except ValueError as err:
