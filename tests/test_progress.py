@@ -38,6 +38,23 @@ def test_a_long_stage_in_a_log_says_where_it_is_every_interval(monkeypatch):
     assert lines[-1].startswith("[train] 4/4 steps 100%") and lines[-1].endswith("loss 6.0000")
 
 
+def test_each_job_of_a_worker_group_gets_its_own_steps_on_the_line(monkeypatch):
+    """A zoo's group (or an lr search) trains job after job: the second job's steps are drawn too,
+    not only the first's (tqdm draws only past the count it last drew)."""
+    from titok.train.ray_train import _show_step
+
+    monkeypatch.setattr(progress, "_LOG_INTERVAL_S", 0.05)
+    log = io.StringIO()
+    with progress.stage("train", log) as bar:
+        for job in ("a", "b"):
+            for step in range(1, 4):
+                time.sleep(0.08)
+                _show_step(bar, (job, step, 3, 1.0 / step))
+        before_close = log.getvalue().splitlines()
+    second = [line.split()[1] for line in before_close if "adapter b" in line]
+    assert "2/3" in second and second[-1] == "3/3", before_close  # drawn as it goes, not only by close()
+
+
 def test_a_training_line_names_the_rate_an_lr_search_is_on_and_a_zoos_adapter():
     from titok.train.ray_train import _show_step
 

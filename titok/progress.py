@@ -73,6 +73,8 @@ class _StageBar:
     def start(self, total: int, unit: str = "rows") -> "_StageBar":
         """The size of the work (rows, steps); counting starts again at zero."""
         self.bar.total, self.bar.n = total, 0  # not tqdm's reset(): that draws a line at once
+        self.bar.last_print_n = 0  # tqdm draws again only past the count it last drew (a zoo's next job)
+        self.bar.start_t = self.bar._time()  # the next job's rate and time left are its own
         self.bar.unit, self.bar.bar_format, self.counted = f" {unit}", _COUNTED, True
         return self
 
