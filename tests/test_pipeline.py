@@ -209,8 +209,8 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     assert sum(np.asarray(k, dtype=bool).sum() for k in kept[C.KEEP]) == keep_count(total, cfg.filter.k)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["target"]), result["adapter"])
 
-    train = result["stages"]["train"]
-    assert train["rows"] == 6 and train["metrics"]["train_rows"] == 5 and np.isfinite(train["metrics"]["loss"])
+    train = result["train"]
+    assert train == result["stages"]["train"] and train["rows"] == 6 and train["metrics"]["train_rows"] == 5 and np.isfinite(train["metrics"]["loss"])
     curves = train["lr_search"]
     assert set(curves) == {"1e-05", "0.03"} and all(len(c) == 2 and np.isfinite(c).all() for c in curves.values())
     chosen = min(curves, key=lambda lr: curves[lr][-1])
@@ -244,6 +244,7 @@ def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_d
     status = {name: info["status"] for name, info in kd["stages"].items()}
     assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "kd/filter": "ran",
                       "kd/align": "ran", "kd/train": "ran", "export": "ran"}
+    assert kd["train"] == kd["stages"]["kd/train"]  # the method's own training, under its own key
     assert {e["stage"] for e in _model_loads_since(run_dir, loads)} == {"train"}
     kept = pd.read_parquet(run_dir / "kd" / "filter")
     assert len(kept) == 12 and all(np.asarray(k, dtype=bool).all() for k in kept[C.KEEP])  # all samples, all tokens

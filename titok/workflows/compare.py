@@ -111,7 +111,7 @@ def run_compare(cfg: CompareConfig) -> Path:
                                         "stages": {k: v.get("status") for k, v in result["stages"].items()}})
                         label = row_label(cfg, variant, budget)
                         variants[label] = result["adapter"]
-                        trainings[(task, target, label, seed)] = result["stages"]["train"]
+                        trainings[(task, target, label, seed)] = result["train"]
                     first_run = first_run or Path(run.run_dir).resolve()
                 # greedy decoding on a fixed split: the vanilla target is the same for every seed
                 if seed > 0:

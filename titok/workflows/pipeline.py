@@ -320,6 +320,9 @@ class StageRunner:
         # which dtype each model ran in, and why (dtype: auto decides per device)
         dtypes = {e["stage"]: e["dtype"] for e in self._run.events() if e.get("event") == "model_load" and e.get("dtype")}
         out = {"run_dir": str(self._run.root), "stages": self._timings, "dtypes": dtypes}
+        trained = self._timings.get(_stage_path(self._cfg, "train"))  # "kd/train" for kd: the method's own
+        if trained is not None:
+            out["train"] = trained
         return {**out, "adapter": self.adapter_path} if hasattr(self, "adapter_path") else out
 
 
@@ -365,10 +368,10 @@ def format_summary(result: dict) -> str:
         lines.append(f"{name:8s} {info['status']:7s} {str(info.get('rows', '')):>6s} {str(info.get('seconds', '')):>8s}")
     for stage, (dtype, reason) in result.get("dtypes", {}).items():
         lines.append(f"{stage} dtype: {dtype} ({reason})")
-    searched = result["stages"].get("train", {}).get("lr_search")
+    searched = result.get("train", {}).get("lr_search")
     if searched:
         losses = ", ".join(f"{lr}: {curve[-1]:.4f}" if curve else f"{lr}: diverged" for lr, curve in searched.items())
-        lines.append(f"train lr: {result['stages']['train']['metrics']['lr']:g}, the lowest validation loss of {losses}")
+        lines.append(f"train lr: {result['train']['metrics']['lr']:g}, the lowest validation loss of {losses}")
     lines.append(f"run dir: {result['run_dir']}")
     if "adapter" in result:
         lines.append(f"adapter: {result['adapter']}  (load with peft.PeftModel.from_pretrained)")
