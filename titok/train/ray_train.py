@@ -186,12 +186,13 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     from titok.train import strategy
     from titok.train.batching import epoch_order, worker_micro_batches
     from titok.train.collectives import mean_over_workers
-    from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step
+    from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step, validation_loss
 
     train, run = job.train, RunDir(job.run_dir)
     seconds = {"setup": -time.perf_counter(), "steps": 0.0, "checkpoints": 0.0}  # where a job's time goes
     plan = _job_plan(job, len(rows), world)
     rows, held_out = _split_validation(job, rows)
+    held_out_batches = None  # tokenized once, at the first epoch's end
     ds_config = _job_deepspeed_config(job, plan, dtype == "bfloat16")
     torch.manual_seed(job.seed)  # the same fresh LoRA on every rank, whatever trained before it
     lora = train.lora
@@ -232,7 +233,8 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
             final = state["step"] == plan.total_steps
             epoch_end = state["step"] % plan.steps_per_epoch == 0
             if held_out and (final or epoch_end):
-                state["val_losses"] = state["val_losses"] + [_validation_loss(engine, tokenizer, held_out, job, plan)]
+                held_out_batches = held_out_batches or _validation_batches(engine, tokenizer, held_out, job, plan)
+                state["val_losses"] = state["val_losses"] + [validation_loss(engine, held_out_batches)]
             if rank == 0 and feed is not None:
                 pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...
                 if final:
@@ -255,19 +257,17 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     return _detach(model, engine, checkpointing)
 
 
-def _validation_loss(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan) -> float:
-    """The LoRA's mean CE on the kept tokens of the held-out rows, in micro-batches, dropout off.
+def _validation_batches(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan) -> list:
+    """The held-out rows in micro-batches on the training device, for ``step.validation_loss``.
 
-    Every rank computes it on all the held-out rows (a tenth of a few hundred samples, forward only):
-    the ranks get the same number, with no collective to agree on it, and under ZeRO-3, whose forward
+    Every rank scores all the held-out rows (a tenth of a few hundred samples, forward only): the
+    ranks get the same number, with no collective to agree on it, and under ZeRO-3, whose forward
     gathers parameters collectively, every rank runs the same forwards."""
     from titok.core.sequences import build_training_batch
-    from titok.train.step import validation_loss
 
-    batches = [build_training_batch(tokenizer, [r[C.QUERY] for r in chunk], [r[C.RESPONSE] for r in chunk],
+    return [build_training_batch(tokenizer, [r[C.QUERY] for r in chunk], [r[C.RESPONSE] for r in chunk],
                                     [r[C.TARGET_WEIGHTS] for r in chunk], job.max_length).to(engine.device)
                for chunk in (held_out[i : i + plan.micro_batch] for i in range(0, len(held_out), plan.micro_batch))]
-    return validation_loss(engine, batches)
 
 
 def _detach(model, engine, checkpointing: bool):
