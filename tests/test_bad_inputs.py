@@ -404,12 +404,12 @@ def _outputs(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_damaged_run_directories_are_recomputed_and_end_as_an_untouched_run(tiny_model_dirs, tmp_path, local_ray, capsys):
+def test_damaged_run_directories_are_recomputed_and_end_as_an_untouched_run(tiny_model_dirs, tmp_path, local_ray, capsys,
+                                                                           uninterrupted):
     from tests.conftest import tiny_transplant_config
     from titok.workflows.pipeline import transplant
 
-    untouched = tmp_path / "untouched"
-    transplant(tiny_transplant_config(tiny_model_dirs, untouched))
+    untouched = uninterrupted["run_dir"]  # the same config, run start to end
     expected = _outputs(untouched)
 
     faults = {

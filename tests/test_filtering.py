@@ -33,13 +33,31 @@ def test_top_m_matches_core(local_ray, ties):
         select_top_m(ds, 41)
 
 
-@pytest.mark.parametrize("scope", ["per_sample", "per_batch", "global"])
-@pytest.mark.parametrize("ties", [False, True])
-def test_token_selection_matches_core(local_ray, scope, ties):
+def _masks(ds) -> dict:
+    return {r[C.SAMPLE_ID]: np.asarray(r[C.KEEP], dtype=bool) for r in ds.take_all()}
+
+
+def _numpy_pool(rows: list[dict]) -> dict:
+    """The rows as numpy object columns, as ``map_groups`` hands a zoo's pool to ``filter_pool``."""
+    pool = {name: np.empty(len(rows), dtype=object) for name in rows[0]}
+    for i, row in enumerate(rows):
+        for name, value in row.items():
+            pool[name][i] = value
+    return pool
+
+
+# ties (whole-number excess) test the tie-breaks; continuous values the global bracket's widening
+@pytest.mark.parametrize("scope,ties", [("per_sample", True), ("per_batch", True), ("global", True), ("global", False)])
+def test_token_selection_matches_core_and_the_one_pool_form(local_ray, scope, ties):
+    """The distributed top-k% tokens equal the single-machine core's, and ``filter_pool`` (a zoo
+    filters each adapter's pool on one worker) keeps the same rows and masks for every method that
+    has a one-pool form (row order carries no meaning: training orders rows by sample id)."""
+    from titok.choices import FILTER_METHODS
+    from titok.stages.filtering import apply_filter_method, filter_pool
+
     rows = _rows(1, ties=ties)
     ds = local_ray.data.from_items(rows, override_num_blocks=4)
-    kept = select_top_m(ds, 20)
-    got = {r[C.SAMPLE_ID]: np.asarray(r[C.KEEP], dtype=bool) for r in select_tokens_distributed(kept, 0.7, scope, 4).take_all()}
+    got = _masks(select_tokens_distributed(select_top_m(ds, 20), 0.7, scope, 4))
     assert len(got) == 20
     ranked = sorted(rows, key=lambda r: (-r[C.SAMPLE_SCORE], r[C.SAMPLE_ID]))[:20]
     if scope == "global":  # the distributed tie-break is by sample id, so hand the core id order
@@ -47,6 +65,21 @@ def test_token_selection_matches_core(local_ray, scope, ties):
     expected = select_tokens([r[C.EXCESS] for r in ranked], 0.7, scope, 4)
     for row, mask in zip(ranked, expected):
         np.testing.assert_array_equal(got[row[C.SAMPLE_ID]], mask)
+
+    one_pool = [m for m, spec in FILTER_METHODS.items() if spec.one_pool]
+    assert {"titok", "kd", "top_m_only", "top_k_only"} <= set(one_pool)
+    pool = _numpy_pool(rows)
+    # a method that picks no tokens does the same in every scope: its distributed form runs once
+    checked = [m for m in one_pool if FILTER_METHODS[m].token_filter or scope == "per_sample"]
+    for method in checked:
+        distributed = got if method == "titok" else _masks(apply_filter_method(ds, method, m=20, k=0.7, scope=scope,
+                                                                               group_size=4, seed=0))
+        local = filter_pool(pool, method, m=20, k=0.7, scope=scope, group_size=4)
+        assert set(local[C.SAMPLE_ID]) == set(distributed), method
+        for sample_id, mask in zip(local[C.SAMPLE_ID], local[C.KEEP]):
+            np.testing.assert_array_equal(mask, distributed[sample_id], err_msg=method)
+    with pytest.raises(ValueError, match="no one-pool form"):
+        filter_pool(pool, "random_m", m=12, k=0.6, scope=scope, group_size=3)
 
 
 def test_baseline_and_ablation_methods(local_ray):
@@ -74,29 +107,3 @@ def test_baseline_and_ablation_methods(local_ray):
     assert all(mask.sum() == keep_count(len(mask), 0.5) for mask in top_k_only.values())
     titok = run("titok")
     assert set(titok) == top and all(mask.sum() == keep_count(len(mask), 0.5) for mask in titok.values())
-
-
-@pytest.mark.parametrize("scope", ["per_sample", "per_batch", "global"])
-def test_one_pool_form_equals_the_distributed_filter(local_ray, scope):
-    """A zoo filters each adapter's pool on one worker (``filter_pool``): same rows, same masks (row order
-    carries no meaning: training orders rows by sample id)."""
-    from titok.choices import FILTER_METHODS
-    from titok.stages.filtering import apply_filter_method, filter_pool
-
-    rows = _rows(3, ties=True)  # ties: the tie-breaks must agree too
-    ds = local_ray.data.from_items(rows, override_num_blocks=4)
-    pool = {name: np.empty(len(rows), dtype=object) for name in rows[0]}  # numpy columns, as map_groups hands them
-    for i, row in enumerate(rows):
-        for name, value in row.items():
-            pool[name][i] = value
-    one_pool_methods = [m for m, spec in FILTER_METHODS.items() if spec.one_pool]
-    assert {"titok", "kd", "top_m_only", "top_k_only"} <= set(one_pool_methods)
-    for method in one_pool_methods:
-        distributed = apply_filter_method(ds, method, m=12, k=0.6, scope=scope, group_size=3, seed=0).take_all()
-        local = filter_pool(pool, method, m=12, k=0.6, scope=scope, group_size=3)
-        got = dict(zip(local[C.SAMPLE_ID], local[C.KEEP]))
-        assert set(got) == {r[C.SAMPLE_ID] for r in distributed}, method
-        for r in distributed:
-            np.testing.assert_array_equal(got[r[C.SAMPLE_ID]], np.asarray(r[C.KEEP], dtype=bool), err_msg=method)
-    with pytest.raises(ValueError, match="no one-pool form"):
-        filter_pool(pool, "random_m", m=12, k=0.6, scope=scope, group_size=3)

@@ -29,7 +29,7 @@ from titok.runstate import EVENTS_DIR, RunDir
 from titok.core.select import keep_count
 from titok.core.sequences import encode_response
 from titok.tasks import load_task
-from tests.conftest import start_local_ray, tiny_transplant_config
+from tests.conftest import tiny_transplant_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,16 +53,6 @@ def _stop_in_training(config_path: Path, run_dir: Path) -> None:
     err = process.communicate(timeout=120)[1]
     assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert not (run_dir / "train" / "_COMPLETE.json").exists()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dirs, tmp_path_factory):
-    """TiTok's run of the pipeline-sized config, start to end, on the tests' local Ray."""
-    start_local_ray()
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = transplant(tiny_transplant_config(tiny_model_dirs, run_dir))
-    return {"run_dir": run_dir, "result": result,
-            "weights": load_file(Path(result["adapter"]) / "adapter_model.safetensors")}
 
 
 @pytest.mark.slow
@@ -161,20 +151,24 @@ def test_transplant_stopped_in_training_resumes_to_the_uninterrupted_adapter(tin
     assert (adapter / "adapter_model.safetensors").read_bytes() == weights
 
 
-def test_labels_stream_into_the_scores_the_scores_stage_would_make(tiny_model_dirs, tmp_path, local_ray):
-    """Each labelled batch is scored on its engine at once; the rows equal those of a scores stage
-    run from the persisted labels (what a run stopped after labels, then resumed, does)."""
-    streamed, staged = (tiny_transplant_config(tiny_model_dirs, tmp_path / name) for name in ("streamed", "staged"))
-    transplant(streamed, until="scores")
-    transplant(staged, until="labels")  # stops after labels: nothing to stream into
-    resumed = transplant(staged, until="scores")
+def test_labels_stream_into_the_scores_the_scores_stage_would_make(tiny_model_dirs, tmp_path, local_ray, uninterrupted):
+    """Each labelled batch is scored on its engine at once (the uninterrupted run's labels and scores);
+    the rows equal those of a scores stage run from the persisted labels (what a run stopped after
+    labels, then resumed, does), on the same queries."""
+    from titok.layout import share_stages
+
+    streamed, staged = uninterrupted["run_dir"], tmp_path / "staged"
+    share_stages(streamed, staged, ("queries",))
+    config = tiny_transplant_config(tiny_model_dirs, staged)
+    assert transplant(config, until="labels")["stages"]["queries"]["status"] == "cached"  # nothing to stream into
+    resumed = transplant(config, until="scores")
     assert resumed["stages"]["labels"]["status"] == "cached" and resumed["stages"]["scores"]["status"] == "ran"
-    for run_dir, expected in ((tmp_path / "streamed", [True]), (tmp_path / "staged", [False])):
+    for run_dir, expected in ((streamed, [True]), (staged, [False])):
         assert [e["streamed_into_scores"] for e in RunDir(run_dir).events()
                 if e["event"] == "expert_logprobs_from_generation"] == expected
     for stage in ("labels", "scores"):
-        a, b = _stage(tmp_path / "streamed", stage), _stage(tmp_path / "staged", stage)
-        assert list(a.columns) == list(b.columns) and len(a) == len(b) == streamed.pool_size
+        a, b = _stage(streamed, stage), _stage(staged, stage)
+        assert list(a.columns) == list(b.columns) and len(a) == len(b) == config.pool_size
         for column in a.columns:
             for x, y in zip(a[column], b[column]):
                 if isinstance(x, str) or np.isscalar(x):

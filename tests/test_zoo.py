@@ -1,6 +1,6 @@
 """``titok migrate`` on tiny models over the real SmolLM2 / Gemma-3 tokenizers: shared engines (the
 source model loads once per actor), failures isolated per adapter, kill after scores and resume,
-the same adapter as a lone transplant, and every manifest error reported before any model loads."""
+the same training rows as a lone transplant, and every manifest error reported before any model loads."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from titok import columns as C
 from titok.config import ConfigError
@@ -161,13 +160,14 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
                for n in ("bool-a", "count-b"))
     assert (out / "adapters" / "bool-a" / "adapter_model.safetensors").read_bytes() == weights
 
-    # the zoo's count-b (not the engines' first adapter) equals a lone transplant of it: no other
-    # adapter leaked into its batches
+    # the zoo's count-b (not the engines' first adapter) has the rows of a lone transplant of it, up to
+    # the training data: no other adapter leaked into its batches. That a shared worker group trains
+    # each job's rows into the adapter a group of its own makes is test_train's (as-if-alone test).
     from titok.workflows.pipeline import transplant
     from titok.workflows.zoo import adapter_config
 
     alone_cfg = adapter_config(manifest, manifest.adapters[2]).model_copy(update={"run_dir": str(tmp_path / "alone")})
-    alone = transplant(alone_cfg)
+    transplant(alone_cfg, until="align")
     for stage in ("labels", "scores", "filter", "align"):
         zoo_rows = pd.read_parquet(out / "runs" / "count-b" / stage).sort_values(C.SAMPLE_ID).reset_index(drop=True)
         alone_rows = pd.read_parquet(tmp_path / "alone" / stage).sort_values(C.SAMPLE_ID).reset_index(drop=True)
@@ -180,11 +180,6 @@ def test_a_zoo_migrates_with_shared_engines_isolated_failures_and_resume(tiny_mo
             column = C.KEEP if stage == "filter" else C.TARGET_WEIGHTS
             for a, b in zip(zoo_rows[column], alone_rows[column]):
                 np.testing.assert_array_equal(a, b)
-    zoo_weights = load_file(out / "adapters" / "count-b" / "adapter_model.safetensors")
-    alone_weights = load_file(Path(alone["adapter"]) / "adapter_model.safetensors")
-    assert zoo_weights.keys() == alone_weights.keys()
-    for key in zoo_weights:
-        torch.testing.assert_close(zoo_weights[key], alone_weights[key], atol=1e-5, rtol=0)
 
 
 def test_every_manifest_error_is_reported_at_once_before_any_model_loads(tiny_model_dirs, zoo_adapters, tmp_path):
