@@ -151,6 +151,7 @@ def test_transplant_stopped_in_training_resumes_to_the_uninterrupted_adapter(tin
     assert (adapter / "adapter_model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.slow  # it reads the uninterrupted run (a whole transplant)
 def test_labels_stream_into_the_scores_the_scores_stage_would_make(tiny_model_dirs, tmp_path, local_ray, uninterrupted):
     """Each labelled batch is scored on its engine at once (the uninterrupted run's labels and scores);
     the rows equal those of a scores stage run from the persisted labels (what a run stopped after

@@ -52,8 +52,16 @@ def test_bbh_json_loader(tmp_path):
 def test_hub_dataset_path_reads_bbh_and_mmlu_layouts(tmp_path, monkeypatch):
     """``hf:ID`` goes through ``datasets.load_dataset``; a local dataset folder stands in for a hub id
     (the same call; nothing is downloaded here)."""
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # both libraries read those variables once, at import: where another test imported them first,
+    # the missing id below went to the network (five retries, ~23 s) instead of failing at once
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     bbh = tmp_path / "bbh"
     bbh.mkdir()
     (bbh / "test.jsonl").write_text("".join(json.dumps({"input": f"q{i}", "target": "yes" if i % 3 else "no"}) + "\n"
