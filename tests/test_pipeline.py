@@ -56,7 +56,8 @@ def _stop_in_training(config_path: Path, run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_transplant_stopped_in_training_resumes_to_the_uninterrupted_adapter(tiny_model_dirs, tmp_path, uninterrupted):
+def test_transplant_stopped_in_training_resumes_to_the_uninterrupted_adapter(tiny_model_dirs, tmp_path, uninterrupted,
+                                                                           local_ray):
     run_dir = tmp_path / "run"
     cfg = tiny_transplant_config(tiny_model_dirs, run_dir)
     config_path = tmp_path / "transplant.yaml"
