@@ -92,8 +92,7 @@ def test_baseline_and_ablation_methods(local_ray):
     top = {r[C.SAMPLE_ID] for r in sorted(rows, key=lambda r: (-r[C.SAMPLE_SCORE], r[C.SAMPLE_ID]))[:10]}
 
     def run(method, seed=0):
-        out = apply_filter_method(ds, method, m=10, k=0.5, scope="per_sample", group_size=4, seed=seed).take_all()
-        return {r[C.SAMPLE_ID]: np.asarray(r[C.KEEP], dtype=bool) for r in out}
+        return _masks(apply_filter_method(ds, method, m=10, k=0.5, scope="per_sample", group_size=4, seed=seed))
 
     kd = run("kd")
     assert set(kd) == set(by_id) and all(mask.all() for mask in kd.values())
