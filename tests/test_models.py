@@ -19,6 +19,29 @@ def test_short_names_resolve_to_cached_hf_folders():
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+def test_a_gguf_conversion_parses_the_file_once(monkeypatch):
+    """transformers reads a GGUF file for the config, the weights and the tokenizer, each through a new
+    ``gguf.GGUFReader``; inside ``_one_gguf_parse`` the second read reuses the first's parse."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from titok.models import _one_gguf_parse
+
+    parses = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            parses.append(path)
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    path = str(SHORT_NAMES["smollm2-135m"][1]())
+    with _one_gguf_parse():
+        configs = [load_gguf_checkpoint(path, return_tensors=False)["config"] for _ in range(2)]
+    assert configs[0] == configs[1] and configs[0]["model_type"] == "llama"
+    assert parses == [path]
+    assert gguf.GGUFReader is CountedReader  # put back as it was found
+
+
 def test_hub_ids_and_folders_pass_through():
     assert resolve_model_path("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
 
