@@ -263,6 +263,11 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     # the second target reused the first one's queries, labels and scores: no model loaded for them
     second = RunDir(runs / short_name(target)).events()
     assert {e.get("stage") for e in second if e.get("event") == "model_load"} <= {"train"}
+    # kd and titok trained on one worker group per target: the target loaded once (one worker), not per method
+    for base in (source, short_name(target)):
+        events = RunDir(runs / base).events()
+        assert [e["stage"] for e in events if e.get("event") == "model_load" and e["stage"] == "train"] == ["train"]
+        assert [sorted(e["adapters"]) for e in events if e.get("event") == "shared_pass"] == [["kd", "titok"]]
     assert (runs / source / "scores" / "_COMPLETE.json").read_text() == \
         (runs / short_name(target) / "scores" / "_COMPLETE.json").read_text()
 

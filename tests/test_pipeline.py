@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from titok import columns as C
 from titok.models import load_tokenizer
-from titok.workflows.pipeline import transplant
+from titok.workflows.pipeline import transplant, transplant_together
 from titok.core.sequences import token_matrix
 from titok.runstate import EVENTS_DIR, RunDir
 from titok.core.select import keep_count
@@ -228,31 +228,42 @@ def _model_loads_since(run_dir: Path, count: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_dirs, uninterrupted, local_ray):
-    """kd and filter.reference=target_base in TiTok's run dir: both reuse its queries, labels and
-    scores, keep their own filter/align/train/adapter, and leave TiTok's adapter untouched. With
-    target_base the target base scores the kept samples, and the top-k% target tokens by
-    (expert - target) over aligned spans are trained."""
+    """kd, filter.reference=target_base and uld in TiTok's run dir, transplanted together as compare
+    does: each reuses its queries, labels and scores, keeps its own filter/align/train/adapter, and
+    leaves TiTok's adapter untouched; the three trainings share one worker group (the target loads
+    once per worker, not once per method), and a fourth run whose loss diverges fails after the others
+    have exported. With target_base the target base scores the kept samples, and the top-k% target
+    tokens by (expert - target) over aligned spans are trained."""
     run_dir, titok = uninterrupted["run_dir"], uninterrupted["result"]
     titok_weights = Path(titok["adapter"], "adapter_model.safetensors").read_bytes()
     loads = len(_model_loads_since(run_dir, 0))
+    methods = {"kd": ["filter.method=kd"], "titok:target_base": ["filter.reference=target_base"],
+               "uld": ["filter.method=uld"]}
+    cfgs = {name: tiny_transplant_config(tiny_model_dirs, run_dir, *sets) for name, sets in methods.items()}
+    diverges = tiny_transplant_config(tiny_model_dirs, run_dir, "filter.method=top_m_only", "train.lr=1e30",
+                                      "train.epochs=2")  # its second step sees the first one's update
 
-    kd = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.method=kd"))
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        transplant_together([diverges, *cfgs.values()])
+    # no source model again: the target base once for target_base's alignment, then one worker group
+    # (two workers) for all four trainings
+    assert [e["stage"] for e in _model_loads_since(run_dir, loads)] == ["align", "train", "train"]
+    for name, folder in (("kd", "kd"), ("titok:target_base", "titok-target_base"), ("uld", "uld")):
+        assert json.loads((run_dir / folder / "adapter" / "titok.json").read_text())["method"] == name
+    assert not (run_dir / "top_m_only" / "adapter").exists() and not (run_dir / "trainings").exists()
+
+    loads = len(_model_loads_since(run_dir, 0))
+    kd, aware, uld = transplant_together(list(cfgs.values()))  # everything reused: nothing was lost
+    assert _model_loads_since(run_dir, loads) == []
     status = {name: info["status"] for name, info in kd["stages"].items()}
-    assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "kd/filter": "ran",
-                      "kd/align": "ran", "kd/train": "ran", "export": "ran"}
+    assert status == {"queries": "cached", "labels": "cached", "scores": "cached", "kd/filter": "cached",
+                      "kd/align": "cached", "kd/train": "cached", "export": "ran"}
     assert kd["train"] == kd["stages"]["kd/train"]  # the method's own training, under its own key
-    assert {e["stage"] for e in _model_loads_since(run_dir, loads)} == {"train"}
     kept = pd.read_parquet(run_dir / "kd" / "filter")
     assert len(kept) == 12 and all(np.asarray(k, dtype=bool).all() for k in kept[C.KEEP])  # all samples, all tokens
     assert kd["adapter"] == str(run_dir / "kd" / "adapter")
-    assert json.loads(Path(kd["adapter"], "titok.json").read_text())["method"] == "kd"
 
-    loads = len(_model_loads_since(run_dir, 0))
-    aware = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.reference=target_base"))
     assert aware["adapter"] == str(run_dir / "titok-target_base" / "adapter")
-    assert all(aware["stages"][name]["status"] == "cached" for name in ("queries", "labels", "scores"))
-    # no source model again: the target base once for alignment, then the training workers
-    assert [e["stage"] for e in _model_loads_since(run_dir, loads)] == ["align", "train", "train"]
     aligned = pd.read_parquet(run_dir / "titok-target_base" / "align")
     target_tok = load_tokenizer(tiny_model_dirs["target"])
     for _, row in aligned.iterrows():
@@ -265,8 +276,6 @@ def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_d
     assert Path(titok["adapter"], "adapter_model.safetensors").read_bytes() == titok_weights
 
     # uld: kd's samples and tokens, plus the expert's top-n log-probs kept by labels, paired by span
-    uld = transplant(tiny_transplant_config(tiny_model_dirs, run_dir, "filter.method=uld"))
-    assert all(uld["stages"][name]["status"] == "cached" for name in ("queries", "labels", "scores"))
     # a tiny random model's answers never re-tokenize to their own tokens: scoring's expert pass gives
     # every top-n here (generation's are checked in test_distill)
     scores = pd.read_parquet(run_dir / "scores")
@@ -283,7 +292,6 @@ def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_d
         assert teacher.shape == (len(row[C.TARGET_TOKEN_IDS]), 20) and not np.isnan(teacher[0]).any()
         paired += int((~np.isnan(teacher[:, 0])).sum())
     assert paired > 0
-    assert uld["stages"]["uld/train"]["status"] == "ran"
     # the same data, seed and steps as kd: only the ULD term can make the adapters differ
     kd_weights, uld_weights = (load_file(Path(r["adapter"]) / "adapter_model.safetensors") for r in (kd, uld))
     assert any(not torch.equal(kd_weights[name], uld_weights[name]) for name in kd_weights)

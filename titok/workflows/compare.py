@@ -5,7 +5,8 @@
 For every task: a source expert (given, or trained once with ``titok sft``). For every task and seed:
 the synthetic queries, the expert's answers and their excess scores are computed once and shared by
 every target and every method (their run-dir stages are copied, the fingerprints match, so the
-pipeline reuses them). For every target: one transplant per method (``filter.method``), then one
+pipeline reuses them). For every target: one transplant per method (``filter.method``), whose trainings
+share one worker group that loads the target once (``pipeline.transplant_together``), then one
 evaluation pass that loads the target once and scores the vanilla base and every adapter on the same
 held-out examples. Everything lands under ``out_dir``; a rerun reuses every finished transplant and
 evaluation, so a stopped compare resumes and a changed report costs nothing. The report is written by
@@ -78,7 +79,7 @@ def _row(report: dict, task: str, target: str, method: str, seed: int | None) ->
 def run_compare(cfg: CompareConfig) -> Path:
     """All runs and evaluations (resuming what is done), then the report; returns the report folder."""
     from titok.workflows.evaluate import cached_evaluation
-    from titok.workflows.pipeline import transplant
+    from titok.workflows.pipeline import transplant_together
     from titok.progress import init_ray
     from titok.workflows.report import write_compare_report
 
@@ -101,18 +102,20 @@ def run_compare(cfg: CompareConfig) -> Path:
                 for budget in budgets(cfg):
                     if first_run is not None:  # the source stages do not depend on target or budget
                         share_stages(first_run, Path(run_config(cfg, task, seed, target, PAPER_METHOD, adapter, budget).run_dir))
-                    for variant in cfg.methods:
-                        run = run_config(cfg, task, seed, target, variant, adapter, budget)
-                        print(f"[compare] {task} seed {seed} -> {target}: {variant} ({budget})", flush=True)
-                        cell_started = time.perf_counter()
-                        result = transplant(run)
-                        timings.append({"task": task, "seed": seed, "target": target, "method": variant, "budget": budget,
-                                        "max_steps": run.train.max_steps, "seconds": round(time.perf_counter() - cell_started, 1),
-                                        "stages": {k: v.get("status") for k, v in result["stages"].items()}})
+                    runs = [run_config(cfg, task, seed, target, variant, adapter, budget) for variant in cfg.methods]
+                    print(f"[compare] {task} seed {seed} -> {target}: {', '.join(cfg.methods)} ({budget})", flush=True)
+                    cell_started = time.perf_counter()
+                    results = transplant_together(runs)  # one worker group loads the target for every method
+                    timings.append({"task": task, "seed": seed, "target": target, "budget": budget,
+                                    "seconds": round(time.perf_counter() - cell_started, 1),
+                                    "methods": {variant: {"max_steps": run.train.max_steps,
+                                                          "stages": {k: v.get("status") for k, v in result["stages"].items()}}
+                                                for variant, run, result in zip(cfg.methods, runs, results)}})
+                    for variant, result in zip(cfg.methods, results):
                         label = row_label(cfg, variant, budget)
                         variants[label] = result["adapter"]
                         trainings[(task, target, label, seed)] = result["train"]
-                    first_run = first_run or Path(run.run_dir).resolve()
+                    first_run = first_run or Path(runs[0].run_dir).resolve()
                 # greedy decoding on a fixed split: the vanilla target is the same for every seed
                 if seed > 0:
                     variants.pop("vanilla")

@@ -21,7 +21,12 @@ Which stage waits for all of its upstream, and why:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +50,8 @@ from titok.train.job import TrainingJob
 from titok.train.ray_train import TrainOutcome, copy_adapter, train_adapter
 from titok.validate import validate_inputs
 
-__all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "transplant"]
+__all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "train_together",
+           "transplant", "transplant_together"]
 
 
 
@@ -330,6 +336,81 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
     """Run (or resume) a transplant; returns per-stage status/timings and the adapter path."""
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until must be one of {STAGES}, got {until!r}")
+    runner = _started(cfg)
+    runner.stream_scores = until != "labels"
+    try:
+        _run_until(runner, until or "export")
+    finally:
+        runner.engines.close()
+    return runner.result()
+
+
+def transplant_together(cfgs: list[TransplantConfig], groups_at_once: int = 1) -> list[dict]:
+    """Several transplants (``compare``'s methods on one target), each ending as it would alone, whose
+    target trainings share worker groups: each runs alone up to align (a later one reuses the source
+    stages an earlier one wrote in its run dir), then every training not yet complete runs in one Ray
+    Train run per worker group (``train_together``), so the target loads once for all of them instead
+    of once per run; then each takes its outcome and exports. A failed training is raised once every
+    other run has exported: nothing another run trained is lost."""
+    runners = {}
+    for i, cfg in enumerate(cfgs):  # named by method where the methods differ (the training's progress line)
+        name = cfg.filter.variant if len({c.filter.variant for c in cfgs}) == len(cfgs) else f"run{i}"
+        runner = runners[name] = _started(cfg)
+        try:
+            _run_until(runner, "align")
+        finally:
+            runner.engines.close()
+    storage = Path(cfgs[0].run_dir) / "trainings"
+    train_together(runners, list(runners), groups_at_once, storage)
+    failures = []
+    for runner in runners.values():
+        try:
+            _run_until(runner, "export")
+        except Exception as err:  # noqa: BLE001 - raised below, once the others have their adapters
+            failures.append(err)
+    shutil.rmtree(storage, ignore_errors=True)  # the groups' checkpoints: every outcome is taken
+    if failures:
+        raise failures[0]
+    return [runner.result() for runner in runners.values()]
+
+
+def train_together(runners: dict[str, StageRunner], names: list[str], groups_at_once: int, storage: Path) -> None:
+    """Train every named run whose train stage is not complete, in as few worker groups as can share a
+    loaded target (``ray_train.group_jobs``: same ``WorkerGroup``; ZeRO-3 alone), ``groups_at_once`` at
+    a time; each runner is given its outcome (an adapter or the error that ended it), which its train
+    stage then takes. A group resubmitted after a crash resumes from its checkpoints under ``storage``."""
+    from titok.train.ray_train import group_jobs, run_training
+
+    jobs = {}
+    for name in names:
+        if runners[name].is_complete("train"):
+            continue
+        try:
+            jobs[name] = runners[name].training_job()
+        except Exception as err:  # noqa: BLE001 - that run's failure alone
+            runners[name].provide(train=TrainOutcome(name, error=err))
+
+    def fit(group: list[str]) -> dict:
+        key = hashlib.sha256(json.dumps([[n, runners[n].fingerprint_of("train")] for n in group]).encode()).hexdigest()[:12]
+        print(f"[train] {group} on one worker group", flush=True)
+        started = time.perf_counter()
+        try:
+            outcomes = run_training({n: jobs[n] for n in group}, str(storage / key), log_dir=str(storage.parent))
+        except Exception as err:  # noqa: BLE001 - the group's failure is its runs', not the caller's
+            outcomes = {n: TrainOutcome(n, error=err) for n in group}
+        RunDir(storage.parent).log_event(event="shared_pass", stage="train", adapters=group,
+                                         seconds=round(time.perf_counter() - started, 1))
+        return outcomes
+
+    with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
+        for outcomes in pool.map(fit, group_jobs({n: job for n, (_, job) in jobs.items()}, groups_at_once)):
+            for name, outcome in outcomes.items():
+                runners[name].provide(train=outcome)
+
+
+def _started(cfg: TransplantConfig) -> StageRunner:
+    """Inputs checked, Ray up, the plan checked against the cluster and written, the run dir claimed:
+    the run's stage runner, before its first stage."""
     validate_inputs(cfg)
     progress.init_ray()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts a local Ray
     wait_for_resources([cfg])  # on a cluster, GPU nodes may still be registering
@@ -338,18 +419,17 @@ def transplant(cfg: TransplantConfig, until: str | None = None) -> dict:
     run.claim()
     (run.root / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     (run.root / RUN_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-
     engines = SourceEngines(cfg, str(run.root), {"default": cfg.source_adapter}, plan.gpu_bytes_after_engines())
-    runner = StageRunner(cfg, engines)
-    runner.stream_scores = until != "labels"
-    try:
-        for name in STAGES[: STAGES.index(until or "export") + 1]:
-            if name not in SOURCE_STAGES:
-                engines.release()  # the source model is done: free its devices for training
-            runner.run_next(name)
-    finally:
-        engines.close()
-    return runner.result()
+    return StageRunner(cfg, engines)
+
+
+def _run_until(runner: StageRunner, until: str) -> None:
+    """The runner's stages from its next one through ``until``; the source engines are released before
+    the first stage after them (their devices are the training's)."""
+    for name in STAGES[STAGES.index(runner.next_stage): STAGES.index(until) + 1]:
+        if name not in SOURCE_STAGES:
+            runner.engines.release()
+        runner.run_next(name)
 
 
 def check_plan(cfg: TransplantConfig, resources: Resources) -> Plan:

@@ -11,7 +11,7 @@ work shared:
 - one Ray Data pass filters every adapter's scored pool (``groupby`` on the adapter, each pool whole
   on one worker) and streams the kept rows into one alignment pass to the target tokenizer;
 - the trainings share worker groups: each group starts its Ray Train workers and loads the target
-  once, then trains its adapters one after another (``ray_train.group_jobs``);
+  once, then trains its adapters one after another (``pipeline.train_together``);
   ``concurrent_trainings`` groups run side by side.
 One adapter's failure (unreadable weights, no surviving queries, a non-finite loss) marks its row
 failed with the reason; the others finish (a shared pass that fails falls back to each adapter's own
@@ -23,7 +23,6 @@ and a vLLM serving file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -190,7 +189,7 @@ def _failure(err: BaseException) -> str:
 
 def migrate(manifest: ZooManifest) -> dict:
     """Migrate every adapter (resuming what is done); returns the zoo record written to ``zoo.json``."""
-    from titok.workflows.pipeline import SourceEngines, StageRunner, check_plan
+    from titok.workflows.pipeline import SourceEngines, StageRunner, check_plan, train_together
     from titok.workflows.plan import cluster_resources
     from titok.progress import init_ray
     from titok.readiness import wait_for_resources
@@ -237,7 +236,7 @@ def migrate(manifest: ZooManifest) -> dict:
     step("filter", at_once=len(runners))  # what the shared pass did not provide: small distributed jobs, side by side
     _align_together(runners, _alive(rows, by_task), out)
     step("align")  # each adapter's align stage takes its rows from the shared pass
-    _train_in_groups(runners, _alive(rows, by_task), manifest.concurrent_trainings, out)
+    train_together(runners, _alive(rows, by_task), manifest.concurrent_trainings, out / "trainings")
     step("train")  # each adapter's train stage takes its outcome from its group
     shutil.rmtree(out / "trainings", ignore_errors=True)  # the groups' checkpoints: every outcome is taken
     step("export")
@@ -358,39 +357,6 @@ def _aligned_together(stage: str, group: list[str], runners: dict, kept, n_rows:
     RunDir(out).log_event(event="shared_pass", stage=stage, adapters=group, rows=n_rows,
                           seconds=round(time.perf_counter() - started, 1))
     return aligned
-
-
-def _train_in_groups(runners: dict, names: list[str], groups_at_once: int, out: Path) -> None:
-    """Train every adapter whose train stage is not complete, in as few worker groups as can share a
-    loaded target; each runner gets its outcome (an adapter or the error that ended it)."""
-    from titok.runstate import RunDir
-    from titok.train.ray_train import TrainOutcome, group_jobs, run_training
-
-    jobs = {}
-    for name in names:
-        if runners[name].is_complete("train"):
-            continue
-        try:
-            jobs[name] = runners[name].training_job()
-        except Exception as err:  # noqa: BLE001 - that adapter's failure alone
-            runners[name].provide(train=TrainOutcome(name, error=err))
-
-    def fit(group: list[str]) -> dict:
-        key = hashlib.sha256(json.dumps([[n, runners[n].fingerprint_of("train")] for n in group]).encode()).hexdigest()[:12]
-        print(f"[migrate] training {group} on one worker group", flush=True)
-        started = time.perf_counter()
-        try:  # the same group, resubmitted, resumes from its checkpoints in the same folder
-            outcomes = run_training({n: jobs[n] for n in group}, str(out / "trainings" / key), log_dir=str(out))
-        except Exception as err:  # noqa: BLE001 - the group's failure is its adapters', not the zoo's
-            outcomes = {n: TrainOutcome(n, error=err) for n in group}
-        RunDir(out).log_event(event="shared_pass", stage="train", adapters=group,
-                              seconds=round(time.perf_counter() - started, 1))
-        return outcomes
-
-    with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
-        for outcomes in pool.map(fit, group_jobs({n: job for n, (_, job) in jobs.items()}, groups_at_once)):
-            for name, outcome in outcomes.items():
-                runners[name].provide(train=outcome)
 
 
 def _share_queries(runners: dict, name: str, order: list[str]) -> None:
