@@ -352,10 +352,10 @@ def transplant_together(cfgs: list[TransplantConfig], groups_at_once: int = 1) -
     Train run per worker group (``train_together``), so the target loads once for all of them instead
     of once per run; then each takes its outcome and exports. A failed training is raised once every
     other run has exported: nothing another run trained is lost."""
+    by_method = len({cfg.filter.variant for cfg in cfgs}) == len(cfgs)  # names on the training's progress line
     runners = {}
-    for i, cfg in enumerate(cfgs):  # named by method where the methods differ (the training's progress line)
-        name = cfg.filter.variant if len({c.filter.variant for c in cfgs}) == len(cfgs) else f"run{i}"
-        runner = runners[name] = _started(cfg)
+    for i, cfg in enumerate(cfgs):
+        runner = runners[cfg.filter.variant if by_method else f"run{i}"] = _started(cfg)
         try:
             _run_until(runner, "align")
         finally:
