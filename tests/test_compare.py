@@ -100,9 +100,19 @@ def test_per_task_settings_change_only_their_tasks_runs(tmp_path, tiny_model_dir
 
 
 def test_seeds_flag_overrides_the_config(tmp_path, tiny_model_dirs):
-    assert load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs), seeds=3).seeds == 3
+    assert load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs), seeds=3).seed_list == [0, 1, 2]
     with pytest.raises(ConfigError, match="seeds"):
         load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs), seeds=0)
+
+
+@pytest.mark.parametrize("seeds, named", [("[]", "one or more seeds"), ("[1, -1]", "each >= 0"),
+                                          ("[2, 2]", "listed twice"), ("one", "seeds")])
+def test_a_seed_list_runs_those_seeds_and_bad_ones_are_named(tmp_path, tiny_model_dirs, seeds, named):
+    """``seeds: [1, 2]`` adds seeds to an out_dir that has seed 0 (or shares seeds out between jobs)."""
+    path = _compare_yaml(tmp_path, tiny_model_dirs)
+    assert load_compare_config(path, ["seeds=[2, 1]"]).seed_list == [2, 1]
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_compare_config(path, [f"seeds={seeds}"])
 
 
 def _rows(method, seeds, per_example, target="g"):
@@ -228,7 +238,7 @@ def _csv_rows(path) -> list[dict]:
 
 @pytest.mark.slow
 def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, tiny_model_dirs, local_ray):
-    path = _compare_yaml(tmp_path, tiny_model_dirs, budget="steps")
+    path = _compare_yaml(tmp_path, tiny_model_dirs, budget="steps", seeds=[1])  # seed 1 alone: the list form
     cfg = load_compare_config(path)
     report = run_compare(cfg)
 
@@ -236,11 +246,12 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     listed = re.search(r"^Files: (.*)$", (report / "results.md").read_text(), flags=re.MULTILINE).group(1)
     assert set(re.findall(r"`([^`]+)`", listed)) == set(REPORT_FILES) - {"results.md"}
     # equal steps: kd (all 8 samples) and titok (top 4) took the same number of optimizer steps
-    runs = tmp_path / "compare" / "runs" / "boolean_expressions" / "seed0"
+    runs = tmp_path / "compare" / "runs" / "boolean_expressions" / "seed1"
     steps = {method: json.loads((runs / short_name(tiny_model_dirs["target"]) / folder / "_COMPLETE.json").read_text())
              ["metrics"]["optimizer_steps"] for method, folder in (("titok", "train"), ("kd", "kd/train"))}
     assert steps == {"titok": 2, "kd": 2}  # kd's 8 samples / global batch 4 x 1 epoch
     assert "2 optimizer steps each" in (report / "results.md").read_text()
+    assert "1 seed(s) (1);" in (report / "results.md").read_text()
     assert "Paired tests" in (report / "results.md").read_text()
     for image in ("accuracy.png", "excess_histogram.png"):
         assert (report / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -544,7 +544,9 @@ class CompareConfig(Section):
     steps: int | None = Field(
         None, ge=1, description="optimizer steps under budget steps (default: what kd, on the whole pool, takes in "
         "train.epochs epochs)")
-    seeds: int = Field(3, ge=1, description="transplant seeds 0..seeds-1 (queries, sampling, filters, init)")
+    seeds: int | list[int] = Field(
+        3, description="transplant seeds (queries, sampling, filters, init): N runs seeds 0..N-1; a list runs those "
+        "seeds, so a later invocation or another job adds seeds to the same out_dir ([1, 2])")
     split_seed: int = Field(0, description="seed of every task's seed/train/test split, the same for all rows")
     out_dir: OutputPath = Field("runs/compare", validate_default=True, description="runs, evaluations and the report go here")
     source: SourceSettings = Field(default_factory=SourceSettings)
@@ -571,6 +573,23 @@ class CompareConfig(Section):
         if len(set(values)) != len(values):
             raise ValueError(f"listed twice: {sorted({v for v in values if values.count(v) > 1})}")
         return values
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} seeds: run at least 1 (or list the seeds, e.g. [1, 2])")
+        if isinstance(value, list):
+            if not value or min(value) < 0:
+                raise ValueError(f"{value}: list one or more seeds, each >= 0")
+            if len(set(value)) != len(value):
+                raise ValueError(f"listed twice: {sorted({v for v in value if value.count(v) > 1})}")
+        return value
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds this invocation runs, in order."""
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
     @field_validator("transplant", mode="before")
     @classmethod

@@ -44,7 +44,7 @@ def validate_compare(cfg: CompareConfig) -> None:
         check_model("targets", target)
     for task in cfg.tasks:
         check_task("tasks", task, cfg.split_seed)
-        for seed in range(cfg.seeds):
+        for seed in cfg.seed_list:
             for target in cfg.targets:
                 for method in cfg.methods:
                     run = run_config(cfg, task, seed, target, method, cfg.source.adapters.get(task, "<sft>"))
@@ -95,7 +95,7 @@ def run_compare(cfg: CompareConfig) -> Path:
         expert = cached_evaluation(cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / "source-expert.json", cfg.source_base,
                                    {"expert": adapter}, task, engine)["expert"]
         rows.append(_row(expert, task, cfg.source_base, "source expert", None))
-        for seed in range(cfg.seeds):
+        for seed in cfg.seed_list:
             first_run: Path | None = None
             for target in cfg.targets:
                 variants: dict[str, str | None] = {"vanilla": None}
@@ -117,7 +117,7 @@ def run_compare(cfg: CompareConfig) -> Path:
                         trainings[(task, target, label, seed)] = result["train"]
                     first_run = first_run or Path(runs[0].run_dir).resolve()
                 # greedy decoding on a fixed split: the vanilla target is the same for every seed
-                if seed > 0:
+                if seed != cfg.seed_list[0]:
                     variants.pop("vanilla")
                 reports = cached_evaluation(
                     cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target,

@@ -422,6 +422,11 @@ def _per_task_text(cfg, shared_budget: str, task_budgets: dict[str, str]) -> str
     return "Settings for one task only (over the shared ones): " + "; ".join(lines) + ".\n\n" if lines else ""
 
 
+def _seeds_text(seeds: list[int]) -> str:
+    """How many seeds, and which where they are not 0..n-1 (an invocation that adds seeds)."""
+    return f"{len(seeds)} seed(s)" + ("" if seeds == list(range(len(seeds))) else f" ({', '.join(map(str, seeds))})")
+
+
 def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float,
                          trainings: dict[tuple, dict] | None = None) -> Path:
     """The report folder; ``trainings``: each trained row's train summary, by (task, target, method, seed)."""
@@ -435,20 +440,21 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float,
     plot_accuracy(rows, cfg.tasks, methods, folder / "accuracy.png")
     scores, samples, top_m, task_budgets, run_dirs, k = {}, {}, {}, {}, {}, {}
     for task in cfg.tasks:
-        run = run_config(cfg, task, 0, cfg.targets[0], PAPER_METHOD, "<source>")
+        run = run_config(cfg, task, cfg.seed_list[0], cfg.targets[0], PAPER_METHOD, "<source>")
         top_m[task], task_budgets[task] = run.filter.top_m, _budget_text(cfg, run)
         run_dirs[task], k[task] = Path(run.run_dir), run.filter.k
         scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m[task])
     plot_excess_histogram(scores, top_m, folder / "excess_histogram.png")
     # the header names the settings every task shares; per_task ones are listed after them
-    run = run_config(cfg.model_copy(update={"per_task": {}}), cfg.tasks[0], 0, cfg.targets[0], PAPER_METHOD, "<source>")
+    run = run_config(cfg.model_copy(update={"per_task": {}}), cfg.tasks[0], cfg.seed_list[0], cfg.targets[0], PAPER_METHOD,
+                     "<source>")
     budget = _budget_text(cfg, run)
     (folder / "tokens.html").write_text(token_page(samples))
     header = (
         f"# titok compare\n\nSource: `{cfg.source_base}` with one expert LoRA per task; targets: "
         + ", ".join(f"`{t}`" for t in cfg.targets)
-        + f". {cfg.seeds} seed(s); {rows[0]['n']} held-out examples per task (split seed {cfg.split_seed}, the same "
-        f"for every row): a trained row rests on {rows[0]['n']} x {cfg.seeds} evaluations, vanilla and the expert on "
+        + f". {_seeds_text(cfg.seed_list)}; {rows[0]['n']} held-out examples per task (split seed {cfg.split_seed}, the same "
+        f"for every row): a trained row rests on {rows[0]['n']} x {len(cfg.seed_list)} evaluations, vanilla and the expert on "
         f"{rows[0]['n']}. M = {run.filter.top_m}, k = {run.filter.k}, pool = {run.pool_size}; budget: {budget}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min (finished runs and evaluations are reused).\n\n"
         + _per_task_text(cfg, budget, task_budgets) + _short_answers_text(run_dirs, k) + _queries_text(run_dirs)
