@@ -570,9 +570,7 @@ class CompareConfig(Section):
     @field_validator("methods", "targets", "tasks")
     @classmethod
     def _unique(cls, values: list) -> list:
-        if len(set(values)) != len(values):
-            raise ValueError(f"listed twice: {sorted({v for v in values if values.count(v) > 1})}")
-        return values
+        return _listed_once(values)
 
     @field_validator("seeds")
     @classmethod
@@ -582,8 +580,7 @@ class CompareConfig(Section):
         if isinstance(value, list):
             if not value or min(value) < 0:
                 raise ValueError(f"{value}: list one or more seeds, each >= 0")
-            if len(set(value)) != len(value):
-                raise ValueError(f"listed twice: {sorted({v for v in value if value.count(v) > 1})}")
+            _listed_once(value)
         return value
 
     @property
@@ -617,6 +614,12 @@ class CompareConfig(Section):
         """The transplant fields every run of ``task`` gets: ``transplant``, with ``per_task[task]`` over it."""
         extra = self.per_task.get(task)
         return merged_fields(self.transplant.fields(), extra.fields() if extra else {})
+
+
+def _listed_once(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"listed twice: {sorted({v for v in values if values.count(v) > 1})}")
+    return values
 
 
 def _without_per_cell_fields(values):
