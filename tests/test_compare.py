@@ -165,12 +165,15 @@ def test_a_row_whose_answers_run_out_of_tokens_is_marked_apart_from_a_wrong_one(
     looping = ["True = True. True = True. True = True."] * 3 + ["So the answer is False."] * 5
     assert answered(looping, options) == [0.0] * 3 + [1.0] * 5
     assert answered(["The answer is: true.", "So the answer is Maybe."], options[:2]) == [1.0, 0.0]
-    rows = _rows("titok", [0], [[0, 0, 0, 1, 1, 0, 1, 1]]) + _rows("kd", [0], [[1, 0, 1, 0, 1, 0, 1, 0]])
-    rows[0]["answered_share"], rows[1]["answered_share"] = 5 / 8, 1.0
+    rows = (_rows("titok", [1], [[0, 0, 0, 1, 1, 0, 1, 1]]) + _rows("kd", [1], [[1, 0, 1, 0, 1, 0, 1, 0]])
+            + _rows("vanilla", [""], [[0] * 8]))
+    rows[0]["answered_share"], rows[1]["answered_share"], rows[2]["answered_share"] = 5 / 8, 1.0, 1 / 8
     table = markdown_tables(rows, ["t"], ["kd", "titok"])
     titok = [line for line in table.splitlines() if line.startswith("| g | titok |")]
     assert titok[0].endswith(" ‡ |") and "‡" not in next(line for line in table.splitlines() if "| kd |" in line)
-    assert "- ‡ g titok on t (seed 0): an answer from the answer set on 5 of 8 examples" in table
+    assert "- ‡ g titok on t (seed 1): an answer from the answer set on 5 of 8 examples" in table
+    # vanilla is one greedy run, of no seed: its note names none
+    assert "- ‡ g vanilla on t: an answer from the answer set on 1 of 8 examples" in table
 
 
 def _panel_titles_overlap(fig) -> bool:

@@ -149,9 +149,9 @@ def markdown_tables(rows: list[dict], tasks: list[str], methods: list[str]) -> s
         if metric != "rougeL":
             majority = {r["task"]: r["majority_rate"] for r in rows}
             lines.append("| | majority rate | " + " | ".join(f"{majority[t]:.3f}" for t in metric_tasks) + " |")
-        notes = [f"† {short_name(target)} {method} on {task} (seed {r['seed'] or 0}): {collapse_text(r)}"
+        notes = [f"† {short_name(target)} {method} on {task}{_seed_text(r)}: {collapse_text(r)}"
                  for (task, target, method), r in collapses.items() if task in metric_tasks]
-        notes += [f"‡ {short_name(target)} {method} on {task} (seed {r['seed'] or 0}): an answer from the answer set on "
+        notes += [f"‡ {short_name(target)} {method} on {task}{_seed_text(r)}: an answer from the answer set on "
                   f"{round(r['answered_share'] * r['n'])} of {r['n']} examples; the others end without one (a loop, "
                   "or reasoning the token budget cut off)" for (task, target, method), r in unanswered.items()
                   if task in metric_tasks]
@@ -241,9 +241,14 @@ def plot_accuracy(rows: list[dict], tasks: list[str], methods: list[str], path: 
     _save(accuracy_figure(rows, tasks, methods), path)
 
 
-def excess_figure(sample_scores: dict[str, np.ndarray], top_m: dict[str, int]):
-    """Every synthetic sample's score per task, the top-M cut marked; the task on one title line and
-    the counts on another, so long task names do not run into the next panel."""
+def _seed_text(row: dict) -> str:
+    """A trained row's seed; vanilla and the expert are one greedy run, which no seed names."""
+    return "" if row.get("seed") in (None, "") else f" (seed {row['seed']})"
+
+
+def excess_figure(sample_scores: dict[str, np.ndarray], top_m: dict[str, int], seed: int = 0):
+    """Every synthetic sample's score per task (the run of ``seed``), the top-M cut marked; the task on
+    one title line and the counts on another, so long task names do not run into the next panel."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(sample_scores), figsize=(5 * len(sample_scores), 3.8), squeeze=False)
     for ax, (task, scores) in zip(axes[0], sample_scores.items()):
@@ -252,15 +257,16 @@ def excess_figure(sample_scores: dict[str, np.ndarray], top_m: dict[str, int]):
         if len(scores) >= top_m[task]:
             ax.axvline(scores[top_m[task] - 1], color="tab:red", linestyle="--", label=f"top-M cut (M={top_m[task]})")
             ax.legend(fontsize=8)
-        ax.set_title(f"{_wrapped(task)}\n{len(scores)} synthetic samples (seed 0)", fontsize=9)
+        ax.set_title(f"{_wrapped(task)}\n{len(scores)} synthetic samples (seed {seed})", fontsize=9)
         ax.set_xlabel("sample score = mean excess (nats/token)")
         ax.set_ylabel("samples")
     fig.tight_layout()
     return fig
 
 
-def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: dict[str, int], path: Path) -> None:
-    _save(excess_figure(sample_scores, top_m), path)
+def plot_excess_histogram(sample_scores: dict[str, np.ndarray], top_m: dict[str, int], path: Path,
+                          seed: int = 0) -> None:
+    _save(excess_figure(sample_scores, top_m, seed), path)
 
 
 def _wrapped(task: str, width: int = 28) -> str:
@@ -444,7 +450,7 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float,
         top_m[task], task_budgets[task] = run.filter.top_m, _budget_text(cfg, run)
         run_dirs[task], k[task] = Path(run.run_dir), run.filter.k
         scores[task], samples[task] = _pool_samples(Path(run.run_dir), top_m[task])
-    plot_excess_histogram(scores, top_m, folder / "excess_histogram.png")
+    plot_excess_histogram(scores, top_m, folder / "excess_histogram.png", cfg.seed_list[0])
     # the header names the settings every task shares; per_task ones are listed after them
     run = run_config(cfg.model_copy(update={"per_task": {}}), cfg.tasks[0], cfg.seed_list[0], cfg.targets[0], PAPER_METHOD,
                      "<source>")
