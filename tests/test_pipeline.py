@@ -221,6 +221,26 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     table = _learning_rates_text({("boolean_expressions", "tiny", "titok", 0): train})
     assert "| boolean_expressions | tiny | titok | 0 |" in table and f"**{curves[chosen][-1]:.3f}**" in table
 
+    # Widened: only the new rate trains; the two rates already tried come back with their curves.
+    seen = len(events)
+    wider = transplant(tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
+                                              "train.deepspeed_stage=3", "train.validation_fraction=0.2",
+                                              "train.lr_search=[1e-5, 1e-3, 3e-2]", "train.epochs=2"))
+    assert wider["stages"]["train"]["status"] == "ran"
+    new_loads = [e for e in RunDir(tmp_path / "run").events()[seen:] if e["event"] == "model_load"]
+    assert [e["adapters"] for e in new_loads] == [["default@lr0.001"]] * 2
+    assert {lr: wider["train"]["lr_search"][lr] for lr in curves} == curves
+    # Narrowed to the rate that did not win: nothing trains, and the adapter is that rate's own.
+    other = next(lr for lr in curves if lr != chosen)
+    seen = len(RunDir(tmp_path / "run").events())
+    narrower = transplant(tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
+                                                 "train.deepspeed_stage=3", "train.validation_fraction=0.2",
+                                                 f"train.lr_search=[{other}]", "train.epochs=2"))
+    assert not [e for e in RunDir(tmp_path / "run").events()[seen:] if e["event"] == "model_load"]
+    assert narrower["train"]["metrics"]["lr"] == float(other) and narrower["train"]["val_losses"] == curves[other]
+    kept = next((tmp_path / "run" / "lr-rates").iterdir()) / f"lr{float(other):g}" / "adapter_model.safetensors"
+    assert Path(narrower["adapter"], "adapter_model.safetensors").read_bytes() == kept.read_bytes()
+
 
 def _model_loads_since(run_dir: Path, count: int) -> list[dict]:
     return [e for e in RunDir(run_dir).events() if e["event"] == "model_load"][count:]
@@ -325,3 +345,22 @@ def test_a_runner_takes_made_rows_only_for_its_next_stages(tiny_model_dirs, tmp_
     with pytest.raises(ValueError, match="stage 'labels' is not the next one"):
         runner.run_next("labels")
     assert not runner.has_provided("filter") and runner.timings == {} and runner.rows is None
+
+
+def test_the_rates_of_an_lr_search_are_kept_per_recipe_whatever_rates_are_searched(tiny_model_dirs, tmp_path):
+    """A search that adds or drops rates finds the rates it already trained; another recipe (epochs, the
+    rows: another method's kept samples) keeps its own, and a run's folder of an older recipe goes."""
+    from titok.workflows.pipeline import SourceEngines, StageRunner
+
+    def kept_rates(*overrides):
+        cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "train.validation_fraction=0.2", *overrides)
+        return StageRunner(cfg, SourceEngines(cfg, str(tmp_path), {})).kept_rates()
+
+    searched = kept_rates("train.lr_search=[1e-4, 1e-3]")
+    searched.mkdir(parents=True)
+    assert kept_rates("train.lr_search=[1e-3, 1e-2]", "train.lr=5e-3") == searched
+    assert kept_rates("train.lr_search=[]") is None
+    kd = kept_rates("train.lr_search=[1e-3]", "filter.method=kd")
+    assert kd.parent == tmp_path / "run" / "kd" / "lr-rates" and searched.is_dir()
+    longer = kept_rates("train.lr_search=[1e-3]", "train.epochs=2")
+    assert longer.parent == searched.parent and longer != searched and not searched.exists()

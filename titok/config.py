@@ -256,7 +256,8 @@ class TrainConfig(Section):
         "adapter's loss on their kept tokens is measured after every epoch (val_loss in the train metrics)")
     lr_search: list[float] = Field(
         [], description="learning rates to try, each training its own LoRA on the same rows; the run keeps the one "
-        "with the lowest final validation loss (needs validation_fraction > 0; costs one training per rate)")
+        "with the lowest final validation loss (needs validation_fraction > 0; costs one training per rate; each rate "
+        "trained is kept in the run dir, so a rerun that adds rates trains only the new ones)")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of all steps")
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")

@@ -44,7 +44,9 @@ class WorkerGroup:
 class TrainingJob:
     """One fresh LoRA to train: its worker group, its recipe (``train``: LoRA shape, lr, epochs,
     batches, loss), its seed, its event log (``run_dir``), its token budget and the k of its
-    selective loss. ``fault_at_step`` and ``fault_marker`` are a test hook (``ray_train._inject_fault``)."""
+    selective loss. ``kept_rates_dir``: where each rate of an ``lr_search`` is kept once trained (its
+    adapter and validation curve), so a rerun whose search adds rates trains only the new ones; None:
+    not kept. ``fault_at_step`` and ``fault_marker`` are a test hook (``ray_train._inject_fault``)."""
 
     group: WorkerGroup
     train: TrainConfig
@@ -52,14 +54,16 @@ class TrainingJob:
     run_dir: str
     max_length: int
     k: float
+    kept_rates_dir: str | None = None
     fault_at_step: int | None = None
     fault_marker: str | None = None
 
     @classmethod
     def of(cls, train: TrainConfig, target_base: str, seed: int, run_dir: str, max_length: int, k: float,
-           trust_remote_code: bool = False) -> "TrainingJob":
+           trust_remote_code: bool = False, kept_rates_dir: str | None = None) -> "TrainingJob":
         """The one way a training job is made (transplant, zoo and ``titok sft`` alike)."""
-        return cls(WorkerGroup.of(target_base, trust_remote_code, train), train, seed, str(run_dir), max_length, k)
+        return cls(WorkerGroup.of(target_base, trust_remote_code, train), train, seed, str(run_dir), max_length, k,
+                   kept_rates_dir)
 
     def with_lr(self, lr: float | None) -> "TrainingJob":
         """This job at one learning rate of its ``lr_search`` (itself for ``None``)."""

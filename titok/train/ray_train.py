@@ -405,16 +405,38 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
     A job with ``train.lr_search`` trains one LoRA per rate (``<job>@lr<rate>``, on the same rows and
     held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the
     lowest final validation loss (``titok.core.validation_split.best_lr``), with every rate's curve
-    in ``lr_search``.
+    in ``lr_search``. A rate already under the job's ``kept_rates_dir`` is taken from there, not trained.
     """
     trials = {_trial(job_name, lr): (ds, job.with_lr(lr))
               for job_name, (ds, job) in jobs.items() for lr in job.train.lr_search or [None]}
-    outcomes = {}
-    groups = group_jobs({trial: job for trial, (_, job) in trials.items()})  # ZeRO-3: one rate per group
+    outcomes = {trial: kept for trial, (_, job) in trials.items() if (kept := _kept_rate(job, trial)) is not None}
+    groups = group_jobs({trial: job for trial, (_, job) in trials.items() if trial not in outcomes})  # ZeRO-3: one rate each
     for i, names in enumerate(groups):
-        outcomes |= _run_jobs({n: trials[n] for n in names}, storage_path, name if len(groups) == 1 else f"{name}-{i}",
-                              log_dir)
+        trained = _run_jobs({n: trials[n] for n in names}, storage_path, name if len(groups) == 1 else f"{name}-{i}",
+                            log_dir)
+        outcomes |= {trial: _keep_rate(trials[trial][1], outcome) for trial, outcome in trained.items()}
     return {job_name: _chosen(job_name, job, outcomes) for job_name, (_, job) in jobs.items()}
+
+
+def _kept_rate(job: TrainingJob, trial: str) -> TrainOutcome | None:
+    """A rate of an lr_search trained by an earlier run with the same recipe (``TrainingJob.kept_rates_dir``)."""
+    return _read_outcome(_rate_folder(job), trial) if job.kept_rates_dir else None
+
+
+def _keep_rate(job: TrainingJob, outcome: TrainOutcome) -> TrainOutcome:
+    """A trained rate of an lr_search, copied under ``kept_rates_dir`` (adapter and curve, or its
+    divergence: a rate that diverged with this recipe and seed would diverge again); the copy is the
+    outcome from then on. A rate that crashed is not kept: a rerun trains it."""
+    if not job.kept_rates_dir or not (outcome.error is None or isinstance(outcome.error, FloatingPointError)):
+        return outcome
+    result = ({"failed": str(outcome.error)} if outcome.error is not None
+              else {"metrics": outcome.metrics, "val_losses": outcome.val_losses})
+    _write_outcome(_rate_folder(job), result, adapter_from=outcome.adapter_dir)
+    return _read_outcome(_rate_folder(job), outcome.name)
+
+
+def _rate_folder(job: TrainingJob) -> Path:
+    return Path(job.kept_rates_dir) / f"lr{job.train.lr:g}"
 
 
 def _trial(job_name: str, lr: float | None) -> str:

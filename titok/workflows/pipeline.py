@@ -153,12 +153,13 @@ def align_to_target(cfg: TransplantConfig, kept, log_dir: str | None = None):
         num_cpus=cfg.train.cpus_per_worker if with_model else 1, num_gpus=cfg.filter.reference_gpus if with_model and cfg.train.use_gpu else 0)
 
 
-def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table):
-    """``(dataset, TrainingJob)`` of the target training: the aligned samples that teach something."""
+def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, kept_rates: Path | None = None):
+    """``(dataset, TrainingJob)`` of the target training: the aligned samples that teach something.
+    ``kept_rates``: where the rates of an lr_search are kept (``StageRunner.kept_rates``)."""
     import ray
 
     job = TrainingJob.of(cfg.train, cfg.target_base, cfg.seed, str(run.root), cfg.train_max_length, cfg.filter.k,
-                         cfg.trust_remote_code)
+                         cfg.trust_remote_code, str(kept_rates) if kept_rates else None)
     return ray.data.from_arrow(_teaching_rows(aligned)), job
 
 
@@ -168,11 +169,12 @@ def _teaching_rows(aligned: pa.Table) -> pa.Table:
     return aligned.filter(teaches).select(columns + [C.TARGET_TEACHER] * (C.TARGET_TEACHER in aligned.column_names))
 
 
-def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained: TrainOutcome | None = None) -> dict:
+def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained: TrainOutcome | None = None,
+                 kept_rates: Path | None = None) -> dict:
     """A fresh LoRA on the target base, Ray Train + DeepSpeed; the adapter lands in ``train/adapter``.
     ``trained``: the outcome of a training already run with others (a zoo's worker group)."""
     stage = run.stage_dir(_stage_path(cfg, "train"))
-    outcome = trained or train_adapter(*training_job(cfg, run, aligned), storage_path=str(stage / "ray"))
+    outcome = trained or train_adapter(*training_job(cfg, run, aligned, kept_rates), storage_path=str(stage / "ray"))
     copy_adapter(outcome, stage / "adapter")
     metrics = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str))}
     summary = {"rows": _teaching_rows(aligned).num_rows, "metrics": metrics}
@@ -246,7 +248,8 @@ class StageRunner:
             "scores": self._provided_or("scores", lambda labels: score_excess(cfg, labels, engines, adapter)),
             "filter": self._provided_or("filter", lambda scores: filter_samples_and_tokens(cfg, scores)),
             "align": self._provided_or("align", lambda kept: align_to_target(cfg, kept)),
-            "train": lambda aligned: train_target(cfg, self._run, aligned, self._provided.pop("train", None)),
+            "train": lambda aligned: train_target(cfg, self._run, aligned, self._provided.pop("train", None),
+                                                  self.kept_rates()),
         }
 
     @property
@@ -307,7 +310,22 @@ class StageRunner:
 
     def training_job(self):
         """The target training's ``(dataset, config)``, once align has run (see ``training_job``)."""
-        return training_job(self._cfg, self._run, self._rows)
+        return training_job(self._cfg, self._run, self._rows, self.kept_rates())
+
+    def kept_rates(self) -> Path | None:
+        """Where this run keeps each trained rate of its ``train.lr_search`` (None without one): a folder
+        per everything the training depends on but the rates (its rows, the recipe), so a rerun that
+        widens or narrows the search trains only rates not tried yet. Folders of another recipe are
+        dropped, as a rerun with another config replaces a stage's output."""
+        if not self._cfg.train.lr_search:
+            return None
+        recipe = {k: v for k, v in self.fields["train"].items() if k not in ("lr", "lr_search")}
+        folder = self._run.root / _stage_path(self._cfg, "lr-rates")
+        key = self._run.fingerprint(self.fingerprint_of("align"), recipe)
+        for other in folder.glob("*") if folder.is_dir() else ():
+            if other.name != key:
+                shutil.rmtree(other)
+        return folder / key
 
     def run_next(self, name: str) -> None:
         if name != self.next_stage:
