@@ -266,6 +266,7 @@ def test_compare_end_to_end_writes_a_report_with_one_row_per_method(tmp_path, ti
     assert [r["method"] for r in rows if r["method"] == "source expert"] == ["source expert"]
     assert all(0.0 <= float(r["exact_match"]) <= 1.0 and r["n"] == "4" for r in rows)
     assert all(r["option_accuracy"] != "" for r in rows)  # True/False: a closed answer set
+    assert {r["method"]: r["lr"] for r in rows} == {"source expert": "", "vanilla": "", "kd": "0.001", "titok": "0.001"}
 
     markdown = (report / "results.md").read_text()
     for method in ("source expert", "vanilla", "kd", "titok", "majority rate"):

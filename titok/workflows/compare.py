@@ -88,7 +88,7 @@ def run_compare(cfg: CompareConfig) -> Path:
     out = Path(cfg.out_dir)
     RunDir(out).claim()
     started = time.perf_counter()
-    rows, timings, trainings = [], [], {}
+    rows, timings, trainings, rates = [], [], {}, {}
     for task in cfg.tasks:
         adapter = source_adapter(cfg, task)
         engine = run_config(cfg, task, 0, cfg.targets[0], cfg.methods[0], adapter, budgets(cfg)[0]).engine
@@ -111,10 +111,11 @@ def run_compare(cfg: CompareConfig) -> Path:
                                     "methods": {variant: {"max_steps": run.train.max_steps,
                                                           "stages": {k: v.get("status") for k, v in result["stages"].items()}}
                                                 for variant, run, result in zip(cfg.methods, runs, results)}})
-                    for variant, result in zip(cfg.methods, results):
+                    for variant, run, result in zip(cfg.methods, runs, results):
                         label = row_label(cfg, variant, budget)
                         variants[label] = result["adapter"]
                         trainings[(task, target, label, seed)] = result["train"]
+                        rates[(task, target, label, seed)] = result["train"]["metrics"].get("lr", run.train.lr)
                     first_run = first_run or Path(runs[0].run_dir).resolve()
                 # greedy decoding on a fixed split: the vanilla target is the same for every seed
                 if seed != cfg.seed_list[0]:
@@ -124,8 +125,8 @@ def run_compare(cfg: CompareConfig) -> Path:
                     variants, task, engine)
                 for name, report in reports.items():
                     row = _row(report, task, target, name, None if name == "vanilla" else seed)
-                    trained = trainings.get((task, target, name, seed), {})
-                    rows.append(row | {"lr": trained["metrics"]["lr"]} if "lr_search" in trained else row)
+                    rate = rates.get((task, target, name, seed))  # the searched rate's winner, else train.lr
+                    rows.append(row if rate is None else row | {"lr": rate})
     elapsed = time.perf_counter() - started
     (out / "timings.json").write_text(json.dumps({"seconds": round(elapsed, 1), "runs": timings}, indent=2))
     return write_compare_report(cfg, rows, out / "report", elapsed, trainings)
