@@ -194,9 +194,12 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     from titok.workflows.pipeline import format_summary
     from titok.workflows.report import _learning_rates_text
 
-    cfg = tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
-                                 "train.deepspeed_stage=3", "train.validation_fraction=0.2",
-                                 "train.lr_search=[1e-5, 3e-2]", "train.epochs=2")
+    def searching(rates: str):
+        return tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
+                                      "train.deepspeed_stage=3", "train.validation_fraction=0.2",
+                                      f"train.lr_search={rates}", "train.epochs=2")
+
+    cfg = searching("[1e-5, 3e-2]")
     share_stages(uninterrupted["run_dir"], tmp_path / "run")  # its queries, labels and scores: no engine work here
     result = transplant(cfg)
     assert [result["stages"][s]["status"] for s in ("queries", "labels", "scores")] == ["cached"] * 3
@@ -223,9 +226,7 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
 
     # Widened: only the new rate trains; the two rates already tried come back with their curves.
     seen = len(events)
-    wider = transplant(tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
-                                              "train.deepspeed_stage=3", "train.validation_fraction=0.2",
-                                              "train.lr_search=[1e-5, 1e-3, 3e-2]", "train.epochs=2"))
+    wider = transplant(searching("[1e-5, 1e-3, 3e-2]"))
     assert wider["stages"]["train"]["status"] == "ran"
     new_loads = [e for e in RunDir(tmp_path / "run").events()[seen:] if e["event"] == "model_load"]
     assert [e["adapters"] for e in new_loads] == [["default@lr0.001"]] * 2
@@ -233,9 +234,7 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     # Narrowed to the rate that did not win: nothing trains, and the adapter is that rate's own.
     other = next(lr for lr in curves if lr != chosen)
     seen = len(RunDir(tmp_path / "run").events())
-    narrower = transplant(tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
-                                                 "train.deepspeed_stage=3", "train.validation_fraction=0.2",
-                                                 f"train.lr_search=[{other}]", "train.epochs=2"))
+    narrower = transplant(searching(f"[{other}]"))
     assert not [e for e in RunDir(tmp_path / "run").events()[seen:] if e["event"] == "model_load"]
     assert narrower["train"]["metrics"]["lr"] == float(other) and narrower["train"]["val_losses"] == curves[other]
     kept = next((tmp_path / "run" / "lr-rates").iterdir()) / f"lr{float(other):g}" / "adapter_model.safetensors"
