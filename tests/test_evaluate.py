@@ -88,6 +88,47 @@ def test_variants_in_one_pass_equal_separate_evaluations(tiny_model_dirs, local_
             (together[name]["exact_match"], together[name]["option_accuracy"])
 
 
+@pytest.mark.slow
+def test_a_cached_evaluation_evaluates_only_the_variants_it_has_not_seen(tiny_model_dirs, local_ray, tmp_path):
+    """A compare given one more method, or a zoo one more adapter, evaluates that one alone: the others'
+    reports come back from the file as they were (a value planted there shows it), and retraining one
+    adapter (new weights) evaluates that adapter again and nothing else."""
+    import json
+    import shutil
+
+    from titok.config import EvalSettings
+    from titok.workflows.evaluate import cached_evaluation
+
+    torch.manual_seed(1)
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["source"]),
+                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    other.save_pretrained(tmp_path / "other")
+    shutil.copytree(tiny_model_dirs["adapter"], tmp_path / "first")
+    settings = EvalSettings(examples=4, batch_size=4, dtype="float32", max_new_tokens=8)
+    path = tmp_path / "evals" / "seed0.json"
+
+    def evaluate_cached(variants):
+        return cached_evaluation(settings, 0, path, tiny_model_dirs["source"], variants, "boolean_expressions")
+
+    first = evaluate_cached({"vanilla": None, "first": str(tmp_path / "first")})
+    planted = json.loads(path.read_text())
+    for name in ("vanilla", "first"):
+        planted["reports"][name]["planted"] = name
+    path.write_text(json.dumps(planted))
+
+    more = evaluate_cached({"vanilla": None, "first": str(tmp_path / "first"), "second": str(tmp_path / "other")})
+    assert list(more) == ["vanilla", "first", "second"]
+    assert more["vanilla"]["planted"] == "vanilla" and more["first"]["planted"] == "first"  # read back, not redone
+    assert "planted" not in more["second"] and more["second"]["n"] == 4
+    assert more["first"]["exact_match"] == first["first"]["exact_match"]
+
+    shutil.copytree(tmp_path / "other", tmp_path / "first", dirs_exist_ok=True)  # retrained: now the second's twin
+    retrained = evaluate_cached({"first": str(tmp_path / "first"), "second": str(tmp_path / "other")})
+    assert "planted" not in retrained["first"] and retrained["second"] == more["second"]
+    assert [e["prediction"] for e in retrained["first"]["examples"]] == [e["prediction"] for e in more["second"]["examples"]]
+    assert set(json.loads(path.read_text())["reports"]) == {"vanilla", "first", "second"}  # none dropped for later calls
+
+
 def test_answer_budget_covers_the_longest_reference_answer():
     """Every reference answer fits with room to spare (a right answer is never cut), the budget
     follows the longest answer of the split, and it stays near it (a rambling base is cut early)."""

@@ -156,28 +156,38 @@ _REPORT_VERSION = 2  # 2: the spread of answers (collapse); an older cached repo
 
 def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants: dict[str, str | None], task: str,
                       run_engine=None) -> dict:
-    """Reports per variant (``settings``: ``config.EvalSettings``; ``run_engine``: see ``eval_engine``);
-    reused from ``path`` while the base, the adapters' weights, the engine and the eval settings are
-    unchanged."""
+    """Reports per variant (``settings``: ``config.EvalSettings``; ``run_engine``: see ``eval_engine``).
+
+    Kept per variant in ``path``: a variant is evaluated again only when its adapter's weights changed
+    (or the base, the engine or the eval settings did), so adding a method to a compare or an adapter to
+    a zoo evaluates that one alone. Variants of earlier calls stay in the file for later ones."""
     import time
 
     from titok.layout import adapter_digest
+    from titok.runstate import write_atomic
 
     engine = eval_engine(settings, run_engine)
-    key = {"base": base, "task": task, "split": split_seed, "engine": engine["name"], "report": _REPORT_VERSION,
-           "eval": settings.model_dump(exclude=set(settings.PLACEMENT_FIELDS) | {"engine"}),
-           "variants": {name: adapter_digest(adapter) for name, adapter in variants.items()}}
+    shared = {"base": base, "task": task, "split": split_seed, "engine": engine["name"], "report": _REPORT_VERSION,
+              "eval": settings.model_dump(exclude=set(settings.PLACEMENT_FIELDS) | {"engine"})}
+    digests = {name: adapter_digest(adapter) for name, adapter in variants.items()}
+    known: dict[str, tuple] = {}  # name -> (digest, report) of the file, while the shared settings match
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["reports"]
-    started = time.perf_counter()
-    reports = evaluate_variants(base, variants, task, seed=split_seed, n_test=settings.examples, dtype=settings.dtype,
-                                max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                                cpus_per_actor=settings.cpus_per_actor, gpus_per_actor=settings.gpus_per_actor,
-                                engine=engine)
-    for report in reports.values():
-        report["eval_seconds"] = round(time.perf_counter() - started, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "reports": reports}, indent=2))
-    return reports
+        key = dict(cached.get("key", {}))
+        if key.pop("variants", None) is not None and key == shared:
+            known = {name: (digest, cached["reports"][name]) for name, digest in cached["key"]["variants"].items()
+                     if name in cached.get("reports", {})}
+    missing = {name: adapter for name, adapter in variants.items() if name not in known or known[name][0] != digests[name]}
+    if missing:
+        started = time.perf_counter()
+        fresh = evaluate_variants(base, missing, task, seed=split_seed, n_test=settings.examples, dtype=settings.dtype,
+                                  max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                                  cpus_per_actor=settings.cpus_per_actor, gpus_per_actor=settings.gpus_per_actor,
+                                  engine=engine)
+        for name, report in fresh.items():
+            report["eval_seconds"] = round(time.perf_counter() - started, 1)  # the pass that evaluated it
+            known[name] = (digests[name], report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"key": shared | {"variants": {n: d for n, (d, _) in known.items()}},
+                                       "reports": {n: r for n, (_, r) in known.items()}}, indent=2))
+    return {name: known[name][1] for name in variants}
