@@ -70,29 +70,12 @@ def test_eval_stage_on_a_tiny_model(tiny_model_dirs, local_ray):
 
 
 @pytest.mark.slow
-def test_variants_in_one_pass_equal_separate_evaluations(tiny_model_dirs, local_ray, tmp_path):
-    """One actor switching adapters on one base copy must give what one engine per adapter gives."""
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["source"])
-    other = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
-    other.save_pretrained(tmp_path / "other")
-    variants = {"vanilla": None, "first": tiny_model_dirs["adapter"], "second": str(tmp_path / "other")}
-    kwargs = {"n_test": 6, "dtype": "float32", "max_new_tokens": 8, "batch_size": 4}
-    together = evaluate_variants(tiny_model_dirs["source"], variants, "boolean_expressions", **kwargs)
-    predictions = {name: [e["prediction"] for e in report["examples"]] for name, report in together.items()}
-    assert len({tuple(p) for p in predictions.values()}) == 3  # three different models
-    for name, adapter in variants.items():
-        alone = evaluate(tiny_model_dirs["source"], adapter, "boolean_expressions", **kwargs)
-        assert [e["prediction"] for e in alone["examples"]] == predictions[name]
-        assert (alone["exact_match"], alone["option_accuracy"]) == \
-            (together[name]["exact_match"], together[name]["option_accuracy"])
-
-
-@pytest.mark.slow
-def test_a_cached_evaluation_evaluates_only_the_variants_it_has_not_seen(tiny_model_dirs, local_ray, tmp_path):
-    """A compare given one more method, or a zoo one more adapter, evaluates that one alone: the others'
-    reports come back from the file as they were (a value planted there shows it), and retraining one
-    adapter (new weights) evaluates that adapter again and nothing else."""
+def test_variants_in_one_pass_equal_separate_evaluations_and_the_cache_evaluates_only_new_ones(tiny_model_dirs, local_ray,
+                                                                                               tmp_path):
+    """One actor switching adapters on one base copy gives what one evaluation per adapter gives. Those
+    come from the cache as a compare given one more method (a zoo one more adapter) makes them: each
+    call evaluates only the variant the file lacks (the others come back as they were: a value planted
+    in the file shows it), and a retrained adapter (new weights) is evaluated again, nothing else."""
     import json
     import shutil
 
@@ -100,33 +83,48 @@ def test_a_cached_evaluation_evaluates_only_the_variants_it_has_not_seen(tiny_mo
     from titok.workflows.evaluate import cached_evaluation
 
     torch.manual_seed(1)
-    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["source"]),
-                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["source"])
+    other = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
     other.save_pretrained(tmp_path / "other")
     shutil.copytree(tiny_model_dirs["adapter"], tmp_path / "first")
-    settings = EvalSettings(examples=4, batch_size=4, dtype="float32", max_new_tokens=8)
+    variants = {"vanilla": None, "first": str(tmp_path / "first"), "second": str(tmp_path / "other")}
+    settings = EvalSettings(examples=6, batch_size=4, dtype="float32", max_new_tokens=8)
+    together = evaluate_variants(tiny_model_dirs["source"], variants, "boolean_expressions", n_test=6, dtype="float32",
+                                 max_new_tokens=8, batch_size=4)
+    predictions = {name: [e["prediction"] for e in report["examples"]] for name, report in together.items()}
+    assert len({tuple(p) for p in predictions.values()}) == 3  # three different models
+
     path = tmp_path / "evals" / "seed0.json"
 
-    def evaluate_cached(variants):
-        return cached_evaluation(settings, 0, path, tiny_model_dirs["source"], variants, "boolean_expressions")
+    def cached(names):
+        return cached_evaluation(settings, 0, path, tiny_model_dirs["source"], {n: variants[n] for n in names},
+                                 "boolean_expressions")
 
-    first = evaluate_cached({"vanilla": None, "first": str(tmp_path / "first")})
-    planted = json.loads(path.read_text())
-    for name in ("vanilla", "first"):
-        planted["reports"][name]["planted"] = name
-    path.write_text(json.dumps(planted))
+    def plant():  # a mark no evaluation writes: a report that has it was read back from the file
+        if path.is_file():
+            known = json.loads(path.read_text())
+            for report in known["reports"].values():
+                report["planted"] = True
+            path.write_text(json.dumps(known))
 
-    more = evaluate_cached({"vanilla": None, "first": str(tmp_path / "first"), "second": str(tmp_path / "other")})
-    assert list(more) == ["vanilla", "first", "second"]
-    assert more["vanilla"]["planted"] == "vanilla" and more["first"]["planted"] == "first"  # read back, not redone
-    assert "planted" not in more["second"] and more["second"]["n"] == 4
-    assert more["first"]["exact_match"] == first["first"]["exact_match"]
+    alone = {}
+    for added in variants:  # one more variant per call, as methods are added to a compare
+        plant()
+        reports = cached([*alone, added])
+        assert list(reports) == [*alone, added]
+        assert all(reports[name].get("planted") for name in alone) and "planted" not in reports[added]
+        alone[added] = reports[added]
+    for name, report in alone.items():
+        assert [e["prediction"] for e in report["examples"]] == predictions[name]
+        assert (report["exact_match"], report["option_accuracy"]) == \
+            (together[name]["exact_match"], together[name]["option_accuracy"])
 
     shutil.copytree(tmp_path / "other", tmp_path / "first", dirs_exist_ok=True)  # retrained: now the second's twin
-    retrained = evaluate_cached({"first": str(tmp_path / "first"), "second": str(tmp_path / "other")})
-    assert "planted" not in retrained["first"] and retrained["second"] == more["second"]
-    assert [e["prediction"] for e in retrained["first"]["examples"]] == [e["prediction"] for e in more["second"]["examples"]]
-    assert set(json.loads(path.read_text())["reports"]) == {"vanilla", "first", "second"}  # none dropped for later calls
+    plant()
+    again = cached(["first", "second"])
+    assert "planted" not in again["first"] and again["second"]["planted"]
+    assert [e["prediction"] for e in again["first"]["examples"]] == predictions["second"]
+    assert set(json.loads(path.read_text())["reports"]) == set(variants)  # none dropped for later calls
 
 
 def test_answer_budget_covers_the_longest_reference_answer():
