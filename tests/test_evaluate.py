@@ -89,8 +89,8 @@ def test_variants_in_one_pass_equal_separate_evaluations_and_the_cache_evaluates
     shutil.copytree(tiny_model_dirs["adapter"], tmp_path / "first")
     variants = {"vanilla": None, "first": str(tmp_path / "first"), "second": str(tmp_path / "other")}
     settings = EvalSettings(examples=6, batch_size=4, dtype="float32", max_new_tokens=8)
-    together = evaluate_variants(tiny_model_dirs["source"], variants, "boolean_expressions", n_test=6, dtype="float32",
-                                 max_new_tokens=8, batch_size=4)
+    together = evaluate_variants(tiny_model_dirs["source"], variants, "boolean_expressions", n_test=settings.examples,
+                                 dtype=settings.dtype, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     predictions = {name: [e["prediction"] for e in report["examples"]] for name, report in together.items()}
     assert len({tuple(p) for p in predictions.values()}) == 3  # three different models
 

@@ -170,13 +170,11 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
     shared = {"base": base, "task": task, "split": split_seed, "engine": engine["name"], "report": _REPORT_VERSION,
               "eval": settings.model_dump(exclude=set(settings.PLACEMENT_FIELDS) | {"engine"})}
     digests = {name: adapter_digest(adapter) for name, adapter in variants.items()}
-    known: dict[str, tuple] = {}  # name -> (digest, report) of the file, while the shared settings match
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        key = dict(cached.get("key", {}))
-        if key.pop("variants", None) is not None and key == shared:
-            known = {name: (digest, cached["reports"][name]) for name, digest in cached["key"]["variants"].items()
-                     if name in cached.get("reports", {})}
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    key, reports = cached.get("key", {}), cached.get("reports", {})
+    known = {}  # name -> (digest, report) of the file, while the shared settings match
+    if {field: value for field, value in key.items() if field != "variants"} == shared:
+        known = {name: (digest, reports[name]) for name, digest in key.get("variants", {}).items() if name in reports}
     missing = {name: adapter for name, adapter in variants.items() if name not in known or known[name][0] != digests[name]}
     if missing:
         started = time.perf_counter()
