@@ -85,7 +85,7 @@ def test_per_task_settings_change_only_their_tasks_runs(tmp_path, tiny_model_dir
     from titok.workflows.pipeline import _stage_fields
 
     def runs(cfg):
-        return {task: run_config(cfg, task, 0, tiny_model_dirs["target"], "titok", "adapter", "steps") for task in cfg.tasks}
+        return {task: run_config(cfg, task, 0, tiny_model_dirs["target"], "titok", tiny_model_dirs["adapter"], "steps") for task in cfg.tasks}
 
     shared = runs(load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="steps"),
                                       ["tasks=[boolean_expressions, web_of_lies]"]))

@@ -85,22 +85,54 @@ def test_cli_reports_config_errors_with_exit_2(capsys):
     assert "filter.k" in capsys.readouterr().err
 
 
+def _fingerprints(cfg, run_dir) -> list[str]:
+    """Every stage's fingerprint but the adapter export's, for ``cfg`` run in ``run_dir``."""
+    from titok.workflows.pipeline import STAGES, StageRunner
+
+    runner = StageRunner(cfg.model_copy(update={"run_dir": str(run_dir)}), engines=None)
+    return [runner.fingerprint_of(stage) for stage in STAGES[:-1]]
+
+
+def _changed_from(before: list[str], after: list[str]) -> str | None:
+    """The first stage whose fingerprint differs, after checking that every stage after it differs too."""
+    from titok.workflows.pipeline import STAGES
+
+    changed = [stage for stage, a, b in zip(STAGES, before, after) if a != b]
+    assert not changed or changed == list(STAGES[STAGES.index(changed[0]):-1])
+    return changed[0] if changed else None
+
+
 @pytest.mark.parametrize("override, first_changed", [
     ("engine.actors=4", None), ("engine.gpus_per_actor=1", None), ("train.workers=4", None),
     ("train.deepspeed_stage=3", None), ("filter.reference_batch_size=2", None),  # where and how fast: reused
     ("queries.pool_size=600", "queries"), ("labels.temperature=0.7", "labels"), ("engine.max_length=400", "queries"),
     ("filter.k=0.5", "filter"), ("filter.reference=target_base", "filter"), ("train.lr=0.01", "train"),
 ])
-def test_a_run_is_reused_up_to_the_first_stage_a_setting_changes(tmp_path, override, first_changed):
-    from titok.workflows.pipeline import STAGES, StageRunner
+def test_a_run_is_reused_up_to_the_first_stage_a_setting_changes(tmp_path, tiny_model_dirs, override, first_changed):
+    base = {**BASE, "source_adapter": tiny_model_dirs["adapter"]}
+    before, after = _fingerprints(load_config(None, [], **base), tmp_path), _fingerprints(load_config(None, [override], **base), tmp_path)
+    assert _changed_from(before, after) == first_changed
 
-    def fingerprints(cfg):
-        runner = StageRunner(cfg.model_copy(update={"run_dir": str(tmp_path)}), engines=None)
-        return [runner.fingerprint_of(stage) for stage in STAGES[:-1]]
 
-    before, after = fingerprints(load_config(None, [], **BASE)), fingerprints(load_config(None, [override], **BASE))
-    changed = [stage for stage, a, b in zip(STAGES, before, after) if a != b]
-    assert changed == ([] if first_changed is None else list(STAGES[STAGES.index(first_changed):-1]))
+def test_labels_follow_the_source_adapters_weights_not_its_path(tmp_path, tiny_model_dirs):
+    """A copy of the adapter (or another spelling of its path) reuses the run; the adapter retrained in
+    place (new weights, same folder) is labelled again, with every stage after."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "adapter-copy"
+    shutil.copytree(tiny_model_dirs["adapter"], copy)
+
+    def fingerprints(adapter: str) -> list[str]:
+        return _fingerprints(load_config(None, [], **{**BASE, "source_adapter": adapter}), tmp_path)
+
+    original = fingerprints(tiny_model_dirs["adapter"])
+    assert fingerprints(str(copy)) == original
+    assert fingerprints(str(copy / ".." / copy.name)) == original
+    weights = load_file(copy / "adapter_model.safetensors")
+    save_file({name: tensor * 2 for name, tensor in weights.items()}, copy / "adapter_model.safetensors")
+    assert _changed_from(original, fingerprints(str(copy))) == "labels"
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),

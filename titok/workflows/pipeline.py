@@ -37,7 +37,7 @@ from titok.choices import ENGINES, FILTER_METHODS, PAPER_METHOD, STAGES
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
-from titok.layout import SOURCE_STAGES
+from titok.layout import SOURCE_STAGES, adapter_digest
 from titok.gpu_facts import GIB
 from titok.workflows.plan import Plan, Resources, cluster_resources, make_plan
 from titok.readiness import wait_for_free_gpus, wait_for_resources
@@ -210,12 +210,14 @@ def _stage_path(cfg: TransplantConfig, stage: str) -> str:
 
 def _stage_fields(cfg: TransplantConfig) -> dict:
     """The config fields each stage's output depends on (with its upstream's, via the fingerprint chain);
-    where and on how many devices a stage runs is left out, since it does not change the result."""
+    where and on how many devices a stage runs is left out, since it does not change the result. The
+    labels key on the source adapter's weights, not its path: a copy or another spelling of the folder
+    reuses them, and an adapter retrained in place is labelled again."""
     engine = cfg.engine.model_dump(exclude=set(cfg.engine.PLACEMENT_FIELDS))
     return {
         "queries": {"source_base": cfg.source_base, "task": cfg.task, "seed": cfg.seed, "split": cfg.split_seed, "engine": engine,
                     "queries": cfg.queries.model_dump(), "pool": cfg.pool_size},
-        "labels": {"adapter": cfg.source_adapter, "labels": cfg.labels.model_dump()},
+        "labels": {"adapter": adapter_digest(cfg.source_adapter), "labels": cfg.labels.model_dump()},
         "scores": {"max_length": cfg.engine.max_length},
         "filter": cfg.filter.model_dump(exclude=set(cfg.filter.PLACEMENT_FIELDS)),
         "align": {"target_base": cfg.target_base, "reference": cfg.filter.token_reference},
