@@ -137,3 +137,23 @@ def test_a_killed_driver_is_named_in_one_line(tiny_model_dirs, tmp_path, ray_tmp
             break
         time.sleep(0.2)
     assert _ray_processes(ray_tmp) == []
+
+
+def test_a_stop_leaves_work_running_in_threads_without_waiting_for_it():
+    """A compare's or zoo's worker groups train in threads (``signals.thread_map``), each blocked in a
+    ``ray.get`` no signal reaches: a stop must not wait for them to end (it waited for the whole training)."""
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "from titok import signals\n"
+        "signals.install()\n"
+        "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "started = time.monotonic()\n"
+        "try:\n"
+        "    signals.thread_map(lambda s: time.sleep(s), [60, 60, 0.1], 2)\n"
+        "except signals.Stopped:\n"
+        "    print(round(time.monotonic() - started, 1), flush=True)\n"
+        "    os._exit(signals.received() + 128)\n"  # as the command exits: threads are not joined
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
+    assert float(result.stdout) < 5

@@ -12,7 +12,9 @@ disconnects from Ray, shutting down a local Ray it started (no process of it lef
 143 with one line: finished stages are kept and marked, the interrupted one is not, so the same
 command resumes. A second signal while stopping exits at once; copies of the first that arrive within
 a second are one stop (``ray job stop`` signals every process of a job, and the ``titok`` command
-passes the signal on to its child too, see ``titok.supervise``).
+passes the signal on to its child too, see ``titok.supervise``). Work done side by side in threads
+(``thread_map``: a zoo's stages, the worker groups of a compare or zoo) is left running on a stop, not
+waited for.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import signal
 import time
 
-__all__ = ["Stopped", "install", "received", "reinstall", "stopping"]
+__all__ = ["Stopped", "install", "received", "reinstall", "stopping", "thread_map"]
 
 _stopping = False
 _received: int | None = None
@@ -75,3 +77,17 @@ def reinstall() -> None:
 
     if _installed and threading.current_thread() is threading.main_thread():
         install()
+
+
+def thread_map(fn, items, workers: int) -> list:
+    """``fn`` over ``items`` on ``workers`` threads, the results in order. A stop in the main thread
+    leaves at once: ``with ThreadPoolExecutor`` would wait for the threads, and a thread blocked in
+    ``ray.get`` on a training (which no signal reaches) held a Ctrl-C until that training ended. The
+    command then exits (``os._exit``) and Ray ends the work those threads waited on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # every future is done, unless a stop came

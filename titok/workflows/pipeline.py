@@ -25,14 +25,13 @@ import hashlib
 import json
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import yaml
 
-from titok import columns as C, progress
+from titok import columns as C, progress, signals
 from titok.choices import ENGINES, FILTER_METHODS, PAPER_METHOD, STAGES
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
@@ -422,10 +421,10 @@ def train_together(runners: dict[str, StageRunner], names: list[str], groups_at_
                                          seconds=round(time.perf_counter() - started, 1))
         return outcomes
 
-    with ThreadPoolExecutor(max_workers=groups_at_once) as pool:
-        for outcomes in pool.map(fit, group_jobs({n: job for n, (_, job) in jobs.items()}, groups_at_once)):
-            for name, outcome in outcomes.items():
-                runners[name].provide(train=outcome)
+    for outcomes in signals.thread_map(fit, group_jobs({n: job for n, (_, job) in jobs.items()}, groups_at_once),
+                                       groups_at_once):
+        for name, outcome in outcomes.items():
+            runners[name].provide(train=outcome)
 
 
 def _started(cfg: TransplantConfig) -> StageRunner:

@@ -27,13 +27,13 @@ import json
 import shutil
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
 from titok.config import (ConfigError, EvalSettings, OutputPath, Section, TransplantConfig, TransplantSettings,
                           merged_fields, read_yaml, validated)
+from titok import signals
 from titok.layout import share_stages
 from titok.validate import check_model, check_task
 
@@ -218,8 +218,7 @@ def migrate(manifest: ZooManifest) -> dict:
     by_task = sorted(runners, key=lambda n: rows[n]["task"])
 
     def step(stage: str, at_once: int = 1) -> None:
-        with ThreadPoolExecutor(max_workers=at_once) as pool:
-            list(pool.map(lambda name: _attempt(rows[name], runners[name], stage), _alive(rows, by_task)))
+        signals.thread_map(lambda name: _attempt(rows[name], runners[name], stage), _alive(rows, by_task), at_once)
 
     try:
         for name in by_task:  # queries once per task: copy a finished sibling's before writing any
