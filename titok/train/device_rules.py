@@ -40,7 +40,8 @@ _FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empt
 
 
 class HostTensorError(RuntimeError):
-    """A collective got a tensor that is on the host on a GPU worker (NCCL: 'Tensors must be CUDA')."""
+    """A collective got a tensor that is on the host on a GPU worker (NCCL on torch 2.11, seen on an
+    H200: 'No backend type associated with device type cpu')."""
 
 
 def enabled() -> bool:
