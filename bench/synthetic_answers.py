@@ -1,0 +1,171 @@
+"""How many of a run's synthetic queries are puzzles of the task's own form, and how often the expert
+answers those right, over the whole pool, TiTok's top-M and the rest (README "A second seed", "tracking").
+
+    python bench/synthetic_answers.py runs/compare-paper-scale/runs/web_of_lies/seed1/gemma3-270m \
+        --json bench/results/compare-paper-scale/web_of_lies-seed1/run.json
+
+The task comes from the run's ``config.yaml``. With ``--json`` it also writes the machine, the seconds of
+each stage the run dir recorded and the counts.
+
+A query counts only if it parses as the task's generator writes it and its answer is then determined:
+- web_of_lies (``titok.tasks.web_of_lies``): "Question: A lies. B says A tells the truth. ... Does E tell
+  the truth?" (or "Does E lie?"). The rule is ``web_of_lies.solve``'s, applied by name: ``solve`` takes a
+  chain in which each person speaks of the one before, and a synthetic query may have anyone speak of
+  anyone named earlier.
+- tracking_shuffled_objects_three_objects (``titok.tasks.shuffled_objects``): three distinct players
+  holding three distinct colours, any number of swaps between two different players named at the start
+  ("First, ..., Then, ..., Next, ..., Finally, A and B swap balls"), then a last sentence ending "P has
+  the" (however it opens) about a player named at the start, and exactly one option holding the colour
+  that player ends with. The rule is
+  ``shuffled_objects.swap_all``'s.
+Hand-written: no library parses these puzzles; the tests check each parser against the generator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import yaml
+
+from titok.tasks.shuffled_objects import swap_all
+
+_SAYS = r"(tells the truth|lies)"
+
+
+def web_of_lies_gold(query: str) -> str | None:
+    """The determined answer of a query of the task's exact form, else None."""
+    m = re.fullmatch(r"Question: (.+?)\s+Does (\w+) (tell the truth|lie)\?", query.strip())
+    if not m:
+        return None
+    sentences = [x.strip() for x in m.group(1).split(".") if x.strip()]
+    first = re.fullmatch(rf"(\w+) {_SAYS}", sentences[0])
+    if not first:
+        return None
+    truthful = {first.group(1): first.group(2) == "tells the truth"}
+    for sentence in sentences[1:]:
+        claim = re.fullmatch(rf"(\w+) says (\w+) {_SAYS}", sentence)
+        if not claim or claim.group(2) not in truthful:
+            return None
+        truthful[claim.group(1)] = (claim.group(3) == "tells the truth") == truthful[claim.group(2)]
+    if m.group(2) not in truthful:
+        return None
+    return "Yes" if truthful[m.group(2)] == (m.group(3) == "tell the truth") else "No"
+
+
+_TRACKING = re.compile(
+    r"(\w+), (\w+), and (\w+) are playing a game\. At the start of the game, they are each holding a ball: "
+    r"(\w+) has an? (\w+) ball, (\w+) has an? (\w+) ball, and (\w+) has an? (\w+) ball\. "
+    r"(?:As the game progresses, [^.]*\. )?(.+?)\. [^.\n]*?\b(\w+) has the\s*"
+    r"Options:\s*((?:\([A-Z]\) [^\n]+\s*)+)", re.S)
+
+
+def tracking_gold(query: str) -> str | None:
+    """The option letter ``(X)`` of a well-posed three-player swap puzzle, else None."""
+    m = _TRACKING.fullmatch(query.strip())
+    if not m:
+        return None
+    players, holders = m.group(1, 2, 3), m.group(4, 6, 8)
+    colors = m.group(5, 7, 9)
+    if len(set(players)) != 3 or set(holders) != set(players) or len(set(colors)) != 3:
+        return None
+    swaps = []
+    for step in re.split(r"\.\s+|,\s+and\s+(?=\w+, \w+ and)", m.group(10)):
+        swap = re.fullmatch(r"(?i:first|then|next|after that|finally),? (\w+) and (\w+) swap balls", step.strip())
+        if not swap or swap.group(1) == swap.group(2) or not set(swap.groups()) <= set(players):
+            return None
+        swaps.append(swap.groups())
+    if not swaps or m.group(11) not in players:
+        return None
+    final = swap_all(dict(zip(holders, colors)), swaps)[-1][m.group(11)]
+    options = re.findall(r"\(([A-Z])\) ([^\n]+)", m.group(12))
+    right = [letter for letter, text in options if text.strip() == f"{final} ball"]
+    return f"({right[0]})" if len(right) == 1 else None
+
+
+@dataclass(frozen=True)
+class Rules:
+    gold: Callable[[str], str | None]
+    answer: str  # the regex of the response's final answer: group 1 is the answer, group "key" its deciding token
+    answers: tuple[str, ...]  # the answers counted by name in the report
+
+
+RULES = {
+    "web_of_lies": Rules(web_of_lies_gold, r"answer is:?\s*(?P<key>Yes|No)\b", ("Yes", "No")),
+    "tracking_shuffled_objects_three_objects": Rules(tracking_gold, r"answer is:?\s*(\((?P<key>[A-C])\))", ("(A)", "(B)", "(C)")),
+}
+
+
+def final_answer(rules: Rules, response: str) -> str | None:
+    found = list(re.finditer(rules.answer, response))
+    return found[-1].group(1) if found else None
+
+
+def answer_token_kept(rules: Rules, row) -> bool | None:
+    """Whether the token filter kept the token that decides a response's final answer (the letter of
+    "(B)", not its bracket; None: no final answer)."""
+    found = list(re.finditer(rules.answer, row["response"]))
+    if not found:
+        return None
+    start = found[-1].start("key")
+    tokens = [i for i, (a, b) in enumerate(zip(row["offset_starts"], row["offset_ends"])) if a <= start < b]
+    return bool(row["keep"][tokens[0]]) if tokens else None
+
+
+def counts(run_dir: Path, rules: Rules) -> dict:
+    scores, kept = pd.read_parquet(run_dir / "scores"), pd.read_parquet(run_dir / "filter")
+    scores["gold"] = scores["query"].map(rules.gold)
+    scores["answer"] = scores["response"].map(lambda r: final_answer(rules, r))
+    in_top_m = scores["sample_id"].isin(set(kept["sample_id"]))
+    out = {}
+    for name, part in (("all", scores), ("top_m", scores[in_top_m]), ("rest", scores[~in_top_m])):
+        solvable = part.dropna(subset=["gold"])
+        out[name] = {"samples": len(part), "of_the_task_form": len(solvable),
+                     "expert_right_on_those": int((solvable["answer"] == solvable["gold"]).sum()),
+                     "expert_answers": {**{a: int((part["answer"] == a).sum()) for a in rules.answers},
+                                        "none": int(part["answer"].isna().sum())}}
+    answer_kept = [k for k in (answer_token_kept(rules, r) for _, r in kept.iterrows()) if k is not None]
+    out["top_m_answer_token_kept"] = {"kept": sum(answer_kept), "of": len(answer_kept)}
+    return out
+
+
+def stage_seconds(run_dir: Path) -> dict:
+    """Each stage's seconds from its completion marker (train under a shared worker group: 0, see events)."""
+    return {str(marker.parent.relative_to(run_dir)): json.loads(marker.read_text()).get("seconds")
+            for marker in sorted(run_dir.rglob("_COMPLETE.json"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the counts, stage seconds and machine here")
+    args = parser.parse_args()
+    task = yaml.safe_load((args.run_dir / "config.yaml").read_text())["task"]
+    if task not in RULES:
+        raise SystemExit(f"{args.run_dir / 'config.yaml'}: task {task!r} has no parser here (one of {', '.join(RULES)})")
+    found = counts(args.run_dir, RULES[task])
+    for name in ("all", "top_m", "rest"):
+        c = found[name]
+        print(f"{name}: {c['samples']} samples, {c['of_the_task_form']} of the task's form (expert right on "
+              f"{c['expert_right_on_those']}); expert answers {c['expert_answers']}")
+    print(f"top-M answer tokens kept by the token filter: {found['top_m_answer_token_kept']}")
+    if args.json:
+        import torch
+
+        shared = [e for f in (args.run_dir / "events").glob("*.jsonl") for e in map(json.loads, f.read_text().splitlines())
+                  if e.get("event") == "shared_pass"]
+        record = {"machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+                              "torch": torch.__version__},
+                  "run_dir": str(args.run_dir), "task": task, "stage_seconds": stage_seconds(args.run_dir),
+                  "shared_training_seconds": {",".join(e["adapters"]): e["seconds"] for e in shared},
+                  "synthetic_data": found}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
