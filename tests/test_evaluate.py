@@ -126,6 +126,13 @@ def test_variants_in_one_pass_equal_separate_evaluations_and_the_cache_evaluates
     assert [e["prediction"] for e in again["first"]["examples"]] == predictions["second"]
     assert set(json.loads(path.read_text())["reports"]) == set(variants)  # none dropped for later calls
 
+    known = json.loads(path.read_text())  # what older code read off the predictions: read again, not kept
+    known["reports"]["second"].update(exact_match=-1.0, top_prediction="stale", answered_share=-1.0)
+    path.write_text(json.dumps(known))
+    reread = cached(["second"])["second"]
+    fields = ("exact_match", "top_prediction", "top_prediction_share", "answered_share")
+    assert reread["planted"] and [reread[f] for f in fields] == [together["second"][f] for f in fields]
+
 
 def test_answer_budget_covers_the_longest_reference_answer():
     """Every reference answer fits with room to spare (a right answer is never cut), the budget

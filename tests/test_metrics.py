@@ -63,3 +63,19 @@ def test_one_answer_to_everything_is_a_collapse_whatever_its_accuracy():
     assert not collapsed(varied)  # 60%: a lean, not a collapse
     uniform_gold = {"n": 10, "majority_rate": majority_rate(["yes"] * 10), **answer_spread(["yes"] * 10, ["yes"] * 10)}
     assert not collapsed(uniform_gold)  # the gold is one answer too: answering it is right, not collapsed
+
+
+def test_an_option_named_with_its_text_is_one_answer_for_every_metric():
+    """A base that answers "(A) <any colour> ball" to every question answers (A): exact match credits it
+    where (A) is right, and the spread and the share answered count it as (A), so the collapse shows."""
+    from titok.core.metrics import answered
+
+    targets = ["(A)", "(B)", "(C)", "(A)"] * 25
+    predictions = [f"So the answer is (A) {colour} ball." for colour in ("red", "blue", "pink", "white")] * 25
+    assert exact_match(predictions, targets) == 0.5
+    report = {"n": 100, "majority_rate": majority_rate(targets), **answer_spread(predictions, targets)}
+    assert report["top_prediction"] == "(a)" and report["predictions_by_answer"] == {"(a)": 100}
+    assert report["targets_by_answer"] == {"(a)": 50, "(b)": 25, "(c)": 25} and collapsed(report)
+    assert answered(predictions[:2] + ["(D) red ball", "red ball"], [["(A)", "(B)", "(C)"]] * 4) == [1.0, 1.0, 0.0, 0.0]
+    # where the answers are words, a leading letter in brackets is only text
+    assert answer_spread(["(A) True", "(A) False"], ["True", "False"])["predictions_by_answer"] == {"(a) true": 1, "(a) false": 1}

@@ -5,6 +5,8 @@
 - Exact match compares extracted answer and target after collapsing whitespace, case-insensitively. A
   target that is an option letter, ``(C)``, also matches an answer that starts with it, ``(C) yellow
   ball``: a model that names the option and restates its text has answered (BBH's own answer format).
+  The spread of answers (collapse) and the share answered count answers by the same key
+  (``answer_key``), so "(A) yellow ball" and "(A) red ball" are one answer, (A).
 - Option log-likelihood: each candidate answer is scored as the response to the prompt; the choice is
   the candidate with the highest *mean* log-prob per token (length-normalized, so longer options are
   not penalized for having more tokens).
@@ -18,7 +20,7 @@ from collections import Counter
 import numpy as np
 from rouge_score import rouge_scorer
 
-__all__ = ["COLLAPSE_SHARE", "UNANSWERED_SHARE", "answer_spread", "answered", "collapse_text", "collapsed",
+__all__ = ["COLLAPSE_SHARE", "UNANSWERED_SHARE", "answer_key", "answer_spread", "answered", "collapse_text", "collapsed",
            "exact_match", "exact_matches",
            "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
@@ -47,11 +49,24 @@ def exact_matches(predictions: list[str], targets: list[str]) -> list[float]:
     return [float(_matches(extract_answer(p), t)) for p, t in zip(predictions, targets, strict=True)]
 
 
+def _lettered(answers) -> bool:
+    """Whether the answers are option letters, ``(A)``, ``(B)``, ...: then an answer is its letter."""
+    answers = list(answers)
+    return bool(answers) and all(_OPTION_LETTER.fullmatch(a.strip()) for a in answers)
+
+
+def answer_key(answer: str, lettered: bool) -> str:
+    """An answer as every metric compares it: where the answers are option letters, its leading letter
+    (``(C) yellow ball`` -> ``(c)``: it names the option, BBH's own format); else its normalized text.
+    Exact match, the spread of answers and the share answered all count through this one key."""
+    if lettered and (option := _OPTION_LETTER.match(answer.strip())):
+        return option.group().lower()
+    return _normalize(answer)
+
+
 def _matches(answer: str, target: str) -> bool:
-    if _OPTION_LETTER.fullmatch(target.strip()):
-        option = _OPTION_LETTER.match(answer.strip())
-        return option is not None and option.group().upper() == target.strip().upper()
-    return _normalize(answer) == _normalize(target)
+    lettered = _lettered([target])
+    return answer_key(answer, lettered) == answer_key(target, lettered)
 
 
 def exact_match(predictions: list[str], targets: list[str]) -> float:
@@ -72,8 +87,9 @@ COLLAPSE_SHARE = 0.9  # one answer to this share of the examples or more: the mo
 def answer_spread(predictions: list[str], targets: list[str], top: int = 5) -> dict:
     """How varied the answers are: the most common extracted answer and its share, and the
     distribution of extracted answers beside the gold one (the ``top`` most common of each)."""
-    answers = Counter(_normalize(extract_answer(p)) for p in predictions)
-    gold = Counter(_normalize(t) for t in targets)
+    lettered = _lettered(set(targets))
+    answers = Counter(answer_key(extract_answer(p), lettered) for p in predictions)
+    gold = Counter(answer_key(t, lettered) for t in targets)
     answer, count = answers.most_common(1)[0]
     return {"top_prediction": answer, "top_prediction_share": count / len(predictions),
             "predictions_by_answer": dict(answers.most_common(top)), "targets_by_answer": dict(gold.most_common(top))}
@@ -82,8 +98,11 @@ def answer_spread(predictions: list[str], targets: list[str], top: int = 5) -> d
 def answered(predictions: list[str], options: list[list[str]]) -> list[float]:
     """1.0 where the extracted answer is one of that example's options (normalized), else 0.0: a miss
     that is no answer at all (a loop, reasoning cut off by the token budget) against a wrong answer."""
-    allowed = [{_normalize(o) for o in example_options} for example_options in options]
-    return [float(_normalize(extract_answer(p)) in ok) for p, ok in zip(predictions, allowed, strict=True)]
+    out = []
+    for prediction, example_options in zip(predictions, options, strict=True):
+        lettered = _lettered(example_options)
+        out.append(float(answer_key(extract_answer(prediction), lettered) in {answer_key(o, lettered) for o in example_options}))
+    return out
 
 
 UNANSWERED_SHARE = 0.1  # more examples than this without an answer from the answer set: the report says so

@@ -118,7 +118,7 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
         mine = sorted((r for r in out if r["variant"] == name), key=lambda r: r["index"])
         predictions = [r["prediction"] for r in mine]
         # per example too (the same examples for every variant): compare's intervals and paired tests
-        per_example = {"exact_match": exact_matches(predictions, targets)}
+        text, per_example = answer_metrics(predictions, targets, [row["options"] for row in rows])
         if rows[0]["options"]:
             per_example["option_accuracy"] = [float(row["options"][r["choice"]] == t)
                                               for row, r, t in zip(rows, mine, targets, strict=True)]
@@ -127,14 +127,28 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
         report = {"base": base, "adapter": adapter, "task": task.name, "seed": seed, "n": len(examples),
                   "max_new_tokens": max_new_tokens, "majority_rate": majority_rate(targets),
                   **{name: float(np.mean(values)) for name, values in per_example.items()},
-                  **answer_spread(predictions, targets), "per_example": per_example}
-        if rows[0]["options"]:
-            report["answered_share"] = float(np.mean(answered(predictions, [row["options"] for row in rows])))
+                  **text, "per_example": per_example}
         report["examples"] = [{"input": e["input"], "target": t, "prediction": p, "extracted": extract_answer(p)}
                               for e, t, p in list(zip(examples, targets, predictions))[:5]]
         report["predictions"] = predictions  # every one, in example order: to read why a row misses
         reports[name] = report
     return reports
+
+
+def answer_metrics(predictions: list[str], targets: list[str], options: list[list[str]]) -> tuple[dict, dict]:
+    """What is read off the predictions' text: exact match (also per example), the spread of answers and,
+    where examples have options, the share answered. Recomputed from a cached report's predictions
+    (``cached_evaluation``), so a fix to how answers are read needs no new generation."""
+    per_example = exact_matches(predictions, targets)
+    fields = {"exact_match": float(np.mean(per_example)), **answer_spread(predictions, targets)}
+    if any(options):
+        fields["answered_share"] = float(np.mean(answered(predictions, options)))
+    return fields, {"exact_match": per_example}
+
+
+def _reread(report: dict, targets: list[str], options: list[list[str]]) -> dict:
+    fields, per_example = answer_metrics(report["predictions"], targets, options)
+    return {**report, **fields, "per_example": {**report["per_example"], **per_example}}
 
 
 def evaluate(base: str, adapter: str | None, task_spec: str, seed: int = 0, n_test: int = 100,
@@ -160,7 +174,9 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
 
     Kept per variant in ``path``: a variant is evaluated again only when its adapter's weights changed
     (or the base, the engine or the eval settings did), so adding a method to a compare or an adapter to
-    a zoo evaluates that one alone. Variants of earlier calls stay in the file for later ones."""
+    a zoo evaluates that one alone. Variants of earlier calls stay in the file for later ones. A kept
+    report's answers are read again from its predictions (``answer_metrics``), so its exact match, spread
+    and share answered follow the metrics of the code that reads them."""
     import time
 
     from titok.layout import adapter_digest
@@ -185,6 +201,14 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
         for name, report in fresh.items():
             report["eval_seconds"] = round(time.perf_counter() - started, 1)  # the pass that evaluated it
             known[name] = (digests[name], report)
+    cached_names = [name for name in variants if name not in missing]
+    if cached_names:  # answers re-read with today's metrics from the kept predictions (no generation)
+        held_out = load_task(task, seed=split_seed, n_test=settings.examples)
+        targets = [e["target"] for e in held_out.test_examples]
+        options = [e.get("options") or held_out.answer_set or [] for e in held_out.test_examples]
+        for name in cached_names:
+            known[name] = (known[name][0], _reread(known[name][1], targets, options))
+    if missing or cached_names:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"key": shared | {"variants": {n: d for n, (d, _) in known.items()}},
                                        "reports": {n: r for n, (_, r) in known.items()}}, indent=2))
