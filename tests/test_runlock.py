@@ -10,7 +10,8 @@ import pytest
 
 from titok.runstate import RunDir, RunInUse
 
-HOLD = ("import sys, time\nfrom titok.runstate import RunDir\nrun = RunDir(sys.argv[1])\nrun.claim()\n"
+# as compare, zoo and transplant claim: the RunDir is dropped at once, and the claim must outlive it
+HOLD = ("import gc, sys, time\nfrom titok.runstate import RunDir\nRunDir(sys.argv[1]).claim()\ngc.collect()\n"
         "print('held', flush=True)\ntime.sleep(120)\n")
 
 

@@ -74,6 +74,12 @@ def _read_json(path: Path) -> dict:
 RUN_LOCK = ".titok.lock"
 
 
+# The locks this process holds. filelock frees a lock when its object is collected, and compare, zoo
+# and transplant each claim through a RunDir they drop at once: held here, a claim lasts until the
+# process ends (then the kernel frees it, however the process ends).
+_HELD: dict[Path, Any] = {}
+
+
 class RunInUse(RuntimeError):
     """Another titok process holds this run directory."""
 
@@ -112,12 +118,10 @@ class RunDir:
                       "taking it over", file=sys.stderr, flush=True)
             write_atomic(holder_file, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
-            self._lock = lock  # held while this RunDir lives (a run); the process's end frees it in any case
+            _HELD[self.root] = lock  # held for the process's life: callers drop their RunDir at once
             import atexit
 
             atexit.register(holder_file.unlink, missing_ok=True)
-        else:
-            self._lock = lock
         manifest = self.root / RUN_MANIFEST
         if not manifest.is_file():
             write_atomic(manifest, json.dumps({"tool": "titok", "created": time.time()}))
