@@ -157,3 +157,31 @@ def test_a_stop_leaves_work_running_in_threads_without_waiting_for_it():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 128 + signal.SIGINT, result.stderr[-2000:]
     assert float(result.stdout) < 5
+
+
+def test_a_second_stop_exits_at_once_in_one_line_and_is_not_blamed_on_ray():
+    """A person's second Ctrl-C during a slow cleanup: exit 130 at once, one line that says so, and the
+    supervising ``titok`` parent told Python chose the exit (it said "Ray ended the run's process")."""
+    script = (
+        "import time\n"
+        "from titok import signals\n"
+        "signals.install()\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "except signals.Stopped:\n"
+        "    time.sleep(60)\n"  # a cleanup that takes long
+    )
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, TITOK_SUPERVISOR_FD=str(write_end)), pass_fds=(write_end,))
+    os.close(write_end)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # later than a copy of the first stop
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("titok: stopped at once on a second SIGINT, without cleanup")
+    assert os.read(read_end, 1) == b"1"
+    os.close(read_end)

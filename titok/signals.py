@@ -54,9 +54,22 @@ def _handle(signum, frame) -> None:
     if _stopping:
         if time.monotonic() - _first_at < _SAME_STOP_S:
             return  # another copy of the stop in progress
-        os._exit(128 + signum)  # asked twice: no more cleanup
+        _exit_now(signum)  # asked twice: no more cleanup
     _stopping, _received, _first_at = True, signum, time.monotonic()
     raise Stopped(signum)
+
+
+def _exit_now(signum: int) -> None:
+    """Exit without cleanup, in one line; the ``titok`` parent is told Python chose this exit, so it does
+    not report the run's process as ended by Ray."""
+    import sys
+
+    from titok import supervise
+
+    print(f"titok: stopped at once on a second {signal.Signals(signum).name}, without cleanup (a local Ray may "
+          f"take a few seconds to go); {supervise.RESUMES}", file=sys.stderr, flush=True)
+    supervise.python_finished()
+    os._exit(128 + signum)
 
 
 _installed = False
