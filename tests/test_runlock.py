@@ -59,3 +59,24 @@ def test_a_transplant_on_a_held_run_dir_stops_at_once_naming_the_holder(tiny_mod
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # no stage started
     finally:
         holder.kill()
+
+
+def test_a_claim_waits_for_a_holder_that_is_exiting(tmp_path, monkeypatch):
+    """A job resubmitted right after ``kill -9`` of the last one: the killed holder's lock goes only once
+    the kernel has freed its memory. A holder of this host that is gone or exiting is waited for (here
+    the holder file names a finished process while the lock goes 2 s later); a live one is refused."""
+    import json
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.replace("time.sleep(120)", "time.sleep(2)"), str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunInUse):  # alive and not exiting: refused at once
+        RunDir(tmp_path / "run").claim()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder_file = tmp_path / "run" / ".titok.lock.json"
+    holder_file.write_text(json.dumps({**json.loads(holder_file.read_text()), "pid": int(finished.stdout)}))
+    started = time.monotonic()
+    RunDir(tmp_path / "run").claim()
+    assert 0.5 < time.monotonic() - started < 30
+    holder.wait(timeout=30)

@@ -80,6 +80,20 @@ RUN_LOCK = ".titok.lock"
 _HELD: dict[Path, Any] = {}
 
 
+_EXITING_HOLDER_S = 60.0  # how long a claim waits for an exiting holder's kernel to free its lock
+
+
+def _exiting(pid) -> bool:
+    """Whether process ``pid`` of this host is gone or ending: a zombie, or flagged as exiting
+    (``PF_EXITING``) while the kernel frees a large process's memory, which comes before its files and
+    so its lock: a job resubmitted right after ``kill -9`` of the last one waits for that, not refused."""
+    try:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError, ValueError):
+        return True
+    return fields[0] in "ZXx" or bool(int(fields[6]) & 0x4)
+
+
 class RunInUse(RuntimeError):
     """Another titok process holds this run directory."""
 
@@ -107,10 +121,15 @@ class RunDir:
                 lock.acquire(timeout=0)
             except Timeout:
                 holder = _read_json(holder_file)
-                raise RunInUse(
-                    f"{self.root} is in use by another titok run (host {holder.get('host', '?')}, pid "
-                    f"{holder.get('pid', '?')}, since {holder.get('started', '?')}); a run dir holds one run at a "
-                    "time: wait for it, stop it, or give another run_dir") from None
+                try:  # a holder of this host that is exiting (killed, its memory being freed) lets go soon
+                    if holder.get("host") != socket.gethostname() or not _exiting(holder.get("pid")):
+                        raise Timeout(str(self.root / RUN_LOCK))
+                    lock.acquire(timeout=_EXITING_HOLDER_S)
+                except Timeout:
+                    raise RunInUse(
+                        f"{self.root} is in use by another titok run (host {holder.get('host', '?')}, pid "
+                        f"{holder.get('pid', '?')}, since {holder.get('started', '?')}); a run dir holds one run at "
+                        "a time: wait for it, stop it, or give another run_dir") from None
             previous = _read_json(holder_file)
             if previous and previous.get("pid") != os.getpid():
                 print(f"warning: {self.root} was held by a titok run that ended without letting go (host "
