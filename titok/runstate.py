@@ -121,15 +121,16 @@ class RunDir:
                 lock.acquire(timeout=0)
             except Timeout:
                 holder = _read_json(holder_file)
+                in_use = RunInUse(
+                    f"{self.root} is in use by another titok run (host {holder.get('host', '?')}, pid "
+                    f"{holder.get('pid', '?')}, since {holder.get('started', '?')}); a run dir holds one run at "
+                    "a time: wait for it, stop it, or give another run_dir")
+                if holder.get("host") != socket.gethostname() or not _exiting(holder.get("pid")):
+                    raise in_use from None
                 try:  # a holder of this host that is exiting (killed, its memory being freed) lets go soon
-                    if holder.get("host") != socket.gethostname() or not _exiting(holder.get("pid")):
-                        raise Timeout(str(self.root / RUN_LOCK))
                     lock.acquire(timeout=_EXITING_HOLDER_S)
                 except Timeout:
-                    raise RunInUse(
-                        f"{self.root} is in use by another titok run (host {holder.get('host', '?')}, pid "
-                        f"{holder.get('pid', '?')}, since {holder.get('started', '?')}); a run dir holds one run at "
-                        "a time: wait for it, stop it, or give another run_dir") from None
+                    raise in_use from None
             previous = _read_json(holder_file)
             if previous and previous.get("pid") != os.getpid():
                 print(f"warning: {self.root} was held by a titok run that ended without letting go (host "
