@@ -61,7 +61,7 @@ def test_a_transplant_on_a_held_run_dir_stops_at_once_naming_the_holder(tiny_mod
         holder.kill()
 
 
-def test_a_claim_waits_for_a_holder_that_is_exiting(tmp_path, monkeypatch):
+def test_a_claim_waits_for_a_holder_that_is_exiting(tmp_path):
     """A job resubmitted right after ``kill -9`` of the last one: the killed holder's lock goes only once
     the kernel has freed its memory. A holder of this host that is gone or exiting is waited for (here
     the holder file names a finished process while the lock goes 2 s later); a live one is refused."""

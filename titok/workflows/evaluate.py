@@ -87,6 +87,14 @@ def answer_budget(base: str, examples: list[dict]) -> int:
     return int(1.25 * longest) + 8
 
 
+def _held_out(task_spec: str, seed: int, n_test: int):
+    """The task, the held-out examples an evaluation scores, their targets and each one's options (a
+    closed answer set is every example's options)."""
+    task = load_task(task_spec, seed=seed, n_test=n_test)
+    examples = task.test_examples
+    return task, examples, [e["target"] for e in examples], [e.get("options") or task.answer_set or [] for e in examples]
+
+
 def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str, seed: int = 0, n_test: int = 100,
                       dtype: str = "auto", max_new_tokens: int | None = None, batch_size: int = 16,
                       actors: int = 1, cpus_per_actor: int = 1, gpus_per_actor: float = 0.0,
@@ -100,11 +108,9 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
     if not variants:
         raise ValueError("no variants to evaluate")
     init_ray()
-    task = load_task(task_spec, seed=seed, n_test=n_test)
-    examples = task.test_examples
+    task, examples, targets, options = _held_out(task_spec, seed, n_test)
     max_new_tokens = max_new_tokens or answer_budget(base, examples)
-    rows = [{"index": i, "query": e["input"], "options": e.get("options") or task.answer_set or []}
-            for i, e in enumerate(examples)]
+    rows = [{"index": i, "query": e["input"], "options": o} for i, (e, o) in enumerate(zip(examples, options))]
     out = ray.data.from_items(rows).map_batches(
         EvaluateBatch, fn_constructor_kwargs={"base": base, "variants": variants, "max_new_tokens": max_new_tokens,
                                               "engine": engine or {"name": DEFAULT_ENGINE, "dtype": dtype,
@@ -112,13 +118,12 @@ def evaluate_variants(base: str, variants: dict[str, str | None], task_spec: str
                                               "threads": cpus_per_actor},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
     ).take_all()
-    targets = [e["target"] for e in examples]
     reports = {}
     for name, adapter in variants.items():
         mine = sorted((r for r in out if r["variant"] == name), key=lambda r: r["index"])
         predictions = [r["prediction"] for r in mine]
         # per example too (the same examples for every variant): compare's intervals and paired tests
-        text, per_example = answer_metrics(predictions, targets, [row["options"] for row in rows])
+        text, per_example = answer_metrics(predictions, targets, options)
         if rows[0]["options"]:
             per_example["option_accuracy"] = [float(row["options"][r["choice"]] == t)
                                               for row, r, t in zip(rows, mine, targets, strict=True)]
@@ -202,13 +207,14 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
             report["eval_seconds"] = round(time.perf_counter() - started, 1)  # the pass that evaluated it
             known[name] = (digests[name], report)
     cached_names = [name for name in variants if name not in missing]
+    changed = bool(missing)
     if cached_names:  # answers re-read with today's metrics from the kept predictions (no generation)
-        held_out = load_task(task, seed=split_seed, n_test=settings.examples)
-        targets = [e["target"] for e in held_out.test_examples]
-        options = [e.get("options") or held_out.answer_set or [] for e in held_out.test_examples]
+        _, _, targets, options = _held_out(task, split_seed, settings.examples)
         for name in cached_names:
-            known[name] = (known[name][0], _reread(known[name][1], targets, options))
-    if missing or cached_names:
+            digest, report = known[name]
+            known[name] = (digest, _reread(report, targets, options))
+            changed = changed or known[name][1] != report
+    if changed:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"key": shared | {"variants": {n: d for n, (d, _) in known.items()}},
                                        "reports": {n: r for n, (_, r) in known.items()}}, indent=2))
