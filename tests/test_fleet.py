@@ -61,8 +61,8 @@ def _kill_after_first_batch(fleet: EngineFleet, engine: int):
     pid = ray.get(fleet.actors[engine].__ray_call__.remote(lambda actor: os.getpid()))
     calls = []
 
-    def on_batch(n):
-        calls.append(n)
+    def on_batch(result):
+        calls.append(result)
         if len(calls) == 1:
             os.kill(pid, signal.SIGKILL)
     return on_batch

@@ -2,6 +2,7 @@
 and one line, leave no process of the local Ray it started, keep every finished stage and mark none
 that did not finish. A dead raylet and a killed driver end in one line too."""
 
+import json
 import os
 import shutil
 import signal
@@ -85,6 +86,41 @@ def test_a_signal_stops_the_run_at_once(tiny_model_dirs, tmp_path, ray_tmp, sign
     assert not (run / stage / "_COMPLETE.json").exists() and not (run / "scores" / "_COMPLETE.json").exists()
     if stage == "labels":
         assert (run / "queries" / "_COMPLETE.json").exists()  # finished before the signal: kept
+
+@pytest.mark.slow
+def test_a_stop_inside_a_query_round_keeps_the_batches_back_and_the_rerun_writes_only_the_rest(
+        tiny_model_dirs, tmp_path, ray_tmp):
+    """A query round on a real model is an hour: Ctrl-C in it keeps every engine batch already back
+    (``queries.progress.json``), and the same command sends the engines only the round's other prompts."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TITOK_VERBOSE")} | {"RAY_TMPDIR": ray_tmp}
+    path = tmp_path / "round.yaml"
+    config = _config(tiny_model_dirs, tmp_path / "round")
+    config["engine"]["batch_size"] = 1  # a round of many batches, to stop between them
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "titok.cli", "transplant", "--config", str(path), "--until", "queries"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    progress_file = tmp_path / "round" / "queries.progress.json"
+    deadline = time.time() + 600
+    while process.poll() is None and time.time() < deadline:
+        if progress_file.exists() and (json.loads(progress_file.read_text()).get("round_written") or {}).get("queries"):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err[-3000:]
+    stopped = json.loads(progress_file.read_text())["round_written"]
+    assert stopped["round"] == 0 and 0 < len(stopped["queries"]) < stopped["prompts"], stopped
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from titok.runstate import RunDir
+
+    (event,) = [e for e in RunDir(tmp_path / "round").events() if e["event"] == "queries_resumed"]
+    assert (event["round"], event["prompts"], event["kept_from_stop"]) == (1, stopped["prompts"], len(stopped["queries"]))
+    assert event["sent"] == stopped["prompts"] - len(stopped["queries"])
+    done = json.loads(progress_file.read_text())
+    assert done["round_written"] is None and done["written"] >= stopped["prompts"]
+
 
 @pytest.mark.slow
 def test_a_dead_raylet_ends_the_run_in_one_line_that_says_it_resumes(tiny_model_dirs, tmp_path, ray_tmp):

@@ -169,7 +169,8 @@ class EngineFleet:
     def map(self, rows: pa.Table, operation: str, params: dict | None = None, on_batch=None):
         """``rows`` through ``operation`` on whichever engine is free (``plan_batches``); the result keeps
         the rows' order (a tuple of tables for an operation that gives several). Each batch back counts
-        on the running stage's progress line, or goes to ``on_batch(rows)``."""
+        on the running stage's progress line, or goes to ``on_batch(result)`` (that batch's result, as
+        it comes back: a stage that keeps batches as they come loses none to a stop)."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -182,7 +183,6 @@ class EngineFleet:
         bar = progress.current() if on_batch is None else None
         if bar is not None:
             bar.start(rows.num_rows)
-            on_batch = bar.update
         todo = list(range(len(plan)))  # batch indices not yet done, in plan order
         done: dict[int, object] = {}
         running: dict = {}  # ref -> ("batch", engine, batch index) | ("probe", engine, None)
@@ -230,8 +230,10 @@ class EngineFleet:
                 continue
             if kind == "batch":
                 done[i] = out
+                if bar is not None:
+                    bar.update(plan[i][1])
                 if on_batch is not None:
-                    on_batch(plan[i][1])
+                    on_batch(out)
             free.append(engine)  # free again, or back from a restart (its model_load says restarted)
         results = [done[i] for i in range(len(plan))]
         if isinstance(results[0], tuple):

@@ -3,9 +3,12 @@ shape (``queries.on_task``, ``titok.core.synthetic_queries.QueryShape``) and fil
 
 Both run on the driver over the whole pool (every engine's output), the ROUGE-L filter against the
 seeds too; rejections are counted by reason (``queries.progress.json``, the ``queries_checked``
-event, compare's report). The pool is saved after every round (``queries.progress.json``), so a run that stops
-early (out of rounds, killed) keeps what it wrote: rerun, with more ``queries.max_rounds`` if need
-be, and it goes on from there. Every round goes through the same engines.
+event, compare's report). Each engine batch's queries are saved as they come back, and the checked pool
+after every round (both in ``queries.progress.json``), so a run that stops early (out of rounds,
+killed, Ctrl-C) keeps what it wrote: rerun, with more ``queries.max_rounds`` if need be, and it goes
+on from there, writing only the queries of the round that it lacks. A round's checks run once it is
+whole, in query order, so where a stop falls does not change which queries are kept. Every round goes
+through the same engines.
 """
 
 from __future__ import annotations
@@ -67,32 +70,44 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
     for round_index in range(progress["rounds"], cfg.queries.max_rounds):
         if len(diversity.kept) >= cfg.pool_size:
             break
-        rng = random.Random(f"{cfg.seed}:{round_index}")
-        missing = cfg.pool_size - len(diversity.kept)
-        # at least one full batch per engine, so none idles
-        n_prompts = max(int(np.ceil(missing * cfg.queries.oversample)), cfg.engine.batch_size * cfg.engine.actors)
         written = progress["written"]
+        stopped = progress.get("round_written") or {}
+        if stopped.get("round") == round_index:  # a stop inside this round: its batches back are kept
+            n_prompts, answered = stopped["prompts"], {int(i): q for i, q in stopped["queries"]}
+        else:  # at least one full batch per engine, so none idles
+            missing = cfg.pool_size - len(diversity.kept)
+            n_prompts = max(int(np.ceil(missing * cfg.queries.oversample)), cfg.engine.batch_size * cfg.engine.actors)
+            answered = {}
+        rng = random.Random(f"{cfg.seed}:{round_index}")
         prompts = pa.table({C.SAMPLE_ID: np.arange(written, written + n_prompts, dtype=np.int64),
                             C.MESSAGE: [build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng) for _ in range(n_prompts)]})
-        sent = [written]
+        if answered:
+            prompts = prompts.filter(pa.array([i not in answered for i in prompts.column(C.SAMPLE_ID).to_pylist()]))
+            run.log_event(event="queries_resumed", stage="queries", round=round_index + 1, prompts=n_prompts,
+                          kept_from_stop=len(answered), sent=prompts.num_rows)
 
-        def count_written(n: int, round_number: int = round_index + 1) -> None:
-            sent[0] += n
+        def keep_batch(result, round_index: int = round_index, n_prompts: int = n_prompts, written: int = written,
+                       answered: dict = answered) -> None:
+            """Save each batch's queries as it comes back: a stop loses only the batches in flight."""
+            answered.update(zip(result.column(C.SAMPLE_ID).to_pylist(), result.column(C.QUERY).to_pylist()))
+            progress["round_written"] = {"round": round_index, "prompts": n_prompts, "queries": sorted(answered.items())}
+            write_atomic(progress_path, json.dumps(progress))
             if bar:
-                bar.update(0, round=round_number, written=sent[0])
+                bar.update(0, round=round_index + 1, written=written + len(answered))
 
-        generated = engines().map(prompts, "queries", params, on_batch=count_written).to_pylist()
-        for row in sorted(generated, key=lambda r: r[C.SAMPLE_ID]):
+        if prompts.num_rows:
+            engines().map(prompts, "queries", params, on_batch=keep_batch)
+        for query in (answered[i] for i in sorted(answered)):
             if len(diversity.kept) < cfg.pool_size:
-                why = shape.problem(row[C.QUERY]) if shape and row[C.QUERY].strip() else None
-                if why is None and not diversity.offer(row[C.QUERY]):
-                    why = "empty" if not row[C.QUERY].strip() else f"ROUGE-L >= {cfg.queries.rouge_l_max} to a kept query"
+                why = shape.problem(query) if shape and query.strip() else None
+                if why is None and not diversity.offer(query):
+                    why = "empty" if not query.strip() else f"ROUGE-L >= {cfg.queries.rouge_l_max} to a kept query"
                 if why:
                     rejected[why] += 1
                     if len(examples.setdefault(why, [])) < REJECTED_EXAMPLES:
-                        examples[why].append(row[C.QUERY])
+                        examples[why].append(query)
         progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1, rejected=dict(rejected),
-                        rejected_examples=examples)
+                        rejected_examples=examples, round_written=None)
         write_atomic(progress_path, json.dumps(progress))
         if bar:
             bar.set(len(diversity.kept), round=round_index + 1, written=progress["written"])
