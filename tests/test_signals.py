@@ -102,24 +102,28 @@ def test_a_stop_inside_a_query_round_keeps_the_batches_back_and_the_rerun_writes
     progress_file = tmp_path / "round" / "queries.progress.json"
     deadline = time.time() + 600
     while process.poll() is None and time.time() < deadline:
-        if progress_file.exists() and (json.loads(progress_file.read_text()).get("round_written") or {}).get("queries"):
+        if progress_file.exists() and (json.loads(progress_file.read_text()).get("round_written") or {}).get("checked"):
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, err[-3000:]
-    stopped = json.loads(progress_file.read_text())["round_written"]
-    assert stopped["round"] == 0 and 0 < len(stopped["queries"]) < stopped["prompts"], stopped
+    at_stop = json.loads(progress_file.read_text())
+    stopped = at_stop["round_written"]
+    back = stopped["checked"] + len(stopped["waiting"])
+    assert stopped["round"] == 0 and 0 < back < stopped["prompts"], stopped
+    assert len(at_stop["kept"]) + sum(at_stop["rejected"].values()) == stopped["checked"]  # counted as they came
 
     resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     from titok.runstate import RunDir
 
     (event,) = [e for e in RunDir(tmp_path / "round").events() if e["event"] == "queries_resumed"]
-    assert (event["round"], event["prompts"], event["kept_from_stop"]) == (1, stopped["prompts"], len(stopped["queries"]))
-    assert event["sent"] == stopped["prompts"] - len(stopped["queries"])
+    assert (event["round"], event["prompts"], event["kept_from_stop"]) == (1, stopped["prompts"], back)
+    assert event["sent"] == stopped["prompts"] - back
     done = json.loads(progress_file.read_text())
     assert done["round_written"] is None and done["written"] >= stopped["prompts"]
+    assert done["kept"][:len(at_stop["kept"])] == at_stop["kept"]  # what was kept at the stop stays, first
 
 
 @pytest.mark.slow

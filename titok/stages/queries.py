@@ -3,11 +3,12 @@ shape (``queries.on_task``, ``titok.core.synthetic_queries.QueryShape``) and fil
 
 Both run on the driver over the whole pool (every engine's output), the ROUGE-L filter against the
 seeds too; rejections are counted by reason (``queries.progress.json``, the ``queries_checked``
-event, compare's report). Each engine batch's queries are saved as they come back, and the checked pool
-after every round (both in ``queries.progress.json``), so a run that stops early (out of rounds,
-killed, Ctrl-C) keeps what it wrote: rerun, with more ``queries.max_rounds`` if need be, and it goes
-on from there, writing only the queries of the round that it lacks. A round's checks run once it is
-whole, in query order, so where a stop falls does not change which queries are kept. Every round goes
+event, compare's report). Each engine batch is checked and saved as it comes back
+(``queries.progress.json``), so the progress line counts kept queries as they come and a run that
+stops early (out of rounds, killed, Ctrl-C) keeps what it wrote: rerun, with more
+``queries.max_rounds`` if need be, and it goes on from there, writing only the queries of the round
+that it lacks. Checks run in query order (a batch back before an earlier one waits for it), so where a
+stop falls, or which engine finishes first, does not change which queries are kept. Every round goes
 through the same engines.
 """
 
@@ -67,45 +68,59 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
     if bar:
         bar.start(cfg.pool_size, "queries")
         bar.set(len(diversity.kept))
+
+    def check(query: str) -> None:
+        """One query through the shape and diversity checks (in query order: the ROUGE filter keeps the first
+        of two near-duplicates); none once the pool is full."""
+        if len(diversity.kept) >= cfg.pool_size:
+            return
+        why = shape.problem(query) if shape and query.strip() else None
+        if why is None and not diversity.offer(query):
+            why = "empty" if not query.strip() else f"ROUGE-L >= {cfg.queries.rouge_l_max} to a kept query"
+        if why:
+            rejected[why] += 1
+            if len(examples.setdefault(why, [])) < REJECTED_EXAMPLES:
+                examples[why].append(query)
+
     for round_index in range(progress["rounds"], cfg.queries.max_rounds):
         if len(diversity.kept) >= cfg.pool_size:
             break
         written = progress["written"]
         stopped = progress.get("round_written") or {}
-        if stopped.get("round") == round_index:  # a stop inside this round: its batches back are kept
-            n_prompts, answered = stopped["prompts"], {int(i): q for i, q in stopped["queries"]}
+        if stopped.get("round") == round_index:  # a stop inside this round: what was back is checked or waiting
+            n_prompts, checked = stopped["prompts"], stopped["checked"]
+            waiting = {int(i): q for i, q in stopped["waiting"]}
         else:  # at least one full batch per engine, so none idles
             missing = cfg.pool_size - len(diversity.kept)
             n_prompts = max(int(np.ceil(missing * cfg.queries.oversample)), cfg.engine.batch_size * cfg.engine.actors)
-            answered = {}
+            checked, waiting = 0, {}
         rng = random.Random(f"{cfg.seed}:{round_index}")
         prompts = pa.table({C.SAMPLE_ID: np.arange(written, written + n_prompts, dtype=np.int64),
                             C.MESSAGE: [build_query_prompt(task.seed_examples, cfg.queries.few_shot, rng) for _ in range(n_prompts)]})
-        if answered:
-            prompts = prompts.filter(pa.array([i not in answered for i in prompts.column(C.SAMPLE_ID).to_pylist()]))
+        if checked or waiting:
+            prompts = prompts.slice(checked)
+            prompts = prompts.filter(pa.array([i not in waiting for i in prompts.column(C.SAMPLE_ID).to_pylist()]))
             run.log_event(event="queries_resumed", stage="queries", round=round_index + 1, prompts=n_prompts,
-                          kept_from_stop=len(answered), sent=prompts.num_rows)
+                          kept_from_stop=checked + len(waiting), sent=prompts.num_rows)
+        state = {"round": round_index, "prompts": n_prompts, "checked": checked, "waiting": waiting}
 
-        def keep_batch(result, round_index: int = round_index, n_prompts: int = n_prompts, written: int = written,
-                       answered: dict = answered) -> None:
-            """Save each batch's queries as it comes back: a stop loses only the batches in flight."""
-            answered.update(zip(result.column(C.SAMPLE_ID).to_pylist(), result.column(C.QUERY).to_pylist()))
-            progress["round_written"] = {"round": round_index, "prompts": n_prompts, "queries": sorted(answered.items())}
+        def keep_batch(result, state: dict = state, written: int = written) -> None:
+            """Check each batch's queries as they come back, in query order (a batch back before an earlier
+            one waits for it), and save: a stop loses only the batches in flight."""
+            state["waiting"].update(zip(result.column(C.SAMPLE_ID).to_pylist(), result.column(C.QUERY).to_pylist()))
+            while written + state["checked"] in state["waiting"]:
+                check(state["waiting"].pop(written + state["checked"]))
+                state["checked"] += 1
+            progress.update(kept=diversity.kept, rejected=dict(rejected), rejected_examples=examples,
+                            round_written=state | {"waiting": sorted(state["waiting"].items())})
             write_atomic(progress_path, json.dumps(progress))
             if bar:
-                bar.update(0, round=round_index + 1, written=written + len(answered))
+                bar.set(len(diversity.kept), round=state["round"] + 1,
+                        written=written + state["checked"] + len(state["waiting"]))
 
         if prompts.num_rows:
             engines().map(prompts, "queries", params, on_batch=keep_batch)
-        for query in (answered[i] for i in sorted(answered)):
-            if len(diversity.kept) < cfg.pool_size:
-                why = shape.problem(query) if shape and query.strip() else None
-                if why is None and not diversity.offer(query):
-                    why = "empty" if not query.strip() else f"ROUGE-L >= {cfg.queries.rouge_l_max} to a kept query"
-                if why:
-                    rejected[why] += 1
-                    if len(examples.setdefault(why, [])) < REJECTED_EXAMPLES:
-                        examples[why].append(query)
+        assert state["checked"] == n_prompts and not state["waiting"], state  # every batch back, so all checked
         progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1, rejected=dict(rejected),
                         rejected_examples=examples, round_written=None)
         write_atomic(progress_path, json.dumps(progress))
