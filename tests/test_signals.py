@@ -25,11 +25,13 @@ def _config(dirs: dict, run_dir: Path) -> dict:
             "train": {"workers": 2, "epochs": 2, "global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-3}}
 
 
-def _command(tmp_path: Path, dirs: dict, name: str, long_labels: bool = False):
+def _command(tmp_path: Path, dirs: dict, name: str, long_labels: bool = False, one_per_batch: bool = False):
     path = tmp_path / f"{name}.yaml"
     config = _config(dirs, tmp_path / name)
     if long_labels:  # a labels stage of seconds, not half of one, to stop in
         config["labels"]["max_new_tokens"], config["engine"]["batch_size"] = 96, 1
+    if one_per_batch:  # a query round of many engine batches, to stop between them
+        config["engine"]["batch_size"] = 1
     path.write_text(yaml.safe_dump(config))
     return [sys.executable, "-m", "titok.cli", "transplant", "--config", str(path)]
 
@@ -61,13 +63,22 @@ def ray_tmp():
 def test_a_signal_stops_the_run_at_once(tiny_model_dirs, tmp_path, ray_tmp, signum, stage):
     """Sent to the ``titok`` command, as a terminal's Ctrl-C or a ``kill`` would. Labels stream into the
     scores as they come, so a stop in labels is a stop in scores too. A stop in training, and the resume
-    to the adapter of an uninterrupted run, are in ``test_pipeline``."""
+    to the adapter of an uninterrupted run, are in ``test_pipeline``. A query round on a real model is an
+    hour: a stop inside one keeps every engine batch already back (``queries.progress.json``), and the same
+    command sends the engines only the round's other prompts."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TITOK_VERBOSE")} | {"RAY_TMPDIR": ray_tmp}
-    stopped = _command(tmp_path, tiny_model_dirs, "stopped", long_labels=stage == "labels")
+    stopped = _command(tmp_path, tiny_model_dirs, "stopped", long_labels=stage == "labels",
+                       one_per_batch=stage == "queries")
     process = subprocess.Popen(stopped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     started = tmp_path / "stopped" / stage / "_STARTED.json"
     _wait_for(started, process)
-    time.sleep(0.5)  # inside the stage: engine calls running
+    progress_file = tmp_path / "stopped" / "queries.progress.json"
+    if stage == "queries":  # inside the round: a batch checked, engine calls running
+        while process.poll() is None and not (progress_file.exists() and (
+                json.loads(progress_file.read_text()).get("round_written") or {}).get("checked")):
+            time.sleep(0.02)
+    else:
+        time.sleep(0.5)  # inside the stage: engine calls running
     sent = time.time()
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
@@ -86,45 +97,23 @@ def test_a_signal_stops_the_run_at_once(tiny_model_dirs, tmp_path, ray_tmp, sign
     assert not (run / stage / "_COMPLETE.json").exists() and not (run / "scores" / "_COMPLETE.json").exists()
     if stage == "labels":
         assert (run / "queries" / "_COMPLETE.json").exists()  # finished before the signal: kept
-
-@pytest.mark.slow
-def test_a_stop_inside_a_query_round_keeps_the_batches_back_and_the_rerun_writes_only_the_rest(
-        tiny_model_dirs, tmp_path, ray_tmp):
-    """A query round on a real model is an hour: Ctrl-C in it keeps every engine batch already back
-    (``queries.progress.json``), and the same command sends the engines only the round's other prompts."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TITOK_VERBOSE")} | {"RAY_TMPDIR": ray_tmp}
-    path = tmp_path / "round.yaml"
-    config = _config(tiny_model_dirs, tmp_path / "round")
-    config["engine"]["batch_size"] = 1  # a round of many batches, to stop between them
-    path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "titok.cli", "transplant", "--config", str(path), "--until", "queries"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    progress_file = tmp_path / "round" / "queries.progress.json"
-    deadline = time.time() + 600
-    while process.poll() is None and time.time() < deadline:
-        if progress_file.exists() and (json.loads(progress_file.read_text()).get("round_written") or {}).get("checked"):
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT, err[-3000:]
+        return
     at_stop = json.loads(progress_file.read_text())
-    stopped = at_stop["round_written"]
-    back = stopped["checked"] + len(stopped["waiting"])
-    assert stopped["round"] == 0 and 0 < back < stopped["prompts"], stopped
-    assert len(at_stop["kept"]) + sum(at_stop["rejected"].values()) == stopped["checked"]  # counted as they came
+    in_round = at_stop["round_written"]
+    back = in_round["checked"] + len(in_round["waiting"])
+    assert in_round["round"] == 0 and 0 < back < in_round["prompts"], in_round
+    assert len(at_stop["kept"]) + sum(at_stop["rejected"].values()) == in_round["checked"]  # counted as they came
 
-    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run([*stopped, "--until", "queries"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     from titok.runstate import RunDir
 
-    (event,) = [e for e in RunDir(tmp_path / "round").events() if e["event"] == "queries_resumed"]
-    assert (event["round"], event["prompts"], event["kept_from_stop"]) == (1, stopped["prompts"], back)
-    assert event["sent"] == stopped["prompts"] - back
+    (event,) = [e for e in RunDir(run).events() if e["event"] == "queries_resumed"]
+    assert (event["round"], event["prompts"], event["kept_from_stop"], event["sent"]) == (
+        1, in_round["prompts"], back, in_round["prompts"] - back)
     done = json.loads(progress_file.read_text())
-    assert done["round_written"] is None and done["written"] >= stopped["prompts"]
+    assert done["round_written"] is None and done["written"] >= in_round["prompts"]
     assert done["kept"][:len(at_stop["kept"])] == at_stop["kept"]  # what was kept at the stop stays, first
-
 
 @pytest.mark.slow
 def test_a_dead_raylet_ends_the_run_in_one_line_that_says_it_resumes(tiny_model_dirs, tmp_path, ray_tmp):
