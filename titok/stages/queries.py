@@ -7,8 +7,10 @@ event, compare's report). Each engine batch is checked and saved as it comes bac
 (``queries.progress.json``), so the progress line counts kept queries as they come and a run that
 stops early (out of rounds, killed, Ctrl-C) keeps what it wrote: rerun, with more
 ``queries.max_rounds`` if need be, and it goes on from there, writing only the queries of the round
-that it lacks. Checks run in query order (a batch back before an earlier one waits for it), so where a
-stop falls, or which engine finishes first, does not change which queries are kept. Every round goes
+that it lacks. Checks run in query order (a batch back before an earlier one waits for it), so which
+engine finishes first does not change which queries are kept. The prompts a stop left unanswered are
+sampled afresh on the rerun (a batch's sampling seed follows its first row, and the rerun cuts them
+into batches anew), so a stopped pool equals an uninterrupted one up to the stop. Every round goes
 through the same engines.
 """
 
