@@ -316,6 +316,31 @@ def test_baselines_and_target_aware_selection_reuse_the_scored_data(tiny_model_d
     assert any(not torch.equal(kd_weights[name], uld_weights[name]) for name in kd_weights)
 
 
+@pytest.mark.slow
+def test_a_stage_run_again_with_other_settings_says_which(tiny_model_dirs, tmp_path, local_ray, uninterrupted, capfd):
+    """An hour-long stage about to run again says why, in the config's own names: the settings that
+    changed since it completed (a marker from before settings were kept says it cannot tell)."""
+    from titok.layout import share_stages
+
+    share_stages(uninterrupted["run_dir"], tmp_path / "run")  # queries, labels, scores: no engine work here
+    transplant(tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.k=0.7"), until="filter")
+    capfd.readouterr()
+    transplant(tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.k=0.5"), until="filter")
+    said = capfd.readouterr().err
+    assert "[filter] recomputing it: changed since it completed: filter.k 0.7 -> 0.5\n" in said, said
+    assert "[scores] recomputing" not in said  # reused, not run again
+    (event,) = [e for e in RunDir(tmp_path / "run").events() if e["event"] == "stage_settings_changed"]
+    assert event["stage"] == "filter" and event["change"].endswith("filter.k 0.7 -> 0.5")
+
+    marker = tmp_path / "run" / "filter" / "_COMPLETE.json"
+    record = json.loads(marker.read_text())
+    del record["settings"]  # as a titok that kept no settings wrote it
+    marker.write_text(json.dumps(record))
+    transplant(tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.k=0.6"), until="filter")
+    assert "[filter] recomputing it: its settings changed (the run that completed it kept no record of which)" in \
+        capfd.readouterr().err
+
+
 def test_a_restarted_stage_keeps_only_what_it_can_resume_from(tmp_path):
     run = RunDir(tmp_path)
     path = run.start("train", "fp1", resumable=("ray",))

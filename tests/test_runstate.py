@@ -55,3 +55,23 @@ def test_runs_from_before_per_process_files_still_read(tmp_path):
     (tmp_path / "events.jsonl").write_text('{"time": 2.0, "event": "old"}\n')
     RunDir(tmp_path).log_event(event="new")
     assert [e["event"] for e in RunDir(tmp_path).events()] == ["old", "new"]
+
+
+def test_a_stage_run_again_says_which_settings_changed():
+    from titok.runstate import settings_change
+
+    before = {"upstream": "u1", "fields": {"train": {"lr": 0.001, "epochs": 2, "lora": {"r": 8}}}}
+    assert settings_change(before, {"upstream": "u1", "fields": {"train": {"lr": 0.003, "epochs": 2, "lora": {"r": 16}}}}) == \
+        "changed since it completed: train.lr 0.001 -> 0.003; train.lora.r 8 -> 16"
+    # a field a newer titok added (an upgrade reruns the stage: say so, with the value it now has)
+    assert settings_change(before, {"upstream": "u1", "fields": {"train": {"lr": 0.001, "epochs": 2, "lora": {"r": 8},
+                                                                           "warmup": "linear"}}}) == \
+        'changed since it completed: train.warmup added ("linear")'
+    assert settings_change(before, {"upstream": "u1", "fields": {"train": {"lr": 0.001, "lora": {"r": 8}}}}) == \
+        "changed since it completed: train.epochs removed (was 2)"
+    assert settings_change(before, {"upstream": "u2", "fields": before["fields"]}) == \
+        "an earlier stage's output it was made from changed"
+    assert settings_change(None, before) == "its settings changed (the run that completed it kept no record of which)"
+    many = {"upstream": "u1", "fields": {f"f{i}": i for i in range(6)}}
+    assert settings_change(many, {"upstream": "u1", "fields": {f"f{i}": i + 1 for i in range(6)}}).endswith(
+        "f3 3 -> 4; and 2 more")

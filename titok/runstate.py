@@ -2,7 +2,9 @@
 
 A stage is complete when ``<run_dir>/<stage>/_COMPLETE.json`` exists and its fingerprint (a hash of
 the config fields that shaped the stage and of the upstream fingerprint) matches. A rerun of the
-same config skips complete stages; a changed field reruns its stage and everything after it.
+same config skips complete stages; a changed field reruns its stage and everything after it, and says
+which fields changed (the marker keeps the settings it was made with: a hash alone cannot say why an
+hour-long stage is about to run again).
 
 The event log records every model load (stage, node, pid), so a test or a person can see what work
 a run really did. On a cluster some 32 processes on several nodes write it on shared storage, where
@@ -25,7 +27,7 @@ from typing import Any
 
 __all__ = ["ADAPTER_CARD", "ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "COMPLETE", "EVENTS_DIR", "LEGACY_EVENTS",
            "MODEL_CARD", "RUN_CONFIG", "RUN_LOCK", "RUN_MANIFEST", "STARTED", "RunDir", "RunInUse", "dataset_of",
-           "read_events", "run_stage", "write_atomic"]
+           "read_events", "run_stage", "settings_change", "write_atomic"]
 
 # The names in a run folder, here and nowhere else (every module that reads or writes one imports them)
 RUN_MANIFEST = ".titok-run.json"  # marks a folder as a titok run (titok only clears its own folders)
@@ -190,6 +192,11 @@ class RunDir:
         write_atomic(started, json.dumps({"fingerprint": fingerprint, "started": time.time()}))
         return path
 
+    def completed_record(self, stage: str) -> dict:
+        """The completion marker of ``stage`` as written (any fingerprint; empty when there is none)."""
+        marker = self.stage_dir(stage) / COMPLETE
+        return _read_json(marker) if marker.is_file() else {}
+
     def complete(self, stage: str, fingerprint: str, **summary: Any) -> None:
         """Write the completion marker last, with a digest of the stage's outputs (checked on reuse)."""
         record = {"fingerprint": fingerprint, "finished": time.time(),
@@ -197,7 +204,11 @@ class RunDir:
         write_atomic(self.stage_dir(stage) / COMPLETE, json.dumps(record, indent=2, default=str))
 
     def summary(self, stage: str) -> dict:
-        return json.loads((self.stage_dir(stage) / COMPLETE).read_text())
+        """What a complete stage recorded of itself (rows, seconds, metrics), less the settings it was
+        made with (kept only to say what changed when it runs again)."""
+        record = json.loads((self.stage_dir(stage) / COMPLETE).read_text())
+        record.pop("settings", None)
+        return record
 
     def log_event(self, **event: Any) -> None:
         """Append one JSON line to this process's own event file (one writer per file, one write per line)."""
@@ -244,8 +255,34 @@ def read_events(root: str | Path) -> list[dict]:
     return sorted(events, key=lambda e: e.get("time", 0.0) if isinstance(e.get("time"), (int, float)) else 0.0)
 
 
-def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, resumable: tuple[str, ...] = ()):
+def _flat(fields: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(fields, dict) and fields:
+        return {k: v for key, value in fields.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.dumps(fields, sort_keys=True, default=str)}
+
+
+def settings_change(before: dict | None, now: dict, shown: int = 4) -> str:
+    """Why a stage completed with other settings runs again, in words: the fields that differ
+    (``train.lr 0.001 -> 0.003``), or an upstream stage that did. ``before``/``now``: ``{"upstream":
+    fingerprint, "fields": {...}}``; ``before`` is None for a marker from a titok that kept no settings."""
+    if not before or "fields" not in before:
+        return "its settings changed (the run that completed it kept no record of which)"
+    old, new = _flat(before["fields"]), _flat(now["fields"])
+    changes = [f"{key} {old[key]} -> {new[key]}" for key in new if key in old and old[key] != new[key]]
+    changes += [f"{key} added ({new[key]})" for key in new if key not in old]
+    changes += [f"{key} removed (was {old[key]})" for key in old if key not in new]
+    if not changes:
+        return "an earlier stage's output it was made from changed" if before.get("upstream") != now["upstream"] \
+            else "its settings changed"
+    more = f"; and {len(changes) - shown} more" if len(changes) > shown else ""
+    return "changed since it completed: " + "; ".join(changes[:shown]) + more
+
+
+def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, resumable: tuple[str, ...] = (),
+              settings: dict | None = None):
     """Reuse a complete stage, or compute it and mark it complete; returns the stage's rows (Arrow).
+    ``settings`` (``{"upstream": fingerprint, "fields": {...}}``, what ``fingerprint`` hashes) go into
+    the marker, so a later run with other settings can say what changed.
 
     ``compute`` returns an Arrow table or a Ray Dataset (persisted as Parquet), or a dict of summary
     fields (a stage that writes its own files, like train; ``resumable`` names what of an interrupted
@@ -263,6 +300,11 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, 
     else:
         from titok import progress
 
+        before = run.completed_record(name)
+        if before and settings is not None and before.get("fingerprint") != fingerprint:  # not a damaged one
+            why = settings_change(before.get("settings"), settings)
+            print(f"[{name}] recomputing it: {why}", file=sys.stderr, flush=True)
+            run.log_event(event="stage_settings_changed", stage=name, change=why)
         started = time.perf_counter()
         with progress.stage(name) as bar:  # the stage's one line; its work feeds it (progress.current())
             run.start(name, fingerprint, resumable=resumable)
@@ -276,7 +318,8 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, 
                 summary = {"rows": pq.read_table(str(out), columns=[]).num_rows}
             if not bar.counted and summary.get("rows") is not None:
                 bar.add_note(f"{summary['rows']} rows")
-        run.complete(name, fingerprint, seconds=round(time.perf_counter() - started, 1), **summary)
+        run.complete(name, fingerprint, seconds=round(time.perf_counter() - started, 1), **summary,
+                     **({"settings": settings} if settings is not None else {}))
         timings[name] = {"status": "ran", **run.summary(name)}
     if not any(out.glob("*.parquet")):
         return None

@@ -224,6 +224,20 @@ def _stage_fields(cfg: TransplantConfig) -> dict:
     }
 
 
+# _stage_fields' keys as a user sets them (the fingerprints hash the keys above, so those stay), for
+# the line that says which settings changed since a stage completed
+_SECTION = {"filter": "filter", "train": "train", "scores": "engine"}
+_AS_SET = {"split": "split_seed", "pool": "pool_size", "reference": "filter.token_reference",
+           "adapter": "source_adapter (its weights)"}
+
+
+def _settings(stage: str, fields: dict, upstream: str) -> dict:
+    """What ``run_stage`` records of a stage's settings: its upstream fingerprint and its fields, named
+    as in the config."""
+    named = {_AS_SET.get(key, key): value for key, value in fields.items()}
+    return {"upstream": upstream, "fields": {_SECTION[stage]: named} if stage in _SECTION else named}
+
+
 _PROVIDABLE = {"scores", "filter", "align", "train"}  # the stages whose step takes rows made elsewhere
 
 
@@ -336,10 +350,11 @@ class StageRunner:
             self._timings["export"] = {"status": "ran"}
             self.adapter_path = export(self._cfg, self._run)
             return
+        settings = _settings(name, self.fields[name], self.fingerprint)
         self.fingerprint = self._run.fingerprint(self.fingerprint, self.fields[name])
         self._rows = run_stage(self._run, _stage_path(self._cfg, name), self.fingerprint,
                                lambda: self.steps[name](self._rows), self._timings,
-                               resumable=("ray",) if name == "train" else ())  # Ray Train's checkpoints
+                               resumable=("ray",) if name == "train" else (), settings=settings)  # Ray Train's checkpoints
 
     def result(self) -> dict:
         # which dtype each model ran in, and why (dtype: auto decides per device)
