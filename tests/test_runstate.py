@@ -75,3 +75,36 @@ def test_a_stage_run_again_says_which_settings_changed():
     many = {"upstream": "u1", "fields": {f"f{i}": i for i in range(6)}}
     assert settings_change(many, {"upstream": "u1", "fields": {f"f{i}": i + 1 for i in range(6)}}).endswith(
         "f3 3 -> 4; and 2 more")
+
+
+def test_a_stage_replaced_by_other_settings_is_set_aside_until_the_new_one_completes(tmp_path, capsys):
+    """Nothing computed is lost to a rerun with other settings (an upgrade's, or a mistaken --set): the
+    complete stage waits aside while the new one runs; a stop leaves it there, and the old settings get
+    it back without recomputing. Once the new output completes, the old one goes."""
+    import pyarrow as pa
+    import pytest
+
+    from titok.runstate import REPLACED, run_stage
+
+    run = RunDir(tmp_path)
+    old = {"upstream": "", "fields": {"labels": {"max_new_tokens": 96}}}
+    new = {"upstream": "", "fields": {"labels": {"max_new_tokens": 128}}}
+    made = run_stage(run, "labels", "fp-old", lambda: pa.table({"x": [1, 2]}), {}, settings=old)
+
+    def stopped():
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the recomputation
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(run, "labels", "fp-new", stopped, {}, settings=new)
+    assert "recomputing it: changed since it completed: labels.max_new_tokens 96 -> 128" in capsys.readouterr().err
+    assert (tmp_path / f"labels{REPLACED}" / "_COMPLETE.json").is_file()
+
+    timings = {}
+    again = run_stage(run, "labels", "fp-old", lambda: pytest.fail("recomputed what was set aside"), timings, settings=old)
+    assert timings["labels"]["status"] == "cached" and again.equals(made)
+    assert "put back the output these settings made" in capsys.readouterr().err
+    assert not (tmp_path / f"labels{REPLACED}").exists()
+
+    run_stage(run, "labels", "fp-new", lambda: pa.table({"x": [3]}), {}, settings=new)
+    assert not (tmp_path / f"labels{REPLACED}").exists()  # the new output is complete: the old one goes
+    assert run.is_complete("labels", "fp-new")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ADAPTER_CARD", "ADAPTER_CONFIG", "ADAPTER_FILES", "ADAPTER_WEIGHTS", "COMPLETE", "EVENTS_DIR", "LEGACY_EVENTS",
-           "MODEL_CARD", "RUN_CONFIG", "RUN_LOCK", "RUN_MANIFEST", "STARTED", "RunDir", "RunInUse", "dataset_of",
+           "MODEL_CARD", "REPLACED", "RUN_CONFIG", "RUN_LOCK", "RUN_MANIFEST", "STARTED", "RunDir", "RunInUse", "dataset_of",
            "read_events", "run_stage", "settings_change", "write_atomic"]
 
 # The names in a run folder, here and nowhere else (every module that reads or writes one imports them)
@@ -34,6 +34,7 @@ RUN_MANIFEST = ".titok-run.json"  # marks a folder as a titok run (titok only cl
 RUN_CONFIG = "config.yaml"  # the run's full config, as resolved
 EVENTS_DIR = "events"  # one event file per writing process
 COMPLETE = "_COMPLETE.json"  # a stage's completion marker, written last (fingerprint, outputs digest, summary)
+REPLACED = ".replaced"  # suffix of a complete stage set aside while other settings recompute it
 STARTED = "_STARTED.json"  # a stage attempt under way (its fingerprint: what a resubmission may go on from)
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's own names
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
@@ -192,6 +193,31 @@ class RunDir:
         write_atomic(started, json.dumps({"fingerprint": fingerprint, "started": time.time()}))
         return path
 
+    def set_aside(self, stage: str) -> Path:
+        """Move a complete stage of other settings out of the way of its recomputation (a rename, not a
+        copy): a rerun stopped before it finishes, or settings put back, get it back (``restore``)."""
+        path = self.stage_dir(stage)
+        aside = path.with_name(path.name + REPLACED)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        return aside
+
+    def restore(self, stage: str, fingerprint: str) -> bool:
+        """Put back the stage set aside, if it is complete with ``fingerprint`` (its outputs checked as
+        any complete stage's are); what a stopped recomputation left goes."""
+        path = self.stage_dir(stage)
+        aside = path.with_name(path.name + REPLACED)
+        record = _read_json(aside / COMPLETE) if (aside / COMPLETE).is_file() else {}
+        if record.get("fingerprint") != fingerprint or ("outputs" in record and _outputs_digest(aside) != record["outputs"]):
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(aside, path)
+        return True
+
+    def drop_set_aside(self, stage: str) -> None:
+        path = self.stage_dir(stage)
+        shutil.rmtree(path.with_name(path.name + REPLACED), ignore_errors=True)
+
     def completed_record(self, stage: str) -> dict:
         """The completion marker of ``stage`` as written (any fingerprint; empty when there is none)."""
         marker = self.stage_dir(stage) / COMPLETE
@@ -294,6 +320,9 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, 
     import pyarrow.parquet as pq
 
     out = run.stage_dir(name)
+    if not run.is_complete(name, fingerprint) and run.restore(name, fingerprint):
+        print(f"[{name}] put back the output these settings made, set aside by a rerun with other settings",
+              file=sys.stderr, flush=True)
     if run.is_complete(name, fingerprint):
         timings[name] = {"status": "cached", **run.summary(name)}
         print(f"[{name}] complete in {out}, reusing it", flush=True)
@@ -303,8 +332,10 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, 
         before = run.completed_record(name)
         if before and settings is not None and before.get("fingerprint") != fingerprint:  # not a damaged one
             why = settings_change(before.get("settings"), settings)
-            print(f"[{name}] recomputing it: {why}", file=sys.stderr, flush=True)
-            run.log_event(event="stage_settings_changed", stage=name, change=why)
+            aside = run.set_aside(name)  # kept until the new output is complete: a stop loses nothing
+            print(f"[{name}] recomputing it: {why} (the old output waits in {aside} until this one completes)",
+                  file=sys.stderr, flush=True)
+            run.log_event(event="stage_settings_changed", stage=name, change=why, set_aside=str(aside))
         started = time.perf_counter()
         with progress.stage(name) as bar:  # the stage's one line; its work feeds it (progress.current())
             run.start(name, fingerprint, resumable=resumable)
@@ -320,6 +351,7 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, 
                 bar.add_note(f"{summary['rows']} rows")
         run.complete(name, fingerprint, seconds=round(time.perf_counter() - started, 1), **summary,
                      **({"settings": settings} if settings is not None else {}))
+        run.drop_set_aside(name)
         timings[name] = {"status": "ran", **run.summary(name)}
     if not any(out.glob("*.parquet")):
         return None
