@@ -193,30 +193,30 @@ class RunDir:
         write_atomic(started, json.dumps({"fingerprint": fingerprint, "started": time.time()}))
         return path
 
+    def _aside(self, stage: str) -> Path:
+        path = self.stage_dir(stage)
+        return path.with_name(path.name + REPLACED)
+
     def set_aside(self, stage: str) -> Path:
         """Move a complete stage of other settings out of the way of its recomputation (a rename, not a
         copy): a rerun stopped before it finishes, or settings put back, get it back (``restore``)."""
-        path = self.stage_dir(stage)
-        aside = path.with_name(path.name + REPLACED)
+        aside = self._aside(stage)
         shutil.rmtree(aside, ignore_errors=True)
-        os.replace(path, aside)
+        os.replace(self.stage_dir(stage), aside)
         return aside
 
     def restore(self, stage: str, fingerprint: str) -> bool:
-        """Put back the stage set aside, if it is complete with ``fingerprint`` (its outputs checked as
-        any complete stage's are); what a stopped recomputation left goes."""
-        path = self.stage_dir(stage)
-        aside = path.with_name(path.name + REPLACED)
-        record = _read_json(aside / COMPLETE) if (aside / COMPLETE).is_file() else {}
-        if record.get("fingerprint") != fingerprint or ("outputs" in record and _outputs_digest(aside) != record["outputs"]):
+        """Put back the stage set aside, if it completed with ``fingerprint`` (``is_complete`` then checks
+        its outputs as any complete stage's); what a stopped recomputation left goes."""
+        aside = self._aside(stage)
+        if not (aside / COMPLETE).is_file() or _read_json(aside / COMPLETE).get("fingerprint") != fingerprint:
             return False
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(aside, path)
+        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        os.replace(aside, self.stage_dir(stage))
         return True
 
     def drop_set_aside(self, stage: str) -> None:
-        path = self.stage_dir(stage)
-        shutil.rmtree(path.with_name(path.name + REPLACED), ignore_errors=True)
+        shutil.rmtree(self._aside(stage), ignore_errors=True)
 
     def completed_record(self, stage: str) -> dict:
         """The completion marker of ``stage`` as written (any fingerprint; empty when there is none)."""
@@ -320,10 +320,12 @@ def run_stage(run: RunDir, name: str, fingerprint: str, compute, timings: dict, 
     import pyarrow.parquet as pq
 
     out = run.stage_dir(name)
-    if not run.is_complete(name, fingerprint) and run.restore(name, fingerprint):
+    complete = run.is_complete(name, fingerprint)  # hashes the stage's outputs: once on the common path
+    if not complete and run.restore(name, fingerprint):
         print(f"[{name}] put back the output these settings made, set aside by a rerun with other settings",
               file=sys.stderr, flush=True)
-    if run.is_complete(name, fingerprint):
+        complete = run.is_complete(name, fingerprint)
+    if complete:
         timings[name] = {"status": "cached", **run.summary(name)}
         print(f"[{name}] complete in {out}, reusing it", flush=True)
     else:

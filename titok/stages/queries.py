@@ -71,6 +71,11 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
         bar.start(cfg.pool_size, "queries")
         bar.set(len(diversity.kept))
 
+    def save(**position) -> None:
+        """The checked pool, its rejections and where the writing is, in one atomic write."""
+        progress.update(kept=diversity.kept, rejected=dict(rejected), rejected_examples=examples, **position)
+        write_atomic(progress_path, json.dumps(progress))
+
     def check(query: str) -> None:
         """One query through the shape and diversity checks (in query order: the ROUGE filter keeps the first
         of two near-duplicates); none once the pool is full."""
@@ -113,9 +118,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
             while written + state["checked"] in state["waiting"]:
                 check(state["waiting"].pop(written + state["checked"]))
                 state["checked"] += 1
-            progress.update(kept=diversity.kept, rejected=dict(rejected), rejected_examples=examples,
-                            round_written=state | {"waiting": sorted(state["waiting"].items())})
-            write_atomic(progress_path, json.dumps(progress))
+            save(round_written=state | {"waiting": sorted(state["waiting"].items())})
             if bar:
                 bar.set(len(diversity.kept), round=state["round"] + 1,
                         written=written + state["checked"] + len(state["waiting"]))
@@ -123,9 +126,7 @@ def write_query_pool(cfg, run: RunDir, engines) -> pa.Table:
         if prompts.num_rows:
             engines().map(prompts, "queries", params, on_batch=keep_batch)
         assert state["checked"] == n_prompts and not state["waiting"], state  # every batch back, so all checked
-        progress.update(kept=diversity.kept, written=written + n_prompts, rounds=round_index + 1, rejected=dict(rejected),
-                        rejected_examples=examples, round_written=None)
-        write_atomic(progress_path, json.dumps(progress))
+        save(written=written + n_prompts, rounds=round_index + 1, round_written=None)
         if bar:
             bar.set(len(diversity.kept), round=round_index + 1, written=progress["written"])
         else:
