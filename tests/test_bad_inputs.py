@@ -92,6 +92,8 @@ def _transplant(path: Path, *sets: str) -> list[str]:
     ("queries.pool_size=4", "filter.top_m=6 is larger than queries.pool_size=4"),
     ("train.global_batch_size=5", "global_batch_size=5 is not a multiple of workers=2"),
     ("train.global_batch_size=8", "train.global_batch_size=8 is larger than filter.top_m=6"),
+    ("train.validation_fraction=0.5", "train.global_batch_size=4 is larger than filter.top_m=6 less the 3 "
+                                      "train.validation_fraction holds out"),
     ("train.offload_params=true", "offload_params needs deepspeed_stage=3"),
     ("train.deepspeed_config=/nowhere/ds.json", "deepspeed_config: /nowhere/ds.json does not exist"),
     ("engine.tensor_parallel_size=2", "tensor/pipeline_parallel_size are vllm settings"),

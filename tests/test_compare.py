@@ -78,6 +78,20 @@ def test_the_steps_budget_gives_every_method_the_same_optimizer_steps(tmp_path, 
     assert runs[("titok:both", "steps")].filter.reference == "both"
 
 
+def test_equal_steps_are_the_steps_kd_trains_when_it_holds_samples_out_for_validation(tmp_path, tiny_model_dirs):
+    """The paper-scale shape: kd trains on the pool less its validation hold-out (500 - 50 samples, 29
+    steps of 16 an epoch), so the steps budget gives every method kd's 58 steps, not the 64 of the whole pool."""
+    from titok.layout import run_config
+    from titok.train.batching import train_plan
+
+    cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="both"), [
+        "transplant.queries.pool_size=500", "transplant.filter.top_m=250", "transplant.train.epochs=2",
+        "transplant.train.global_batch_size=16", "transplant.train.validation_fraction=0.1"])
+    kd = run_config(cfg, "boolean_expressions", 0, tiny_model_dirs["target"], "kd", "adapter", "epochs")
+    titok = run_config(cfg, "boolean_expressions", 0, tiny_model_dirs["target"], "titok", "adapter", "steps")
+    assert titok.train.max_steps == train_plan(500, kd.train, kd.train.workers).total_steps == 58
+
+
 def test_per_task_settings_change_only_their_tasks_runs(tmp_path, tiny_model_dirs):
     """A task's ``per_task`` fields go over ``transplant`` for its runs alone: the other task's runs keep
     their config and their stages' fingerprints (so adding one task's settings reuses the other's runs)."""

@@ -366,9 +366,13 @@ class TransplantConfig(Section):
         if FILTER_METHODS[self.filter.method].distills and not self.labels.top_logprobs:
             raise ValueError(f"filter.method={self.filter.method} distills the expert's top-n log-probs: set "
                              "labels.top_logprobs above 0 (e.g. 20)")
-        if self.train.global_batch_size > self.filter.top_m:
+        from titok.core.validation_split import validation_count
+
+        held_out = validation_count(self.filter.top_m, self.train.validation_fraction)
+        if self.train.global_batch_size > self.filter.top_m - held_out:
+            after = f" less the {held_out} train.validation_fraction holds out" if held_out else ""
             raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is larger than "
-                             f"filter.top_m={self.filter.top_m}, the samples there are to train on")
+                             f"filter.top_m={self.filter.top_m}{after}, the samples there are to train on")
         return self
 
     @property

@@ -90,8 +90,11 @@ def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: s
 
 
 def equal_steps(run: TransplantConfig) -> int:
-    """The optimizer steps kd (every sample of the pool) takes in train.epochs epochs."""
-    return -(-run.pool_size // run.train.global_batch_size) * run.train.epochs
+    """The optimizer steps kd takes in train.epochs epochs: every sample of the pool but those it holds
+    out for validation (``train.validation_fraction``), so a method on fewer samples trains as long."""
+    from titok.train.batching import train_plan
+
+    return train_plan(run.pool_size, run.train.model_copy(update={"max_steps": None}), run.train.workers).total_steps
 
 
 def row_label(cfg: CompareConfig, variant: str, budget: str) -> str:

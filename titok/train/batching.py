@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BatchPlan", "epoch_order", "plan_batches", "worker_micro_batches"]
+__all__ = ["BatchPlan", "epoch_order", "plan_batches", "train_plan", "worker_micro_batches"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,15 @@ def plan_batches(rows: int, global_batch: int, workers: int, max_micro_batch: in
     return BatchPlan(rows=rows, global_batch=global_batch, workers=workers, micro_batch=micro,
                      accumulation=per_worker // micro, steps_per_epoch=-(-rows // global_batch), epochs=epochs,
                      max_steps=max_steps)
+
+
+def train_plan(n_rows: int, train, workers: int) -> BatchPlan:
+    """The batch plan of a training on ``n_rows`` samples under ``train`` (``config.TrainSettings``):
+    the samples it holds out for validation (``train.validation_fraction``) train on no step."""
+    from titok.core.validation_split import validation_count
+
+    n_train = n_rows - validation_count(n_rows, train.validation_fraction)
+    return plan_batches(n_train, train.global_batch_size, workers, train.micro_batch_size, train.epochs, train.max_steps)
 
 
 def epoch_order(rows: int, seed: int, epoch: int, global_batch: int) -> np.ndarray:

@@ -75,12 +75,9 @@ def _micro_batch_seed(seed: int, global_step: int, plan, rank: int, j: int) -> i
 
 def _job_plan(job: TrainingJob, n_rows: int, world: int):
     """The batch plan of a job's ``n_rows`` samples, less those it holds out for validation."""
-    from titok.core.validation_split import validation_count
-    from titok.train.batching import plan_batches
+    from titok.train.batching import train_plan
 
-    train = job.train
-    n_train = n_rows - validation_count(n_rows, train.validation_fraction)
-    return plan_batches(n_train, train.global_batch_size, world, train.micro_batch_size, train.epochs, train.max_steps)
+    return train_plan(n_rows, job.train, world)
 
 
 def _split_validation(job: TrainingJob, rows: list[dict]) -> tuple[list[dict], list[dict]]:
