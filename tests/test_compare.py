@@ -67,13 +67,21 @@ def test_bad_compare_configs_are_named_before_any_compute(tmp_path, tiny_model_d
 
 def test_the_steps_budget_gives_every_method_the_same_optimizer_steps(tmp_path, tiny_model_dirs):
     from titok.layout import run_config
+    from titok.train.batching import train_plan
 
     cfg = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="both",
                                             methods=["kd", "random_m", "top_m_only", "top_k_only", "titok", "titok:both"]))
     runs = {(m, b): run_config(cfg, "boolean_expressions", 0, tiny_model_dirs["target"], m, "adapter", b)
             for m in cfg.methods for b in ("epochs", "steps")}
-    assert {runs[(m, "steps")].train.max_steps for m in cfg.methods} == {2}  # pool 8 / global batch 4 x 1 epoch
+    # pool 8 / global batch 4 x 1 epoch: the methods on M samples are given kd's 2 steps; those on the
+    # whole pool (kd, top_k_only) take them in their epoch, so their run is the epochs run
+    assert {m: runs[(m, "steps")].train.max_steps for m in cfg.methods} == {
+        "kd": None, "random_m": 2, "top_m_only": 2, "top_k_only": None, "titok": 2, "titok:both": 2}
+    assert train_plan(8, runs[("kd", "steps")].train, 1).total_steps == 2
+    assert runs[("kd", "steps")].model_dump(exclude={"run_dir"}) == runs[("kd", "epochs")].model_dump(exclude={"run_dir"})
     assert {runs[(m, "epochs")].train.max_steps for m in cfg.methods} == {None}
+    named = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="steps", steps=5))
+    assert run_config(named, "boolean_expressions", 0, tiny_model_dirs["target"], "kd", "adapter", "steps").train.max_steps == 5
     assert runs[("titok", "epochs")].run_dir != runs[("titok", "steps")].run_dir  # both budgets kept side by side
     assert runs[("titok:both", "steps")].filter.reference == "both"
 

@@ -73,6 +73,7 @@ def budgets(cfg: CompareConfig) -> tuple[str, ...]:
 def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: str, source_adapter: str,
                budget: str = "epochs") -> TransplantConfig:
     """One compare cell's transplant config and run folder; ``variant`` is ``method`` or ``method:reference``."""
+    from titok.choices import FILTER_METHODS
     from titok.config import TransplantConfig, validated
 
     folder = short_name(target) + ("-steps" if budget == "steps" and cfg.budget == "both" else "")
@@ -83,7 +84,9 @@ def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: s
     fields["filter"] = {**fields.get("filter", {}), "method": method, "reference": reference or "source_amateur"}
     what = f"compare (task {task}, target {target}, method {variant}, budget {budget})"
     cfg_run = validated(TransplantConfig, fields, what)
-    if budget == "steps":
+    if budget == "steps" and (cfg.steps or FILTER_METHODS[method].keeps_m):
+        # a method on the whole pool already trains kd's steps in train.epochs: its run stays the
+        # epochs run (the same fingerprint, so switching budgets reuses its training)
         fields["train"] = {**fields.get("train", {}), "max_steps": cfg.steps or equal_steps(cfg_run)}
         cfg_run = validated(TransplantConfig, fields, what)
     return cfg_run
