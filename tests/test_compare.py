@@ -165,6 +165,14 @@ def test_aggregate_table_and_paired_tests_by_hand():
     assert tests["kd"]["difference"] == pytest.approx(0.8125 - 0.125) and tests["kd"]["significant"]
     assert tests["vanilla"]["difference"] == pytest.approx(-0.1875) and not tests["vanilla"]["significant"]
 
+    # both budgets side by side: every TiTok row, "titok (epochs)" too, is paired with every other row
+    both = [r | {"method": f"{r['method']} ({budget})"} for budget in ("epochs", "steps") for r in rows
+            if r["method"] in ("kd", "titok")] + [r for r in rows if r["method"] not in ("kd", "titok")]
+    labels = [f"{m} ({b})" for b in ("epochs", "steps") for m in ("kd", "titok")]
+    pairs = {(t["method"], t["versus"]) for t in paired_tests(both, ["t"], labels, "exact_match")}
+    assert pairs == {(f"titok ({b})", other) for b in ("epochs", "steps")
+                     for other in ["vanilla", *(label for label in labels if label != f"titok ({b})")]}
+
 
 def test_a_row_that_answers_one_label_to_everything_is_marked():
     from titok.core.metrics import answer_spread

@@ -19,7 +19,7 @@ from titok.runstate import ADAPTER_WEIGHTS, COMPLETE
 if TYPE_CHECKING:
     from titok.config import CompareConfig, TransplantConfig
 
-__all__ = ["BUDGETS", "SOURCE_STAGES", "adapter_digest", "budgets", "equal_steps", "file_digest", "row_label", "run_config",
+__all__ = ["BUDGETS", "SOURCE_STAGES", "adapter_digest", "budgets", "equal_steps", "file_digest", "row_label", "row_method", "run_config",
            "share_stages", "short_name"]
 
 # the stages that depend only on the source side (base, adapter, task, seed): shareable between runs
@@ -103,3 +103,9 @@ def equal_steps(run: TransplantConfig) -> int:
 def row_label(cfg: CompareConfig, variant: str, budget: str) -> str:
     """A trained row's name in the tables: the variant, and its budget when both budgets are compared."""
     return f"{variant} ({budget})" if cfg.budget == "both" else variant
+
+
+def row_method(label: str) -> str:
+    """The filter method a row's name trains with: ``titok`` for ``titok``, ``titok:target_base`` and
+    ``titok (steps)`` alike (what the report pairs TiTok's rows by)."""
+    return label.split(" (")[0].partition(":")[0]

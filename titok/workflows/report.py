@@ -23,7 +23,7 @@ import numpy as np
 
 from titok import columns as C
 from titok.choices import PAPER_METHOD
-from titok.layout import budgets, equal_steps, row_label, run_config, short_name
+from titok.layout import budgets, equal_steps, row_label, row_method, run_config, short_name
 from titok.core.metrics import UNANSWERED_SHARE, collapse_text, collapsed
 from titok.core.stats import bootstrap_interval, paired_test
 from titok.runstate import COMPLETE
@@ -72,7 +72,7 @@ def paired_tests(rows: list[dict], tasks: list[str], methods: list[str], metric:
     tests = []
     for task in tasks:
         for target in dict.fromkeys(r["target"] for r in rows if r["task"] == task and r["method"] != "source expert"):
-            for mine in (m for m in methods if m.partition(":")[0] == PAPER_METHOD):
+            for mine in (m for m in methods if row_method(m) == PAPER_METHOD):
                 a = _matrix(rows, (task, target, mine), metric)
                 for other in ["vanilla", *(m for m in methods if m != mine)]:
                     b = _matrix(rows, (task, target, other), metric)
