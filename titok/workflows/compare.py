@@ -66,22 +66,12 @@ def source_adapter(cfg: CompareConfig, task: str) -> str:
     return str(out)
 
 
-def _row(report: dict, task: str, target: str, method: str, seed: int | None) -> dict:
-    row = {"task": task, "target": target, "method": method, "seed": "" if seed is None else seed, "n": report["n"],
-           "exact_match": report["exact_match"], "majority_rate": report["majority_rate"]}
-    for name in ("option_accuracy", "rouge1", "rougeL", "top_prediction", "top_prediction_share", "answered_share"):
-        if name in report:
-            row[name] = report[name]
-    row["per_example"] = report.get("per_example", {})
-    return row
-
-
 def run_compare(cfg: CompareConfig) -> Path:
     """All runs and evaluations (resuming what is done), then the report; returns the report folder."""
     from titok.workflows.evaluate import cached_evaluation
     from titok.workflows.pipeline import transplant_together
     from titok.progress import init_ray
-    from titok.workflows.report import write_compare_report
+    from titok.workflows.report import evaluation_row, write_compare_report
 
     validate_compare(cfg)
     init_ray()
@@ -94,7 +84,7 @@ def run_compare(cfg: CompareConfig) -> Path:
         engine = run_config(cfg, task, 0, cfg.targets[0], cfg.methods[0], adapter, budgets(cfg)[0]).engine
         expert = cached_evaluation(cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / "source-expert.json", cfg.source_base,
                                    {"expert": adapter}, task, engine)["expert"]
-        rows.append(_row(expert, task, cfg.source_base, "source expert", None))
+        rows.append(evaluation_row(expert, task, cfg.source_base, "source expert", None))
         for seed in cfg.seed_list:
             first_run: Path | None = None
             for target in cfg.targets:
@@ -124,7 +114,7 @@ def run_compare(cfg: CompareConfig) -> Path:
                     cfg.eval, cfg.split_seed, out / "evals" / short_name(task) / short_name(target) / f"seed{seed}.json", target,
                     variants, task, engine)
                 for name, report in reports.items():
-                    row = _row(report, task, target, name, None if name == "vanilla" else seed)
+                    row = evaluation_row(report, task, target, name, None if name == "vanilla" else seed)
                     rate = rates.get((task, target, name, seed))  # the searched rate's winner, else train.lr
                     rows.append(row if rate is None else row | {"lr": rate})
     elapsed = time.perf_counter() - started

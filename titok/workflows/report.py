@@ -28,7 +28,7 @@ from titok.core.metrics import UNANSWERED_SHARE, collapse_text, collapsed
 from titok.core.stats import bootstrap_interval, paired_test
 from titok.runstate import COMPLETE
 
-__all__ = ["REPORT_FILES", "accuracy_figure", "aggregate", "excess_figure", "markdown_tables", "shade_tokens",
+__all__ = ["REPORT_FILES", "accuracy_figure", "aggregate", "evaluation_row", "excess_figure", "markdown_tables", "shade_tokens",
            "write_compare_report"]
 
 # what write_compare_report leaves in the report folder; results.md lists the others
@@ -36,6 +36,18 @@ REPORT_FILES = ("results.md", "results.csv", "paired_tests.json", "accuracy.png"
 
 _METRICS = {"exact_match": "Exact match", "option_accuracy": "Option log-likelihood accuracy", "rougeL": "ROUGE-L"}
 _REFERENCE_ROWS = ("source expert", "vanilla")
+
+
+def evaluation_row(report: dict, task: str, target: str, method: str, seed: int | None) -> dict:
+    """One row of the tables from one evaluation report (``evaluate``): its scores, its answer spread and
+    its per-example scores (what the intervals and the paired tests read); ``seed`` None for an untrained row."""
+    row = {"task": task, "target": target, "method": method, "seed": "" if seed is None else seed, "n": report["n"],
+           "exact_match": report["exact_match"], "majority_rate": report["majority_rate"]}
+    for name in ("option_accuracy", "rouge1", "rougeL", "top_prediction", "top_prediction_share", "answered_share"):
+        if name in report:
+            row[name] = report[name]
+    row["per_example"] = report.get("per_example", {})
+    return row
 
 
 def _matrix(rows: list[dict], key: tuple, metric: str) -> np.ndarray | None:
