@@ -50,12 +50,17 @@ def evaluation_row(report: dict, task: str, target: str, method: str, seed: int 
     return row
 
 
-def _matrix(rows: list[dict], key: tuple, metric: str) -> np.ndarray | None:
-    """(seeds, examples) per-example scores of one (task, target, method), seeds in order."""
+def _matrix(rows: list[dict], key: tuple, metric: str, seeds: set | None = None) -> np.ndarray | None:
+    """(seeds, examples) per-example scores of one (task, target, method), seeds in order (only ``seeds``
+    when given)."""
     task, target, method = key
-    mine = sorted((r for r in rows if (r["task"], r["target"], r["method"]) == key and metric in r.get("per_example", {})),
-                  key=lambda r: str(r["seed"]))
+    mine = sorted((r for r in rows if (r["task"], r["target"], r["method"]) == key and metric in r.get("per_example", {})
+                   and (seeds is None or r["seed"] in seeds)), key=lambda r: str(r["seed"]))
     return np.array([r["per_example"][metric] for r in mine], dtype=np.float64) if mine else None
+
+
+def _seeds(rows: list[dict], key: tuple) -> set:
+    return {r["seed"] for r in rows if (r["task"], r["target"], r["method"]) == key}
 
 
 def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple[float, float, float, int, int]]:
@@ -80,14 +85,19 @@ def aggregate(rows: list[dict], metric: str) -> dict[tuple[str, str, str], tuple
 
 def paired_tests(rows: list[dict], tasks: list[str], methods: list[str], metric: str) -> list[dict]:
     """Each TiTok row against every other trained row and vanilla, per task and target, on the same
-    examples (vanilla, one greedy run, is paired with every seed)."""
+    examples and the seeds both rows have (vanilla, one greedy run, is paired with every seed)."""
     tests = []
     for task in tasks:
         for target in dict.fromkeys(r["target"] for r in rows if r["task"] == task and r["method"] != "source expert"):
             for mine in (m for m in methods if row_method(m) == PAPER_METHOD):
-                a = _matrix(rows, (task, target, mine), metric)
                 for other in ["vanilla", *(m for m in methods if m != mine)]:
-                    b = _matrix(rows, (task, target, other), metric)
+                    # trained rows pair on the seeds both have; an untrained row (one greedy run) with every seed
+                    seeds = _seeds(rows, (task, target, mine))
+                    theirs = _seeds(rows, (task, target, other))
+                    if theirs != {""}:
+                        seeds &= theirs
+                    a = _matrix(rows, (task, target, mine), metric, seeds)
+                    b = _matrix(rows, (task, target, other), metric, None if theirs == {""} else seeds)
                     if a is None or b is None:
                         continue
                     if b.shape[0] == 1 and a.shape[0] > 1:
@@ -96,7 +106,8 @@ def paired_tests(rows: list[dict], tasks: list[str], methods: list[str], metric:
                         continue
                     difference, p = paired_test(a, b)
                     tests.append({"task": task, "target": target, "method": mine, "versus": other, "metric": metric,
-                                  "difference": difference, "p": p, "significant": p < 0.05, "n": int(a.size)})
+                                  "difference": difference, "p": p, "significant": p < 0.05, "n": int(a.size),
+                                  "seeds": sorted(seeds, key=str)})
     return tests
 
 
@@ -104,10 +115,11 @@ def paired_markdown(tests: list[dict]) -> str:
     if not tests:
         return ""
     lines = ["### Paired tests (TiTok against each other row, same examples)", "",
-             "| task | target | method | versus | metric | difference | p | |", "|---|---|---|---|---|---|---|---|"]
+             "| task | target | method | versus | metric | seeds | difference | p | |", "|---|---|---|---|---|---|---|---|---|"]
     for t in tests:
         lines.append(f"| {t['task']} | {short_name(t['target'])} | {t['method']} | {t['versus']} | {t['metric']} | "
-                     f"{t['difference']:+.3f} | {t['p']:.3f} | {'significant' if t['significant'] else 'n.s.'} |")
+                     f"{', '.join(map(str, t['seeds']))} | {t['difference']:+.3f} | {t['p']:.3f} | "
+                     f"{'significant' if t['significant'] else 'n.s.'} |")
     lines += ["", "Two-sided sign-flip permutation test over examples (each example's difference averaged over "
                   "seeds); n.s.: p >= 0.05, the difference may be noise."]
     return "\n".join(lines)
