@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titok.workflows.report import evaluation_row, markdown_tables, paired_markdown, paired_tests  # noqa: E402,F401
+from titok.workflows.report import evaluation_row, markdown_tables, paired_markdown, paired_tests  # noqa: E402
 
 
 def parse_source(text: str) -> tuple[int, Path, dict[str, str] | None]:

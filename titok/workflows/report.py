@@ -90,14 +90,14 @@ def paired_tests(rows: list[dict], tasks: list[str], methods: list[str], metric:
     for task in tasks:
         for target in dict.fromkeys(r["target"] for r in rows if r["task"] == task and r["method"] != "source expert"):
             for mine in (m for m in methods if row_method(m) == PAPER_METHOD):
+                my_seeds = _seeds(rows, (task, target, mine))
                 for other in ["vanilla", *(m for m in methods if m != mine)]:
                     # trained rows pair on the seeds both have; an untrained row (one greedy run) with every seed
-                    seeds = _seeds(rows, (task, target, mine))
                     theirs = _seeds(rows, (task, target, other))
-                    if theirs != {""}:
-                        seeds &= theirs
+                    untrained = theirs == {""}
+                    seeds = my_seeds if untrained else my_seeds & theirs
                     a = _matrix(rows, (task, target, mine), metric, seeds)
-                    b = _matrix(rows, (task, target, other), metric, None if theirs == {""} else seeds)
+                    b = _matrix(rows, (task, target, other), metric, None if untrained else seeds)
                     if a is None or b is None:
                         continue
                     if b.shape[0] == 1 and a.shape[0] > 1:
