@@ -74,11 +74,12 @@ def test_the_steps_budget_gives_every_method_the_same_optimizer_steps(tmp_path, 
     runs = {(m, b): run_config(cfg, "boolean_expressions", 0, tiny_model_dirs["target"], m, "adapter", b)
             for m in cfg.methods for b in ("epochs", "steps")}
     # pool 8 / global batch 4 x 1 epoch: the methods on M samples are given kd's 2 steps; those on the
-    # whole pool (kd, top_k_only) take them in their epoch, so their run is the epochs run
+    # whole pool (kd, top_k_only) take them in their epoch, so their run is the epochs run, folder and
+    # all (budget: both trains and evaluates it once)
     assert {m: runs[(m, "steps")].train.max_steps for m in cfg.methods} == {
         "kd": None, "random_m": 2, "top_m_only": 2, "top_k_only": None, "titok": 2, "titok:both": 2}
     assert train_plan(8, runs[("kd", "steps")].train, 1).total_steps == 2
-    assert runs[("kd", "steps")].model_dump(exclude={"run_dir"}) == runs[("kd", "epochs")].model_dump(exclude={"run_dir"})
+    assert runs[("kd", "steps")] == runs[("kd", "epochs")] and runs[("top_k_only", "steps")] == runs[("top_k_only", "epochs")]
     assert {runs[(m, "epochs")].train.max_steps for m in cfg.methods} == {None}
     named = load_compare_config(_compare_yaml(tmp_path, tiny_model_dirs, budget="steps", steps=5))
     assert run_config(named, "boolean_expressions", 0, tiny_model_dirs["target"], "kd", "adapter", "steps").train.max_steps == 5

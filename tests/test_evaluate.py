@@ -71,11 +71,14 @@ def test_eval_stage_on_a_tiny_model(tiny_model_dirs, local_ray):
 
 @pytest.mark.slow
 def test_variants_in_one_pass_equal_separate_evaluations_and_the_cache_evaluates_only_new_ones(tiny_model_dirs, local_ray,
-                                                                                               tmp_path):
+                                                                                               tmp_path, monkeypatch):
     """One actor switching adapters on one base copy gives what one evaluation per adapter gives. Those
     come from the cache as a compare given one more method (a zoo one more adapter) makes them: each
     call evaluates only the variant the file lacks (the others come back as they were: a value planted
-    in the file shows it), and a retrained adapter (new weights) is evaluated again, nothing else."""
+    in the file shows it), and a retrained adapter (new weights) is evaluated again, nothing else.
+    Weights are evaluated once: a variant whose adapter another has (kd's row under both budgets)
+    takes that one's report, kept or made in the same pass."""
+    from titok.workflows import evaluate as evaluate_module
     import json
     import shutil
 
@@ -119,12 +122,35 @@ def test_variants_in_one_pass_equal_separate_evaluations_and_the_cache_evaluates
         assert (report["exact_match"], report["option_accuracy"]) == \
             (together[name]["exact_match"], together[name]["option_accuracy"])
 
-    shutil.copytree(tmp_path / "other", tmp_path / "first", dirs_exist_ok=True)  # retrained: now the second's twin
+    passes = []  # the variants each evaluation pass generates for (the real evaluation, watched)
+    real_pass = evaluate_module.evaluate_variants
+    monkeypatch.setattr(evaluate_module, "evaluate_variants",
+                        lambda base, todo, *args, **kw: passes.append(sorted(todo)) or real_pass(base, todo, *args, **kw))
+
+    def new_weights(folder, seed):
+        torch.manual_seed(seed)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dirs["source"]),
+                       LoraConfig(r=4, lora_alpha=16, target_modules=["v_proj"], init_lora_weights=False)).save_pretrained(folder)
+
+    new_weights(tmp_path / "first", 2)  # retrained
     plant()
     again = cached(["first", "second"])
-    assert "planted" not in again["first"] and again["second"]["planted"]
-    assert [e["prediction"] for e in again["first"]["examples"]] == predictions["second"]
-    assert set(json.loads(path.read_text())["reports"]) == set(variants)  # none dropped for later calls
+    assert passes == [["first"]] and "planted" not in again["first"] and again["second"]["planted"]
+    retrained = [e["prediction"] for e in again["first"]["examples"]]
+    assert retrained != predictions["first"]
+
+    # twins: "kept" has the second's weights (in the file), "a" and "b" weights new to it
+    shutil.copytree(tmp_path / "other", tmp_path / "kept")
+    new_weights(tmp_path / "a", 3)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    plant()
+    twins = cached_evaluation(settings, 0, path, tiny_model_dirs["source"],
+                              {n: str(tmp_path / n) for n in ("kept", "a", "b")}, "boolean_expressions")
+    assert passes == [["first"], ["a"]]  # "b" came from "a"'s pass, "kept" from the file, and "first" was not run again
+    assert twins["kept"]["planted"] and [e["prediction"] for e in twins["kept"]["examples"]] == predictions["second"]
+    assert [e["prediction"] for e in twins["b"]["examples"]] == [e["prediction"] for e in twins["a"]["examples"]]
+    assert {n: twins[n]["adapter"] for n in twins} == {n: str(tmp_path / n) for n in twins}  # each its own folder
+    assert set(json.loads(path.read_text())["reports"]) == {*variants, "kept", "a", "b"}  # none dropped for later calls
 
     known = json.loads(path.read_text())  # what older code read off the predictions: read again, not kept
     known["reports"]["second"].update(exact_match=-1.0, top_prediction="stale", answered_share=-1.0)

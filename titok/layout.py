@@ -76,17 +76,19 @@ def run_config(cfg: CompareConfig, task: str, seed: int, target: str, variant: s
     from titok.choices import FILTER_METHODS
     from titok.config import TransplantConfig, validated
 
-    folder = short_name(target) + ("-steps" if budget == "steps" and cfg.budget == "both" else "")
+    method, _, reference = variant.partition(":")
+    # a method on the whole pool already trains kd's steps in train.epochs: under the steps budget its
+    # run is its epochs run (the same fingerprint and folder, so neither a switch of budget nor
+    # budget: both trains or evaluates it twice)
+    own_steps = budget == "steps" and bool(cfg.steps or FILTER_METHODS[method].keeps_m)
+    folder = short_name(target) + ("-steps" if own_steps and cfg.budget == "both" else "")
     fields = {**cfg.task_settings(task), "source_base": cfg.source_base, "source_adapter": source_adapter,
               "target_base": target, "task": task, "seed": seed, "split_seed": cfg.split_seed,
               "run_dir": str(Path(cfg.out_dir) / "runs" / short_name(task) / f"seed{seed}" / folder)}
-    method, _, reference = variant.partition(":")
     fields["filter"] = {**fields.get("filter", {}), "method": method, "reference": reference or "source_amateur"}
     what = f"compare (task {task}, target {target}, method {variant}, budget {budget})"
     cfg_run = validated(TransplantConfig, fields, what)
-    if budget == "steps" and (cfg.steps or FILTER_METHODS[method].keeps_m):
-        # a method on the whole pool already trains kd's steps in train.epochs: its run stays the
-        # epochs run (the same fingerprint, so switching budgets reuses its training)
+    if own_steps:
         fields["train"] = {**fields.get("train", {}), "max_steps": cfg.steps or equal_steps(cfg_run)}
         cfg_run = validated(TransplantConfig, fields, what)
     return cfg_run

@@ -197,16 +197,31 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
     if {field: value for field, value in key.items() if field != "variants"} == shared:
         known = {name: (digest, reports[name]) for name, digest in key.get("variants", {}).items() if name in reports}
     missing = {name: adapter for name, adapter in variants.items() if name not in known or known[name][0] != digests[name]}
-    if missing:
+    # weights evaluated once: a variant whose adapter another has (kd's row under both budgets, a zoo
+    # adapter listed twice) takes that one's report, kept or made in this pass
+    kept_weights = {digest: report for digest, report in known.values()}
+    to_evaluate, twins = {}, {}
+    for name, adapter in missing.items():
+        if digests[name] in kept_weights:
+            known[name] = (digests[name], kept_weights[digests[name]] | {"adapter": adapter})
+            continue
+        first = next((n for n in to_evaluate if digests[n] == digests[name]), None)
+        if first is None:
+            to_evaluate[name] = adapter
+        else:
+            twins[name] = first
+    if to_evaluate:
         started = time.perf_counter()
-        fresh = evaluate_variants(base, missing, task, seed=split_seed, n_test=settings.examples, dtype=settings.dtype,
+        fresh = evaluate_variants(base, to_evaluate, task, seed=split_seed, n_test=settings.examples, dtype=settings.dtype,
                                   max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                                   cpus_per_actor=settings.cpus_per_actor, gpus_per_actor=settings.gpus_per_actor,
                                   engine=engine)
         for name, report in fresh.items():
             report["eval_seconds"] = round(time.perf_counter() - started, 1)  # the pass that evaluated it
             known[name] = (digests[name], report)
-    cached_names = [name for name in variants if name not in missing]
+    for name, first in twins.items():
+        known[name] = (digests[name], known[first][1] | {"adapter": variants[name]})
+    cached_names = [name for name in variants if name not in to_evaluate]
     changed = bool(missing)
     if cached_names:  # answers re-read with today's metrics from the kept predictions (no generation)
         _, _, targets, options = _held_out(task, split_seed, settings.examples)
