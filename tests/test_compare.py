@@ -145,7 +145,7 @@ def _rows(method, seeds, per_example, target="g"):
 
 
 def test_aggregate_table_and_paired_tests_by_hand():
-    from titok.workflows.report import paired_tests
+    from titok.workflows.report import paired_markdown, paired_tests
 
     rows = (_rows("titok", [0, 1], [[1, 0, 1, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]])
             + _rows("kd", [0, 1], [[0, 0, 1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0]])
@@ -165,6 +165,12 @@ def test_aggregate_table_and_paired_tests_by_hand():
     assert set(tests) == {"vanilla", "kd"}
     assert tests["kd"]["difference"] == pytest.approx(0.8125 - 0.125) and tests["kd"]["significant"]
     assert tests["vanilla"]["difference"] == pytest.approx(-0.1875) and not tests["vanilla"]["significant"]
+    # what each comparison can resolve: against kd 6 examples differ (five by 1, one by 0.5), so only the
+    # all-one-way pattern (5.5 / 8, p = 2/64) is called; against vanilla 2 differ, too few for any
+    assert tests["kd"]["significant_from"] == pytest.approx(5.5 / 8) and tests["vanilla"]["significant_from"] is None
+    lines = paired_markdown(list(tests.values())).splitlines()
+    assert "| g | titok | kd | exact_match | 0, 1 | +0.688 | 0.031 | significant | ±0.688 |" in "\n".join(lines)
+    assert "| g | titok | vanilla | exact_match | 0, 1 | -0.188 | 0.500 | n.s. | never |" in "\n".join(lines)
 
     # both budgets side by side: every TiTok row, "titok (epochs)" too, is paired with every other row
     both = [r | {"method": f"{r['method']} ({budget})"} for budget in ("epochs", "steps") for r in rows

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from titok.core.stats import bootstrap_interval, paired_test
+from titok.core.stats import bootstrap_interval, paired_test, significant_from
 
 
 def test_an_interval_around_a_constant_is_the_constant():
@@ -56,3 +56,27 @@ def test_paired_test_on_many_examples_detects_a_real_gap():
 def test_shapes_must_pair():
     with pytest.raises(ValueError, match="one shape"):
         paired_test(np.ones((2, 5)), np.ones((3, 5)))
+
+
+def test_significant_from_is_where_the_paired_test_starts_calling_a_difference():
+    """The critical value agrees with the test it belongs to: every pair's difference is significant
+    exactly when it reaches it (exact and Monte Carlo cases, one seed and three)."""
+    rng = np.random.default_rng(1)
+    for n_seeds, n_examples, rate in [(1, 12, 0.4), (1, 100, 0.15), (3, 100, 0.1), (2, 60, 0.3)]:
+        base = (rng.random((n_seeds, n_examples)) < 0.5).astype(float)
+        for _ in range(6):
+            other = np.where(rng.random(base.shape) < rate, 1 - base, base)  # disagree on ~rate of the cells
+            difference, p = paired_test(other, base)
+            assert (p < 0.05) == (abs(difference) >= significant_from(other, base) - 1e-12), (n_seeds, n_examples, difference, p)
+
+
+def test_significant_from_in_hand_cases():
+    # 5 wins of 5: the all-+ and all- patterns already have p = 2/32 >= 0.05, so nothing could be called
+    assert significant_from(np.ones((1, 5)), np.zeros((1, 5))) == float("inf")
+    # 6 of 6: p = 2/64, so only the full difference (1.0) is significant
+    assert significant_from(np.ones((1, 6)), np.zeros((1, 6))) == 1.0
+    assert significant_from(np.ones((1, 6)), np.ones((1, 6))) == float("inf")  # they never disagree
+    # more examples with the same disagreements resolve less: the value is a mean over all of them
+    few, many = np.zeros((1, 100)), np.zeros((1, 200))
+    few[0, :20] = many[0, :20] = 1
+    assert significant_from(many, np.zeros((1, 200))) == pytest.approx(significant_from(few, np.zeros((1, 100))) / 2)

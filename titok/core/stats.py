@@ -7,7 +7,10 @@ can be compared example by example.
   of each resample; the 2.5th and 97.5th percentiles are the 95% interval.
 - ``paired_test``: the difference of two methods on the same (seed, example) cells; a two-sided
   sign-flip permutation test on the per-example mean differences (exact when there are few
-  examples, Monte Carlo otherwise). Hand-written because neither scipy nor the project's other
+  examples, Monte Carlo otherwise).
+- ``significant_from``: that test's critical value, the smallest difference it would call at
+  p < 0.05 on the examples where the two disagree as much as they do: what a comparison can resolve
+  (a tie with a critical value of 0.10 says nothing about a 0.02 effect). Hand-written because neither scipy nor the project's other
   dependencies give a two-level bootstrap, and scipy is not a dependency.
 """
 
@@ -17,7 +20,7 @@ import itertools
 
 import numpy as np
 
-__all__ = ["bootstrap_interval", "paired_test"]
+__all__ = ["bootstrap_interval", "paired_test", "significant_from"]
 
 
 def _matrix(scores) -> np.ndarray:
@@ -41,24 +44,42 @@ def bootstrap_interval(scores, resamples: int = 2000, seed: int = 0, level: floa
     return float(values.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def _sign_flips(a, b, resamples: int, seed: int) -> tuple[float, np.ndarray | None]:
+    """The observed mean difference and the null distribution of |mean difference| (None where the
+    two never disagree): each example's seed-mean difference with its sign flipped at random."""
+    a, b = _matrix(a), _matrix(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must have one shape, got {a.shape} and {b.shape}")
+    per_example = (a - b).mean(axis=0)
+    nonzero = per_example[per_example != 0]
+    if len(nonzero) == 0:
+        return float(per_example.mean()), None
+    if len(nonzero) <= 16:  # every sign pattern: exact
+        signs = np.array(list(itertools.product((-1.0, 1.0), repeat=len(nonzero))))
+    else:
+        signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(resamples, len(nonzero)))
+    return float(per_example.mean()), np.abs((signs * nonzero).sum(axis=1) / len(per_example))
+
+
 def paired_test(a, b, resamples: int = 20000, seed: int = 0) -> tuple[float, float]:
     """``(mean difference a - b, two-sided p-value)`` over paired (seeds, examples) matrices.
 
     The unit is the example (its difference averaged over seeds): under the null hypothesis each
     example's difference is as likely negative as positive, so its sign is flipped at random.
     """
-    a, b = _matrix(a), _matrix(b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores must have one shape, got {a.shape} and {b.shape}")
-    per_example = (a - b).mean(axis=0)
-    observed = per_example.mean()
-    nonzero = per_example[per_example != 0]
-    if len(nonzero) == 0:
-        return float(observed), 1.0
-    if len(nonzero) <= 16:  # every sign pattern: exact
-        signs = np.array(list(itertools.product((-1.0, 1.0), repeat=len(nonzero))))
-    else:
-        signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(resamples, len(nonzero)))
-    flipped = (signs * nonzero).sum(axis=1) / len(per_example)
-    p = float(np.mean(np.abs(flipped) >= abs(observed) - 1e-12))
-    return float(observed), p
+    observed, null = _sign_flips(a, b, resamples, seed)
+    if null is None:
+        return observed, 1.0
+    return observed, float(np.mean(null >= abs(observed) - 1e-12))
+
+
+def significant_from(a, b, level: float = 0.05, resamples: int = 20000, seed: int = 0) -> float:
+    """The smallest |mean difference| ``paired_test`` would call significant (p < ``level``) with the
+    per-example disagreements of ``a`` and ``b``; ``inf`` where no difference could be (too few)."""
+    _, null = _sign_flips(a, b, resamples, seed)
+    if null is None:
+        return float("inf")
+    values = np.sort(null)
+    beyond = 1.0 - np.searchsorted(values, values - 1e-12, side="left") / len(values)  # P(|F| >= v) for each v
+    called = values[beyond < level]
+    return float(called.min()) if len(called) else float("inf")
