@@ -210,7 +210,9 @@ _HOW_TO_READ = """\
   common answer and its share.
 - [low, high] is a 95% bootstrap interval over the held-out examples and the seeds; vanilla and the
   source expert use greedy decoding on one fixed test split, so they are one run each. The paired
-  tests say which differences between TiTok and another row are more than noise (n.s.: they are not).
+  tests say which differences between TiTok and another row are more than noise (n.s.: they are not),
+  and from what size on they could call one (significant from): a tie says nothing about an effect
+  smaller than that; more held-out examples (`eval.examples`) or seeds lower it.
 - `excess_histogram.png`: a wide spread with a clear upper tail means the excess separates what the
   adapter taught from what the base already knew; the top-M cut takes that tail.
 - `tokens.html`: the shaded tokens are where the expert and the amateur disagree; if the underlined
