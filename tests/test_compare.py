@@ -47,6 +47,7 @@ def _compare_yaml(tmp_path, dirs, **fields) -> str:
     ("transplant.filter.top_m=100", "top_m=100 is larger than queries.pool_size=8"),
     ("source.train={epochs: 0}", "source.train.epochs"),
     ("transplant.train.epochs=0", "transplant.train.epochs"),
+    ("eval.examples=500", "eval.examples: Input should be less than or equal to 200"),  # past the held-out split
     ("transplant.engine.batch_sise=4", "transplant.engine.batch_sise"),
     ("per_task={word_sorting: {queries: {max_new_tokens: 96}}}", "per_task: ['word_sorting'] are not among tasks"),
     ("per_task={boolean_expressions: {run_dir: /tmp/x}}", "per_task: Value error, boolean_expressions: ['run_dir']"),

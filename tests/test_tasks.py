@@ -230,3 +230,18 @@ def test_a_task_files_split_depends_on_its_content_not_its_spelling_and_honours_
     assert len(relative.train_examples) == 50
     assert len(load_task("task.json", n_train=500).train_examples) == 120 - 8 - 56  # all that is left
     assert load_task("task.json", seed=1, n_train=50).test_examples != relative.test_examples
+
+
+def test_held_out_examples_never_reach_a_training_split():
+    """An evaluation's examples are a prefix of the held-out block, whatever their number, and
+    ``titok sft``'s training examples (any n_train) start after it; asking for more is refused."""
+    from titok.tasks import HELD_OUT_EXAMPLES
+
+    for spec in ("web_of_lies", "boolean_expressions"):
+        trained = {e["input"] for e in load_task(spec, n_train=512).train_examples}
+        for n_test in (20, 100, HELD_OUT_EXAMPLES):
+            held_out = [e["input"] for e in load_task(spec, n_test=n_test).test_examples]
+            assert len(held_out) == n_test and not trained & set(held_out)
+            assert held_out == [e["input"] for e in load_task(spec).test_examples][:n_test]
+        with pytest.raises(ValueError, match=f"holds {HELD_OUT_EXAMPLES}"):
+            load_task(spec, n_test=HELD_OUT_EXAMPLES + 1)

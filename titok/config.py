@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from titok.choices import (DEFAULT_ENGINE, ENGINES, FILTER_METHODS, PAPER_METHOD, REFERENCES, EngineName,
                            FilterMethodName, Normalization, Reference, TokenScope)
+from titok.tasks import HELD_OUT_EXAMPLES
 
 __all__ = [
     "METHODS",
@@ -309,7 +310,9 @@ class EvalSettings(Section):
     # where it runs, not what it measures (kept out of cache keys)
     PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("cpus_per_actor", "gpus_per_actor")
 
-    examples: int = Field(50, ge=1, description="held-out examples per task (the same ones for every row)")
+    examples: int = Field(50, ge=1, le=HELD_OUT_EXAMPLES, description=(
+        f"held-out examples per task (the same ones for every row); at most {HELD_OUT_EXAMPLES}, the held-out "
+        "split: more would include examples a source expert trains on"))
     max_new_tokens: int | None = Field(
         None, ge=1, description="greedy answer budget (default: 1.25 x the longest reference response + 8 tokens)")
     batch_size: int = Field(16, ge=1, description="examples per generation batch")
@@ -329,7 +332,8 @@ class EvalConfig(EvalSettings):
     adapter: str | None = Field(None, description="PEFT adapter folder (none: the vanilla base)")
     task: str = Field("boolean_expressions", description="built-in task name or a BBH-format JSON file")
     split_seed: int = Field(0, description="seed of the task's train/test split (a transplant's split_seed)")
-    examples: int = Field(100, ge=1, description="held-out examples to score")
+    examples: int = Field(100, ge=1, le=HELD_OUT_EXAMPLES, description=(
+        f"held-out examples to score; at most {HELD_OUT_EXAMPLES}, the held-out split"))
     out: OutputPath | None = Field(None, description="write the full report (with every prediction) as JSON here")
     harness: list[str] = Field([], description="lm-evaluation-harness tasks to run on the same base + adapter too "
                                "(its HF backend, the adapter's chat template), up to `examples` documents each; results "

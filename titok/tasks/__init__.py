@@ -102,11 +102,20 @@ def _distinct(examples: list[Example], spec: str) -> list[Example]:
     return list(seen.values())
 
 
-def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_test: int = 200) -> Task:
+# The held-out block: the examples after the seed ones that no training split reaches (``titok sft``
+# trains on what follows it). An evaluation takes a prefix of it, so it can never score an example a
+# source expert was trained on; more would reach into that training split.
+HELD_OUT_EXAMPLES = 200
+
+
+def load_task(spec: str, seed: int = 0, n_seed: int = 8, n_train: int = 256, n_test: int = HELD_OUT_EXAMPLES) -> Task:
     """A built-in task name or a task file -> seeded, disjoint seed/train/test splits (at most
     ``n_train`` training examples). A file's split is keyed by its content, not by how its path is
     spelled: ``task.json`` and ``/abs/task.json`` give the same split, so no test example of one run
     lands in another's training set."""
+    if n_test > HELD_OUT_EXAMPLES:
+        raise ValueError(f"task {spec!r}: {n_test} held-out examples asked for; the held-out split holds "
+                         f"{HELD_OUT_EXAMPLES} (more would include examples a source expert trains on)")
     on_disk = spec not in BUILTIN_TASKS and not spec.startswith("hf:") and Path(spec).is_file()
     key = hashlib.sha256(Path(spec).read_bytes()).hexdigest() if on_disk else spec
     rng = random.Random(f"{key}:{seed}")
