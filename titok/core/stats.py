@@ -10,8 +10,9 @@ can be compared example by example.
   examples, Monte Carlo otherwise).
 - ``significant_from``: that test's critical value, the smallest difference it would call at
   p < 0.05 on the examples where the two disagree as much as they do: what a comparison can resolve
-  (a tie with a critical value of 0.10 says nothing about a 0.02 effect). Hand-written because neither scipy nor the project's other
-  dependencies give a two-level bootstrap, and scipy is not a dependency.
+  (a tie with a critical value of 0.10 says nothing about a 0.02 effect).
+Hand-written because neither scipy nor the project's other dependencies give a two-level bootstrap,
+and scipy is not a dependency.
 """
 
 from __future__ import annotations

@@ -200,16 +200,13 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
     # weights evaluated once: a variant whose adapter another has (kd's row under both budgets, a zoo
     # adapter listed twice) takes that one's report, kept or made in this pass
     kept_weights = {digest: report for digest, report in known.values()}
-    to_evaluate, twins = {}, {}
+    evaluating = {}  # digest -> the one variant this pass evaluates for those weights
     for name, adapter in missing.items():
         if digests[name] in kept_weights:
             known[name] = (digests[name], kept_weights[digests[name]] | {"adapter": adapter})
-            continue
-        first = next((n for n in to_evaluate if digests[n] == digests[name]), None)
-        if first is None:
-            to_evaluate[name] = adapter
         else:
-            twins[name] = first
+            evaluating.setdefault(digests[name], name)
+    to_evaluate = {name: variants[name] for name in evaluating.values()}
     if to_evaluate:
         started = time.perf_counter()
         fresh = evaluate_variants(base, to_evaluate, task, seed=split_seed, n_test=settings.examples, dtype=settings.dtype,
@@ -219,8 +216,9 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
         for name, report in fresh.items():
             report["eval_seconds"] = round(time.perf_counter() - started, 1)  # the pass that evaluated it
             known[name] = (digests[name], report)
-    for name, first in twins.items():
-        known[name] = (digests[name], known[first][1] | {"adapter": variants[name]})
+    for name in missing:
+        if name not in to_evaluate and digests[name] in evaluating:  # a twin of one evaluated just now
+            known[name] = (digests[name], known[evaluating[digests[name]]][1] | {"adapter": variants[name]})
     cached_names = [name for name in variants if name not in to_evaluate]
     changed = bool(missing)
     if cached_names:  # answers re-read with today's metrics from the kept predictions (no generation)
