@@ -259,13 +259,15 @@ def test_the_gate_refuses_an_adapter_that_gives_one_answer_to_everything():
 def test_provenance_hashes_the_chat_template_the_tokenizer_gets_without_loading_it(spec, tmp_path):
     import hashlib
 
-    from titok.models import load_tokenizer, resolve_model_path
-    from titok.workflows.zoo_report import _chat_template_text, _model_fingerprint
+    from titok.models import chat_template_text, folder_chat_template, load_tokenizer, resolve_model_path
+    from titok.workflows.zoo_report import _model_fingerprint
 
     expected = hashlib.sha256(load_tokenizer(spec).chat_template.encode()).hexdigest()[:16]
-    assert _chat_template_text(Path(resolve_model_path(spec))) is not None  # read from the folder
+    assert folder_chat_template(resolve_model_path(spec)) is not None  # read from the folder
     assert _model_fingerprint(spec, False)["chat_template_sha256"] == expected
+    assert chat_template_text(spec) == load_tokenizer(spec).chat_template  # what an exported adapter ships
     folder = tmp_path / "named"  # transformers' list form of several named templates
     folder.mkdir()
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default", "template": "{{x}}"}]}))
-    assert _chat_template_text(folder) == {"default": "{{x}}"}
+    assert folder_chat_template(folder) == {"default": "{{x}}"}
+    assert chat_template_text(str(folder)) == "{{x}}"

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from titok.models import HUB_IDS, SHORT_NAMES, chat_template, hub_id, load_tokenizer, resolve_model_path
+from titok.models import HUB_IDS, SHORT_NAMES, chat_template_text, hub_id, resolve_model_path
 from titok.runstate import ADAPTER_CARD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD
 
 __all__ = ["CHAT_TEMPLATE_FILE", "export_adapter", "model_card"]
@@ -40,7 +40,7 @@ def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, target_base:
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = base_id
     config_path.write_text(json.dumps(adapter_config, indent=2))
-    template = chat_template(load_tokenizer(target_base, trust_remote_code))
+    template = chat_template_text(target_base, trust_remote_code)
     (out_dir / CHAT_TEMPLATE_FILE).write_text(template)
     record = {**card, "base_model": base_id,
               "local": {"base_model_path": resolve_model_path(target_base), "adapter_folder": str(final.resolve())}}

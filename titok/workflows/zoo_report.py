@@ -50,7 +50,7 @@ def gate_rule(expert: float, vanilla: float, migrated: float, min_retained: floa
 
 
 def _model_fingerprint(spec: str, trust_remote_code: bool) -> dict:
-    from titok.models import load_tokenizer, resolve_model_path
+    from titok.models import folder_chat_template, load_tokenizer, resolve_model_path
 
     path = Path(resolve_model_path(spec))
     record = {"spec": spec, "path": str(path)}
@@ -61,24 +61,9 @@ def _model_fingerprint(spec: str, trust_remote_code: bool) -> dict:
             if (path / name).is_file():
                 tokenizer.update(name.encode() + (path / name).read_bytes())
         record["tokenizer_sha256"] = tokenizer.hexdigest()[:16]
-    template = _chat_template_text(path) or load_tokenizer(spec, trust_remote_code).chat_template or ""
+    template = folder_chat_template(path) or load_tokenizer(spec, trust_remote_code).chat_template or ""
     record["chat_template_sha256"] = hashlib.sha256(str(template).encode()).hexdigest()[:16]
     return record
-
-
-def _chat_template_text(path: Path) -> str | None:
-    """The chat template ``load_tokenizer`` would give, read from the model folder without building the
-    tokenizer (seconds for a 262k vocabulary); None where the folder has no tokenizer config (a hub id)."""
-    from titok.models import PLAIN_CHAT_TEMPLATE
-
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if not (path / "tokenizer_config.json").is_file():
-        return None
-    template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-    if isinstance(template, list):  # named templates: transformers keeps them as {name: template}
-        template = {t["name"]: t["template"] for t in template}
-    return template or PLAIN_CHAT_TEMPLATE  # a tokenizer without one gets titok's plain template
 
 
 def _stage_digest(run_root: Path, stages: tuple[str, ...]) -> str:
