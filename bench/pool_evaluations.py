@@ -16,6 +16,8 @@ run's chain of stages is still on disk.)
 Each argument is ``SEED=FILE``, every variant of the file as a row of that seed (vanilla, one greedy run,
 from the first file that has it), or ``SEED=FILE:VARIANT=ROW[,VARIANT=ROW]``, the named variants only,
 under the row names given. ``--expert`` adds the source expert's row (``evals/<task>/source-expert.json``).
+FILE may also be a report's ``rows.json`` (``titok.workflows.report.write_rows``), which outlives the
+run folder: its rows of that seed on ``--task`` and ``--target`` are the variants, vanilla among them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titok.workflows.report import evaluation_row, markdown_tables, paired_markdown, paired_tests  # noqa: E402
+from titok.workflows.report import evaluation_row, markdown_tables, paired_markdown, paired_tests, read_rows  # noqa: E402
 
 
 def parse_source(text: str) -> tuple[int, Path, dict[str, str] | None]:
@@ -44,10 +46,20 @@ def parse_source(text: str) -> tuple[int, Path, dict[str, str] | None]:
     return int(seed), Path(path), names
 
 
+def _reports(path: Path, seed: int, task: str, target: str) -> dict[str, dict]:
+    """Variant -> report of an evaluation file, or of a report's rows.json (its rows of ``seed``, and the
+    untrained vanilla row)."""
+    kept = json.loads(path.read_text())
+    if "reports" in kept:
+        return kept["reports"]
+    return {row["method"]: row for row in read_rows(path)
+            if (row["task"], row["target"]) == (task, target) and row["seed"] in (seed, "")}
+
+
 def pooled_rows(sources: list[tuple[int, Path, dict[str, str] | None]], task: str, target: str) -> list[dict]:
     rows, have_vanilla = [], False
     for seed, path, names in sources:
-        reports = json.loads(path.read_text())["reports"]
+        reports = _reports(path, seed, task, target)
         wanted = names or {variant: variant for variant in reports}
         for variant, name in wanted.items():
             if variant not in reports:
@@ -65,14 +77,16 @@ def main() -> None:
     parser.add_argument("sources", nargs="+", help="SEED=FILE[:VARIANT=ROW,...]")
     parser.add_argument("--task", required=True)
     parser.add_argument("--target", required=True)
-    parser.add_argument("--expert", help="the source expert's evaluation file (its row, untrained)")
+    parser.add_argument("--expert", help="the source expert's evaluation file, or a report's rows.json (its row, untrained)")
     parser.add_argument("--out", required=True, help="folder for results.md and paired_tests.json")
     args = parser.parse_args()
 
     sources = [parse_source(text) for text in args.sources]
     rows = pooled_rows(sources, args.task, args.target)
     if args.expert:
-        expert = json.loads(Path(args.expert).read_text())["reports"]["expert"]
+        kept = json.loads(Path(args.expert).read_text())
+        expert = kept["reports"]["expert"] if "reports" in kept else next(
+            row for row in read_rows(args.expert) if (row["task"], row["method"]) == (args.task, "source expert"))
         rows.insert(0, evaluation_row(expert, args.task, "source", "source expert", None))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["seed"] != ""))
     tests = paired_tests(rows, [args.task], methods, "exact_match")

@@ -39,3 +39,24 @@ def test_seeds_of_separate_invocations_pool_into_one_paired_test(tmp_path):
         pool.pooled_rows([pool.parse_source(f"1={one}:uld=uld")], "t", "g")
     with pytest.raises(SystemExit, match="expected SEED=FILE"):
         pool.parse_source(str(one))
+
+
+def test_a_reports_rows_pool_with_a_later_evaluation_after_the_run_folder_is_gone(tmp_path):
+    """A committed report keeps rows.json; its seed's rows (and vanilla) pair with a later invocation's file."""
+    from titok.workflows.report import evaluation_row, write_rows
+
+    earlier = _eval_file(tmp_path / "seed0.json", {"vanilla": [0] * 8, "kd": [1, 1, 1, 1, 0, 0, 0, 0],
+                                                  "titok": [1, 1, 1, 1, 1, 1, 0, 0]})
+    reports = json.loads(earlier.read_text())["reports"]
+    rows = [evaluation_row(reports["vanilla"], "t", "g", "vanilla", None), evaluation_row(reports["kd"], "t", "g", "kd", 0),
+            evaluation_row(reports["titok"], "t", "g", "titok", 0), evaluation_row(reports["kd"], "other", "g", "kd", 0),
+            evaluation_row(reports["kd"], "t", "g", "kd", 1)]
+    write_rows(rows, tmp_path / "rows.json")
+    later = _eval_file(tmp_path / "seed1.json", {"kd": [1, 1, 0, 0, 0, 0, 0, 0], "titok": [1] * 8})
+    pooled = pool.pooled_rows([pool.parse_source(f"0={tmp_path / 'rows.json'}"), pool.parse_source(f"1={later}")], "t", "g")
+    assert sorted((r["method"], r["seed"]) for r in pooled) == [("kd", 0), ("kd", 1), ("titok", 0), ("titok", 1), ("vanilla", "")]
+    tests = {(t["method"], t["versus"]): t for t in pool.paired_tests(pooled, ["t"], ["kd", "titok"], "exact_match")}
+    assert tests[("titok", "kd")]["n"] == 16 and tests[("titok", "kd")]["seeds"] == [0, 1]
+    assert tests[("titok", "kd")]["difference"] == pytest.approx(14 / 16 - 6 / 16)
+    renamed = pool.pooled_rows([pool.parse_source(f"0={tmp_path / 'rows.json'}:titok=titok (58 steps)")], "t", "g")
+    assert [(r["method"], r["per_example"]["exact_match"]) for r in renamed] == [("titok (58 steps)", [1] * 6 + [0] * 2)]

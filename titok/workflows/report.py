@@ -6,6 +6,8 @@
 - ``results.csv``: one row per (task, target, method, seed), every metric;
 - ``accuracy.png``: the exact-match table as bars, the error bars spanning the reported 95% interval;
 - ``paired_tests.json``: the paired tests of ``results.md`` with their p-values;
+- ``rows.json``: every row with its per-example scores, what the intervals and the paired tests read:
+  a committed report pools with later ones (``bench/pool_evaluations.py``) after its run folder is gone;
 - ``excess_histogram.png``: every synthetic sample's mean excess, with the top-M cut marked;
 - ``tokens.html``: a few synthetic responses, every token shaded by its excess (green: the expert
   likes it more than the amateur, red: less) and the tokens TiTok trains on underlined.
@@ -28,11 +30,13 @@ from titok.core.metrics import UNANSWERED_SHARE, collapse_text, collapsed
 from titok.core.stats import bootstrap_interval, paired_test, significant_from
 from titok.runstate import COMPLETE
 
-__all__ = ["REPORT_FILES", "accuracy_figure", "aggregate", "evaluation_row", "excess_figure", "markdown_tables", "shade_tokens",
-           "write_compare_report"]
+__all__ = ["REPORT_FILES", "ROWS_FILE", "accuracy_figure", "aggregate", "evaluation_row", "excess_figure", "markdown_tables",
+           "read_rows", "shade_tokens", "write_compare_report", "write_rows"]
 
 # what write_compare_report leaves in the report folder; results.md lists the others
-REPORT_FILES = ("results.md", "results.csv", "paired_tests.json", "accuracy.png", "excess_histogram.png", "tokens.html")
+REPORT_FILES = ("results.md", "results.csv", "rows.json", "paired_tests.json", "accuracy.png", "excess_histogram.png",
+                "tokens.html")
+ROWS_FILE = "rows.json"
 
 _METRICS = {"exact_match": "Exact match", "option_accuracy": "Option log-likelihood accuracy", "rougeL": "ROUGE-L"}
 _REFERENCE_ROWS = ("source expert", "vanilla")
@@ -228,6 +232,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """The rows with their per-example scores (``results.csv`` leaves those out)."""
+    path.write_text(json.dumps({"rows": rows}))
+
+
+def read_rows(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text())["rows"]
 
 
 def _pyplot():
@@ -472,6 +485,7 @@ def write_compare_report(cfg, rows: list[dict], folder: Path, seconds: float,
     folder.mkdir(parents=True, exist_ok=True)
     methods = [row_label(cfg, variant, budget) for budget in budgets(cfg) for variant in cfg.methods]
     write_csv(rows, folder / "results.csv")
+    write_rows(rows, folder / ROWS_FILE)
     primary = {t: "rougeL" if any(r["task"] == t and "rougeL" in r.get("per_example", {}) for r in rows) else "exact_match"
                for t in cfg.tasks}
     tests = [test for task in cfg.tasks for test in paired_tests(rows, [task], methods, primary[task])]
