@@ -33,10 +33,10 @@ from titok.runstate import COMPLETE
 __all__ = ["REPORT_FILES", "ROWS_FILE", "accuracy_figure", "aggregate", "evaluation_row", "excess_figure", "markdown_tables",
            "read_rows", "shade_tokens", "write_compare_report", "write_rows"]
 
-# what write_compare_report leaves in the report folder; results.md lists the others
-REPORT_FILES = ("results.md", "results.csv", "rows.json", "paired_tests.json", "accuracy.png", "excess_histogram.png",
-                "tokens.html")
 ROWS_FILE = "rows.json"
+# what write_compare_report leaves in the report folder; results.md lists the others
+REPORT_FILES = ("results.md", "results.csv", ROWS_FILE, "paired_tests.json", "accuracy.png", "excess_histogram.png",
+                "tokens.html")
 
 _METRICS = {"exact_match": "Exact match", "option_accuracy": "Option log-likelihood accuracy", "rougeL": "ROUGE-L"}
 _REFERENCE_ROWS = ("source expert", "vanilla")
