@@ -12,6 +12,10 @@ A query counts only if it parses as the task's generator writes it and its answe
   the truth?" (or "Does E lie?"). The rule is ``web_of_lies.solve``'s, applied by name: ``solve`` takes a
   chain in which each person speaks of the one before, and a synthetic query may have anyone speak of
   anyone named earlier.
+- boolean_expressions (``titok.tasks.boolean_expressions``): "not ( True ) and False is": True, False, not,
+  and, or and balanced parentheses in Python's grammar, at least four tokens as the generator writes them
+  (a bracket may touch its neighbour: "(False and True)"), then " is". The rule is
+  ``boolean_expressions.evaluate``'s (Python's precedence: not, and, or).
 - tracking_shuffled_objects_three_objects (``titok.tasks.shuffled_objects``): three distinct players
   holding three distinct colours, any number of swaps between two different players named at the start
   ("First, ..., Then, ..., Next, ..., Finally, A and B swap balls"), then a last sentence ending "P has
@@ -33,6 +37,7 @@ from typing import Callable
 import pandas as pd
 import yaml
 
+from titok.tasks.boolean_expressions import evaluate
 from titok.tasks.shuffled_objects import swap_all
 
 _SAYS = r"(tells the truth|lies)"
@@ -56,6 +61,36 @@ def web_of_lies_gold(query: str) -> str | None:
     if m.group(2) not in truthful:
         return None
     return "Yes" if truthful[m.group(2)] == (m.group(3) == "tell the truth") else "No"
+
+
+def _boolean_expression_ends(tokens: list[str], i: int) -> int | None:
+    """Where the expression starting at ``tokens[i]`` ends (or | and between operands), else None."""
+    i = _boolean_operand_ends(tokens, i)
+    while i is not None and i < len(tokens) and tokens[i] in ("and", "or"):
+        i = _boolean_operand_ends(tokens, i + 1)
+    return i
+
+
+def _boolean_operand_ends(tokens: list[str], i: int) -> int | None:
+    while i < len(tokens) and tokens[i] == "not":
+        i += 1
+    if i < len(tokens) and tokens[i] in ("True", "False"):
+        return i + 1
+    if i < len(tokens) and tokens[i] == "(":
+        i = _boolean_expression_ends(tokens, i + 1)
+        return i + 1 if i is not None and i < len(tokens) and tokens[i] == ")" else None
+    return None
+
+
+def boolean_gold(query: str) -> str | None:
+    """"True"/"False" for a grammatical expression of the generator's words ending " is", else None."""
+    m = re.fullmatch(r"(.+?)\s+is", query.strip())
+    if not m:
+        return None
+    tokens = re.sub(r"([()])", r" \1 ", m.group(1)).split()
+    if len(tokens) < 4 or _boolean_expression_ends(tokens, 0) != len(tokens):
+        return None
+    return str(evaluate(tokens))
 
 
 _TRACKING = re.compile(
@@ -96,6 +131,7 @@ class Rules:
 
 
 RULES = {
+    "boolean_expressions": Rules(boolean_gold, r"answer is:?\s*(?P<key>True|False)\b", ("True", "False")),
     "web_of_lies": Rules(web_of_lies_gold, r"answer is:?\s*(?P<key>Yes|No)\b", ("Yes", "No")),
     "tracking_shuffled_objects_three_objects": Rules(tracking_gold, r"answer is:?\s*(\((?P<key>[A-C])\))", ("(A)", "(B)", "(C)")),
 }
@@ -131,7 +167,23 @@ def counts(run_dir: Path, rules: Rules) -> dict:
                                         "none": int(part["answer"].isna().sum())}}
     answer_kept = [k for k in (answer_token_kept(rules, r) for _, r in kept.iterrows()) if k is not None]
     out["top_m_answer_token_kept"] = {"kept": sum(answer_kept), "of": len(answer_kept)}
+    out["sample_score"] = what_the_sample_score_ranks(scores, in_top_m)
     return out
+
+
+def what_the_sample_score_ranks(scores: pd.DataFrame, in_top_m: pd.Series) -> dict:
+    """What top-M by mean excess selects for: puzzles of the task's form, right answers, or short responses.
+    A format token early in a response carries a large excess and the mean divides it by the length, so a
+    short response ranks high whatever it answers."""
+    form = scores["gold"].notna()
+    right = form & (scores["answer"] == scores["gold"])
+    return {"median": {"of_the_task_form": float(scores["sample_score"][form].median()),
+                       "not_of_the_task_form": float(scores["sample_score"][~form].median()),
+                       "expert_right": float(scores["sample_score"][right].median()),
+                       "expert_wrong": float(scores["sample_score"][form & ~right].median())},
+            "spearman_with_response_tokens": float(scores["sample_score"].corr(scores["n_tokens"], method="spearman")),
+            "of_the_task_form_in_top_m": {"found": int((form & in_top_m).sum()),
+                                          "at_random": round(float(form.sum() * in_top_m.mean()), 1)}}
 
 
 def stage_seconds(run_dir: Path) -> dict:
@@ -154,6 +206,7 @@ def main() -> None:
         print(f"{name}: {c['samples']} samples, {c['of_the_task_form']} of the task's form (expert right on "
               f"{c['expert_right_on_those']}); expert answers {c['expert_answers']}")
     print(f"top-M answer tokens kept by the token filter: {found['top_m_answer_token_kept']}")
+    print(f"the sample score (mean excess): {found['sample_score']}")
     if args.json:
         import torch
 

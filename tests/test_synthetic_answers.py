@@ -57,3 +57,31 @@ def test_tracking_refuses_repeated_names_or_colours():
         swaps="First, Sarah and Emily swap balls", asked="Emily", options=OPTIONS)) is None
     assert answers.tracking_gold(PUZZLE.replace("and James are", "and Sarah are").format(
         swaps="First, Sarah and Emily swap balls", asked="Emily", options=OPTIONS)) is None
+
+
+@pytest.mark.parametrize("query,gold", [
+    ("not False or ( False and False ) is", "True"),  # not binds first, then or
+    ("not False or (False and False) is", "True"),  # brackets touching their words
+    ("True or False and False is", "True"),  # and before or, as Python reads it
+    ("not ( True or False ) and True is", "False"),
+    ("False, False and True and False is", None),  # a comma is not the task's
+    ("False and (False is True or True is False) is", None),  # "is" inside the expression
+    ("True and True, False and True is", None),
+    ("( True ) and ( False is", None),  # unbalanced
+    ("True and is", None),
+    ("not True is", None),  # fewer than the generator's four tokens
+    ("True and False", None),  # no closing "is"
+])
+def test_boolean_parses_only_the_generators_grammar(query, gold):
+    assert answers.boolean_gold(query) == gold
+
+
+def test_the_sample_score_report_counts_what_top_m_keeps():
+    import pandas as pd
+
+    scores = pd.DataFrame({"gold": ["True", None, "False", None], "answer": ["True", "True", "True", None],
+                           "sample_score": [1.0, 4.0, 2.0, 3.0], "n_tokens": [40, 10, 30, 20]})
+    ranks = answers.what_the_sample_score_ranks(scores, pd.Series([False, True, False, True]))
+    assert ranks["spearman_with_response_tokens"] == -1.0  # shorter, higher: the mean's bias
+    assert ranks["of_the_task_form_in_top_m"] == {"found": 0, "at_random": 1.0}
+    assert ranks["median"] == {"of_the_task_form": 1.5, "not_of_the_task_form": 3.5, "expert_right": 1.0, "expert_wrong": 2.0}
