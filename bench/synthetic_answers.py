@@ -173,15 +173,15 @@ def counts(run_dir: Path, rules: Rules) -> dict:
 
 def what_the_sample_score_ranks(scores: pd.DataFrame, in_top_m: pd.Series) -> dict:
     """What top-M by mean excess selects for: puzzles of the task's form, right answers, or short responses.
-    A format token early in a response carries a large excess and the mean divides it by the length, so a
-    short response ranks high whatever it answers."""
-    form = scores["gold"].notna()
+    A token's excess falls with its position (the amateur picks the pattern up from the response before
+    it), so the mean ranks a short response high whatever it answers."""
+    score, form = scores["sample_score"], scores["gold"].notna()
     right = form & (scores["answer"] == scores["gold"])
-    return {"median": {"of_the_task_form": float(scores["sample_score"][form].median()),
-                       "not_of_the_task_form": float(scores["sample_score"][~form].median()),
-                       "expert_right": float(scores["sample_score"][right].median()),
-                       "expert_wrong": float(scores["sample_score"][form & ~right].median())},
-            "spearman_with_response_tokens": float(scores["sample_score"].corr(scores["n_tokens"], method="spearman")),
+    return {"median": {"of_the_task_form": float(score[form].median()),
+                       "not_of_the_task_form": float(score[~form].median()),
+                       "expert_right": float(score[right].median()),
+                       "expert_wrong": float(score[form & ~right].median())},
+            "spearman_with_response_tokens": float(score.corr(scores["n_tokens"], method="spearman")),
             "of_the_task_form_in_top_m": {"found": int((form & in_top_m).sum()),
                                           "at_random": round(float(form.sum() * in_top_m.mean()), 1)}}
 
