@@ -14,19 +14,20 @@ A query counts only if it parses as the task's generator writes it and its answe
   anyone named earlier.
 - boolean_expressions (``titok.tasks.boolean_expressions``): "not ( True ) and False is": True, False, not,
   and, or and balanced parentheses in Python's grammar, at least four tokens as the generator writes them
-  (a bracket may touch its neighbour: "(False and True)"), then " is". The rule is
-  ``boolean_expressions.evaluate``'s (Python's precedence: not, and, or).
+  (a bracket may touch its neighbour: "(False and True)"), then " is"; Python's parser (``ast``) checks the
+  grammar. The rule is ``boolean_expressions.evaluate``'s (Python's precedence: not, and, or).
 - tracking_shuffled_objects_three_objects (``titok.tasks.shuffled_objects``): three distinct players
   holding three distinct colours, any number of swaps between two different players named at the start
   ("First, ..., Then, ..., Next, ..., Finally, A and B swap balls"), then a last sentence ending "P has
   the" (however it opens) about a player named at the start, and exactly one option holding the colour
   that player ends with. The rule is
   ``shuffled_objects.swap_all``'s.
-Hand-written: no library parses these puzzles; the tests check each parser against the generator."""
+Hand-written for web_of_lies and tracking: no library parses those puzzles; the tests check each parser against the generator."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -63,34 +64,23 @@ def web_of_lies_gold(query: str) -> str | None:
     return "Yes" if truthful[m.group(2)] == (m.group(3) == "tell the truth") else "No"
 
 
-def _boolean_expression_ends(tokens: list[str], i: int) -> int | None:
-    """Where the expression starting at ``tokens[i]`` ends (or | and between operands), else None."""
-    i = _boolean_operand_ends(tokens, i)
-    while i is not None and i < len(tokens) and tokens[i] in ("and", "or"):
-        i = _boolean_operand_ends(tokens, i + 1)
-    return i
-
-
-def _boolean_operand_ends(tokens: list[str], i: int) -> int | None:
-    while i < len(tokens) and tokens[i] == "not":
-        i += 1
-    if i < len(tokens) and tokens[i] in ("True", "False"):
-        return i + 1
-    if i < len(tokens) and tokens[i] == "(":
-        i = _boolean_expression_ends(tokens, i + 1)
-        return i + 1 if i is not None and i < len(tokens) and tokens[i] == ")" else None
-    return None
+_BOOLEAN_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not)
 
 
 def boolean_gold(query: str) -> str | None:
-    """"True"/"False" for a grammatical expression of the generator's words ending " is", else None."""
+    """"True"/"False" for a grammatical expression of the generator's words ending " is", else None.
+    Python's own parser checks the grammar (the task's expressions are Python's)."""
     m = re.fullmatch(r"(.+?)\s+is", query.strip())
     if not m:
         return None
     tokens = re.sub(r"([()])", r" \1 ", m.group(1)).split()
-    if len(tokens) < 4 or _boolean_expression_ends(tokens, 0) != len(tokens):
+    try:
+        tree = ast.parse(" ".join(tokens), mode="eval")
+    except SyntaxError:
         return None
-    return str(evaluate(tokens))
+    grammatical = all(isinstance(node, _BOOLEAN_NODES) or (isinstance(node, ast.Constant) and isinstance(node.value, bool))
+                      for node in ast.walk(tree))
+    return str(evaluate(tokens)) if grammatical and len(tokens) >= 4 else None
 
 
 _TRACKING = re.compile(
