@@ -22,7 +22,10 @@ A query counts only if it parses as the task's generator writes it and its answe
   the" (however it opens) about a player named at the start, and exactly one option holding the colour
   that player ends with. The rule is
   ``shuffled_objects.swap_all``'s.
-Hand-written for web_of_lies and tracking: no library parses those puzzles; the tests check each parser against the generator."""
+Hand-written for web_of_lies and tracking: no library parses those puzzles; the tests check each parser against the generator.
+
+For boolean_expressions it also checks every step of the expert's rationales ("not False = True.", the
+generator's form) and says how often the token filter kept a right step's result and a wrong one's."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -67,20 +71,44 @@ def web_of_lies_gold(query: str) -> str | None:
 _BOOLEAN_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not)
 
 
-def boolean_gold(query: str) -> str | None:
-    """"True"/"False" for a grammatical expression of the generator's words ending " is", else None.
-    Python's own parser checks the grammar (the task's expressions are Python's)."""
-    m = re.fullmatch(r"(.+?)\s+is", query.strip())
-    if not m:
-        return None
-    tokens = re.sub(r"([()])", r" \1 ", m.group(1)).split()
+def _boolean_value(tokens: list[str]) -> bool | None:
+    """The value of an expression of the task's words (Python's own parser checks the grammar: the task's
+    expressions are Python's), else None."""
     try:
         tree = ast.parse(" ".join(tokens), mode="eval")
     except SyntaxError:
         return None
     grammatical = all(isinstance(node, _BOOLEAN_NODES) or (isinstance(node, ast.Constant) and isinstance(node.value, bool))
                       for node in ast.walk(tree))
-    return str(evaluate(tokens)) if grammatical and len(tokens) >= 4 else None
+    return evaluate(tokens) if grammatical else None
+
+
+def _words(expression: str) -> list[str]:
+    return re.sub(r"([()])", r" \1 ", expression).split()  # a bracket may touch its neighbour: "(False and True)"
+
+
+def boolean_gold(query: str) -> str | None:
+    """"True"/"False" for a grammatical expression of the generator's words ending " is", else None."""
+    m = re.fullmatch(r"(.+?)\s+is", query.strip())
+    if not m:
+        return None
+    tokens = _words(m.group(1))
+    value = _boolean_value(tokens)
+    return str(value) if value is not None and len(tokens) >= 4 else None
+
+
+_STEP = re.compile(r"(?:^|(?<=\. ))(?P<expression>[^.=]+?) = (?P<result>True|False)\.")
+
+
+def boolean_steps(response: str) -> list[tuple[int, bool]]:
+    """(where its result starts, whether it is right) for each step of a rationale ("not False = True.",
+    ``solve_steps``'s form) whose left side is an expression of the task's grammar."""
+    steps = []
+    for m in _STEP.finditer(response):
+        value = _boolean_value(_words(m.group("expression")))
+        if value is not None:
+            steps.append((m.start("result"), str(value) == m.group("result")))
+    return steps
 
 
 _TRACKING = re.compile(
@@ -118,10 +146,12 @@ class Rules:
     gold: Callable[[str], str | None]
     answer: str  # the regex of the response's final answer: group 1 is the answer, group "key" its deciding token
     answers: tuple[str, ...]  # the answers counted by name in the report
+    steps: Callable[[str], list[tuple[int, bool]]] | None = None  # a rationale's checkable steps, where the task has them
 
 
 RULES = {
-    "boolean_expressions": Rules(boolean_gold, r"answer is:?\s*(?P<key>True|False)\b", ("True", "False")),
+    "boolean_expressions": Rules(boolean_gold, r"answer is:?\s*(?P<key>True|False)\b", ("True", "False"),
+                                 boolean_steps),
     "web_of_lies": Rules(web_of_lies_gold, r"answer is:?\s*(?P<key>Yes|No)\b", ("Yes", "No")),
     "tracking_shuffled_objects_three_objects": Rules(tracking_gold, r"answer is:?\s*(\((?P<key>[A-C])\))", ("(A)", "(B)", "(C)")),
 }
@@ -132,15 +162,38 @@ def final_answer(rules: Rules, response: str) -> str | None:
     return found[-1].group(1) if found else None
 
 
+def _token_at(row, char: int) -> int | None:
+    """The index of the response token that holds character ``char``."""
+    return next((i for i, (a, b) in enumerate(zip(row["offset_starts"], row["offset_ends"])) if a <= char < b), None)
+
+
 def answer_token_kept(rules: Rules, row) -> bool | None:
     """Whether the token filter kept the token that decides a response's final answer (the letter of
     "(B)", not its bracket; None: no final answer)."""
     found = list(re.finditer(rules.answer, row["response"]))
-    if not found:
-        return None
-    start = found[-1].start("key")
-    tokens = [i for i, (a, b) in enumerate(zip(row["offset_starts"], row["offset_ends"])) if a <= start < b]
-    return bool(row["keep"][tokens[0]]) if tokens else None
+    token = _token_at(row, found[-1].start("key")) if found else None
+    return None if token is None else bool(row["keep"][token])
+
+
+def step_results(scores: pd.DataFrame, kept: pd.DataFrame, steps: Callable[[str], list[tuple[int, bool]]]) -> dict:
+    """The expert's right and wrong rationale steps: their result tokens' excess, and how often the token
+    filter kept those tokens in top-M's samples. Says whether the token filter trains on the expert's
+    reasoning or on its slips."""
+    keep = dict(zip(kept["sample_id"], kept["keep"]))
+    found = {True: [], False: []}  # right? -> (excess, kept by the token filter, None outside top-M)
+    for _, row in scores.iterrows():
+        mask = keep.get(row["sample_id"])
+        for start, right in steps(row["response"]):
+            token = _token_at(row, start)
+            if token is not None:
+                found[right].append((float(row["excess"][token]), None if mask is None else bool(mask[token])))
+    out = {}
+    for right, results in found.items():
+        in_top_m = [k for _, k in results if k is not None]
+        out["right" if right else "wrong"] = {
+            "steps": len(results), "median_result_excess": float(np.median([e for e, _ in results])) if results else None,
+            "in_top_m": len(in_top_m), "kept_by_token_filter": round(sum(in_top_m) / len(in_top_m), 3) if in_top_m else None}
+    return out
 
 
 def counts(run_dir: Path, rules: Rules) -> dict:
@@ -158,6 +211,8 @@ def counts(run_dir: Path, rules: Rules) -> dict:
     answer_kept = [k for k in (answer_token_kept(rules, r) for _, r in kept.iterrows()) if k is not None]
     out["top_m_answer_token_kept"] = {"kept": sum(answer_kept), "of": len(answer_kept)}
     out["sample_score"] = what_the_sample_score_ranks(scores, in_top_m)
+    if rules.steps:
+        out["step_results"] = step_results(scores, kept, rules.steps)
     return out
 
 
@@ -197,6 +252,8 @@ def main() -> None:
               f"{c['expert_right_on_those']}); expert answers {c['expert_answers']}")
     print(f"top-M answer tokens kept by the token filter: {found['top_m_answer_token_kept']}")
     print(f"the sample score (mean excess): {found['sample_score']}")
+    if "step_results" in found:
+        print(f"the expert's rationale steps, right and wrong: {found['step_results']}")
     if args.json:
         import torch
 

@@ -85,3 +85,31 @@ def test_the_sample_score_report_counts_what_top_m_keeps():
     assert ranks["spearman_with_response_tokens"] == -1.0  # shorter, higher: the mean's bias
     assert ranks["of_the_task_form_in_top_m"] == {"found": 0, "at_random": 1.0}
     assert ranks["median"] == {"of_the_task_form": 1.5, "not_of_the_task_form": 3.5, "expert_right": 1.0, "expert_wrong": 2.0}
+
+
+def test_boolean_steps_checks_each_step_of_a_rationale():
+    from titok.tasks.boolean_expressions import make_boolean_expression
+
+    example = make_boolean_expression(random.Random(3))
+    rationale = example["rationale"] + f" So the answer is {example['target']}."
+    steps = answers.boolean_steps(rationale)
+    assert len(steps) == rationale.count(" = ") and all(right for _, right in steps)
+    start, _ = steps[0]
+    result = "True" if rationale.startswith("True", start) else "False"
+    flipped = rationale[:start] + ("False" if result == "True" else "True") + rationale[start + len(result):]
+    assert [right for _, right in answers.boolean_steps(flipped)] == [False] + [True] * (len(steps) - 1)
+    assert answers.boolean_steps("not None = True. True and = False. So the answer is True.") == []  # not the task's grammar
+
+
+def test_step_results_counts_the_token_filter_on_right_and_wrong_steps():
+    import pandas as pd
+
+    response = "not False = True. True and False = True."  # the second step is wrong
+    tokens = [(0, 3), (3, 9), (9, 11), (11, 16), (16, 17), (17, 22), (22, 26), (26, 32), (32, 34), (34, 39), (39, 40)]
+    starts, ends = map(list, zip(*tokens))
+    scores = pd.DataFrame({"sample_id": [0, 1], "response": [response] * 2, "offset_starts": [starts] * 2,
+                           "offset_ends": [ends] * 2, "excess": [[0.0] * 3 + [2.0] + [0.0] * 5 + [0.5, 0.0]] * 2})
+    kept = pd.DataFrame({"sample_id": [0], "keep": [[True] * 3 + [True] + [True] * 5 + [False, True]]})
+    found = answers.step_results(scores, kept, answers.boolean_steps)
+    assert found == {"right": {"steps": 2, "median_result_excess": 2.0, "in_top_m": 1, "kept_by_token_filter": 1.0},
+                     "wrong": {"steps": 2, "median_result_excess": 0.5, "in_top_m": 1, "kept_by_token_filter": 0.0}}
