@@ -109,7 +109,7 @@ def test_step_results_counts_the_token_filter_on_right_and_wrong_steps():
     starts, ends = map(list, zip(*tokens))
     scores = pd.DataFrame({"sample_id": [0, 1], "response": [response] * 2, "offset_starts": [starts] * 2,
                            "offset_ends": [ends] * 2, "excess": [[0.0] * 3 + [2.0] + [0.0] * 5 + [0.5, 0.0]] * 2})
-    kept = pd.DataFrame({"sample_id": [0], "keep": [[True] * 3 + [True] + [True] * 5 + [False, True]]})
+    kept = pd.DataFrame({"sample_id": [0], "keep": [[True] * 9 + [False, True]]})  # sample 0 in top-M, its wrong result dropped
     found = answers.step_results(scores, kept, answers.boolean_steps)
     assert found == {"right": {"steps": 2, "median_result_excess": 2.0, "in_top_m": 1, "kept_by_token_filter": 1.0},
                      "wrong": {"steps": 2, "median_result_excess": 0.5, "in_top_m": 1, "kept_by_token_filter": 0.0}}
