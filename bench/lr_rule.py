@@ -36,6 +36,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from titok import columns as C  # noqa: E402
+from titok.choices import PAPER_METHOD  # noqa: E402
 from titok.core.sequences import build_training_batch  # noqa: E402
 from titok.core.validation_split import best_lr, validation_mask  # noqa: E402
 from titok.train.step import selective_loss  # noqa: E402
@@ -56,20 +57,25 @@ def one_se_lr(losses: dict[float, np.ndarray], weights: np.ndarray) -> tuple[flo
     return min(lr for lr, (gap, se) in gaps.items() if gap <= se), gaps
 
 
+def method_dir(run_dir: Path, method: str) -> Path:
+    """Where a method keeps its own stages in a run folder (``titok.workflows.pipeline._stage_path``'s rule)."""
+    return run_dir if method == PAPER_METHOD else run_dir / method.replace(":", "-")
+
+
 def rate_folders(run_dir: Path, method: str) -> dict[float, Path]:
-    root = run_dir / ("" if method == "titok" else method.replace(":", "-")) / "lr-rates"
+    root = method_dir(run_dir, method) / "lr-rates"
     return {float(f.name[2:]): f for f in sorted(root.glob("*/lr*")) if (f / "adapter_model.safetensors").is_file()}
 
 
-def per_sample_losses(base, tokenizer, adapter: Path, held_out: list[dict], max_length: int) -> np.ndarray:
+def per_sample_losses(base, adapter: Path, batches: list) -> np.ndarray:
+    """The adapter's loss on each one-sample batch (``step.validation_loss``'s, sample by sample)."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()
     losses = []
     with torch.no_grad():
-        for row in held_out:
-            batch = build_training_batch(tokenizer, [row[C.QUERY]], [row[C.RESPONSE]], [row[C.TARGET_WEIGHTS]], max_length)
+        for batch in batches:
             losses.append(selective_loss(model, batch, "selected_mean").item())
     model.unload()
     return np.array(losses)
@@ -97,7 +103,7 @@ def main() -> None:
                        "processor": platform.processor() or platform.machine()}, "methods": {}}
     for method in args.methods:
         folders = rate_folders(args.run_dir, method)
-        align = args.run_dir / ("" if method == "titok" else method.replace(":", "-")) / "align"
+        align = method_dir(args.run_dir, method) / "align"
         rows = pq.read_table(str(align), columns=[C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]).to_pylist()
         rows = sorted((r for r in rows if float(np.sum(r[C.TARGET_WEIGHTS])) > 0), key=lambda r: r[C.SAMPLE_ID])
         held_out = [r for r, h in zip(rows, validation_mask(len(rows), args.fraction, args.seed)) if h]
@@ -105,7 +111,7 @@ def main() -> None:
         batches = [build_training_batch(tokenizer, [r[C.QUERY]], [r[C.RESPONSE]], [r[C.TARGET_WEIGHTS]], args.max_length)
                    for r in held_out]
         weights = np.array([float((b.token_weights * b.response_mask)[:, 1:].sum()) for b in batches])
-        losses = {lr: per_sample_losses(base, tokenizer, folder, held_out, args.max_length) for lr, folder in folders.items()}
+        losses = {lr: per_sample_losses(base, folder, batches) for lr, folder in folders.items()}
         recorded = {lr: json.loads((folder / "result.json").read_text())["metrics"].get("val_loss") for lr, folder in folders.items()}
         chosen, gaps = one_se_lr(losses, weights)
         result = {"held_out_samples": len(held_out), "argmin": best_lr({lr: [v] for lr, v in recorded.items() if v is not None}),
