@@ -192,6 +192,7 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     and the compare report say which rate won."""
     from titok.layout import share_stages
     from titok.workflows.pipeline import format_summary
+    from titok.core.validation_split import ruled_out
     from titok.workflows.report import _learning_rates_text
 
     def searching(rates: str):
@@ -212,17 +213,24 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     assert train == result["stages"]["train"] and train["rows"] == 6 and train["metrics"]["train_rows"] == 5 and np.isfinite(train["metrics"]["loss"])
     curves = train["lr_search"]
     assert set(curves) == {"1e-05", "0.03"} and all(len(c) == 2 and np.isfinite(c).all() for c in curves.values())
+    # each rate answered the held-out query on both ZeRO-3 ranks (synced generation); none ended
+    # clearly less often than the other, so the lower loss wins
+    ends = train["lr_answers_end"]
+    assert set(ends) == set(curves) and all(0.0 <= share <= 1.0 for share in ends.values())
+    assert not ruled_out({float(lr): share for lr, share in ends.items()})
     chosen = min(curves, key=lambda lr: curves[lr][-1])
     assert train["metrics"]["lr"] == float(chosen) and train["val_losses"] == curves[chosen]
     events = RunDir(tmp_path / "run").events()
-    assert [e["lr"] for e in events if e["event"] == "lr_chosen"] == [float(chosen)]
+    assert [(e["lr"], e["answers_end"], e["ruled_out"]) for e in events if e["event"] == "lr_chosen"] == [
+        (float(chosen), ends, [])]
     loads = [e for e in events if e["event"] == "model_load" and e["stage"] == "train"]
     assert sorted(e["adapters"][0] for e in loads) == ["default@lr0.03"] * 2 + ["default@lr1e-05"] * 2
     assert all(e["partitioned"] for e in loads)
     assert json.loads(Path(result["adapter"], "titok.json").read_text())["train_metrics"]["lr"] == float(chosen)
     assert f"train lr: {chosen}, the lowest validation loss of 1e-05: " in format_summary(result)
+    assert format_summary(result).count("(answers end ") == 2
     table = _learning_rates_text({("boolean_expressions", "tiny", "titok", 0): train})
-    assert "| boolean_expressions | tiny | titok | 0 |" in table and f"**{curves[chosen][-1]:.3f}**" in table
+    assert "| boolean_expressions | tiny | titok | 0 |" in table and f"**{curves[chosen][-1]:.3f}, ends {ends[chosen]:.0%}**" in table
 
     # Widened: only the new rate trains; the two rates already tried come back with their curves.
     seen = len(events)

@@ -307,7 +307,7 @@ def lr_search_zero2(target_dir, tmp_path_factory):
     job = _job(target_dir, run_dir, **LR_SEARCH)
     outcome = run_training({"default": (ray.data.from_items(_rows()), job)}, storage_path=str(run_dir / "ray"),
                            log_dir=str(run_dir))["default"]
-    return outcome, RunDir(run_dir).events()
+    return outcome, RunDir(run_dir).events(), run_dir
 
 
 @pytest.mark.slow
@@ -320,9 +320,9 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
 
     from titok.core.sequences import build_training_batch
     from titok.core.validation_split import validation_mask
-    from titok.train.step import TorchEngine, validation_loss
+    from titok.train.step import TorchEngine, held_out_answers_end, validation_loss
 
-    outcome, events = lr_search_zero2
+    outcome, events, run_dir = lr_search_zero2
     assert outcome.error is None, outcome.error
     curves = outcome.lr_search
     assert curves[1e30] == [] and len(curves[1e-6]) == len(curves[5e-3]) == 2  # one value per epoch
@@ -341,3 +341,12 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
                                     [r[C.TARGET_WEIGHTS] for r in held_out[i : i + 2]], max_length=160)
                for i in range(0, len(held_out), 2)]
     assert validation_loss(TorchEngine(model, None), batches) == pytest.approx(outcome.val_losses[-1], rel=1e-5)
+
+    # every rate that finished answered the 3 held-out queries; the kept adapter's share, generated again here
+    assert outcome.answers_end[1e30] is None and outcome.metrics["val_answers_checked"] == 3
+    assert {lr: outcome.answers_end[lr] for lr in (1e-6, 5e-3)} == {lr: json.loads(
+        (run_dir / "ray" / "train-outcomes" / f"default@lr{lr:g}" / "result.json").read_text())["metrics"]["val_answers_end"]
+        for lr in (1e-6, 5e-3)}
+    ended = held_out_answers_end(TorchEngine(model, None), tokenizer, [r[C.QUERY] for r in held_out],
+                                 [len(r[C.TARGET_WEIGHTS]) for r in held_out], batch_size=2)
+    assert outcome.metrics["val_answers_end"] == sum(ended) / 3 == outcome.answers_end[5e-3]

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from titok.config import TrainConfig
 from titok.core.sequences import build_training_batch
-from titok.core.validation_split import best_lr, validation_count, validation_mask
-from titok.train.step import TorchEngine, attach_fresh_lora, validation_loss
+from titok.core.validation_split import answer_budget, answer_ends, best_lr, ruled_out, validation_count, validation_mask
+from titok.train.step import TorchEngine, attach_fresh_lora, held_out_answers_end, validation_loss
 from tests.conftest import real_tokenizer, tiny_llama
 
 
@@ -37,6 +37,50 @@ def test_the_lowest_final_validation_loss_wins_and_a_diverged_rate_cannot():
     assert best_lr({1e-3: [1.4], 1e30: [], 3e-3: [1.0, math.nan]}) == 1e-3
     with pytest.raises(ValueError, match="no learning rate"):
         best_lr({1e30: [], 3e-3: [math.inf]})
+
+
+def test_a_rate_whose_held_out_answers_do_not_end_cannot_win_however_low_its_loss():
+    """uld on boolean_expressions (Gemma-3-270M, seed 0): 1e-2 had the lowest validation loss, by 0.003,
+    and ended 5 of its 32 held-out answers (3e-3: 32, 1e-3: 20); on the test split it answered 107 of
+    200 questions and scored 0.34 against 3e-3's 0.685."""
+    curves = {1e-3: [0.313], 3e-3: [0.277], 1e-2: [0.275]}
+    assert best_lr(curves) == 1e-2
+    assert best_lr(curves, {1e-3: 20 / 32, 3e-3: 32 / 32, 1e-2: 5 / 32}) == 3e-3
+    assert ruled_out({1e-3: 20 / 32, 3e-3: 1.0, 1e-2: 5 / 32}) == {1e-3, 1e-2}
+    assert ruled_out({1e-3: 0.9, 3e-3: 1.0}) == set()  # 10 points fewer is within the tolerance ...
+    assert ruled_out({1e-3: 28 / 32, 3e-3: 1.0}) == {1e-3}  # ... 12.5 is not
+    assert best_lr(curves, {1e-3: None, 3e-3: 0.5, 1e-2: None}) == 1e-2  # not checked: rules nothing out
+    # the best share counts among the rates that finished: a diverged rate's cannot rule another out
+    assert best_lr({1e-3: [0.3], 1e30: [math.nan]}, {1e-3: 0.2, 1e30: 1.0}) == 1e-3
+
+
+def test_an_answer_ends_when_its_turn_closes_within_twice_the_experts_length_and_16():
+    assert answer_budget(0) == 16 and answer_budget(30) == 76
+    eos = 2
+    assert answer_ends([5] * 75 + [eos], eos, response_tokens=30)  # the 76th new token: within
+    assert not answer_ends([5] * 76 + [eos], eos, response_tokens=30)  # the 77th: a loop that ran on
+    assert not answer_ends([5] * 200, eos, response_tokens=30)
+
+
+@pytest.mark.parametrize("eos_at,ends", [(0, True), (15, True), (16, False), (None, False)])
+def test_held_out_answers_are_generated_and_checked_against_the_budget(eos_at, ends):
+    """A tiny model made to close its turn at new token ``eos_at`` (a hook on the LM head, counting the
+    generation's forward passes): with the expert's response 0 tokens long the budget is 16 new tokens,
+    so the 16th token (index 15) ends in time and the 17th does not, for every query of a left-padded batch."""
+    tokenizer = real_tokenizer("smollm2-135m")
+    model = attach_fresh_lora(tiny_llama(tokenizer), rank=4)
+    calls = []
+
+    def close_turn_at(module, inputs, logits):
+        calls.append(1)  # one call per generated token: the prompt's pass makes the first
+        boost = torch.zeros(logits.shape[-1])
+        boost[tokenizer.eos_token_id] = 1e4 if len(calls) - 1 == eos_at else -1e4
+        return logits + boost
+
+    model.get_output_embeddings().register_forward_hook(close_turn_at)
+    queries = ["True and False is", "not ( True ) or ( False and True ) and not False is", "False is"]
+    assert held_out_answers_end(TorchEngine(model, None), tokenizer, queries, [0, 0, 0], batch_size=3) == [ends] * 3
+    assert not model.training
 
 
 def test_a_search_needs_held_out_samples_and_distinct_positive_rates():
@@ -90,6 +134,13 @@ def test_only_a_diverged_rate_loses_a_search_a_crashed_one_fails_the_job(tmp_pat
             "default@lr1e+30": TrainOutcome("c", error=FloatingPointError("step 0: non-finite training loss"))}
     won = _chosen("default", job, done)
     assert won.error is None and won.metrics["lr"] == 1e-3 and won.lr_search[1e30] == []
+    # the lower loss, but its held-out answers end on 3 of 25 queries where 1e-4's end on all of them
+    looping = dict(done, **{"default@lr0.0001": TrainOutcome("a", tmp_path, {"lr": 1e-4, "val_answers_end": 1.0},
+                                                              val_losses=[2.0, 1.5]),
+                            "default@lr0.001": TrainOutcome("b", tmp_path, {"lr": 1e-3, "val_answers_end": 0.12},
+                                                             val_losses=[1.8, 1.2])})
+    kept = _chosen("default", job, looping)
+    assert kept.metrics["lr"] == 1e-4 and kept.answers_end == {1e-4: 1.0, 1e-3: 0.12, 1e30: None}
     lost = dict(done, **{"default@lr0.001": TrainOutcome("b", error=RuntimeError("the train controller died"))})
     failed = _chosen("default", job, lost)
     assert isinstance(failed.error, RuntimeError) and "controller died" in str(failed.error)

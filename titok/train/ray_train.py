@@ -61,6 +61,7 @@ class TrainOutcome:
     error: BaseException | None = None
     val_losses: list[float] = field(default_factory=list)  # after each epoch, with train.validation_fraction
     lr_search: dict[float, list[float]] = field(default_factory=dict)  # each tried rate's val_losses ([]: diverged)
+    answers_end: dict[float, float | None] = field(default_factory=dict)  # each tried rate's val_answers_end
 
 
 def _linear_warmup_decay(total_steps: int, warmup: int):
@@ -183,7 +184,8 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     from titok.train import strategy
     from titok.train.batching import epoch_order, worker_micro_batches
     from titok.train.collectives import mean_over_workers
-    from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step, validation_loss
+    from titok.train.step import (attach_fresh_lora, enable_gradient_checkpointing, held_out_answers_end, training_step,
+                                  validation_loss)
 
     train, run = job.train, RunDir(job.run_dir)
     seconds = {"setup": -time.perf_counter(), "steps": 0.0, "checkpoints": 0.0}  # where a job's time goes
@@ -232,6 +234,12 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
             if held_out and (final or epoch_end):
                 held_out_batches = held_out_batches or _validation_batches(engine, tokenizer, held_out, job, plan)
                 state["val_losses"] = state["val_losses"] + [validation_loss(engine, held_out_batches)]
+            if held_out and final and train.validation_generations:
+                answered = held_out[: train.validation_generations]
+                ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in answered],
+                                             [len(r[C.TARGET_WEIGHTS]) for r in answered], plan.micro_batch,
+                                             synced_gpus=job.group.deepspeed_stage == 3 and world > 1)
+                state["val_answers_end"] = [sum(ended), len(ended)]
             if rank == 0 and feed is not None:
                 pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...
                 if final:
@@ -304,6 +312,9 @@ def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome
                "train_rows": plan.rows}
     if state["val_losses"]:
         metrics["val_loss"] = state["val_losses"][-1]
+    if "val_answers_end" in state:  # the held-out answers that end, of those generated
+        ended, answered = state["val_answers_end"]
+        metrics |= {"val_answers_end": ended / answered, "val_answers_checked": answered}
     with tempfile.TemporaryDirectory() as tmp:
         if outcome is None:
             strategy.save_state(engine, tmp, state)
@@ -401,8 +412,8 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
 
     A job with ``train.lr_search`` trains one LoRA per rate (``<job>@lr<rate>``, on the same rows and
     held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the
-    lowest final validation loss (``titok.core.validation_split.best_lr``), with every rate's curve
-    in ``lr_search``. A rate already under the job's ``kept_rates_dir`` is taken from there, not trained.
+    lowest final validation loss among those whose held-out answers end (``titok.core.validation_split.best_lr``),
+    with every rate's curve in ``lr_search`` and its share of ending answers in ``answers_end``. A rate already under the job's ``kept_rates_dir`` is taken from there, not trained.
     """
     trials = {_trial(job_name, lr): (ds, job.with_lr(lr))
               for job_name, (ds, job) in jobs.items() for lr in job.train.lr_search or [None]}
@@ -448,18 +459,19 @@ def _chosen(job_name: str, job: TrainingJob, outcomes: dict[str, TrainOutcome]) 
         return outcomes[job_name]
     tried = {lr: outcomes[_trial(job_name, lr)] for lr in job.train.lr_search}
     curves = {lr: [] if o.error is not None else o.val_losses for lr, o in tried.items()}
+    ends = {lr: o.metrics.get("val_answers_end") for lr, o in tried.items()}  # None: not checked
     crashed = [o.error for o in tried.values() if o.error is not None and not isinstance(o.error, FloatingPointError)]
     if crashed:  # a rate that never finished is no evidence against it: the job fails, and a rerun goes on
-        return TrainOutcome(job_name, error=crashed[0], lr_search=curves)
+        return TrainOutcome(job_name, error=crashed[0], lr_search=curves, answers_end=ends)
     try:
-        lr = best_lr(curves)
+        lr = best_lr(curves, ends)
     except ValueError as err:
         errors = "; ".join(f"lr {rate:g}: {o.error}" for rate, o in tried.items() if o.error is not None)
         return TrainOutcome(job_name, error=RuntimeError(f"{err}{' (' + errors + ')' if errors else ''}"),
-                            lr_search=curves)
+                            lr_search=curves, answers_end=ends)
     won = tried[lr]
     return TrainOutcome(job_name, adapter_dir=won.adapter_dir, metrics={**won.metrics, "lr": lr},
-                        val_losses=won.val_losses, lr_search=curves)
+                        val_losses=won.val_losses, lr_search=curves, answers_end=ends)
 
 
 def _run_jobs(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str, name: str,

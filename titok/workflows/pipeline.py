@@ -180,8 +180,13 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained:
     if outcome.val_losses:
         summary["val_losses"] = outcome.val_losses
     if outcome.lr_search:
+        from titok.core.validation_split import ruled_out
+
         summary["lr_search"] = {f"{lr:g}": curve for lr, curve in outcome.lr_search.items()}
-        run.log_event(event="lr_chosen", stage="train", lr=metrics["lr"], val_losses=summary["lr_search"])
+        summary["lr_answers_end"] = {f"{lr:g}": share for lr, share in outcome.answers_end.items()}
+        run.log_event(event="lr_chosen", stage="train", lr=metrics["lr"], val_losses=summary["lr_search"],
+                      answers_end=summary["lr_answers_end"],
+                      ruled_out=[f"{lr:g}" for lr in sorted(ruled_out(outcome.answers_end))])
     return summary
 
 
@@ -220,8 +225,14 @@ def _stage_fields(cfg: TransplantConfig) -> dict:
         "scores": {"max_length": cfg.engine.max_length},
         "filter": cfg.filter.model_dump(exclude=set(cfg.filter.PLACEMENT_FIELDS)),
         "align": {"target_base": cfg.target_base, "reference": cfg.filter.token_reference},
-        "train": cfg.train.model_dump(exclude=set(cfg.train.PLACEMENT_FIELDS)),
+        "train": cfg.train.model_dump(exclude=set(cfg.train.PLACEMENT_FIELDS)
+                                      | (set() if cfg.train.lr_search else set(_RATE_CHOICE_ONLY))),
     }
+
+
+# train settings that change only which rate an lr_search keeps, never a rate's weights: out of the
+# train fingerprint without a search, and out of the key under which each trained rate is kept
+_RATE_CHOICE_ONLY = ("validation_generations",)
 
 
 # _stage_fields' keys as a user sets them (the fingerprints hash the keys above, so those stay), for
@@ -334,7 +345,7 @@ class StageRunner:
         dropped, as a rerun with another config replaces a stage's output."""
         if not self._cfg.train.lr_search:
             return None
-        recipe = {k: v for k, v in self.fields["train"].items() if k not in ("lr", "lr_search")}
+        recipe = {k: v for k, v in self.fields["train"].items() if k not in ("lr", "lr_search", *_RATE_CHOICE_ONLY)}
         folder = self._run.root / _stage_path(self._cfg, "lr-rates")
         key = self._run.fingerprint(self.fingerprint_of("align"), recipe)
         for other in folder.glob("*") if folder.is_dir() else ():
@@ -484,9 +495,21 @@ def format_summary(result: dict) -> str:
         lines.append(f"{stage} dtype: {dtype} ({reason})")
     searched = result.get("train", {}).get("lr_search")
     if searched:
-        losses = ", ".join(f"{lr}: {curve[-1]:.4f}" if curve else f"{lr}: diverged" for lr, curve in searched.items())
+        ends = result["train"].get("lr_answers_end", {})
+        losses = ", ".join(f"{lr}: {curve[-1]:.4f}{_answers_end_text(lr, ends)}" if curve else f"{lr}: diverged"
+                           for lr, curve in searched.items())
         lines.append(f"train lr: {result['train']['metrics']['lr']:g}, the lowest validation loss of {losses}")
     lines.append(f"run dir: {result['run_dir']}")
     if "adapter" in result:
         lines.append(f"adapter: {result['adapter']}  (load with peft.PeftModel.from_pretrained)")
     return "\n".join(lines)
+
+
+def _answers_end_text(lr: str, ends: dict[str, float | None]) -> str:
+    """`` (answers end 94%)`` for a rate of an lr_search, and whether that ruled it out."""
+    from titok.core.validation_split import ruled_out
+
+    if ends.get(lr) is None:
+        return ""
+    out = float(lr) in ruled_out({float(rate): share for rate, share in ends.items()})
+    return f" (answers end {ends[lr]:.0%}{': ruled out' if out else ''})"
