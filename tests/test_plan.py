@@ -10,7 +10,7 @@ import pytest
 from titok.config import load_config
 from titok.model_shape import model_shape
 from titok.gpu_facts import vllm_lora_rank
-from titok.workflows.plan import Resources, make_plan, zero_model_states
+from titok.workflows.plan import Assumptions, Resources, make_plan, zero_model_states
 
 CONFIGS = Path(__file__).parent / "assets" / "configs"
 LLAMA_8B, LLAMA_70B, QWEN_72B = (str(CONFIGS / n) for n in ("llama-3.1-8b-instruct", "llama-3.3-70b-instruct", "qwen2.5-72b-instruct"))
@@ -300,11 +300,21 @@ def test_an_lr_search_costs_one_training_per_rate_on_the_samples_not_held_out():
     one = make_plan(_cfg(), TWO_NODES_80GB).stage("train")
     search = make_plan(_cfg(train={"validation_fraction": 0.1, "lr_search": [3e-4, 1e-3, 3e-3]}),
                        TWO_NODES_80GB).stage("train")
-    assert search.flops == pytest.approx(one.flops * 3 * 225 / 250)  # 25 of the 250 samples held out
-    # ZeRO-3: each rate loads (and broadcasts) the 70B target again
+    # 25 of the 250 samples held out; each rate's LoRA then answers them, up to 2 x 512 + 16 new tokens
+    params = model_shape(LLAMA_70B).params
+    answers = 2 * params * 3 * 25 * (Assumptions().prompt_tokens + 1040)
+    assert search.flops == pytest.approx(one.flops * 3 * 225 / 250 + answers)
+    # ZeRO-3: each rate loads (and broadcasts) the 70B target again, and each of the 3 x 1040 decode steps of
+    # those answers gathers the whole base across the two nodes
     assert search.load_s == pytest.approx(3 * one.load_s)
+    training = 85 * 3 * params * 2 * 15 / 16 / 25e9  # 3 rates x 225 samples over 16 GPUs: 85 micro-steps, 3 gathers each
+    assert search.comm_s == pytest.approx(training + 3 * 1040 * params * 2 * 15 / 16 / 25e9, rel=1e-9)
     notes = "\n".join(search.notes)
     assert "x 3 learning rates" in notes and "25 samples held out for validation" in notes
+    assert "held-out answers (train.validation_generations): 25 per rate, up to 1040 new tokens each" in notes
+    unchecked = make_plan(_cfg(train={"validation_fraction": 0.1, "lr_search": [3e-4, 1e-3, 3e-3],
+                                      "validation_generations": 0}), TWO_NODES_80GB).stage("train")
+    assert unchecked.flops == pytest.approx(one.flops * 3 * 225 / 250)
 
 
 def test_a_refused_trainings_suggestion_is_checked_in_full():

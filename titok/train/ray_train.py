@@ -236,9 +236,10 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                 state["val_losses"] = state["val_losses"] + [validation_loss(engine, held_out_batches)]
             if held_out and final and train.validation_generations:
                 answered = held_out[: train.validation_generations]
-                ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in answered],
-                                             [len(r[C.TARGET_WEIGHTS]) for r in answered], plan.micro_batch,
-                                             synced_gpus=job.group.deepspeed_stage == 3 and world > 1)
+                gathers = job.group.deepspeed_stage == 3 and world > 1  # each decode step gathers the whole base:
+                ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in answered],  # one batch then
+                                             [len(r[C.TARGET_WEIGHTS]) for r in answered],
+                                             len(answered) if gathers else plan.micro_batch, synced_gpus=gathers)
                 state["val_answers_end"] = [sum(ended), len(ended)]
             if rank == 0 and feed is not None:
                 pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...

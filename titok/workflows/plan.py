@@ -416,7 +416,32 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = Tru
             stage.load_s *= rates
             stage.notes.append(f"ZeRO-3 binds the base to one DeepSpeed engine: each of the {rates} learning rates "
                                "loads the target again")
+    _held_out_answers(stage, cfg, shape, res, a, rates, held_out)
     return stage
+
+
+def _held_out_answers(stage: StagePlan, cfg, shape, res: Resources, a: Assumptions, rates: int, held_out: int) -> None:
+    """The cost of ``train.validation_generations``: each rate's LoRA answers that many held-out queries
+    after its last step, greedy, up to ``answer_budget`` new tokens. Small next to training, except
+    under ZeRO-3 on several workers, where every decode step gathers the whole base (one batch then)."""
+    from titok.core.validation_split import answer_budget
+
+    t = cfg.train
+    answers = min(t.validation_generations, held_out)
+    if not answers:
+        return
+    budget = answer_budget(cfg.labels.max_new_tokens)  # the longest expert response, counted in source tokens
+    stage.flops += 2 * shape.params * rates * answers * (a.prompt_tokens + budget)
+    stage.notes.append(f"held-out answers (train.validation_generations): {answers} per rate, up to {budget} new "
+                       "tokens each")
+    if t.deepspeed_stage == 3 and t.workers > 1 and not t.offload_params:
+        on_gpu = t.use_gpu
+        link = a.intra_node_gbps if _train_nodes(t.workers, res, on_gpu)[1] == 1 else a.inter_node_gbps
+        per_step = shape.params * _dtype_bytes(_plan_dtype(t.dtype, on_gpu)) * (t.workers - 1) / t.workers
+        seconds = rates * budget * per_step / (link * 1e9)
+        stage.comm_s += seconds
+        stage.notes.append(f"under ZeRO-3 each of their {rates * budget} decode steps gathers the whole base "
+                           f"({_gib(per_step)} per GPU): {_duration(seconds)}; --set train.validation_generations=0 skips them")
 
 
 def _one_node_note(cfg, shape, res: Resources, a: Assumptions, stage: StagePlan) -> list[str]:
