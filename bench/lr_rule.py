@@ -11,7 +11,10 @@ own seeded draw, batches and loss), one sample at a time, and reports per rate:
   (a ratio estimator over samples: each sample weighs by its kept tokens);
 - which rate the argmin picks and which the one-standard-error rule picks: the smallest rate whose
   difference to the argmin is within one standard error (the most conservative update the data cannot
-  tell apart from the best).
+  tell apart from the best);
+- with ``--answers N``, the share of the first N held-out queries each rate's LoRA answers to the end
+  (``titok.train.step.held_out_answers_end``, the training's own check; a rate kept from before the check
+  has no ``val_answers_end`` recorded) and the rate ``best_lr`` picks with it.
 
     python bench/lr_rule.py runs/bool-lr/runs/boolean_expressions/seed0/gemma3-270m --methods kd titok uld \\
         --json bench/results/compare-paper-scale/boolean_expressions-lr-search/lr-rule-seed0.json
@@ -36,10 +39,10 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from titok import columns as C  # noqa: E402
-from titok.choices import PAPER_METHOD  # noqa: E402
 from titok.core.sequences import build_training_batch  # noqa: E402
 from titok.core.validation_split import best_lr, validation_mask  # noqa: E402
-from titok.train.step import selective_loss  # noqa: E402
+from titok.layout import stage_path  # noqa: E402
+from titok.train.step import TorchEngine, held_out_answers_end, selective_loss  # noqa: E402
 
 
 def one_se_lr(losses: dict[float, np.ndarray], weights: np.ndarray) -> tuple[float, dict[float, tuple[float, float]]]:
@@ -57,13 +60,8 @@ def one_se_lr(losses: dict[float, np.ndarray], weights: np.ndarray) -> tuple[flo
     return min(lr for lr, (gap, se) in gaps.items() if gap <= se), gaps
 
 
-def method_dir(run_dir: Path, method: str) -> Path:
-    """Where a method keeps its own stages in a run folder (``titok.workflows.pipeline._stage_path``'s rule)."""
-    return run_dir if method == PAPER_METHOD else run_dir / method.replace(":", "-")
-
-
 def rate_folders(run_dir: Path, method: str) -> dict[float, Path]:
-    root = method_dir(run_dir, method) / "lr-rates"
+    root = run_dir / stage_path(method, "lr-rates")
     return {float(f.name[2:]): f for f in sorted(root.glob("*/lr*")) if (f / "adapter_model.safetensors").is_file()}
 
 
@@ -81,10 +79,23 @@ def per_sample_losses(base, adapter: Path, batches: list) -> np.ndarray:
     return np.array(losses)
 
 
+def answers_end(base, tokenizer, adapter: Path, held_out: list[dict], answers: int) -> float:
+    """The share of the first ``answers`` held-out queries the adapter answers to the end (the training's check)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter))
+    rows = held_out[:answers]
+    ended = held_out_answers_end(TorchEngine(model, None), tokenizer, [r[C.QUERY] for r in rows],
+                                 [len(r[C.TARGET_WEIGHTS]) for r in rows], batch_size=8)
+    model.unload()
+    return sum(ended) / len(ended)
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from titok.models import load_tokenizer, resolve_model_path
+    from titok.workflows.pipeline import teaching_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a compare cell's run folder (runs/<task>/seed<N>/<target>)")
@@ -93,6 +104,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (the held-out draw's)")
     parser.add_argument("--fraction", type=float, default=0.1, help="train.validation_fraction")
     parser.add_argument("--max-length", type=int, default=320, help="the training's max_length")
+    parser.add_argument("--answers", type=int, default=0, help="held-out queries each rate answers (0: none)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -103,9 +115,8 @@ def main() -> None:
                        "processor": platform.processor() or platform.machine()}, "methods": {}}
     for method in args.methods:
         folders = rate_folders(args.run_dir, method)
-        align = method_dir(args.run_dir, method) / "align"
-        rows = pq.read_table(str(align), columns=[C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]).to_pylist()
-        rows = sorted((r for r in rows if float(np.sum(r[C.TARGET_WEIGHTS])) > 0), key=lambda r: r[C.SAMPLE_ID])
+        aligned = pq.read_table(str(args.run_dir / stage_path(method, "align")))
+        rows = sorted(teaching_rows(aligned).to_pylist(), key=lambda r: r[C.SAMPLE_ID])  # as the workers read them
         held_out = [r for r, h in zip(rows, validation_mask(len(rows), args.fraction, args.seed)) if h]
         # a sample's weight in the token-weighted mean: its kept response tokens (as step.validation_loss counts them)
         batches = [build_training_batch(tokenizer, [r[C.QUERY]], [r[C.RESPONSE]], [r[C.TARGET_WEIGHTS]], args.max_length)
@@ -118,6 +129,12 @@ def main() -> None:
                   "one_se": chosen,
                   "rates": {f"{lr:g}": {"val_loss": float(np.sum(weights * v) / np.sum(weights)), "recorded_val_loss": recorded[lr],
                                         "minus_argmin": gaps[lr][0], "standard_error": gaps[lr][1]} for lr, v in losses.items()}}
+        if args.answers:
+            ends = {lr: answers_end(base, tokenizer, folder, held_out, args.answers) for lr, folder in folders.items()}
+            result["answers_checked"] = min(args.answers, len(held_out))
+            result["with_answers_end"] = best_lr({lr: [v] for lr, v in recorded.items() if v is not None}, ends)
+            for lr, share in ends.items():
+                result["rates"][f"{lr:g}"]["answers_end"] = share
         out["methods"][method] = result
         print(method, json.dumps(result, indent=1), flush=True)
     out["seconds"] = round(time.perf_counter() - started, 1)

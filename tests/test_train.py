@@ -342,8 +342,11 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
                for i in range(0, len(held_out), 2)]
     assert validation_loss(TorchEngine(model, None), batches) == pytest.approx(outcome.val_losses[-1], rel=1e-5)
 
-    # every rate that finished answered the 3 held-out queries; the kept adapter's share, generated again here
+    # every rate that finished answered the 3 held-out queries (timed apart from the steps on both ranks);
+    # the kept adapter's share, generated again here
     assert outcome.answers_end[1e30] is None and outcome.metrics["val_answers_checked"] == 3
+    done = [e["seconds"]["answers"] for e in events if e["event"] == "train_done"]
+    assert sorted(seconds > 0 for seconds in done) == [False] * 2 + [True] * 4
     assert {lr: outcome.answers_end[lr] for lr in (1e-6, 5e-3)} == {lr: json.loads(
         (run_dir / "ray" / "train-outcomes" / f"default@lr{lr:g}" / "result.json").read_text())["metrics"]["val_answers_end"]
         for lr in (1e-6, 5e-3)}

@@ -14,18 +14,28 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from titok.choices import PAPER_METHOD
 from titok.runstate import ADAPTER_WEIGHTS, COMPLETE
 
 if TYPE_CHECKING:
     from titok.config import CompareConfig, TransplantConfig
 
 __all__ = ["BUDGETS", "SOURCE_STAGES", "adapter_digest", "budgets", "equal_steps", "file_digest", "row_label", "row_method", "run_config",
-           "share_stages", "short_name"]
+           "share_stages", "short_name", "stage_path"]
 
 # the stages that depend only on the source side (base, adapter, task, seed): shareable between runs
 SOURCE_STAGES = ("queries", "labels", "scores")
 # a compare's training budgets: train.epochs for every method, or the same optimizer steps for every method
 BUDGETS = ("epochs", "steps")
+
+
+def stage_path(method: str, stage: str) -> str:
+    """Where a stage's output lives in a run dir for ``method`` (``filter.variant``). Baselines and
+    ablations share queries, labels and scores with TiTok and keep their own filter/align/train/adapter
+    under ``<method>/``, so trying every method in one run dir loses nothing."""
+    if method == PAPER_METHOD or stage in SOURCE_STAGES:
+        return stage
+    return f"{method.replace(':', '-')}/{stage}"
 
 
 def short_name(spec: str) -> str:

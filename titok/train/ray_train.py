@@ -184,11 +184,10 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     from titok.train import strategy
     from titok.train.batching import epoch_order, worker_micro_batches
     from titok.train.collectives import mean_over_workers
-    from titok.train.step import (attach_fresh_lora, enable_gradient_checkpointing, held_out_answers_end, training_step,
-                                  validation_loss)
+    from titok.train.step import attach_fresh_lora, enable_gradient_checkpointing, training_step, validation_loss
 
     train, run = job.train, RunDir(job.run_dir)
-    seconds = {"setup": -time.perf_counter(), "steps": 0.0, "checkpoints": 0.0}  # where a job's time goes
+    seconds = {"setup": -time.perf_counter(), "steps": 0.0, "answers": 0.0, "checkpoints": 0.0}  # where a job's time goes
     plan = _job_plan(job, len(rows), world)
     rows, held_out = _split_validation(job, rows)
     held_out_batches = None  # tokenized once, at the first epoch's end
@@ -235,18 +234,15 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                 held_out_batches = held_out_batches or _validation_batches(engine, tokenizer, held_out, job, plan)
                 state["val_losses"] = state["val_losses"] + [validation_loss(engine, held_out_batches)]
             if held_out and final and train.validation_generations:
-                answered = held_out[: train.validation_generations]
-                gathers = job.group.deepspeed_stage == 3 and world > 1  # each decode step gathers the whole base:
-                ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in answered],  # one batch then
-                                             [len(r[C.TARGET_WEIGHTS]) for r in answered],
-                                             len(answered) if gathers else plan.micro_batch, synced_gpus=gathers)
-                state["val_answers_end"] = [sum(ended), len(ended)]
+                answers_started = time.perf_counter()
+                state["val_answers_end"] = _held_out_answers(engine, tokenizer, held_out, job, plan, world)
+                seconds["answers"] = time.perf_counter() - answers_started
             if rank == 0 and feed is not None:
                 pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...
                 if final:
                     ray.get(pushed)  # ... but the last: the driver's final drain must see every step
             _inject_fault(job, state["step"], rank, world)
-            seconds["steps"] += time.perf_counter() - started
+            seconds["steps"] += time.perf_counter() - started - (seconds["answers"] if final else 0.0)
             if final or epoch_end or (every and state["step"] % every == 0):
                 started = time.perf_counter()
                 _report(engine, model, state, plan, rank, progress, outcome if final else None)
@@ -261,6 +257,20 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                   peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   lora_dtypes=sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}))
     return _detach(model, engine, checkpointing)
+
+
+def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan, world: int) -> list[int]:
+    """``[ended, answered]``: how many of the first ``train.validation_generations`` held-out queries the
+    trained LoRA answers to the end (``step.held_out_answers_end``). Under ZeRO-3 on several ranks every
+    decode step gathers the whole base whatever the batch, so the queries go in one batch."""
+    from titok.train.step import held_out_answers_end
+
+    answered = held_out[: job.train.validation_generations]
+    gathers = job.group.deepspeed_stage == 3 and world > 1
+    ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in answered],
+                                 [len(r[C.TARGET_WEIGHTS]) for r in answered],
+                                 len(answered) if gathers else plan.micro_batch, synced_gpus=gathers)
+    return [sum(ended), len(ended)]
 
 
 def _validation_batches(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan) -> list:

@@ -32,11 +32,11 @@ import pyarrow as pa
 import yaml
 
 from titok import columns as C, progress, signals
-from titok.choices import ENGINES, FILTER_METHODS, PAPER_METHOD, STAGES
+from titok.choices import ENGINES, FILTER_METHODS, STAGES
 from titok.config import ConfigError, TransplantConfig
 from titok.engines.placement import actor_options
 from titok.export import export_adapter
-from titok.layout import SOURCE_STAGES, adapter_digest
+from titok.layout import SOURCE_STAGES, adapter_digest, stage_path
 from titok.gpu_facts import GIB
 from titok.workflows.plan import Plan, Resources, cluster_resources, make_plan
 from titok.readiness import wait_for_free_gpus, wait_for_resources
@@ -49,8 +49,8 @@ from titok.train.job import TrainingJob
 from titok.train.ray_train import TrainOutcome, copy_adapter, train_adapter
 from titok.validate import validate_inputs
 
-__all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "train_together",
-           "transplant", "transplant_together"]
+__all__ = ["SOURCE_STAGES", "STAGES", "SourceEngines", "StageRunner", "check_plan", "format_summary", "teaching_rows",
+           "train_together", "transplant", "transplant_together"]
 
 
 
@@ -159,10 +159,11 @@ def training_job(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, kept_rat
 
     job = TrainingJob.of(cfg.train, cfg.target_base, cfg.seed, str(run.root), cfg.train_max_length, cfg.filter.k,
                          cfg.trust_remote_code, str(kept_rates) if kept_rates else None)
-    return ray.data.from_arrow(_teaching_rows(aligned)), job
+    return ray.data.from_arrow(teaching_rows(aligned)), job
 
 
-def _teaching_rows(aligned: pa.Table) -> pa.Table:
+def teaching_rows(aligned: pa.Table) -> pa.Table:
+    """The aligned samples the target trains on: those with a kept token on the target tokenizer."""
     teaches = pa.array([float(np.sum(w)) > 0 for w in aligned.column(C.TARGET_WEIGHTS).to_pylist()], type=pa.bool_())
     columns = [C.SAMPLE_ID, C.QUERY, C.RESPONSE, C.TARGET_WEIGHTS]
     return aligned.filter(teaches).select(columns + [C.TARGET_TEACHER] * (C.TARGET_TEACHER in aligned.column_names))
@@ -176,7 +177,7 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained:
     outcome = trained or train_adapter(*training_job(cfg, run, aligned, kept_rates), storage_path=str(stage / "ray"))
     copy_adapter(outcome, stage / "adapter")
     metrics = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str))}
-    summary = {"rows": _teaching_rows(aligned).num_rows, "metrics": metrics}
+    summary = {"rows": teaching_rows(aligned).num_rows, "metrics": metrics}
     if outcome.val_losses:
         summary["val_losses"] = outcome.val_losses
     if outcome.lr_search:
@@ -203,13 +204,8 @@ def export(cfg: TransplantConfig, run: RunDir) -> str:
 
 
 def _stage_path(cfg: TransplantConfig, stage: str) -> str:
-    """Where a stage's output lives in the run dir. Baselines and ablations share queries, labels and
-    scores with TiTok and keep their own filter/align/train/adapter under ``<method>/``, so trying
-    every method in one run dir loses nothing."""
-    variant = cfg.filter.variant
-    if variant == PAPER_METHOD or stage in SOURCE_STAGES:
-        return stage
-    return f"{variant.replace(':', '-')}/{stage}"
+    """Where a stage's output lives in the run dir (``titok.layout.stage_path``)."""
+    return stage_path(cfg.filter.variant, stage)
 
 
 def _stage_fields(cfg: TransplantConfig) -> dict:
