@@ -424,7 +424,8 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
     A job with ``train.lr_search`` trains one LoRA per rate (``<job>@lr<rate>``, on the same rows and
     held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the
     lowest final validation loss among those whose held-out answers end (``titok.core.validation_split.best_lr``),
-    with every rate's curve in ``lr_search`` and its share of ending answers in ``answers_end``. A rate already under the job's ``kept_rates_dir`` is taken from there, not trained.
+    with every rate's curve in ``lr_search`` and its share of ending answers in ``answers_end``. A rate
+    already under the job's ``kept_rates_dir`` is taken from there, not trained.
     """
     trials = {_trial(job_name, lr): (ds, job.with_lr(lr))
               for job_name, (ds, job) in jobs.items() for lr in job.train.lr_search or [None]}
