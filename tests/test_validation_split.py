@@ -14,6 +14,7 @@ from titok.config import TrainConfig
 from titok.core.sequences import build_training_batch
 from titok.core.validation_split import answer_budget, answer_ends, best_lr, ruled_out, validation_count, validation_mask
 from titok.train.step import TorchEngine, attach_fresh_lora, held_out_answers_end, validation_loss
+from titok.models import stop_token_ids
 from tests.conftest import real_tokenizer, tiny_llama
 
 
@@ -56,10 +57,11 @@ def test_a_rate_whose_held_out_answers_do_not_end_cannot_win_however_low_its_los
 
 def test_an_answer_ends_when_its_turn_closes_within_twice_the_experts_length_and_16():
     assert answer_budget(0) == 16 and answer_budget(30) == 76
-    eos = 2
-    assert answer_ends([5] * 75 + [eos], eos, response_tokens=30)  # the 76th new token: within
-    assert not answer_ends([5] * 76 + [eos], eos, response_tokens=30)  # the 77th: a loop that ran on
-    assert not answer_ends([5] * 200, eos, response_tokens=30)
+    stop = [1, 106]  # Gemma's <eos> and <end_of_turn>: either ends an answer
+    assert answer_ends([5] * 75 + [106], stop, response_tokens=30)  # the 76th new token: within
+    assert answer_ends([5] * 75 + [1], stop, response_tokens=30)
+    assert not answer_ends([5] * 76 + [106], stop, response_tokens=30)  # the 77th: a loop that ran on
+    assert not answer_ends([5] * 200, stop, response_tokens=30)
 
 
 @pytest.mark.parametrize("eos_at,ends", [(0, True), (15, True), (16, False), (None, False)])
@@ -69,12 +71,14 @@ def test_held_out_answers_are_generated_and_checked_against_the_budget(eos_at, e
     so the 16th token (index 15) ends in time and the 17th does not, for every query of a left-padded batch."""
     tokenizer = real_tokenizer("smollm2-135m")
     model = attach_fresh_lora(tiny_llama(tokenizer), rank=4)
-    calls = []
+    calls, stop = [], stop_token_ids(model, tokenizer)
 
     def close_turn_at(module, inputs, logits):
         calls.append(1)  # one call per generated token: the prompt's pass makes the first
         boost = torch.zeros(logits.shape[-1])
-        boost[tokenizer.eos_token_id] = 1e4 if len(calls) - 1 == eos_at else -1e4
+        boost[stop] = -1e4  # no stop token (end of turn, the config's end token, padding) before eos_at
+        if len(calls) - 1 == eos_at:
+            boost[tokenizer.eos_token_id] = 1e4
         return logits + boost
 
     model.get_output_embeddings().register_forward_hook(close_turn_at)

@@ -33,6 +33,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "resolve_model_path",
+    "stop_token_ids",
 ]
 
 
@@ -242,3 +243,11 @@ def load_model(
         resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map
     )
     return model.eval()
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end an answer: the model's generation config's end tokens (Gemma has two),
+    the tokenizer's end-of-turn token (what training appends) and padding (a finished row's filler)."""
+    config = model.generation_config.eos_token_id
+    ids = set(config if isinstance(config, list) else [config]) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return sorted(i for i in ids if i is not None)

@@ -53,9 +53,9 @@ def answer_budget(response_tokens: int) -> int:
     return 2 * response_tokens + 16
 
 
-def answer_ends(generated: list[int], eos_token_id: int, response_tokens: int) -> bool:
-    """Whether a generated answer (new token ids) closes its turn within ``answer_budget``."""
-    return eos_token_id in generated[: answer_budget(response_tokens)]
+def answer_ends(generated: list[int], stop_ids: list[int], response_tokens: int) -> bool:
+    """Whether a generated answer (new token ids) ends (one of ``stop_ids``) within ``answer_budget``."""
+    return any(token in stop_ids for token in generated[: answer_budget(response_tokens)])
 
 
 def ruled_out(ends: dict[float, float | None], tolerance: float = ENDS_TOLERANCE) -> set[float]:

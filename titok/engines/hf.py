@@ -17,6 +17,7 @@ from titok.core.excess import TokenScores, score_pairs, text_logprobs, token_log
 from titok.hardware import resolve_dtype
 from titok.models import load_model, load_tokenizer
 from titok.core.sequences import format_prompt
+from titok.models import stop_token_ids
 
 __all__ = ["TransformersEngine"]
 
@@ -103,8 +104,7 @@ class TransformersEngine(InferenceEngine):
         top-n log-probs, (T, n), or None) per row."""
         device = self.model.get_input_embeddings().weight.device  # where inputs go under a device_map
         torch.manual_seed(params.seed)
-        stop = set(self.model.generation_config.eos_token_id if isinstance(self.model.generation_config.eos_token_id, list)
-                   else [self.model.generation_config.eos_token_id]) | {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        stop = set(stop_token_ids(self.model, self.tokenizer))
         for start in range(0, len(prompts), self.batch_size):
             # chat prompts carry their own BOS (the template); raw prompts get the tokenizer's
             enc = self.tokenizer(prompts[start : start + self.batch_size], add_special_tokens=not chat,

@@ -117,15 +117,17 @@ def validation_loss(engine, batches: list[TrainingBatch]) -> float:
 def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens: list[int], batch_size: int,
                          synced_gpus: bool = False) -> list[bool]:
     """Whether the trained LoRA's greedy answer to each held-out query ends
-    (``validation_split.answer_ends``: the end-of-turn token within ``answer_budget`` of that sample's
+    (``validation_split.answer_ends``: a stop token within ``answer_budget`` of that sample's
     expert response, ``response_tokens`` long on this tokenizer). Left-padded batches of ``batch_size``;
     the engine is left in eval mode. ``synced_gpus``: under ZeRO-3 with several ranks every forward
     gathers parameters collectively, so every rank must run the same generation steps (transformers'
     ``synced_gpus``); each rank then answers all the queries, as each scores all the held-out rows."""
     from titok.core.sequences import EncodedPair, collate, format_prompt
     from titok.core.validation_split import answer_budget, answer_ends
+    from titok.models import stop_token_ids
 
     model = engine.module
+    stop = stop_token_ids(model, tokenizer)  # what the engines stop on, so an answer that ends here ends there
     engine.eval()
     device = getattr(engine, "device", None) or next(model.parameters()).device  # ZeRO-3 may offload the weights
     ends = []
@@ -138,9 +140,9 @@ def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens:
             out = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                                  max_new_tokens=max(answer_budget(n) for n in response_tokens[chunk]), do_sample=False,
                                  temperature=None, top_p=None, top_k=None, use_cache=True, synced_gpus=synced_gpus,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
             new_tokens = out[:, batch.input_ids.shape[1]:].tolist()
-            ends += [answer_ends(ids, tokenizer.eos_token_id, n) for ids, n in zip(new_tokens, response_tokens[chunk])]
+            ends += [answer_ends(ids, stop, n) for ids, n in zip(new_tokens, response_tokens[chunk])]
     return ends
 
 
