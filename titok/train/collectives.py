@@ -6,15 +6,15 @@ with ``torch.tensor(x)`` lives on the host and fails the first micro-step of a G
 already (the loss) or on the ``device`` it is given, never on the default one. No other titok module
 calls ``torch.distributed``; ``titok.train.device_rules`` checks this rule on CPU.
 
-Written by hand: two scalar all-reduces per step; nothing in Ray Train or DeepSpeed agrees on a
-non-finite loss across ranks or averages a logged value.
+Written by hand: two scalar all-reduces per step and one count at a job's end; nothing in Ray Train
+or DeepSpeed agrees on a non-finite loss across ranks, averages a logged value or sums a count.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["all_ranks_finite", "mean_over_workers"]
+__all__ = ["all_ranks_finite", "mean_over_workers", "sum_over_workers"]
 
 
 def _distributed() -> bool:
@@ -43,3 +43,14 @@ def mean_over_workers(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / dist.get_world_size()
+
+
+def sum_over_workers(counts: list[int], device: torch.device) -> list[int]:
+    """``counts`` summed over the data-parallel ranks (each rank's share of a tally), reduced on ``device``."""
+    if not _distributed():
+        return counts
+    import torch.distributed as dist
+
+    tensor = torch.tensor(counts, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor)
+    return [int(c) for c in tensor.tolist()]

@@ -235,7 +235,7 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                 state["val_losses"] = state["val_losses"] + [validation_loss(engine, held_out_batches)]
             if held_out and final and train.validation_generations:
                 answers_started = time.perf_counter()
-                state["val_answers_end"] = _held_out_answers(engine, tokenizer, held_out, job, plan, world)
+                state["val_answers_end"] = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world)
                 seconds["answers"] = time.perf_counter() - answers_started
             if rank == 0 and feed is not None:
                 pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...
@@ -259,18 +259,21 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
     return _detach(model, engine, checkpointing)
 
 
-def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan, world: int) -> list[int]:
+def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan, rank: int,
+                      world: int) -> list[int]:
     """``[ended, answered]``: how many of the first ``train.validation_generations`` held-out queries the
-    trained LoRA answers to the end (``step.held_out_answers_end``). Under ZeRO-3 on several ranks every
-    decode step gathers the whole base whatever the batch, so the queries go in one batch."""
+    trained LoRA answers to the end (``step.held_out_answers_end``). Each rank answers its share and the
+    counts are summed; under ZeRO-3 on several ranks every decode step gathers the whole base whatever
+    the batch, so there every rank answers all the queries in one batch, in step with the others."""
+    from titok.train.collectives import sum_over_workers
     from titok.train.step import held_out_answers_end
 
     answered = held_out[: job.train.validation_generations]
     gathers = job.group.deepspeed_stage == 3 and world > 1
-    ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in answered],
-                                 [len(r[C.TARGET_WEIGHTS]) for r in answered],
-                                 len(answered) if gathers else plan.micro_batch, synced_gpus=gathers)
-    return [sum(ended), len(ended)]
+    mine = answered if gathers else answered[rank::world]
+    ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in mine], [len(r[C.TARGET_WEIGHTS]) for r in mine],
+                                 len(mine) if gathers else plan.micro_batch, synced_gpus=gathers)
+    return [sum(ended), len(ended)] if gathers else sum_over_workers([sum(ended), len(ended)], engine.device)
 
 
 def _validation_batches(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan) -> list:

@@ -120,8 +120,8 @@ def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens:
     (``validation_split.answer_ends``: a stop token within ``answer_budget`` of that sample's
     expert response, ``response_tokens`` long on this tokenizer). Left-padded batches of ``batch_size``;
     the engine is left in eval mode. ``synced_gpus``: under ZeRO-3 with several ranks every forward
-    gathers parameters collectively, so every rank must run the same generation steps (transformers'
-    ``synced_gpus``); each rank then answers all the queries, as each scores all the held-out rows."""
+    gathers parameters collectively, so every rank must keep stepping until all are done (transformers'
+    ``synced_gpus``)."""
     from titok.core.sequences import EncodedPair, collate, format_prompt
     from titok.core.validation_split import answer_budget, answer_ends
     from titok.models import stop_token_ids
