@@ -213,10 +213,10 @@ def task_problems(field: str, spec: str, split_seed: int, few_shot: int | None =
 def template_tokens(spec: str, trust_remote_code: bool = False) -> int:
     """Tokens of the chat template around an empty user message (what every prompt costs)."""
     from titok.models import load_tokenizer
-    from titok.core.sequences import format_prompt
+    from titok.core.sequences import encode_prompt
 
     tokenizer = load_tokenizer(spec, trust_remote_code)
-    return len(tokenizer(format_prompt(tokenizer, ""), add_special_tokens=False)["input_ids"])
+    return len(encode_prompt(tokenizer, ""))
 
 
 def length_problems(cfg) -> list[str]:

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "Batch", "EncodedPair", "OffsetsUnavailableError", "TrainingBatch", "build_training_batch", "collate", "encode_pair",
-    "encode_response", "format_prompt", "token_matrix",
+    "encode_prompt", "encode_response", "format_prompt", "token_matrix",
 ]
 
 
@@ -98,6 +98,11 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list
     return ids, offsets
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, query: str) -> list[int]:
+    """The chat-formatted prompt's ids (the template carries its own special tokens)."""
+    return tokenizer(format_prompt(tokenizer, query), add_special_tokens=False)["input_ids"]
+
+
 def encode_pair(
     tokenizer: PreTrainedTokenizerBase,
     query: str,
@@ -111,7 +116,7 @@ def encode_pair(
     chat templates we use) after the response, with an empty span: training needs it so that the
     model learns to stop; scoring leaves it out, as it is template, not response.
     """
-    prompt_ids = tokenizer(format_prompt(tokenizer, query), add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, query)
     response_ids, offsets = encode_response(tokenizer, response)
     if append_eos:
         response_ids, offsets = response_ids + [tokenizer.eos_token_id], offsets + [(len(response), len(response))]

@@ -35,9 +35,8 @@ from titok.engines.base import GenerationParams, InferenceEngine, Label, named_a
 from titok.core.excess import TokenScores
 from titok.hardware import resolve_dtype
 from titok.models import load_tokenizer, resolve_model_path
-from titok.core.sequences import format_prompt
 from titok.gpu_facts import GIB, vllm_batched_tokens, vllm_lora_rank
-from titok.core.sequences import encode_pair
+from titok.core.sequences import encode_pair, encode_prompt
 from titok.runstate import ADAPTER_CONFIG
 
 __all__ = ["VLLMEngine", "vllm_engine_args"]
@@ -159,7 +158,7 @@ class VLLMEngine(InferenceEngine):
 
     def _prompt_ids(self, message: str) -> list[int]:
         # the template carries BOS where the model wants one: don't let vLLM add another
-        return self.tokenizer(format_prompt(self.tokenizer, message), add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, message)
 
     def generate(self, messages: list[str], params: GenerationParams, use_adapter: bool, chat: bool = True) -> list[str]:
         if self.llm is None:  # scoring moved to transformers and vLLM was shut down to make room

@@ -122,7 +122,7 @@ def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens:
     the engine is left in eval mode. ``synced_gpus``: under ZeRO-3 with several ranks every forward
     gathers parameters collectively, so every rank must keep stepping until all are done (transformers'
     ``synced_gpus``)."""
-    from titok.core.sequences import EncodedPair, collate, format_prompt
+    from titok.core.sequences import EncodedPair, collate, encode_prompt
     from titok.core.validation_split import answer_budget, answer_ends
     from titok.models import stop_token_ids
 
@@ -134,8 +134,7 @@ def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens:
     with torch.no_grad():
         for start in range(0, len(queries), batch_size):
             chunk = slice(start, start + batch_size)
-            prompts = [EncodedPair(tokenizer(format_prompt(tokenizer, q), add_special_tokens=False)["input_ids"], [], [])
-                       for q in queries[chunk]]
+            prompts = [EncodedPair(encode_prompt(tokenizer, q), [], []) for q in queries[chunk]]
             batch = collate(prompts, tokenizer.pad_token_id, padding_side="left")
             out = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                                  max_new_tokens=max(answer_budget(n) for n in response_tokens[chunk]), do_sample=False,
