@@ -185,9 +185,10 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained:
 
         summary["lr_search"] = {f"{lr:g}": curve for lr, curve in outcome.lr_search.items()}
         summary["lr_answers_end"] = {f"{lr:g}": share for lr, share in outcome.answers_end.items()}
+        # decided once here; the summary line and the compare report read it
+        summary["lr_ruled_out"] = [f"{lr:g}" for lr in sorted(ruled_out(outcome.answers_end))]
         run.log_event(event="lr_chosen", stage="train", lr=metrics["lr"], val_losses=summary["lr_search"],
-                      answers_end=summary["lr_answers_end"],
-                      ruled_out=[f"{lr:g}" for lr in sorted(ruled_out(outcome.answers_end))])
+                      answers_end=summary["lr_answers_end"], ruled_out=summary["lr_ruled_out"])
     return summary
 
 
@@ -491,9 +492,9 @@ def format_summary(result: dict) -> str:
         lines.append(f"{stage} dtype: {dtype} ({reason})")
     searched = result.get("train", {}).get("lr_search")
     if searched:
-        ends = result["train"].get("lr_answers_end", {})
-        losses = ", ".join(f"{lr}: {curve[-1]:.4f}{_answers_end_text(lr, ends)}" if curve else f"{lr}: diverged"
-                           for lr, curve in searched.items())
+        ends, out = result["train"].get("lr_answers_end", {}), result["train"].get("lr_ruled_out", [])
+        losses = ", ".join(f"{lr}: {curve[-1]:.4f}{_answers_end_text(ends.get(lr), lr in out)}" if curve
+                           else f"{lr}: diverged" for lr, curve in searched.items())
         lines.append(f"train lr: {result['train']['metrics']['lr']:g}, the lowest validation loss of {losses}")
     lines.append(f"run dir: {result['run_dir']}")
     if "adapter" in result:
@@ -501,11 +502,6 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _answers_end_text(lr: str, ends: dict[str, float | None]) -> str:
+def _answers_end_text(share: float | None, ruled_out: bool) -> str:
     """`` (answers end 94%)`` for a rate of an lr_search, and whether that ruled it out."""
-    from titok.core.validation_split import ruled_out
-
-    if ends.get(lr) is None:
-        return ""
-    out = float(lr) in ruled_out({float(rate): share for rate, share in ends.items()})
-    return f" (answers end {ends[lr]:.0%}{': ruled out' if out else ''})"
+    return "" if share is None else f" (answers end {share:.0%}{': ruled out' if ruled_out else ''})"

@@ -440,8 +440,6 @@ def _learning_rates_text(trainings: dict[tuple, dict]) -> str:
     if not searched:
         return ""
     rates = sorted({float(lr) for t in searched.values() for lr in t["lr_search"]})
-    from titok.core.validation_split import ruled_out
-
     lines = ["Learning rate chosen per row on held-out synthetic samples (`train.lr_search`): the final validation "
              "loss on the kept tokens for each rate and the share of its held-out answers that end (`train."
              "validation_generations`); the lowest loss wins (bold) among the rates not ruled out (struck: their "
@@ -450,14 +448,13 @@ def _learning_rates_text(trainings: dict[tuple, dict]) -> str:
              "|---|---|---|---|" + "---|" * len(rates)]
     for (task, target, method, seed), trained in searched.items():
         curves, chosen = trained["lr_search"], trained["metrics"]["lr"]
-        ends = {float(lr): share for lr, share in trained.get("lr_answers_end", {}).items()}
-        out = ruled_out(ends)
+        ends, out = trained.get("lr_answers_end", {}), trained.get("lr_ruled_out", [])
         cells = []
         for lr in rates:
-            curve = curves.get(f"{lr:g}")
+            curve, share = curves.get(f"{lr:g}"), ends.get(f"{lr:g}")
             cell = "" if curve is None else f"{curve[-1]:.3f}" if curve else "-"
-            cell += f", ends {ends[lr]:.0%}" if curve and ends.get(lr) is not None else ""
-            cells.append(f"**{cell}**" if lr == chosen and cell else f"~~{cell}~~" if lr in out else cell)
+            cell += f", ends {share:.0%}" if curve and share is not None else ""
+            cells.append(f"**{cell}**" if lr == chosen and cell else f"~~{cell}~~" if f"{lr:g}" in out else cell)
         lines.append(f"| {task} | {target} | {method} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n"
 
