@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -353,3 +354,43 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
     ended = held_out_answers_end(TorchEngine(model, None), tokenizer, [r[C.QUERY] for r in held_out],
                                  [len(r[C.TARGET_WEIGHTS]) for r in held_out], batch_size=2)
     assert outcome.metrics["val_answers_end"] == sum(ended) / 3 == outcome.answers_end[5e-3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_rate_kept_without_the_answers_check_is_checked_not_trained_again(lr_search_zero2, target_dir, tmp_path,
+                                                                             stage):
+    """A kept rate whose record has no share of ending answers (kept by an older titok, or while
+    validation_generations was 0) only answers the held-out queries on a rerun: its LoRA loaded, no
+    step taken, the share it had when trained, its adapter files byte for byte; a rate kept with its
+    share and one that diverged are left as they are. Under ZeRO-3 too, where the LoRA is loaded
+    before DeepSpeed partitions it and every rank answers in step."""
+    import ray
+
+    outcome, _, run_dir = lr_search_zero2
+    kept = tmp_path / "lr-rates"
+    for lr in LR_SEARCH["lr_search"]:
+        (kept / f"lr{lr:g}").parent.mkdir(exist_ok=True)
+        shutil.copytree(run_dir / "ray" / "train-outcomes" / f"default@lr{lr:g}", kept / f"lr{lr:g}")
+    record = kept / "lr0.005" / "result.json"
+    result = json.loads(record.read_text())
+    shares = {k: result["metrics"].pop(k) for k in ("val_answers_end", "val_answers_checked")}
+    record.write_text(json.dumps(result))
+    weights = (kept / "lr0.005" / "adapter_model.safetensors").read_bytes()
+
+    rerun = tmp_path / "rerun"
+    job = dataclasses.replace(_job(target_dir, rerun, deepspeed_stage=stage, **LR_SEARCH), kept_rates_dir=str(kept))
+    again = run_training({"default": (ray.data.from_items(_rows()), job)}, storage_path=str(rerun / "ray"),
+                         log_dir=str(rerun))["default"]
+    events = RunDir(rerun).events()
+    assert [e["adapters"] for e in events if e["event"] == "model_load"] == [["default@lr0.005:check"]] * 2
+    done = [e for e in events if e["event"] == "train_done"]
+    assert len(done) == 2 and all(e["checked_only"] and e["seconds"]["answers"] > 0 for e in done)
+    # the LoRA that answered is the kept one: it scores the held-out rows as recorded when it was trained
+    assert all(e["val_loss"] == pytest.approx(outcome.lr_search[5e-3][-1], rel=1e-5) == e["recorded_val_loss"]
+               for e in done)
+    assert again.metrics["lr"] == 5e-3 and again.answers_end == outcome.answers_end
+    assert json.loads(record.read_text())["metrics"]["val_answers_end"] == shares["val_answers_end"]
+    assert (kept / "lr0.005" / "adapter_model.safetensors").read_bytes() == weights
+    assert load_file(again.adapter_dir / "adapter_model.safetensors").keys() == load_file(
+        outcome.adapter_dir / "adapter_model.safetensors").keys()

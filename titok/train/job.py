@@ -46,7 +46,9 @@ class TrainingJob:
     batches, loss), its seed, its event log (``run_dir``), its token budget and the k of its
     selective loss. ``kept_rates_dir``: where each rate of an ``lr_search`` is kept once trained (its
     adapter and validation curve), so a rerun whose search adds rates trains only the new ones; None:
-    not kept. ``fault_at_step`` and ``fault_marker`` are a test hook (``ray_train._inject_fault``)."""
+    not kept. ``check_adapter``: a kept rate's folder whose LoRA is not trained but only answers the
+    held-out queries (it was kept by a run without that check). ``fault_at_step`` and ``fault_marker``
+    are a test hook (``ray_train._inject_fault``)."""
 
     group: WorkerGroup
     train: TrainConfig
@@ -55,6 +57,7 @@ class TrainingJob:
     max_length: int
     k: float
     kept_rates_dir: str | None = None
+    check_adapter: str | None = None
     fault_at_step: int | None = None
     fault_marker: str | None = None
 
@@ -70,3 +73,7 @@ class TrainingJob:
         if lr is None:
             return self
         return replace(self, train=self.train.model_copy(update={"lr": lr, "lr_search": []}))
+
+    def checking(self, adapter_dir: str) -> "TrainingJob":
+        """This job's held-out answers check alone, on the LoRA in ``adapter_dir`` (kept, trained before)."""
+        return replace(self, check_adapter=str(adapter_dir))

@@ -169,6 +169,9 @@ def _train_jobs(config: dict) -> None:
     for name, job in jobs.items():
         resume_from = checkpoint if name == resume_job else None
         outcome = Path(config["outcomes"]) / name
+        if job.check_adapter:
+            base = _check_kept_rate(base, tokenizer, name, job, rows[name], progress, outcome, dtype, rank, world)
+            continue
         base = _train_job(base, tokenizer, name, job, rows[name], progress, outcome, resume_from, dtype, checkpointing,
                           rank, world, config.get("progress_feed"))
 
@@ -257,6 +260,50 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                   peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   lora_dtypes=sorted({str(p.dtype) for n, p in model.named_parameters() if "lora_" in n}))
     return _detach(model, engine, checkpointing)
+
+
+def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], progress: dict, outcome: Path,
+                     dtype: str, rank: int, world: int):
+    """The held-out answers check alone on a rate kept by a run without it (``job.check_adapter``): its
+    LoRA is loaded, not trained, answers the held-out queries as after training, and the kept metrics
+    gain its share; the outcome's adapter files are the kept ones, byte for byte (so what was evaluated
+    of it stays valid). Returns ``base`` without the LoRA, like ``_train_job``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    import ray.train
+
+    from titok.runstate import ADAPTER_WEIGHTS, RunDir
+    from titok.train import strategy
+    from titok.train.step import attach_fresh_lora, validation_loss
+
+    started = time.perf_counter()
+    kept = _read_outcome(Path(job.check_adapter), name)
+    plan = _job_plan(job, len(rows), world)
+    _, held_out = _split_validation(job, rows)
+    lora = job.train.lora
+    model = attach_fresh_lora(base, lora.rank, lora.alpha, tuple(lora.target_modules), lora.dropout)
+    # loaded before the engine is built: under ZeRO-3, building it partitions the LoRA as it holds it then
+    set_peft_model_state_dict(model, load_file(Path(job.check_adapter) / ADAPTER_WEIGHTS))
+    engine = strategy.build_engine(model, _job_deepspeed_config(job, plan, dtype == "bfloat16"), job.train.lr,
+                                   job.train.weight_decay, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    progress["job"] = name
+    # the loaded LoRA's validation loss again, beside the recorded one: the event shows they agree
+    val_loss = validation_loss(engine, _validation_batches(engine, tokenizer, held_out, job, plan)) if held_out else None
+    ended, answered = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world) if held_out else (0, 0)
+    metrics = {**kept.metrics, **({"val_answers_end": ended / answered, "val_answers_checked": answered} if answered else {})}
+    _finish(progress, failed=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _write_outcome(outcome, {"metrics": metrics, "val_losses": kept.val_losses}, adapter_from=job.check_adapter)
+            Path(tmp, _PROGRESS).write_text(json.dumps(progress))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({**metrics, "job": name}, checkpoint=checkpoint)
+    RunDir(job.run_dir).log_event(event="train_done", stage="train", rank=rank, checked_only=True,
+                                  val_loss=val_loss, recorded_val_loss=metrics.get("val_loss"),
+                                  seconds={"answers": round(time.perf_counter() - started, 2)})
+    return _detach(model, engine, False)
 
 
 def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan, rank: int,
@@ -428,17 +475,30 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
     held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the
     lowest final validation loss among those whose held-out answers end (``titok.core.validation_split.best_lr``),
     with every rate's curve in ``lr_search`` and its share of ending answers in ``answers_end``. A rate
-    already under the job's ``kept_rates_dir`` is taken from there, not trained.
+    already under the job's ``kept_rates_dir`` is taken from there, not trained; if it was kept without
+    the held-out answers check (an older titok, or ``validation_generations`` 0 then), its LoRA only
+    answers the held-out queries, in the same worker group as the trainings.
     """
     trials = {_trial(job_name, lr): (ds, job.with_lr(lr))
               for job_name, (ds, job) in jobs.items() for lr in job.train.lr_search or [None]}
     outcomes = {trial: kept for trial, (_, job) in trials.items() if (kept := _kept_rate(job, trial)) is not None}
-    groups = group_jobs({trial: job for trial, (_, job) in trials.items() if trial not in outcomes})  # ZeRO-3: one rate each
+    runs = {trial: (ds, job) for trial, (ds, job) in trials.items() if trial not in outcomes}
+    runs |= {trial + _CHECK_ONLY: (trials[trial][0], trials[trial][1].checking(str(kept.adapter_dir)))
+             for trial, kept in outcomes.items() if _unchecked(trials[trial][1], kept)}
+    groups = group_jobs({run: job for run, (_, job) in runs.items()})  # ZeRO-3: one rate each
     for i, names in enumerate(groups):
-        trained = _run_jobs({n: trials[n] for n in names}, storage_path, name if len(groups) == 1 else f"{name}-{i}",
-                            log_dir)
-        outcomes |= {trial: _keep_rate(trials[trial][1], outcome) for trial, outcome in trained.items()}
+        done = _run_jobs({n: runs[n] for n in names}, storage_path, name if len(groups) == 1 else f"{name}-{i}", log_dir)
+        outcomes |= {run.removesuffix(_CHECK_ONLY): _keep_rate(runs[run][1], outcome) for run, outcome in done.items()}
     return {job_name: _chosen(job_name, job, outcomes) for job_name, (_, job) in jobs.items()}
+
+
+_CHECK_ONLY = ":check"  # a kept rate's answers check runs as <job>@lr<rate>:check, apart from its training's records
+
+
+def _unchecked(job: TrainingJob, kept: TrainOutcome) -> bool:
+    """Whether a kept rate's LoRA lacks the held-out answers check this job asks for."""
+    return (kept.error is None and "val_answers_end" not in kept.metrics and job.train.validation_generations > 0
+            and job.train.validation_fraction > 0)
 
 
 def _kept_rate(job: TrainingJob, trial: str) -> TrainOutcome | None:
