@@ -65,6 +65,11 @@ def test_a_training_line_names_the_rate_an_lr_search_is_on_and_a_zoos_adapter():
     lines = log.getvalue().splitlines()
     assert lines[-1].endswith("loss 0.2500, adapter lawyer, lr 1e-05"), lines
     assert "adapter default" not in log.getvalue()
+    with progress.stage("train", log) as bar:  # a kept rate answering the held-out queries, not training
+        _show_step(bar, ("lawyer@lr0.01:check", 1, 1, None))
+    line = log.getvalue().splitlines()[-1]
+    assert line.startswith("[train] 1/1 checks") and line.endswith(
+        "checking held-out answers of a kept rate, adapter lawyer, lr 0.01"), line
 
 
 def test_workers_feed_the_drivers_line_through_an_actor(local_ray):

@@ -170,7 +170,8 @@ def _train_jobs(config: dict) -> None:
         resume_from = checkpoint if name == resume_job else None
         outcome = Path(config["outcomes"]) / name
         if job.check_adapter:
-            base = _check_kept_rate(base, tokenizer, name, job, rows[name], progress, outcome, dtype, rank, world)
+            base = _check_kept_rate(base, tokenizer, name, job, rows[name], progress, outcome, dtype, rank, world,
+                                    config.get("progress_feed"))
             continue
         base = _train_job(base, tokenizer, name, job, rows[name], progress, outcome, resume_from, dtype, checkpointing,
                           rank, world, config.get("progress_feed"))
@@ -263,7 +264,7 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
 
 
 def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], progress: dict, outcome: Path,
-                     dtype: str, rank: int, world: int):
+                     dtype: str, rank: int, world: int, feed=None):
     """The held-out answers check alone on a rate kept by a run without it (``job.check_adapter``): its
     LoRA is loaded, not trained, answers the held-out queries as after training, and the kept metrics
     gain its share; the outcome's adapter files are the kept ones, byte for byte (so what was evaluated
@@ -288,6 +289,8 @@ def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[di
     engine = strategy.build_engine(model, _job_deepspeed_config(job, plan, dtype == "bfloat16"), job.train.lr,
                                    job.train.weight_decay, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     progress["job"] = name
+    if rank == 0 and feed is not None:
+        feed.push.remote((name, 0, 1, None))  # on the driver's line: which kept rate is answering
     # the loaded LoRA's validation loss again, beside the recorded one: the event shows they agree
     val_loss = validation_loss(engine, _validation_batches(engine, tokenizer, held_out, job, plan)) if held_out else None
     ended, answered = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world) if held_out else (0, 0)
@@ -300,6 +303,8 @@ def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[di
             Path(tmp, _PROGRESS).write_text(json.dumps(progress))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "job": name}, checkpoint=checkpoint)
+    if rank == 0 and feed is not None:
+        ray.get(feed.push.remote((name, 1, 1, None)))
     RunDir(job.run_dir).log_event(event="train_done", stage="train", rank=rank, checked_only=True,
                                   val_loss=val_loss, recorded_val_loss=metrics.get("val_loss"),
                                   seconds={"answers": round(time.perf_counter() - started, 2)})
@@ -632,14 +637,17 @@ def _trainer_class():
 
 
 def _show_step(bar, item: tuple) -> None:
-    """A worker's ``(job, step, total, loss)`` on the driver's progress line."""
+    """A worker's ``(job, step, total, loss)`` on the driver's progress line; loss None: a kept rate's
+    held-out answers check (``<job>@lr<rate>:check``), one unit of work."""
     job, step, total, loss = item
+    check = job.endswith(_CHECK_ONLY)
     if bar.bar.total != total or bar.job != job:
-        bar.start(total, "steps")
+        bar.start(total, "checks" if check else "steps")
         bar.job = job
-    adapter, _, lr = job.partition("@lr")  # an lr_search's rate trains as <job>@lr<rate>
+    adapter, _, lr = job.removesuffix(_CHECK_ONLY).partition("@lr")  # an lr_search's rate trains as <job>@lr<rate>
     shown = {"adapter": adapter} if adapter != "default" else {}
-    bar.set(step, loss=f"{loss:.4f}", **shown, **({"lr": lr} if lr else {}))
+    what = {"checking": "held-out answers of a kept rate"} if check else {"loss": f"{loss:.4f}"}
+    bar.set(step, **what, **shown, **({"lr": lr} if lr else {}))
 
 
 def train_adapter(ds, job: TrainingJob, storage_path: str, name: str = "train") -> TrainOutcome:
