@@ -138,6 +138,14 @@ def test_variants_in_one_pass_equal_separate_evaluations_and_the_cache_evaluates
     assert passes == [["first"]] and "planted" not in again["first"] and again["second"]["planted"]
     retrained = [e["prediction"] for e in again["first"]["examples"]]
     assert retrained != predictions["first"]
+    # settings put back: the first weights again, whose report the file kept when they were replaced
+    shutil.rmtree(tmp_path / "first")
+    shutil.copytree(tiny_model_dirs["adapter"], tmp_path / "first")
+    back = cached(["first"])
+    assert passes == [["first"]] and back["first"]["planted"]
+    assert [e["prediction"] for e in back["first"]["examples"]] == predictions["first"]
+    new_weights(tmp_path / "first", 2)  # and retrained once more: that report too came back from the file
+    assert [e["prediction"] for e in cached(["first"])["first"]["examples"]] == retrained and passes == [["first"]]
 
     # twins: "kept" has the second's weights (in the file), "a" and "b" weights new to it
     shutil.copytree(tmp_path / "other", tmp_path / "kept")

@@ -170,6 +170,7 @@ def write_report(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2))
 
 
+REPLACED_KEPT = 16  # reports of weights no variant has any more, kept per evaluation file (~100 KB each at 200 examples)
 _REPORT_VERSION = 2  # 2: the spread of answers (collapse); an older cached report lacks it, so it is redone
 
 
@@ -179,9 +180,12 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
 
     Kept per variant in ``path``: a variant is evaluated again only when its adapter's weights changed
     (or the base, the engine or the eval settings did), so adding a method to a compare or an adapter to
-    a zoo evaluates that one alone. Variants of earlier calls stay in the file for later ones. A kept
-    report's answers are read again from its predictions (``answer_metrics``), so its exact match, spread
-    and share answered follow the metrics of the code that reads them."""
+    a zoo evaluates that one alone. Variants of earlier calls stay in the file for later ones, and the
+    reports of weights a variant no longer has (its stage recomputed with other settings) stay under
+    ``replaced`` by weights digest, the last ``REPLACED_KEPT``: settings put back, the run dir restores
+    the stage it set aside, and its adapter is not evaluated again. A kept report's answers are read
+    again from its predictions (``answer_metrics``), so its exact match, spread and share answered
+    follow the metrics of the code that reads them."""
     import time
 
     from titok.layout import adapter_digest
@@ -193,13 +197,16 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
     digests = {name: adapter_digest(adapter) for name, adapter in variants.items()}
     cached = json.loads(path.read_text()) if path.is_file() else {}
     key, reports = cached.get("key", {}), cached.get("reports", {})
-    known = {}  # name -> (digest, report) of the file, while the shared settings match
+    known, replaced = {}, {}  # name -> (digest, report) of the file; digest -> report of weights replaced
     if {field: value for field, value in key.items() if field != "variants"} == shared:
         known = {name: (digest, reports[name]) for name, digest in key.get("variants", {}).items() if name in reports}
+        replaced = cached.get("replaced", {})
     missing = {name: adapter for name, adapter in variants.items() if name not in known or known[name][0] != digests[name]}
+    had = {known[name][0]: known[name][1] for name in missing if name in known}  # the weights they had: newest last
+    replaced = {**{d: r for d, r in replaced.items() if d not in had}, **had}
     # weights evaluated once: a variant whose adapter another has (kd's row under both budgets, a zoo
-    # adapter listed twice) takes that one's report, kept or made in this pass
-    kept_weights = {digest: report for digest, report in known.values()}
+    # adapter listed twice, weights it had before) takes that one's report, kept or made in this pass
+    kept_weights = {**replaced, **{digest: report for digest, report in known.values()}}
     evaluating = {}  # digest -> the one variant this pass evaluates for those weights
     for name, adapter in missing.items():
         if digests[name] in kept_weights:
@@ -228,7 +235,10 @@ def cached_evaluation(settings, split_seed: int, path: Path, base: str, variants
             known[name] = (digest, _reread(report, targets, options))
             changed = changed or known[name][1] != report
     if changed:
+        current = {d for d, _ in known.values()}
+        replaced = {d: r for d, r in replaced.items() if d not in current}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"key": shared | {"variants": {n: d for n, (d, _) in known.items()}},
-                                       "reports": {n: r for n, (_, r) in known.items()}}, indent=2))
+                                       "reports": {n: r for n, (_, r) in known.items()},
+                                       "replaced": dict(list(replaced.items())[-REPLACED_KEPT:])}, indent=2))
     return {name: known[name][1] for name in variants}
