@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from titok.layout import short_name  # noqa: E402
 from titok.workflows.report import evaluation_row, markdown_tables, paired_markdown, paired_tests, read_rows  # noqa: E402
 
 
@@ -72,6 +73,16 @@ def pooled_rows(sources: list[tuple[int, Path, dict[str, str] | None]], task: st
     return rows
 
 
+def expert_row(path: Path, task: str) -> dict:
+    """The source expert's row from its evaluation file (``evals/<task>/source-expert.json``) or a report's
+    rows.json, under the source base's name as a compare report names it."""
+    kept = json.loads(path.read_text())
+    if "reports" in kept:
+        return evaluation_row(kept["reports"]["expert"], task, short_name(kept["key"]["base"]), "source expert", None)
+    expert = next(row for row in read_rows(path) if (row["task"], row["method"]) == (task, "source expert"))
+    return evaluation_row(expert, task, expert["target"], "source expert", None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", help="SEED=FILE[:VARIANT=ROW,...]")
@@ -84,10 +95,7 @@ def main() -> None:
     sources = [parse_source(text) for text in args.sources]
     rows = pooled_rows(sources, args.task, args.target)
     if args.expert:
-        kept = json.loads(Path(args.expert).read_text())
-        expert = kept["reports"]["expert"] if "reports" in kept else next(
-            row for row in read_rows(args.expert) if (row["task"], row["method"]) == (args.task, "source expert"))
-        rows.insert(0, evaluation_row(expert, args.task, "source", "source expert", None))
+        rows.insert(0, expert_row(Path(args.expert), args.task))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["seed"] != ""))
     tests = paired_tests(rows, [args.task], methods, "exact_match")
     out = Path(args.out)

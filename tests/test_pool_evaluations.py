@@ -60,3 +60,16 @@ def test_a_reports_rows_pool_with_a_later_evaluation_after_the_run_folder_is_gon
     assert tests[("titok", "kd")]["difference"] == pytest.approx(14 / 16 - 6 / 16)
     renamed = pool.pooled_rows([pool.parse_source(f"0={tmp_path / 'rows.json'}:titok=titok (58 steps)")], "t", "g")
     assert [(r["method"], r["per_example"]["exact_match"]) for r in renamed] == [("titok (58 steps)", [1] * 6 + [0] * 2)]
+
+
+def test_the_source_experts_row_is_named_by_its_base_as_in_a_compare_report(tmp_path):
+    """From its evaluation file (whose key names the base) or from a report's rows.json."""
+    from titok.workflows.report import write_rows
+
+    path = _eval_file(tmp_path / "source-expert.json", {"expert": [1, 1, 0, 1]})
+    kept = json.loads(path.read_text())
+    path.write_text(json.dumps({**kept, "key": {"base": "smollm2-135m"}}))
+    row = pool.expert_row(path, "t")
+    assert (row["target"], row["method"], row["seed"], row["exact_match"]) == ("smollm2-135m", "source expert", "", 0.75)
+    write_rows([row], tmp_path / "rows.json")
+    assert pool.expert_row(tmp_path / "rows.json", "t")["target"] == "smollm2-135m"
