@@ -6,7 +6,7 @@ from the loaded LoRA beside the recorded one, and its seconds), rank 0's, oldest
     python bench/lr_events.py runs/bool-ends/runs/boolean_expressions/seed0/gemma3-270m \\
         runs/bool-ends/runs/boolean_expressions/seed1/gemma3-270m --json checks.json
 
-Written by hand: it reads titok's own event logs (``titok.runstate.RunDir.events``) under every method's folder.
+Written by hand: it reads titok's own event logs (``titok.runstate.read_events``) under every method's folder.
 """
 
 from __future__ import annotations

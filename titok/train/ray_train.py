@@ -272,7 +272,7 @@ def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[di
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    import ray.train
+    import ray
 
     from titok.runstate import ADAPTER_WEIGHTS, RunDir
     from titok.train import strategy
@@ -295,14 +295,7 @@ def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[di
     val_loss = validation_loss(engine, _validation_batches(engine, tokenizer, held_out, job, plan)) if held_out else None
     ended, answered = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world) if held_out else (0, 0)
     metrics = {**kept.metrics, **({"val_answers_end": ended / answered, "val_answers_checked": answered} if answered else {})}
-    _finish(progress, failed=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            _write_outcome(outcome, {"metrics": metrics, "val_losses": kept.val_losses}, adapter_from=job.check_adapter)
-            Path(tmp, _PROGRESS).write_text(json.dumps(progress))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({**metrics, "job": name}, checkpoint=checkpoint)
+    _end_job(rank, progress, outcome, {"metrics": metrics, "val_losses": kept.val_losses}, adapter_from=job.check_adapter)
     if rank == 0 and feed is not None:
         ray.get(feed.push.remote((name, 1, 1, None)))
     RunDir(job.run_dir).log_event(event="train_done", stage="train", rank=rank, checked_only=True,
@@ -399,16 +392,25 @@ def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome
 
 def _report_failure(reason: str, step: int, rank: int, progress: dict, outcome: Path) -> None:
     """End a job with ``reason`` as its outcome; the checkpoint records it so a restart skips it."""
+    _end_job(rank, progress, outcome, {"failed": reason, "step": step}, failed=True)
+
+
+def _end_job(rank: int, progress: dict, outcome: Path, result: dict, failed: bool = False,
+             adapter_from: str | None = None) -> None:
+    """A job that needs no resumable state at its end (a failure, a kept rate's check): it moves to the
+    done (or failed) list, rank 0 writes its outcome (``result``, and the adapter files of ``adapter_from``)
+    and a checkpoint holding only the progress, so a restarted group skips it."""
     import ray.train
 
-    _finish(progress, failed=True)
+    reported = {**result.get("metrics", result), "job": progress["job"]}
+    _finish(progress, failed=failed)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             Path(tmp, _PROGRESS).write_text(json.dumps(progress))
-            _write_outcome(outcome, {"failed": reason, "step": step})
+            _write_outcome(outcome, result, adapter_from=adapter_from)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"failed": reason, "step": step}, checkpoint=checkpoint)
+        ray.train.report(reported, checkpoint=checkpoint)
 
 
 def _write_outcome(folder: Path, result: dict, adapter_from: str | None = None) -> None:
