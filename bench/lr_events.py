@@ -1,6 +1,6 @@
 """What an lr search decided, read from a run directory's event logs: each ``lr_chosen`` event (the rate
-kept, every rate's final validation loss, its share of held-out answers that end and the rates ruled
-out) and each check of a kept rate (``train_done`` with ``checked_only``: the validation loss recomputed
+kept, every rate's final validation loss, its share of held-out answers that end, how they spread
+against the expert's and the rates ruled out) and each check of a kept rate (``train_done`` with ``checked_only``: the validation loss recomputed
 from the loaded LoRA beside the recorded one, and its seconds), rank 0's, oldest first.
 
     python bench/lr_events.py runs/bool-ends/runs/boolean_expressions/seed0/gemma3-270m \\
@@ -26,7 +26,8 @@ def run_events(run_dir: Path) -> dict:
 
     events = sorted((e for log in run_dir.rglob(EVENTS_DIR) for e in read_events(log.parent)), key=lambda e: e["time"])
     chosen = [{"lr": e["lr"], "val_loss": {rate: curve[-1] if curve else None for rate, curve in e["val_losses"].items()},
-               "answers_end": e.get("answers_end"), "ruled_out": e.get("ruled_out")}
+               "answers_end": e.get("answers_end"), "answers_spread": e.get("answers_spread"),
+               "ruled_out": e.get("ruled_out")}
               for e in events if e["event"] == "lr_chosen"]
     checks = [{k: e[k] for k in ("val_loss", "recorded_val_loss", "seconds")}
               for e in events if e["event"] == "train_done" and e.get("checked_only") and e["rank"] == 0]

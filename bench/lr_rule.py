@@ -13,7 +13,7 @@ own seeded draw, batches and loss), one sample at a time, and reports per rate:
   difference to the argmin is within one standard error (the most conservative update the data cannot
   tell apart from the best);
 - with ``--answers N``, the share of the first N held-out queries each rate's LoRA answers to the end
-  (``titok.train.step.held_out_answers_end``, the training's own check; a rate kept from before the check
+  (``titok.train.step.held_out_answers``, the training's own check; a rate kept from before the check
   has no ``val_answers_end`` recorded) and the rate ``best_lr`` picks with it.
 
     python bench/lr_rule.py runs/bool-lr/runs/boolean_expressions/seed0/gemma3-270m --methods kd titok uld \\
@@ -42,7 +42,7 @@ from titok import columns as C  # noqa: E402
 from titok.core.sequences import build_training_batch  # noqa: E402
 from titok.core.validation_split import best_lr, validation_mask  # noqa: E402
 from titok.layout import stage_path  # noqa: E402
-from titok.train.step import TorchEngine, held_out_answers_end, selective_loss  # noqa: E402
+from titok.train.step import TorchEngine, held_out_answers, selective_loss  # noqa: E402
 
 
 def one_se_lr(losses: dict[float, np.ndarray], weights: np.ndarray) -> tuple[float, dict[float, tuple[float, float]]]:
@@ -85,10 +85,10 @@ def answers_end(base, tokenizer, adapter: Path, held_out: list[dict], answers: i
 
     model = PeftModel.from_pretrained(base, str(adapter))
     rows = held_out[:answers]
-    ended = held_out_answers_end(TorchEngine(model, None), tokenizer, [r[C.QUERY] for r in rows],
-                                 [len(r[C.TARGET_WEIGHTS]) for r in rows], batch_size=8)
+    answers = held_out_answers(TorchEngine(model, None), tokenizer, [r[C.QUERY] for r in rows],
+                               [len(r[C.TARGET_WEIGHTS]) for r in rows], batch_size=8)
     model.unload()
-    return sum(ended) / len(ended)
+    return sum(ended for ended, _ in answers) / len(answers)
 
 
 def main() -> None:

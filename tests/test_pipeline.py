@@ -217,12 +217,14 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     # clearly less often than the other, so the lower loss wins
     ends = train["lr_answers_end"]
     assert set(ends) == set(curves) and all(0.0 <= share <= 1.0 for share in ends.values())
+    spreads = train["lr_answers_spread"]  # ... and their answers counted by the expert's (none collapsed here)
+    assert set(spreads) == set(curves) and not any(s["collapsed"] for s in spreads.values())
     assert not ruled_out({float(lr): share for lr, share in ends.items()})
     chosen = min(curves, key=lambda lr: curves[lr][-1])
     assert train["metrics"]["lr"] == float(chosen) and train["val_losses"] == curves[chosen]
     events = RunDir(tmp_path / "run").events()
-    assert [(e["lr"], e["answers_end"], e["ruled_out"]) for e in events if e["event"] == "lr_chosen"] == [
-        (float(chosen), ends, [])]
+    assert [(e["lr"], e["answers_end"], e["answers_spread"], e["ruled_out"]) for e in events
+            if e["event"] == "lr_chosen"] == [(float(chosen), ends, spreads, [])]
     loads = [e for e in events if e["event"] == "model_load" and e["stage"] == "train"]
     assert sorted(e["adapters"][0] for e in loads) == ["default@lr0.03"] * 2 + ["default@lr1e-05"] * 2
     assert all(e["partitioned"] for e in loads)

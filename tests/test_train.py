@@ -321,7 +321,8 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
 
     from titok.core.sequences import build_training_batch
     from titok.core.validation_split import validation_mask
-    from titok.train.step import TorchEngine, held_out_answers_end, validation_loss
+    from titok.core.validation_split import answer_counts, answers_spread
+    from titok.train.step import TorchEngine, held_out_answers, validation_loss
 
     outcome, events, run_dir = lr_search_zero2
     assert outcome.error is None, outcome.error
@@ -351,18 +352,22 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
     assert {lr: outcome.answers_end[lr] for lr in (1e-6, 5e-3)} == {lr: json.loads(
         (run_dir / "ray" / "train-outcomes" / f"default@lr{lr:g}" / "result.json").read_text())["metrics"]["val_answers_end"]
         for lr in (1e-6, 5e-3)}
-    ended = held_out_answers_end(TorchEngine(model, None), tokenizer, [r[C.QUERY] for r in held_out],
-                                 [len(r[C.TARGET_WEIGHTS]) for r in held_out], batch_size=2)
-    assert outcome.metrics["val_answers_end"] == sum(ended) / 3 == outcome.answers_end[5e-3]
+    answers = held_out_answers(TorchEngine(model, None), tokenizer, [r[C.QUERY] for r in held_out],
+                               [len(r[C.TARGET_WEIGHTS]) for r in held_out], batch_size=2)
+    assert outcome.metrics["val_answers_end"] == sum(e for e, _ in answers) / 3 == outcome.answers_end[5e-3]
+    # ... and how its answers spread against the expert's (the ranks' counts summed): the same again here
+    spread = answers_spread(*answer_counts([text for _, text in answers], [r[C.RESPONSE] for r in held_out]))
+    assert outcome.answers_spread[5e-3] == spread and outcome.answers_spread[1e30] is None
+    assert outcome.metrics["val_answers_top_share"] == spread["share"] and outcome.metrics["val_answers_collapsed"] is spread["collapsed"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_rate_kept_without_the_answers_check_is_checked_not_trained_again(lr_search_zero2, target_dir, tmp_path,
                                                                              stage):
-    """A kept rate whose record has no share of ending answers (kept by an older titok, or while
+    """A kept rate whose record has no held-out answers check (kept by an older titok, or while
     validation_generations was 0) only answers the held-out queries on a rerun: its LoRA loaded, no
-    step taken, the share it had when trained, its adapter files byte for byte; a rate kept with its
+    step taken, the share and spread it had when trained, its adapter files byte for byte; a rate kept with its
     share and one that diverged are left as they are. Under ZeRO-3 too, where the LoRA is loaded
     before DeepSpeed partitions it and every rank answers in step."""
     import ray
@@ -374,7 +379,8 @@ def test_a_rate_kept_without_the_answers_check_is_checked_not_trained_again(lr_s
         shutil.copytree(run_dir / "ray" / "train-outcomes" / f"default@lr{lr:g}", kept / f"lr{lr:g}")
     record = kept / "lr0.005" / "result.json"
     result = json.loads(record.read_text())
-    shares = {k: result["metrics"].pop(k) for k in ("val_answers_end", "val_answers_checked")}
+    shares = {k: result["metrics"].pop(k) for k in ("val_answers_end", "val_answers_checked", "val_answers_top",
+                                                     "val_answers_top_share", "val_expert_top_share", "val_answers_collapsed")}
     record.write_text(json.dumps(result))
     weights = (kept / "lr0.005" / "adapter_model.safetensors").read_bytes()
 
@@ -390,7 +396,8 @@ def test_a_rate_kept_without_the_answers_check_is_checked_not_trained_again(lr_s
     assert all(e["val_loss"] == pytest.approx(outcome.lr_search[5e-3][-1], rel=1e-5) == e["recorded_val_loss"]
                for e in done)
     assert again.metrics["lr"] == 5e-3 and again.answers_end == outcome.answers_end
-    assert json.loads(record.read_text())["metrics"]["val_answers_end"] == shares["val_answers_end"]
+    assert again.answers_spread == outcome.answers_spread
+    assert {k: json.loads(record.read_text())["metrics"][k] for k in shares} == shares
     assert (kept / "lr0.005" / "adapter_model.safetensors").read_bytes() == weights
     assert load_file(again.adapter_dir / "adapter_model.safetensors").keys() == load_file(
         outcome.adapter_dir / "adapter_model.safetensors").keys()

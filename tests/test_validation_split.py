@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from titok.config import TrainConfig
 from titok.core.sequences import build_training_batch
-from titok.core.validation_split import answer_budget, answer_ends, best_lr, ruled_out, validation_count, validation_mask
-from titok.train.step import TorchEngine, attach_fresh_lora, held_out_answers_end, validation_loss
+from titok.core.validation_split import (answer_budget, answer_counts, answer_ends, answers_spread, best_lr,
+                                         collapsed_answer_text, ruled_out, validation_count, validation_mask)
+from titok.train.step import TorchEngine, attach_fresh_lora, held_out_answers, validation_loss
 from titok.models import stop_token_ids
 from tests.conftest import real_tokenizer, tiny_llama
 
@@ -55,6 +56,45 @@ def test_a_rate_whose_held_out_answers_do_not_end_cannot_win_however_low_its_los
     assert best_lr({1e-3: [0.3], 1e30: [math.nan]}, {1e-3: 0.2, 1e30: 1.0}) == 1e-3
 
 
+def test_held_out_answers_are_counted_by_the_experts_answers_to_the_same_queries():
+    """Keys as every metric reads an answer (after "the answer is", by option letter where the expert
+    answers with letters); an answer the expert never gives, or none, counts apart; one rank's share
+    of the queries counts by the keys of all of them, so the ranks' counts add up."""
+    expert = ["Sam lies. So the answer is No.", "So the answer is Yes.", "So the answer is yes", "the answer is No"]
+    keys, counts, expert_counts = answer_counts(
+        ["So the answer is Yes.", "yes", "So the answer is maybe", "Sam tells the truth. Sam lies. Sam"], expert)
+    assert (keys, counts, expert_counts) == (["no", "yes"], [0, 2, 2], [2, 2, 0])
+    assert answer_counts(["So the answer is No."], expert) == (["no", "yes"], [1, 0, 0], [2, 2, 0])  # one rank's share
+    lettered = ["The answer is (B).", "The answer is (A)", "So the answer is (C)."]
+    assert answer_counts(["So the answer is (B) red ball.", "(b)", "(D)"], lettered) == (
+        ["(a)", "(b)", "(c)"], [0, 2, 0, 1], [1, 1, 1, 0])
+
+
+def test_a_rate_whose_held_out_answers_collapse_cannot_win_over_one_whose_do_not():
+    """uld on web_of_lies (Gemma-3-270M, seed 0) kept 3e-3 by the lowest validation loss and said "yes"
+    to 90% of the test questions. A rate that gives one answer to >= 90% of the held-out queries, where
+    the expert's answers to them are more varied, is ruled out while another rate's answers are not;
+    where every rate collapses, or the expert itself answers one thing, the loss decides."""
+    spread = answers_spread(["no", "yes"], [1, 29, 2], [14, 18, 0])
+    assert spread == {"top": "yes", "share": 29 / 32, "expert_share": 18 / 32, "collapsed": True}
+    assert collapsed_answer_text(spread) == "'yes' to 91%: collapsed"
+    assert not answers_spread(["no", "yes"], [3, 28, 1], [14, 18, 0])["collapsed"]  # 28 of 32: 87.5%
+    assert not answers_spread(["no", "yes"], [0, 32, 0], [2, 30, 0])["collapsed"]  # the expert's own 94%
+    assert answers_spread(["no", "yes"], [0, 3, 29], [16, 16, 0])["share"] == 3 / 32  # the rest is no answer
+
+    curves = {1e-3: [0.319], 3e-3: [0.293], 1e-2: [0.320]}
+    ends = {1e-3: 26 / 32, 3e-3: 29 / 32, 1e-2: 27 / 32}
+    assert best_lr(curves, ends) == 3e-3
+    assert best_lr(curves, ends, {1e-3: False, 3e-3: True, 1e-2: True}) == 1e-3
+    assert ruled_out(ends, {1e-3: False, 3e-3: True, 1e-2: True}) == {3e-3, 1e-2}
+    assert best_lr(curves, ends, {1e-3: True, 3e-3: True, 1e-2: True}) == 3e-3  # every rate collapsed
+    assert best_lr(curves, ends, {1e-3: None, 3e-3: True, 1e-2: None}) == 3e-3  # not counted: no evidence
+    # the answers that end are read first: a rate whose answers loop does not stay in as the one that does not collapse
+    assert ruled_out({1e-3: 5 / 32, 3e-3: 1.0}, {1e-3: False, 3e-3: True}) == {1e-3}
+    # and a diverged rate's verdict counts for nothing
+    assert best_lr({1e-3: [0.3], 1e30: [math.nan]}, {1e-3: 1.0, 1e30: 1.0}, {1e-3: True, 1e30: False}) == 1e-3
+
+
 def test_an_answer_ends_when_its_turn_closes_within_twice_the_experts_length_and_16():
     assert answer_budget(0) == 16 and answer_budget(30) == 76
     stop = [1, 106]  # Gemma's <eos> and <end_of_turn>: either ends an answer
@@ -83,7 +123,10 @@ def test_held_out_answers_are_generated_and_checked_against_the_budget(eos_at, e
 
     model.get_output_embeddings().register_forward_hook(close_turn_at)
     queries = ["True and False is", "not ( True ) or ( False and True ) and not False is", "False is"]
-    assert held_out_answers_end(TorchEngine(model, None), tokenizer, queries, [0, 0, 0], batch_size=3) == [ends] * 3
+    answers = held_out_answers(TorchEngine(model, None), tokenizer, queries, [0, 0, 0], batch_size=3)
+    assert [ended for ended, _ in answers] == [ends] * 3
+    # the text is the answer up to its stop token: none at once, else what came before it
+    assert all((text == "") == (eos_at == 0) for _, text in answers)
     assert not model.training
 
 
@@ -145,6 +188,35 @@ def test_only_a_diverged_rate_loses_a_search_a_crashed_one_fails_the_job(tmp_pat
                                                              val_losses=[1.8, 1.2])})
     kept = _chosen("default", job, looping)
     assert kept.metrics["lr"] == 1e-4 and kept.answers_end == {1e-4: 1.0, 1e-3: 0.12, 1e30: None}
+    # the lower loss, but "yes" to 30 of its 32 held-out answers, where the expert's split 18 / 14
+    def checked(top, share):
+        return {"val_answers_end": 1.0, "val_answers_top": top, "val_answers_top_share": share,
+                "val_expert_top_share": 18 / 32, "val_answers_collapsed": share >= 0.9}
+    one_answer = dict(done, **{"default@lr0.0001": TrainOutcome("a", tmp_path, {"lr": 1e-4, **checked("no", 0.6)},
+                                                                 val_losses=[2.0, 1.5]),
+                               "default@lr0.001": TrainOutcome("b", tmp_path, {"lr": 1e-3, **checked("yes", 30 / 32)},
+                                                                val_losses=[1.8, 1.2])})
+    kept = _chosen("default", job, one_answer)
+    assert kept.metrics["lr"] == 1e-4 and kept.answers_spread[1e30] is None
+    assert kept.answers_spread[1e-3] == {"top": "yes", "share": 30 / 32, "expert_share": 18 / 32, "collapsed": True}
     lost = dict(done, **{"default@lr0.001": TrainOutcome("b", error=RuntimeError("the train controller died"))})
     failed = _chosen("default", job, lost)
     assert isinstance(failed.error, RuntimeError) and "controller died" in str(failed.error)
+
+
+def test_the_summary_line_and_the_report_name_a_rate_whose_answers_collapsed():
+    """What the run's summary line and compare's learning-rate table say of a search in which 3e-3 had
+    the lowest loss but answered "yes" to 30 of 32 held-out queries."""
+    from titok.workflows.pipeline import format_summary
+    from titok.workflows.report import _learning_rates_text
+
+    collapsed = {"top": "yes", "share": 30 / 32, "expert_share": 18 / 32, "collapsed": True}
+    train = {"metrics": {"lr": 1e-3}, "lr_search": {"0.001": [0.319], "0.003": [0.293]},
+             "lr_answers_end": {"0.001": 26 / 32, "0.003": 29 / 32}, "lr_ruled_out": ["0.003"],
+             "lr_answers_spread": {"0.001": {**collapsed, "top": "no", "share": 0.5, "collapsed": False},
+                                   "0.003": collapsed}}
+    line = format_summary({"stages": {}, "train": train, "run_dir": "runs/x"})
+    assert "train lr: 0.001, the lowest validation loss of 0.001: 0.3190 (answers end 81%), " \
+           "0.003: 0.2930 (answers end 91%, 'yes' to 94%: collapsed: ruled out)" in line
+    table = _learning_rates_text({("web_of_lies", "gemma3-270m", "uld", 0): train})
+    assert "| web_of_lies | gemma3-270m | uld | 0 | **0.319, ends 81%** | ~~0.293, ends 91%, 'yes' to 94%: collapsed~~ |" in table

@@ -263,7 +263,9 @@ class TrainConfig(Section):
         32, ge=0, description="held-out samples whose queries the trained LoRA answers (greedy, after the last "
         "step) to check that its answers end: the end-of-turn token within twice the expert's response + 16 tokens "
         "(val_answers_end in the train metrics); under lr_search a rate whose answers end on over 10 points fewer "
-        "of them than another rate's cannot win, since the validation loss does not see a LoRA that loops. 0: off")
+        "of them than another rate's cannot win, since the validation loss does not see a LoRA that loops; nor can a rate "
+        "that gives one answer to >= 90% of them where the expert's answers to the same queries are more varied, while "
+        "another rate's are (val_answers_top, val_answers_top_share, val_answers_collapsed). 0: off")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of all steps")
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")

@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 from rouge_score import rouge_scorer
 
-__all__ = ["COLLAPSE_SHARE", "UNANSWERED_SHARE", "answer_key", "answer_spread", "answered", "collapse_text", "collapsed",
+__all__ = ["COLLAPSE_SHARE", "UNANSWERED_SHARE", "answer_key", "answer_keys", "answer_spread", "answered", "collapse_text", "collapsed",
            "exact_match", "exact_matches",
            "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
@@ -62,6 +62,14 @@ def answer_key(answer: str, lettered: bool) -> str:
     if lettered and (option := _OPTION_LETTER.match(answer.strip())):
         return option.group().lower()
     return _normalize(answer)
+
+
+def answer_keys(predictions: list[str], references: list[str]) -> tuple[list[str], list[str]]:
+    """The ``answer_key`` of each prediction's and each reference's extracted answer, by letter where the
+    references answer with option letters (where no gold label exists, e.g. an expert's responses)."""
+    lettered = _lettered(extract_answer(r) for r in references)
+    return ([answer_key(extract_answer(p), lettered) for p in predictions],
+            [answer_key(extract_answer(r), lettered) for r in references])
 
 
 def _matches(answer: str, target: str) -> bool:

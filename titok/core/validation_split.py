@@ -11,6 +11,10 @@ Teacher-forced loss cannot see a LoRA that loops: on boolean_expressions (Gemma-
 repeating a phrase until the token budget ran out. So the trained LoRA also answers some held-out
 queries (``train.validation_generations``) and a rate whose answers end on clearly fewer of them than
 another rate's cannot win (``ruled_out``): that adapter ended 5 of 32 held-out answers, 3e-3 all 32.
+Nor can it see a LoRA that gives one answer to everything (web_of_lies, uld at 3e-3: "yes" to 90% of
+the test questions). So the held-out answers are also counted by the expert's answers to the same
+queries (``answer_counts``), and a rate that gives one answer to >= ``metrics.COLLAPSE_SHARE`` of them
+where the expert does not (``answers_spread``) cannot win over a rate that does not collapse.
 
 Written by hand: a seeded split of a few hundred rows and an argmin; Ray Tune would add a scheduler
 and trial actors around trainings that already share one Ray Train worker group (``train.ray_train``).
@@ -22,8 +26,10 @@ import math
 
 import numpy as np
 
-__all__ = ["ENDS_TOLERANCE", "answer_budget", "answer_ends", "best_lr", "ruled_out", "validation_count",
-           "validation_mask"]
+from titok.core.metrics import COLLAPSE_SHARE, answer_keys
+
+__all__ = ["ENDS_TOLERANCE", "answer_budget", "answer_counts", "answer_ends", "answers_spread", "best_lr", "collapsed_answer_text", "ruled_out",
+           "validation_count", "validation_mask"]
 
 # a rate is ruled out when its held-out answers end on more than this share fewer queries than the best rate's
 ENDS_TOLERANCE = 0.1
@@ -58,24 +64,60 @@ def answer_ends(generated: list[int], stop_ids: list[int], response_tokens: int)
     return any(token in stop_ids for token in generated[: answer_budget(response_tokens)])
 
 
-def ruled_out(ends: dict[float, float | None], tolerance: float = ENDS_TOLERANCE) -> set[float]:
+def answer_counts(answers: list[str], expert_responses: list[str]) -> tuple[list[str], list[int], list[int]]:
+    """The expert's answer keys on the held-out queries (sorted), the LoRA's ``answers`` counted by them
+    with one more count for any other answer (an answer the expert never gives, or none), and the
+    expert's own counts by them. ``answers`` may be one rank's share of the queries while
+    ``expert_responses`` are all of them: every rank then has the same keys, so the ranks' counts add up."""
+    predicted, expert = answer_keys(answers, expert_responses)
+    keys = sorted(set(expert))
+    known = set(keys)
+    return (keys, [predicted.count(k) for k in keys] + [sum(k not in known for k in predicted)],
+            [expert.count(k) for k in keys] + [0])
+
+
+def answers_spread(keys: list[str], counts: list[int], expert_counts: list[int]) -> dict:
+    """The LoRA's most common held-out answer (among the expert's), its share of all its answers, the
+    expert's top share, and whether the LoRA collapsed: one answer to >= ``COLLAPSE_SHARE`` where the
+    expert's answers are not that uniform (as ``metrics.collapsed`` reads a test-set evaluation)."""
+    answered, top = sum(counts), int(np.argmax(counts[:-1]))
+    share, expert_share = counts[top] / answered, max(expert_counts[:-1]) / sum(expert_counts)
+    return {"top": keys[top], "share": share, "expert_share": expert_share,
+            "collapsed": share >= COLLAPSE_SHARE > expert_share}
+
+
+def collapsed_answer_text(spread: dict) -> str:
+    """``'yes' to 97%: collapsed`` for a rate whose held-out answers collapsed (an ``answers_spread``)."""
+    return f"{spread['top']!r} to {spread['share']:.0%}: collapsed"
+
+
+def ruled_out(ends: dict[float, float | None], collapsed: dict[float, bool | None] | None = None,
+              tolerance: float = ENDS_TOLERANCE) -> set[float]:
     """The rates whose held-out answers end on more than ``tolerance`` fewer queries (a share) than the
-    best rate's. ``ends``: each rate's share of held-out answers that end; None where not checked (a
-    rate kept from a run without the check, one that diverged), which rules nothing out."""
+    best rate's, and then those whose answers collapse (``collapsed``: ``answers_spread``'s verdict per
+    rate) while another rate's left does not. ``ends``: each rate's share of held-out answers that end;
+    None (in either) where not checked (a rate kept from a run without the check, one that diverged),
+    which rules nothing out."""
     checked = {lr: share for lr, share in ends.items() if share is not None}
-    if not checked:
-        return set()
-    best = max(checked.values())
-    return {lr for lr, share in checked.items() if share < best - tolerance - 1e-9}
+    out = set()
+    if checked:
+        best = max(checked.values())
+        out = {lr for lr, share in checked.items() if share < best - tolerance - 1e-9}
+    verdicts = {lr: v for lr, v in (collapsed or {}).items() if v is not None and lr not in out and lr in ends}
+    if not all(verdicts.values()):  # one rate left answers with some spread: the collapsed ones cannot win
+        out |= {lr for lr, v in verdicts.items() if v}
+    return out
 
 
-def best_lr(curves: dict[float, list[float]], ends: dict[float, float | None] | None = None) -> float:
+def best_lr(curves: dict[float, list[float]], ends: dict[float, float | None] | None = None,
+            collapsed: dict[float, bool | None] | None = None) -> float:
     """The learning rate whose LoRA ends with the lowest validation loss (the last value of its
     per-epoch curve) among those ``ruled_out`` leaves (``ends``: each rate's share of held-out answers
-    that end); a tie goes to the smaller rate. A candidate that diverged (no curve, or a non-finite
-    loss) cannot win; raises ValueError when none is left."""
+    that end; ``collapsed``: whether they collapse to one answer); a tie goes to the smaller rate. A
+    candidate that diverged (no curve, or a non-finite loss) cannot win; raises ValueError when none is left."""
     finite = {lr: curve[-1] for lr, curve in curves.items() if curve and math.isfinite(curve[-1])}
-    out = ruled_out({lr: (ends or {}).get(lr) for lr in finite})  # among the rates that finished
+    out = ruled_out({lr: (ends or {}).get(lr) for lr in finite},  # among the rates that finished
+                    {lr: (collapsed or {}).get(lr) for lr in finite})
     finite = {lr: loss for lr, loss in finite.items() if lr not in out}
     if not finite:
         raise ValueError(f"no learning rate of {sorted(curves)} ended with a finite validation loss")

@@ -62,6 +62,7 @@ class TrainOutcome:
     val_losses: list[float] = field(default_factory=list)  # after each epoch, with train.validation_fraction
     lr_search: dict[float, list[float]] = field(default_factory=dict)  # each tried rate's val_losses ([]: diverged)
     answers_end: dict[float, float | None] = field(default_factory=dict)  # each tried rate's val_answers_end
+    answers_spread: dict[float, dict | None] = field(default_factory=dict)  # ... and how its answers spread
 
 
 def _linear_warmup_decay(total_steps: int, warmup: int):
@@ -239,7 +240,7 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
                 state["val_losses"] = state["val_losses"] + [validation_loss(engine, held_out_batches)]
             if held_out and final and train.validation_generations:
                 answers_started = time.perf_counter()
-                state["val_answers_end"] = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world)
+                state["val_answers"] = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world)
                 seconds["answers"] = time.perf_counter() - answers_started
             if rank == 0 and feed is not None:
                 pushed = feed.push.remote((name, state["step"], plan.total_steps, loss))  # not waited for ...
@@ -293,8 +294,8 @@ def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[di
         feed.push.remote((name, 0, 1, None))  # on the driver's line: which kept rate is answering
     # the loaded LoRA's validation loss again, beside the recorded one: the event shows they agree
     val_loss = validation_loss(engine, _validation_batches(engine, tokenizer, held_out, job, plan)) if held_out else None
-    ended, answered = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world) if held_out else (0, 0)
-    metrics = {**kept.metrics, **({"val_answers_end": ended / answered, "val_answers_checked": answered} if answered else {})}
+    answers = _held_out_answers(engine, tokenizer, held_out, job, plan, rank, world) if held_out else {}
+    metrics = {**kept.metrics, **answers}
     _end_job(rank, progress, outcome, {"metrics": metrics, "val_losses": kept.val_losses}, adapter_from=job.check_adapter)
     if rank == 0 and feed is not None:
         ray.get(feed.push.remote((name, 1, 1, None)))
@@ -305,20 +306,29 @@ def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[di
 
 
 def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan, rank: int,
-                      world: int) -> list[int]:
-    """``[ended, answered]``: how many of the first ``train.validation_generations`` held-out queries the
-    trained LoRA answers to the end (``step.held_out_answers_end``). Each rank answers its share and the
-    counts are summed; under ZeRO-3 on several ranks every decode step gathers the whole base whatever
-    the batch, so there every rank answers all the queries in one batch, in step with the others."""
+                      world: int) -> dict:
+    """The held-out answers check's metrics: of the first ``train.validation_generations`` held-out
+    queries, the share the trained LoRA answers to the end (``step.held_out_answers``), and how its
+    answers spread against the expert's on the same queries (``validation_split.answers_spread``). Each
+    rank answers its share and the counts are summed; under ZeRO-3 on several ranks every decode step
+    gathers the whole base whatever the batch, so there every rank answers all the queries in one
+    batch, in step with the others."""
+    from titok.core.validation_split import answer_counts, answers_spread
     from titok.train.collectives import sum_over_workers
-    from titok.train.step import held_out_answers_end
+    from titok.train.step import held_out_answers
 
     answered = held_out[: job.train.validation_generations]
     gathers = job.group.deepspeed_stage == 3 and world > 1
     mine = answered if gathers else answered[rank::world]
-    ended = held_out_answers_end(engine, tokenizer, [r[C.QUERY] for r in mine], [len(r[C.TARGET_WEIGHTS]) for r in mine],
-                                 len(mine) if gathers else plan.micro_batch, synced_gpus=gathers)
-    return [sum(ended), len(ended)] if gathers else sum_over_workers([sum(ended), len(ended)], engine.device)
+    answers = held_out_answers(engine, tokenizer, [r[C.QUERY] for r in mine], [len(r[C.TARGET_WEIGHTS]) for r in mine],
+                               len(mine) if gathers else plan.micro_batch, synced_gpus=gathers)
+    keys, counts, expert_counts = answer_counts([text for _, text in answers], [r[C.RESPONSE] for r in answered])
+    mine_counts = [sum(ended for ended, _ in answers), len(answers), *counts]
+    ended, n, *counts = mine_counts if gathers else sum_over_workers(mine_counts, engine.device)
+    spread = answers_spread(keys, counts, expert_counts)
+    return {"val_answers_end": ended / n, "val_answers_checked": n, "val_answers_top": spread["top"],
+            "val_answers_top_share": spread["share"], "val_expert_top_share": spread["expert_share"],
+            "val_answers_collapsed": spread["collapsed"]}
 
 
 def _validation_batches(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan) -> list:
@@ -371,9 +381,7 @@ def _report(engine, model, state: dict, plan, rank: int, progress: dict, outcome
                "train_rows": plan.rows}
     if state["val_losses"]:
         metrics["val_loss"] = state["val_losses"][-1]
-    if "val_answers_end" in state:  # the held-out answers that end, of those generated
-        ended, answered = state["val_answers_end"]
-        metrics |= {"val_answers_end": ended / answered, "val_answers_checked": answered}
+    metrics |= state.get("val_answers", {})  # the held-out answers check, after the last step
     with tempfile.TemporaryDirectory() as tmp:
         if outcome is None:
             strategy.save_state(engine, tmp, state)
@@ -480,8 +488,9 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
 
     A job with ``train.lr_search`` trains one LoRA per rate (``<job>@lr<rate>``, on the same rows and
     held-out rows; in one group, or one group each under ZeRO-3); its outcome is the rate with the
-    lowest final validation loss among those whose held-out answers end (``titok.core.validation_split.best_lr``),
-    with every rate's curve in ``lr_search`` and its share of ending answers in ``answers_end``. A rate
+    lowest final validation loss among those whose held-out answers end and do not collapse to one answer
+    (``titok.core.validation_split.best_lr``), with every rate's curve in ``lr_search``, its share of ending
+    answers in ``answers_end`` and their spread in ``answers_spread``. A rate
     already under the job's ``kept_rates_dir`` is taken from there, not trained; if it was kept without
     the held-out answers check (an older titok, or ``validation_generations`` 0 then), its LoRA only
     answers the held-out queries, in the same worker group as the trainings.
@@ -503,8 +512,9 @@ _CHECK_ONLY = ":check"  # a kept rate's answers check runs as <job>@lr<rate>:che
 
 
 def _unchecked(job: TrainingJob, kept: TrainOutcome) -> bool:
-    """Whether a kept rate's LoRA lacks the held-out answers check this job asks for."""
-    return (kept.error is None and "val_answers_end" not in kept.metrics and job.train.validation_generations > 0
+    """Whether a kept rate's LoRA lacks the held-out answers check this job asks for (or its answers'
+    spread, which the check has counted since)."""
+    return (kept.error is None and "val_answers_collapsed" not in kept.metrics and job.train.validation_generations > 0
             and job.train.validation_fraction > 0)
 
 
@@ -542,18 +552,27 @@ def _chosen(job_name: str, job: TrainingJob, outcomes: dict[str, TrainOutcome]) 
     tried = {lr: outcomes[_trial(job_name, lr)] for lr in job.train.lr_search}
     curves = {lr: [] if o.error is not None else o.val_losses for lr, o in tried.items()}
     ends = {lr: o.metrics.get("val_answers_end") for lr, o in tried.items()}  # None: not checked
+    spreads = {lr: _answers_spread(o.metrics) for lr, o in tried.items()}
+    checks = {"lr_search": curves, "answers_end": ends, "answers_spread": spreads}
     crashed = [o.error for o in tried.values() if o.error is not None and not isinstance(o.error, FloatingPointError)]
     if crashed:  # a rate that never finished is no evidence against it: the job fails, and a rerun goes on
-        return TrainOutcome(job_name, error=crashed[0], lr_search=curves, answers_end=ends)
+        return TrainOutcome(job_name, error=crashed[0], **checks)
     try:
-        lr = best_lr(curves, ends)
+        lr = best_lr(curves, ends, {rate: s and s["collapsed"] for rate, s in spreads.items()})
     except ValueError as err:
         errors = "; ".join(f"lr {rate:g}: {o.error}" for rate, o in tried.items() if o.error is not None)
-        return TrainOutcome(job_name, error=RuntimeError(f"{err}{' (' + errors + ')' if errors else ''}"),
-                            lr_search=curves, answers_end=ends)
+        return TrainOutcome(job_name, error=RuntimeError(f"{err}{' (' + errors + ')' if errors else ''}"), **checks)
     won = tried[lr]
     return TrainOutcome(job_name, adapter_dir=won.adapter_dir, metrics={**won.metrics, "lr": lr},
-                        val_losses=won.val_losses, lr_search=curves, answers_end=ends)
+                        val_losses=won.val_losses, **checks)
+
+
+def _answers_spread(metrics: dict) -> dict | None:
+    """A rate's held-out answers spread (``validation_split.answers_spread``) from its metrics; None where not counted."""
+    if "val_answers_collapsed" not in metrics:
+        return None
+    return {"top": metrics["val_answers_top"], "share": metrics["val_answers_top_share"],
+            "expert_share": metrics["val_expert_top_share"], "collapsed": metrics["val_answers_collapsed"]}
 
 
 def _run_jobs(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str, name: str,

@@ -19,7 +19,7 @@ from titok.core.loss import Normalization, normalize, selected_cross_entropy, se
 from titok.core.sequences import TrainingBatch
 from titok.train.collectives import all_ranks_finite
 
-__all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "held_out_answers_end", "selective_loss",
+__all__ = ["TorchEngine", "attach_fresh_lora", "enable_gradient_checkpointing", "held_out_answers", "selective_loss",
            "training_step", "validation_loss"]
 
 
@@ -114,14 +114,14 @@ def validation_loss(engine, batches: list[TrainingBatch]) -> float:
     return total / weight if weight else float("nan")
 
 
-def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens: list[int], batch_size: int,
-                         synced_gpus: bool = False) -> list[bool]:
-    """Whether the trained LoRA's greedy answer to each held-out query ends
-    (``validation_split.answer_ends``: a stop token within ``answer_budget`` of that sample's
-    expert response, ``response_tokens`` long on this tokenizer). Left-padded batches of ``batch_size``;
-    the engine is left in eval mode. ``synced_gpus``: under ZeRO-3 with several ranks every forward
-    gathers parameters collectively, so every rank must keep stepping until all are done (transformers'
-    ``synced_gpus``)."""
+def held_out_answers(engine, tokenizer, queries: list[str], response_tokens: list[int], batch_size: int,
+                     synced_gpus: bool = False) -> list[tuple[bool, str]]:
+    """The trained LoRA's greedy answer to each held-out query: whether it ends
+    (``validation_split.answer_ends``: a stop token within ``answer_budget`` of that sample's expert
+    response, ``response_tokens`` long on this tokenizer), and its text up to the stop token. Left-padded
+    batches of ``batch_size``; the engine is left in eval mode. ``synced_gpus``: under ZeRO-3 with
+    several ranks every forward gathers parameters collectively, so every rank must keep stepping until
+    all are done (transformers' ``synced_gpus``)."""
     from titok.core.sequences import EncodedPair, collate, encode_prompt
     from titok.core.validation_split import answer_budget, answer_ends
     from titok.models import stop_token_ids
@@ -130,7 +130,7 @@ def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens:
     stop = stop_token_ids(model, tokenizer)  # what the engines stop on, so an answer that ends here ends there
     engine.eval()
     device = getattr(engine, "device", None) or next(model.parameters()).device  # ZeRO-3 may offload the weights
-    ends = []
+    answers = []
     with torch.no_grad():
         for start in range(0, len(queries), batch_size):
             chunk = slice(start, start + batch_size)
@@ -140,9 +140,10 @@ def held_out_answers_end(engine, tokenizer, queries: list[str], response_tokens:
                                  max_new_tokens=max(answer_budget(n) for n in response_tokens[chunk]), do_sample=False,
                                  temperature=None, top_p=None, top_k=None, use_cache=True, synced_gpus=synced_gpus,
                                  eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-            new_tokens = out[:, batch.input_ids.shape[1]:].tolist()
-            ends += [answer_ends(ids, stop, n) for ids, n in zip(new_tokens, response_tokens[chunk])]
-    return ends
+            for ids, n in zip(out[:, batch.input_ids.shape[1]:].tolist(), response_tokens[chunk]):
+                text = ids[: next((i for i, t in enumerate(ids) if t in stop), len(ids))]
+                answers.append((answer_ends(ids, stop, n), tokenizer.decode(text, skip_special_tokens=True)))
+    return answers
 
 
 class TorchEngine:

@@ -185,10 +185,13 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained:
 
         summary["lr_search"] = {f"{lr:g}": curve for lr, curve in outcome.lr_search.items()}
         summary["lr_answers_end"] = {f"{lr:g}": share for lr, share in outcome.answers_end.items()}
+        summary["lr_answers_spread"] = {f"{lr:g}": spread for lr, spread in outcome.answers_spread.items() if spread}
+        collapsed = {lr: spread and spread["collapsed"] for lr, spread in outcome.answers_spread.items()}
         # decided once here; the summary line and the compare report read it
-        summary["lr_ruled_out"] = [f"{lr:g}" for lr in sorted(ruled_out(outcome.answers_end))]
+        summary["lr_ruled_out"] = [f"{lr:g}" for lr in sorted(ruled_out(outcome.answers_end, collapsed))]
         run.log_event(event="lr_chosen", stage="train", lr=metrics["lr"], val_losses=summary["lr_search"],
-                      answers_end=summary["lr_answers_end"], ruled_out=summary["lr_ruled_out"])
+                      answers_end=summary["lr_answers_end"], answers_spread=summary["lr_answers_spread"],
+                      ruled_out=summary["lr_ruled_out"])
     return summary
 
 
@@ -493,7 +496,8 @@ def format_summary(result: dict) -> str:
     searched = result.get("train", {}).get("lr_search")
     if searched:
         ends, out = result["train"].get("lr_answers_end", {}), result["train"].get("lr_ruled_out", [])
-        losses = ", ".join(f"{lr}: {curve[-1]:.4f}{_answers_end_text(ends.get(lr), lr in out)}" if curve
+        spreads = result["train"].get("lr_answers_spread", {})
+        losses = ", ".join(f"{lr}: {curve[-1]:.4f}{_answers_text(ends.get(lr), spreads.get(lr), lr in out)}" if curve
                            else f"{lr}: diverged" for lr, curve in searched.items())
         lines.append(f"train lr: {result['train']['metrics']['lr']:g}, the lowest validation loss of {losses}")
     lines.append(f"run dir: {result['run_dir']}")
@@ -502,6 +506,12 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _answers_end_text(share: float | None, ruled_out: bool) -> str:
-    """`` (answers end 94%)`` for a rate of an lr_search, and whether that ruled it out."""
-    return "" if share is None else f" (answers end {share:.0%}{': ruled out' if ruled_out else ''})"
+def _answers_text(share: float | None, spread: dict | None, ruled_out: bool) -> str:
+    """`` (answers end 94%)`` for a rate of an lr_search, ``, 'yes' to 97%: collapsed`` where its answers
+    collapse to one, and whether that ruled it out."""
+    if share is None:
+        return ""
+    from titok.core.validation_split import collapsed_answer_text
+
+    one = f", {collapsed_answer_text(spread)}" if spread and spread["collapsed"] else ""
+    return f" (answers end {share:.0%}{one}{': ruled out' if ruled_out else ''})"

@@ -436,24 +436,30 @@ def _queries_text(run_dirs: dict[str, Path]) -> str:
 def _learning_rates_text(trainings: dict[tuple, dict]) -> str:
     """Per trained row, the rate ``train.lr_search`` chose and every rate's final loss on the held-out
     synthetic samples (the test split is never read for it)."""
+    from titok.core.validation_split import collapsed_answer_text
+
     searched = {key: t for key, t in trainings.items() if "lr_search" in t}
     if not searched:
         return ""
     rates = sorted({float(lr) for t in searched.values() for lr in t["lr_search"]})
     lines = ["Learning rate chosen per row on held-out synthetic samples (`train.lr_search`): the final validation "
              "loss on the kept tokens for each rate and the share of its held-out answers that end (`train."
-             "validation_generations`); the lowest loss wins (bold) among the rates not ruled out (struck: their "
-             "answers end on over 10 points fewer queries than another rate's); '-': diverged.\n",
+             "validation_generations`), and the one answer they give where they collapse to it (>= 90% of them, "
+             "where the expert's answers to the same queries are not); the lowest loss wins (bold) among the rates "
+             "not ruled out (struck: their answers end on over 10 points fewer queries than another rate's, or "
+             "collapse where another rate's do not); '-': diverged.\n",
              "| task | target | method | seed | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
              "|---|---|---|---|" + "---|" * len(rates)]
     for (task, target, method, seed), trained in searched.items():
         curves, chosen = trained["lr_search"], trained["metrics"]["lr"]
         ends, out = trained.get("lr_answers_end", {}), trained.get("lr_ruled_out", [])
+        spreads = trained.get("lr_answers_spread", {})
         cells = []
         for lr in rates:
-            curve, share = curves.get(f"{lr:g}"), ends.get(f"{lr:g}")
+            curve, share, spread = curves.get(f"{lr:g}"), ends.get(f"{lr:g}"), spreads.get(f"{lr:g}")
             cell = "" if curve is None else f"{curve[-1]:.3f}" if curve else "-"
             cell += f", ends {share:.0%}" if curve and share is not None else ""
+            cell += f", {collapsed_answer_text(spread)}" if curve and spread and spread["collapsed"] else ""
             cells.append(f"**{cell}**" if lr == chosen and cell else f"~~{cell}~~" if f"{lr:g}" in out else cell)
         lines.append(f"| {task} | {target} | {method} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n"
