@@ -195,10 +195,10 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     from titok.core.validation_split import ruled_out
     from titok.workflows.report import _learning_rates_text
 
-    def searching(rates: str):
+    def searching(rates: str, *sets: str):
         return tiny_transplant_config(tiny_model_dirs, tmp_path / "run", "filter.token_scope=global",
                                       "train.deepspeed_stage=3", "train.validation_fraction=0.2",
-                                      f"train.lr_search={rates}", "train.epochs=2")
+                                      f"train.lr_search={rates}", "train.epochs=2", *sets)
 
     cfg = searching("[1e-5, 3e-2]")
     share_stages(uninterrupted["run_dir"], tmp_path / "run")  # its queries, labels and scores: no engine work here
@@ -234,13 +234,16 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     table = _learning_rates_text({("boolean_expressions", "tiny", "titok", 0): train})
     assert "| boolean_expressions | tiny | titok | 0 |" in table and f"**{curves[chosen][-1]:.3f}, ends {ends[chosen]:.0%}**" in table
 
-    # Widened: only the new rate trains; the two rates already tried come back with their curves.
+    # Widened: only the new rate trains; the two rates already tried come back with their curves and
+    # checks. Without the answers check (it only picks a rate, so turning it off retrains nothing): the
+    # new rate has no share, which rules nothing out (and spares the test a ZeRO-3 generation).
     seen = len(events)
-    wider = transplant(searching("[1e-5, 1e-3, 3e-2]"))
+    wider = transplant(searching("[1e-5, 1e-3, 3e-2]", "train.validation_generations=0"))
     assert wider["stages"]["train"]["status"] == "ran"
     new_loads = [e for e in RunDir(tmp_path / "run").events()[seen:] if e["event"] == "model_load"]
     assert [e["adapters"] for e in new_loads] == [["default@lr0.001"]] * 2
     assert {lr: wider["train"]["lr_search"][lr] for lr in curves} == curves
+    assert wider["train"]["lr_answers_end"] == {**ends, "0.001": None} and wider["train"]["lr_answers_spread"] == spreads
     # Narrowed to the rate that did not win: nothing trains, and the adapter is that rate's own.
     other = next(lr for lr in curves if lr != chosen)
     seen = len(RunDir(tmp_path / "run").events())
