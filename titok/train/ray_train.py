@@ -266,9 +266,9 @@ def _train_job(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], p
 
 def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[dict], progress: dict, outcome: Path,
                      dtype: str, rank: int, world: int, feed=None):
-    """The held-out answers check alone on a rate kept by a run without it (``job.check_adapter``): its
-    LoRA is loaded, not trained, answers the held-out queries as after training, and the kept metrics
-    gain its share; the outcome's adapter files are the kept ones, byte for byte (so what was evaluated
+    """The held-out answers check alone on a rate kept by a run without it, or before it counted the
+    answers' spread (``job.check_adapter``): its LoRA is loaded, not trained, answers the held-out
+    queries as after training, and the kept metrics gain its share and spread; the outcome's adapter files are the kept ones, byte for byte (so what was evaluated
     of it stays valid). Returns ``base`` without the LoRA, like ``_train_job``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
