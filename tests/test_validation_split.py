@@ -84,15 +84,16 @@ def test_a_rate_whose_held_out_answers_collapse_cannot_win_over_one_whose_do_not
 
     curves = {1e-3: [0.319], 3e-3: [0.293], 1e-2: [0.320]}
     ends = {1e-3: 26 / 32, 3e-3: 29 / 32, 1e-2: 27 / 32}
+    one, varied = spread, {**spread, "top": "no", "share": 0.5, "collapsed": False}
     assert best_lr(curves, ends) == 3e-3
-    assert best_lr(curves, ends, {1e-3: False, 3e-3: True, 1e-2: True}) == 1e-3
-    assert ruled_out(ends, {1e-3: False, 3e-3: True, 1e-2: True}) == {3e-3, 1e-2}
-    assert best_lr(curves, ends, {1e-3: True, 3e-3: True, 1e-2: True}) == 3e-3  # every rate collapsed
-    assert best_lr(curves, ends, {1e-3: None, 3e-3: True, 1e-2: None}) == 3e-3  # not counted: no evidence
+    assert best_lr(curves, ends, {1e-3: varied, 3e-3: one, 1e-2: one}) == 1e-3
+    assert ruled_out(ends, {1e-3: varied, 3e-3: one, 1e-2: one}) == {3e-3, 1e-2}
+    assert best_lr(curves, ends, {1e-3: one, 3e-3: one, 1e-2: one}) == 3e-3  # every rate collapsed
+    assert best_lr(curves, ends, {1e-3: None, 3e-3: one, 1e-2: None}) == 3e-3  # not counted: no evidence
     # the answers that end are read first: a rate whose answers loop does not stay in as the one that does not collapse
-    assert ruled_out({1e-3: 5 / 32, 3e-3: 1.0}, {1e-3: False, 3e-3: True}) == {1e-3}
-    # and a diverged rate's verdict counts for nothing
-    assert best_lr({1e-3: [0.3], 1e30: [math.nan]}, {1e-3: 1.0, 1e30: 1.0}, {1e-3: True, 1e30: False}) == 1e-3
+    assert ruled_out({1e-3: 5 / 32, 3e-3: 1.0}, {1e-3: varied, 3e-3: one}) == {1e-3}
+    # and a diverged rate's spread counts for nothing
+    assert best_lr({1e-3: [0.3], 1e30: [math.nan]}, {1e-3: 1.0, 1e30: 1.0}, {1e-3: one, 1e30: varied}) == 1e-3
 
 
 def test_an_answer_ends_when_its_turn_closes_within_twice_the_experts_length_and_16():

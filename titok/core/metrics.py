@@ -20,8 +20,8 @@ from collections import Counter
 import numpy as np
 from rouge_score import rouge_scorer
 
-__all__ = ["COLLAPSE_SHARE", "UNANSWERED_SHARE", "answer_key", "answer_keys", "answer_spread", "answered", "collapse_text", "collapsed",
-           "exact_match", "exact_matches",
+__all__ = ["COLLAPSE_SHARE", "UNANSWERED_SHARE", "answer_key", "answer_keys", "answer_spread", "answered", "collapse_text",
+           "collapsed", "exact_match", "exact_matches",
            "extract_answer", "majority_rate", "option_loglik_choices", "rouge",
            "rouge_per_example"]
 

@@ -28,8 +28,8 @@ import numpy as np
 
 from titok.core.metrics import COLLAPSE_SHARE, answer_keys
 
-__all__ = ["ENDS_TOLERANCE", "answer_budget", "answer_counts", "answer_ends", "answers_spread", "best_lr", "collapsed_answer_text", "ruled_out",
-           "validation_count", "validation_mask"]
+__all__ = ["ENDS_TOLERANCE", "answer_budget", "answer_counts", "answer_ends", "answers_spread", "best_lr",
+           "collapsed_answer_text", "ruled_out", "validation_count", "validation_mask"]
 
 # a rate is ruled out when its held-out answers end on more than this share fewer queries than the best rate's
 ENDS_TOLERANCE = 0.1
@@ -91,33 +91,33 @@ def collapsed_answer_text(spread: dict) -> str:
     return f"{spread['top']!r} to {spread['share']:.0%}: collapsed"
 
 
-def ruled_out(ends: dict[float, float | None], collapsed: dict[float, bool | None] | None = None,
+def ruled_out(ends: dict[float, float | None], spreads: dict[float, dict | None] | None = None,
               tolerance: float = ENDS_TOLERANCE) -> set[float]:
     """The rates whose held-out answers end on more than ``tolerance`` fewer queries (a share) than the
-    best rate's, and then those whose answers collapse (``collapsed``: ``answers_spread``'s verdict per
-    rate) while another rate's left does not. ``ends``: each rate's share of held-out answers that end;
-    None (in either) where not checked (a rate kept from a run without the check, one that diverged),
-    which rules nothing out."""
+    best rate's, and then those whose answers collapse to one while another rate's left do not
+    (``spreads``: each rate's ``answers_spread``). ``ends``: each rate's share of held-out answers that
+    end; None (in either) where not checked (a rate kept from a run without the check, one that
+    diverged), which rules nothing out."""
     checked = {lr: share for lr, share in ends.items() if share is not None}
     out = set()
     if checked:
         best = max(checked.values())
         out = {lr for lr, share in checked.items() if share < best - tolerance - 1e-9}
-    verdicts = {lr: v for lr, v in (collapsed or {}).items() if v is not None and lr not in out and lr in ends}
-    if not all(verdicts.values()):  # one rate left answers with some spread: the collapsed ones cannot win
-        out |= {lr for lr, v in verdicts.items() if v}
+    collapsed = {lr: s["collapsed"] for lr, s in (spreads or {}).items() if s is not None and lr not in out and lr in ends}
+    if not all(collapsed.values()):  # one rate left answers with some spread: the collapsed ones cannot win
+        out |= {lr for lr, c in collapsed.items() if c}
     return out
 
 
 def best_lr(curves: dict[float, list[float]], ends: dict[float, float | None] | None = None,
-            collapsed: dict[float, bool | None] | None = None) -> float:
+            spreads: dict[float, dict | None] | None = None) -> float:
     """The learning rate whose LoRA ends with the lowest validation loss (the last value of its
     per-epoch curve) among those ``ruled_out`` leaves (``ends``: each rate's share of held-out answers
-    that end; ``collapsed``: whether they collapse to one answer); a tie goes to the smaller rate. A
+    that end; ``spreads``: how they spread, ``answers_spread``); a tie goes to the smaller rate. A
     candidate that diverged (no curve, or a non-finite loss) cannot win; raises ValueError when none is left."""
     finite = {lr: curve[-1] for lr, curve in curves.items() if curve and math.isfinite(curve[-1])}
     out = ruled_out({lr: (ends or {}).get(lr) for lr in finite},  # among the rates that finished
-                    {lr: (collapsed or {}).get(lr) for lr in finite})
+                    {lr: (spreads or {}).get(lr) for lr in finite})
     finite = {lr: loss for lr, loss in finite.items() if lr not in out}
     if not finite:
         raise ValueError(f"no learning rate of {sorted(curves)} ended with a finite validation loss")

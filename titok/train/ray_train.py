@@ -268,8 +268,8 @@ def _check_kept_rate(base, tokenizer, name: str, job: TrainingJob, rows: list[di
                      dtype: str, rank: int, world: int, feed=None):
     """The held-out answers check alone on a rate kept by a run without it, or before it counted the
     answers' spread (``job.check_adapter``): its LoRA is loaded, not trained, answers the held-out
-    queries as after training, and the kept metrics gain its share and spread; the outcome's adapter files are the kept ones, byte for byte (so what was evaluated
-    of it stays valid). Returns ``base`` without the LoRA, like ``_train_job``."""
+    queries as after training, and the kept metrics gain its share and spread; the outcome's adapter
+    files are the kept ones, byte for byte (so what was evaluated of it stays valid). Returns ``base`` without the LoRA, like ``_train_job``."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -326,9 +326,13 @@ def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob,
     mine_counts = [sum(ended for ended, _ in answers), len(answers), *counts]
     ended, n, *counts = mine_counts if gathers else sum_over_workers(mine_counts, engine.device)
     spread = answers_spread(keys, counts, expert_counts)
-    return {"val_answers_end": ended / n, "val_answers_checked": n, "val_answers_top": spread["top"],
-            "val_answers_top_share": spread["share"], "val_expert_top_share": spread["expert_share"],
-            "val_answers_collapsed": spread["collapsed"]}
+    return {"val_answers_end": ended / n, "val_answers_checked": n,
+            **{metric: spread[key] for key, metric in _SPREAD_METRICS.items()}}
+
+
+# an answers_spread as the train metrics name it
+_SPREAD_METRICS = {"top": "val_answers_top", "share": "val_answers_top_share", "expert_share": "val_expert_top_share",
+                   "collapsed": "val_answers_collapsed"}
 
 
 def _validation_batches(engine, tokenizer, held_out: list[dict], job: TrainingJob, plan) -> list:
@@ -492,7 +496,7 @@ def run_training(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str,
     (``titok.core.validation_split.best_lr``), with every rate's curve in ``lr_search``, its share of ending
     answers in ``answers_end`` and their spread in ``answers_spread``. A rate
     already under the job's ``kept_rates_dir`` is taken from there, not trained; if it was kept without
-    the held-out answers check (an older titok, or ``validation_generations`` 0 then), its LoRA only
+    the held-out answers check or its spread (an older titok, or ``validation_generations`` 0 then), its LoRA only
     answers the held-out queries, in the same worker group as the trainings.
     """
     trials = {_trial(job_name, lr): (ds, job.with_lr(lr))
@@ -514,7 +518,7 @@ _CHECK_ONLY = ":check"  # a kept rate's answers check runs as <job>@lr<rate>:che
 def _unchecked(job: TrainingJob, kept: TrainOutcome) -> bool:
     """Whether a kept rate's LoRA lacks the held-out answers check this job asks for (or its answers'
     spread, which the check has counted since)."""
-    return (kept.error is None and "val_answers_collapsed" not in kept.metrics and job.train.validation_generations > 0
+    return (kept.error is None and _answers_spread(kept.metrics) is None and job.train.validation_generations > 0
             and job.train.validation_fraction > 0)
 
 
@@ -558,7 +562,7 @@ def _chosen(job_name: str, job: TrainingJob, outcomes: dict[str, TrainOutcome]) 
     if crashed:  # a rate that never finished is no evidence against it: the job fails, and a rerun goes on
         return TrainOutcome(job_name, error=crashed[0], **checks)
     try:
-        lr = best_lr(curves, ends, {rate: s and s["collapsed"] for rate, s in spreads.items()})
+        lr = best_lr(curves, ends, spreads)
     except ValueError as err:
         errors = "; ".join(f"lr {rate:g}: {o.error}" for rate, o in tried.items() if o.error is not None)
         return TrainOutcome(job_name, error=RuntimeError(f"{err}{' (' + errors + ')' if errors else ''}"), **checks)
@@ -569,10 +573,9 @@ def _chosen(job_name: str, job: TrainingJob, outcomes: dict[str, TrainOutcome]) 
 
 def _answers_spread(metrics: dict) -> dict | None:
     """A rate's held-out answers spread (``validation_split.answers_spread``) from its metrics; None where not counted."""
-    if "val_answers_collapsed" not in metrics:
+    if any(metric not in metrics for metric in _SPREAD_METRICS.values()):
         return None
-    return {"top": metrics["val_answers_top"], "share": metrics["val_answers_top_share"],
-            "expert_share": metrics["val_expert_top_share"], "collapsed": metrics["val_answers_collapsed"]}
+    return {key: metrics[metric] for key, metric in _SPREAD_METRICS.items()}
 
 
 def _run_jobs(jobs: dict[str, tuple[object, TrainingJob]], storage_path: str, name: str,

@@ -186,9 +186,8 @@ def train_target(cfg: TransplantConfig, run: RunDir, aligned: pa.Table, trained:
         summary["lr_search"] = {f"{lr:g}": curve for lr, curve in outcome.lr_search.items()}
         summary["lr_answers_end"] = {f"{lr:g}": share for lr, share in outcome.answers_end.items()}
         summary["lr_answers_spread"] = {f"{lr:g}": spread for lr, spread in outcome.answers_spread.items() if spread}
-        collapsed = {lr: spread and spread["collapsed"] for lr, spread in outcome.answers_spread.items()}
         # decided once here; the summary line and the compare report read it
-        summary["lr_ruled_out"] = [f"{lr:g}" for lr in sorted(ruled_out(outcome.answers_end, collapsed))]
+        summary["lr_ruled_out"] = [f"{lr:g}" for lr in sorted(ruled_out(outcome.answers_end, outcome.answers_spread))]
         run.log_event(event="lr_chosen", stage="train", lr=metrics["lr"], val_losses=summary["lr_search"],
                       answers_end=summary["lr_answers_end"], answers_spread=summary["lr_answers_spread"],
                       ruled_out=summary["lr_ruled_out"])
