@@ -8,6 +8,7 @@ bash scripts/setup.sh
 python bench/bench_scoring.py --out bench/results/scoring.json
 python bench/bench_pipeline.py
 python bench/bench_zoo.py --rounds 3
+python bench/bench_zero3_answers.py
 if bash scripts/setup_vllm.sh; then
   .venv-vllm/bin/python bench/bench_generation.py
 fi

@@ -213,8 +213,8 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     assert train == result["stages"]["train"] and train["rows"] == 6 and train["metrics"]["train_rows"] == 5 and np.isfinite(train["metrics"]["loss"])
     curves = train["lr_search"]
     assert set(curves) == {"1e-05", "0.03"} and all(len(c) == 2 and np.isfinite(c).all() for c in curves.values())
-    # each rate answered the held-out query on both ZeRO-3 ranks (synced generation); none ended
-    # clearly less often than the other, so the lower loss wins
+    # each rate answered the held-out query with the base gathered once on both ZeRO-3 ranks (one
+    # rank's share: the one query); none ended clearly less often than the other, so the lower loss wins
     ends = train["lr_answers_end"]
     assert set(ends) == set(curves) and all(0.0 <= share <= 1.0 for share in ends.values())
     spreads = train["lr_answers_spread"]  # ... and their answers counted by the expert's (none collapsed here)
@@ -225,6 +225,8 @@ def test_zero3_global_token_scope_and_an_lr_search_chosen_on_held_out_samples(ti
     events = RunDir(tmp_path / "run").events()
     assert [(e["lr"], e["answers_end"], e["answers_spread"], e["ruled_out"]) for e in events
             if e["event"] == "lr_chosen"] == [(float(chosen), ends, spreads, [])]
+    assert sorted((e["queries"], e["base_gathered_once"]) for e in events if e["event"] == "held_out_answers") == \
+        [(0, True), (0, True), (1, True), (1, True)]
     loads = [e for e in events if e["event"] == "model_load" and e["stage"] == "train"]
     assert sorted(e["adapters"][0] for e in loads) == ["default@lr0.03"] * 2 + ["default@lr1e-05"] * 2
     assert all(e["partitioned"] for e in loads)

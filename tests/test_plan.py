@@ -312,9 +312,24 @@ def test_an_lr_search_costs_one_training_per_rate_on_the_samples_not_held_out():
     notes = "\n".join(search.notes)
     assert "x 3 learning rates" in notes and "25 samples held out for validation" in notes
     assert "held-out answers (train.validation_generations): 25 per rate, up to 1040 new tokens each" in notes
+    assert "decode steps gathers the whole base" in notes  # 140 GB in bf16 does not fit an 80 GB GPU
     unchecked = make_plan(_cfg(train={"validation_fraction": 0.1, "lr_search": [3e-4, 1e-3, 3e-3],
                                       "validation_generations": 0}), TWO_NODES_80GB).stage("train")
     assert unchecked.flops == pytest.approx(one.flops * 3 * 225 / 250)
+
+
+def test_a_target_that_fits_beside_training_is_gathered_once_per_rate_for_the_held_out_answers():
+    """An 8B target (16 GB in bf16) fits in half of what ZeRO-3 training leaves of an 80 GB GPU: each rate
+    gathers it once for its held-out answers, not at each of its 1,040 decode steps; unless told never to."""
+    def plan(**train):
+        return make_plan(_cfg(target_base=LLAMA_8B, train={"validation_fraction": 0.1, "lr_search": [3e-4, 1e-3, 3e-3],
+                                                           **train}), TWO_NODES_80GB).stage("train")
+
+    unchecked, once, per_step = plan(validation_generations=0), plan(), plan(gather_base_for_answers="never")
+    gather = model_shape(LLAMA_8B).params * 2 * 15 / 16 / 25e9  # the whole base to each of 16 GPUs over the network
+    assert once.comm_s == pytest.approx(unchecked.comm_s + 3 * gather, rel=1e-9)
+    assert per_step.comm_s == pytest.approx(unchecked.comm_s + 3 * 1040 * gather, rel=1e-9)
+    assert "each rate gathers the whole base (15.0 GiB) once for them" in "\n".join(once.notes)
 
 
 def test_a_refused_trainings_suggestion_is_checked_in_full():

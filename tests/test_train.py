@@ -362,14 +362,16 @@ def test_an_lr_search_keeps_the_rate_with_the_lowest_held_out_loss(lr_search_zer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage, gather", [(2, "auto"), (3, "auto"), (3, "never")])
 def test_a_rate_kept_without_the_answers_check_is_checked_not_trained_again(lr_search_zero2, target_dir, tmp_path,
-                                                                             stage):
+                                                                             stage, gather):
     """A kept rate whose record has no held-out answers check (kept by an older titok, or while
     validation_generations was 0) only answers the held-out queries on a rerun: its LoRA loaded, no
     step taken, the share and spread it had when trained, its adapter files byte for byte; a rate kept with its
     share and one that diverged are left as they are. Under ZeRO-3 too, where the LoRA is loaded
-    before DeepSpeed partitions it and every rank answers in step."""
+    before DeepSpeed partitions it, and both ways ZeRO-3 answers: the base gathered once on each rank,
+    which answers its share (the tiny target fits), or gathered at every decode step, every rank
+    answering all the queries in step (a 70B target; train.gather_base_for_answers=never)."""
     import ray
 
     outcome, _, run_dir = lr_search_zero2
@@ -385,10 +387,14 @@ def test_a_rate_kept_without_the_answers_check_is_checked_not_trained_again(lr_s
     weights = (kept / "lr0.005" / "adapter_model.safetensors").read_bytes()
 
     rerun = tmp_path / "rerun"
-    job = dataclasses.replace(_job(target_dir, rerun, deepspeed_stage=stage, **LR_SEARCH), kept_rates_dir=str(kept))
+    job = dataclasses.replace(_job(target_dir, rerun, deepspeed_stage=stage, gather_base_for_answers=gather, **LR_SEARCH),
+                              kept_rates_dir=str(kept))
     again = run_training({"default": (ray.data.from_items(_rows()), job)}, storage_path=str(rerun / "ray"),
                          log_dir=str(rerun))["default"]
     events = RunDir(rerun).events()
+    gathered_once, in_step = stage == 3 and gather == "auto", stage == 3 and gather == "never"
+    assert sorted((e["queries"], e["base_gathered_once"], e["in_step"]) for e in events if e["event"] == "held_out_answers") \
+        == ([(3, False, True)] * 2 if in_step else [(1, gathered_once, False), (2, gathered_once, False)])
     assert [e["adapters"] for e in events if e["event"] == "model_load"] == [["default@lr0.005:check"]] * 2
     done = [e for e in events if e["event"] == "train_done"]
     assert len(done) == 2 and all(e["checked_only"] and e["seconds"]["answers"] > 0 for e in done)

@@ -96,6 +96,16 @@ def test_a_rate_whose_held_out_answers_collapse_cannot_win_over_one_whose_do_not
     assert best_lr({1e-3: [0.3], 1e30: [math.nan]}, {1e-3: 1.0, 1e30: 1.0}, {1e-3: one, 1e30: varied}) == 1e-3
 
 
+def test_zero3_gathers_the_whole_base_for_the_answers_only_where_half_the_free_memory_holds_it():
+    from titok.core.validation_split import gathers_base_once
+
+    gib = 1 << 30
+    assert gathers_base_once(16 * gib, 60 * gib)  # an 8B target in bf16 beside ZeRO-3 training on an 80 GB GPU
+    assert gathers_base_once(30 * gib, 60 * gib) and not gathers_base_once(30 * gib + 1, 60 * gib)
+    assert not gathers_base_once(141 * gib, 75 * gib)  # 70B in bf16 on 80 GB: every decode step gathers it
+    assert not gathers_base_once(1, None)  # free memory unknown (titok plan without a GPU size): per step
+
+
 def test_an_answer_ends_when_its_turn_closes_within_twice_the_experts_length_and_16():
     assert answer_budget(0) == 16 and answer_budget(30) == 76
     stop = [1, 106]  # Gemma's <eos> and <end_of_turn>: either ends an answer

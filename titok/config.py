@@ -228,7 +228,7 @@ class TrainConfig(Section):
     # where and how training runs: the same adapter whatever they are (kept out of fingerprints)
     PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = (
         "workers", "use_gpu", "cpus_per_worker", "deepspeed_stage", "deepspeed_config", "gradient_checkpointing",
-        "offload_optimizer", "offload_params", "checkpoint_every_steps", "max_failures")
+        "offload_optimizer", "offload_params", "checkpoint_every_steps", "max_failures", "gather_base_for_answers")
 
     lora: LoraShape = Field(default_factory=LoraShape)
     workers: int = Field(2, ge=1, description="Ray Train workers (one process, and GPU if use_gpu, each)")
@@ -266,6 +266,11 @@ class TrainConfig(Section):
         "of them than another rate's cannot win, since the validation loss does not see a LoRA that loops; nor can a rate "
         "that gives one answer to >= 90% of them where the expert's answers to the same queries are more varied, while "
         "another rate's are (val_answers_top, val_answers_top_share, val_answers_collapsed). 0: off")
+    gather_base_for_answers: Literal["auto", "never"] = Field(
+        "auto", description="ZeRO-3: for the held-out answers (validation_generations) each rank gathers the whole "
+        "target base once per rate and answers its share of the queries, instead of all ranks gathering it at every "
+        "decode step in step; auto = where the base takes at most half of every rank's free memory (not a 70B target "
+        "on 80 GB GPUs); never = always per step. The same answers either way")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="linear warm-up share of all steps")
     max_grad_norm: float = Field(0.3, gt=0.0, description="gradient clipping")

@@ -28,8 +28,9 @@ import numpy as np
 
 from titok.core.metrics import COLLAPSE_SHARE, answer_keys
 
-__all__ = ["ENDS_TOLERANCE", "answer_budget", "answer_counts", "answer_ends", "answers_spread", "best_lr",
-           "collapsed_answer_text", "ruled_out", "validation_count", "validation_mask"]
+__all__ = ["ENDS_TOLERANCE", "GATHER_FOR_ANSWERS_SHARE", "answer_budget", "answer_counts", "answer_ends",
+           "answers_spread", "best_lr", "collapsed_answer_text", "gathers_base_once", "ruled_out", "validation_count",
+           "validation_mask"]
 
 # a rate is ruled out when its held-out answers end on more than this share fewer queries than the best rate's
 ENDS_TOLERANCE = 0.1
@@ -57,6 +58,19 @@ def answer_budget(response_tokens: int) -> int:
     """New tokens a held-out answer may take and still count as ending: twice the expert's response
     (in target tokens) and 16 more, so a rationale somewhat longer than the expert's ends and a loop does not."""
     return 2 * response_tokens + 16
+
+
+# Under ZeRO-3 the held-out answers gather the whole base once per rate where it takes at most this share
+# of a rank's free memory (the rest: the KV cache, activations); else every decode step gathers it.
+GATHER_FOR_ANSWERS_SHARE = 0.5
+
+
+def gathers_base_once(base_bytes: int, free_bytes: int | None) -> bool:
+    """Whether a ZeRO-3 rank with ``free_bytes`` of memory (None: unknown) holds the whole base,
+    ``base_bytes``, while its LoRA answers the held-out queries: one gather per rate instead of one per
+    decode step (DeepSpeed's ``unwrap_model_for_generation``, TRL's ``ds3_gather_for_generation``).
+    Gemma-3-270M fits anywhere; a 70B target (140 GB in bf16) on 80 GB GPUs does not."""
+    return free_bytes is not None and base_bytes <= GATHER_FOR_ANSWERS_SHARE * free_bytes
 
 
 def answer_ends(generated: list[int], stop_ids: list[int], response_tokens: int) -> bool:

@@ -310,24 +310,50 @@ def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob,
     """The held-out answers check's metrics: of the first ``train.validation_generations`` held-out
     queries, the share the trained LoRA answers to the end (``step.held_out_answers``), and how its
     answers spread against the expert's on the same queries (``validation_split.answers_spread``). Each
-    rank answers its share and the counts are summed; under ZeRO-3 on several ranks every decode step
-    gathers the whole base whatever the batch, so there every rank answers all the queries in one
-    batch, in step with the others."""
+    rank answers its share and the counts are summed. Under ZeRO-3 every forward gathers the base
+    module by module, so the base is gathered whole once where every rank has room for it
+    (``_gathers_base_once``); where one has not (a 70B target), every decode step gathers it, so every
+    rank answers all the queries in one batch, in step with the others."""
     from titok.core.validation_split import answer_counts, answers_spread
+    from titok.runstate import RunDir
+    from titok.train import strategy
     from titok.train.collectives import sum_over_workers
     from titok.train.step import held_out_answers
 
     answered = held_out[: job.train.validation_generations]
-    gathers = job.group.deepspeed_stage == 3 and world > 1
-    mine = answered if gathers else answered[rank::world]
-    answers = held_out_answers(engine, tokenizer, [r[C.QUERY] for r in mine], [len(r[C.TARGET_WEIGHTS]) for r in mine],
-                               len(mine) if gathers else plan.micro_batch, synced_gpus=gathers)
+    gather_once = job.group.deepspeed_stage == 3 and _gathers_base_once(engine, job, world)
+    in_step = job.group.deepspeed_stage == 3 and world > 1 and not gather_once
+    mine = answered if in_step else answered[rank::world]
+    started = time.perf_counter()
+    with strategy.gathered_for_generation(engine, gather_once):
+        answers = held_out_answers(engine, tokenizer, [r[C.QUERY] for r in mine], [len(r[C.TARGET_WEIGHTS]) for r in mine],
+                                   len(mine) if in_step else plan.micro_batch, synced_gpus=in_step)
+    RunDir(job.run_dir).log_event(event="held_out_answers", stage="train", rank=rank, queries=len(mine),
+                                  base_gathered_once=gather_once, in_step=in_step,
+                                  seconds=round(time.perf_counter() - started, 2))
     keys, counts, expert_counts = answer_counts([text for _, text in answers], [r[C.RESPONSE] for r in answered])
     mine_counts = [sum(ended for ended, _ in answers), len(answers), *counts]
-    ended, n, *counts = mine_counts if gathers else sum_over_workers(mine_counts, engine.device)
+    ended, n, *counts = mine_counts if in_step else sum_over_workers(mine_counts, engine.device)
     spread = answers_spread(keys, counts, expert_counts)
     return {"val_answers_end": ended / n, "val_answers_checked": n,
             **{metric: spread[key] for key, metric in _SPREAD_METRICS.items()}}
+
+
+def _gathers_base_once(engine, job: TrainingJob, world: int) -> bool:
+    """``train.gather_base_for_answers``: whether every rank holds the whole base for the held-out
+    answers (``validation_split.gathers_base_once`` on its own free memory; ranks on one host share it on
+    CPU). All ranks agree (one count on the training device), since the gather is a collective."""
+    import ray
+
+    from titok.core.validation_split import gathers_base_once
+    from titok.train import strategy
+    from titok.train.collectives import sum_over_workers
+
+    if job.train.gather_base_for_answers == "never":
+        return False
+    sharing = 1 if engine.device.type == "cuda" else ray.train.get_context().get_local_world_size()
+    fits = gathers_base_once(strategy.whole_model_bytes(engine.module), strategy.free_memory_bytes(engine.device, sharing))
+    return sum_over_workers([int(fits)], engine.device)[0] == world
 
 
 # an answers_spread as the train metrics name it

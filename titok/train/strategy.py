@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,11 +28,14 @@ __all__ = [
     "DEEPSPEED_CONFIG_DIR",
     "build_engine",
     "deepspeed_config",
+    "free_memory_bytes",
+    "gathered_for_generation",
     "is_partitioned",
     "load_state",
     "load_target",
     "lora_state_dict",
     "save_state",
+    "whole_model_bytes",
 ]
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed"
@@ -108,6 +111,36 @@ def _module_state_dict(engine, exclude_frozen_parameters: bool = False, **kwargs
             if not param.requires_grad:
                 state.pop(name, None)
     return state
+
+
+def whole_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter of ``model`` whole, partitioned (ZeRO-3) or not."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+
+
+def free_memory_bytes(device: torch.device, sharing: int = 1) -> int:
+    """Memory a rank may still take on ``device``: the GPU's free memory, or on CPU the host's available
+    memory split over the ``sharing`` ranks on this host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available // max(1, sharing)
+
+
+@contextmanager
+def gathered_for_generation(engine, gather: bool):
+    """Under ZeRO-3 with ``gather``: the whole base gathered on this rank (a collective: every rank
+    enters with the same ``gather``) and DeepSpeed's per-module gather hooks off until the block ends,
+    so generation runs as on one device, with no collective per decode step. DeepSpeed's own
+    ``unwrap_model_for_generation``; without ``gather`` nothing changes."""
+    if not gather:
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield
 
 
 def lora_state_dict(model) -> dict:

@@ -423,8 +423,9 @@ def _train_stage(cfg, shape, res: Resources, a: Assumptions, suggest: bool = Tru
 def _held_out_answers(stage: StagePlan, cfg, shape, res: Resources, a: Assumptions, rates: int, held_out: int) -> None:
     """The cost of ``train.validation_generations``: each rate's LoRA answers that many held-out queries
     after its last step, greedy, up to ``answer_budget`` new tokens. Small next to training, except
-    under ZeRO-3 on several workers, where every decode step gathers the whole base (one batch then)."""
-    from titok.core.validation_split import answer_budget
+    under ZeRO-3 on several workers: there each rate gathers the whole base once where it fits beside
+    what training holds (``validation_split.gathers_base_once``), else every decode step gathers it."""
+    from titok.core.validation_split import answer_budget, gathers_base_once
 
     t = cfg.train
     answers = min(t.validation_generations, held_out)
@@ -437,11 +438,20 @@ def _held_out_answers(stage: StagePlan, cfg, shape, res: Resources, a: Assumptio
     if t.deepspeed_stage == 3 and t.workers > 1 and not t.offload_params:
         on_gpu = t.use_gpu
         link = a.intra_node_gbps if _train_nodes(t.workers, res, on_gpu)[1] == 1 else a.inter_node_gbps
-        per_step = shape.params * _dtype_bytes(_plan_dtype(t.dtype, on_gpu)) * (t.workers - 1) / t.workers
-        seconds = rates * budget * per_step / (link * 1e9)
+        base_bytes = shape.params * _dtype_bytes(_plan_dtype(t.dtype, on_gpu))
+        per_gather = base_bytes * (t.workers - 1) / t.workers
+        free = res.gpu_memory_gib * GIB - sum(stage.gpu.values()) if on_gpu and res.gpu_memory_gib else None
+        if t.gather_base_for_answers == "auto" and gathers_base_once(base_bytes, free):
+            seconds = rates * per_gather / (link * 1e9)
+            stage.comm_s += seconds
+            stage.notes.append(f"under ZeRO-3 each rate gathers the whole base ({_gib(base_bytes)}) once for them, beside "
+                               f"what training holds: {_duration(seconds)}")
+            return
+        seconds = rates * budget * per_gather / (link * 1e9)
         stage.comm_s += seconds
         stage.notes.append(f"under ZeRO-3 each of their {rates * budget} decode steps gathers the whole base "
-                           f"({_gib(per_step)} per GPU): {_duration(seconds)}; --set train.validation_generations=0 skips them")
+                           f"({_gib(per_gather)} per GPU; all of it at once does not fit beside what training holds): "
+                           f"{_duration(seconds)}; --set train.validation_generations=0 skips them")
 
 
 def _one_node_note(cfg, shape, res: Resources, a: Assumptions, stage: StagePlan) -> list[str]:
