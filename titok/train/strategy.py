@@ -119,10 +119,12 @@ def whole_model_bytes(model: torch.nn.Module) -> int:
 
 
 def free_memory_bytes(device: torch.device, sharing: int = 1) -> int:
-    """Memory a rank may still take on ``device``: the GPU's free memory, or on CPU the host's available
-    memory split over the ``sharing`` ranks on this host."""
+    """Memory a rank may still take on ``device``: the GPU's free memory with what torch's caching
+    allocator holds unused, or on CPU the host's available memory split over the ``sharing`` ranks on
+    this host."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     import psutil
 
     return psutil.virtual_memory().available // max(1, sharing)
