@@ -156,7 +156,7 @@ def _train_jobs(config: dict) -> None:
     load_config = _job_deepspeed_config(jobs[first], _job_plan(jobs[first], len(rows[first]), world), dtype == "bfloat16")
     tokenizer = load_tokenizer(group.target_base, group.trust_remote_code)
     base, _zero3 = strategy.load_target(group.target_base, getattr(torch, dtype), load_config, group.trust_remote_code)
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
+    n_params = sum(strategy.whole_numel(p) for p in base.parameters())
     checkpointing = group.gradient_checkpointing
     if checkpointing == "auto":
         checkpointing = n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
@@ -321,8 +321,9 @@ def _held_out_answers(engine, tokenizer, held_out: list[dict], job: TrainingJob,
     from titok.train.step import held_out_answers
 
     answered = held_out[: job.train.validation_generations]
-    gather_once = job.group.deepspeed_stage == 3 and _gathers_base_once(engine, job, world)
-    in_step = job.group.deepspeed_stage == 3 and world > 1 and not gather_once
+    partitioned = job.group.deepspeed_stage == 3
+    gather_once = partitioned and _gathers_base_once(engine, job, world)
+    in_step = partitioned and world > 1 and not gather_once
     mine = answered if in_step else answered[rank::world]
     started = time.perf_counter()
     with strategy.gathered_for_generation(engine, gather_once):

@@ -36,6 +36,7 @@ __all__ = [
     "lora_state_dict",
     "save_state",
     "whole_model_bytes",
+    "whole_numel",
 ]
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed"
@@ -113,9 +114,14 @@ def _module_state_dict(engine, exclude_frozen_parameters: bool = False, **kwargs
     return state
 
 
+def whole_numel(param: torch.nn.Parameter) -> int:
+    """Elements of ``param`` whole, partitioned (ZeRO-3: this rank holds a shard) or not."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def whole_model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter of ``model`` whole, partitioned (ZeRO-3) or not."""
-    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    """Bytes of every parameter of ``model`` whole, partitioned or not."""
+    return sum(whole_numel(p) * p.element_size() for p in model.parameters())
 
 
 def free_memory_bytes(device: torch.device, sharing: int = 1) -> int:

@@ -447,11 +447,13 @@ def _held_out_answers(stage: StagePlan, cfg, shape, res: Resources, a: Assumptio
             stage.notes.append(f"under ZeRO-3 each rate gathers the whole base ({_gib(base_bytes)}) once for them, beside "
                                f"what training holds: {_duration(seconds)}")
             return
+        why = ("train.gather_base_for_answers=never" if t.gather_base_for_answers == "never" else
+               "GPU memory unknown" if free is None else "all of it at once does not fit beside what training holds")
         seconds = rates * budget * per_gather / (link * 1e9)
         stage.comm_s += seconds
         stage.notes.append(f"under ZeRO-3 each of their {rates * budget} decode steps gathers the whole base "
-                           f"({_gib(per_gather)} per GPU; all of it at once does not fit beside what training holds): "
-                           f"{_duration(seconds)}; --set train.validation_generations=0 skips them")
+                           f"({_gib(per_gather)} per GPU; {why}): {_duration(seconds)}; "
+                           "--set train.validation_generations=0 skips them")
 
 
 def _one_node_note(cfg, shape, res: Resources, a: Assumptions, stage: StagePlan) -> list[str]:
